@@ -1,0 +1,257 @@
+"""UniMEV2Model: a multimodal LLM whose last-token final hidden state, L2-normalised, is the embedding.
+
+This file travels with every checkpoint (``auto_map``): it imports only ``torch`` and ``transformers`` (and the two
+sibling traveling files).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .configuration_unime import SUPPORTED_BACKBONES, UniMEV2Config
+from .processing_unime import ImageInput, UniMEV2Processor
+
+logger = logging.get_logger(__name__)
+
+# Key names of plain backbone checkpoints (the authors' release was written by transformers 4.4x; 4.5x and 5.x
+# layouts differ again) -> the names inside UniMEV2Model, whose backbone lives at `model.`.
+BACKBONE_KEY_MAPPINGS: dict[str, dict[str, str]] = {
+    "qwen2_vl": {
+        r"^visual\.": "model.visual.",
+        r"^model\.(?!language_model\.|visual\.)": "model.language_model.",
+    },
+    "llava_onevision": {
+        r"^language_model\.model\.": "model.language_model.",
+        r"^language_model\.lm_head\.": "lm_head.",
+        r"^vision_tower\.(vision_model\.)?": "model.vision_tower.",
+        r"^model\.vision_tower\.vision_model\.": "model.vision_tower.",
+        r"^multi_modal_projector\.": "model.multi_modal_projector.",
+        r"^image_newline": "model.image_newline",
+    },
+}
+BACKBONE_KEY_MAPPINGS["qwen2_5_vl"] = BACKBONE_KEY_MAPPINGS["qwen2_vl"]
+
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+@dataclass
+class UniMEV2Output(ModelOutput):
+    """Output of [`UniMEV2Model`].
+
+    Args:
+        embeddings: (batch, hidden) float32 pooled embeddings, L2-normalised when ``config.normalize``.
+        last_hidden_state: (batch, sequence, hidden) final hidden states of the backbone.
+    """
+
+    embeddings: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+def pool_last_token(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Hidden state of each row's last non-padding token; works for left and right padding alike."""
+    if attention_mask is None:
+        return hidden_states[:, -1]
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    last_index = (attention_mask.to(positions.dtype) * positions).argmax(dim=1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
+
+
+def truncate_and_normalize(embeddings: torch.Tensor, dim: int | None, normalize: bool = True) -> torch.Tensor:
+    """Keep the first ``dim`` dimensions (Matryoshka) and L2-normalise again."""
+    if dim is not None:
+        if dim > embeddings.shape[-1]:
+            raise ValueError(f"truncate_dim={dim} is larger than the embedding size {embeddings.shape[-1]}.")
+        embeddings = embeddings[..., :dim]
+    return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
+
+class UniMEV2PreTrainedModel(PreTrainedModel):
+    config_class = UniMEV2Config
+    base_model_prefix = "unime"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _can_compile_fullgraph = False
+    # The authors' checkpoints are causal LMs: their LM head is not part of an embedder.
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)lm_head\."]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Save under the model's own key names.
+
+        transformers would otherwise reverse the key mapping a model was loaded with (the authors' layout) and
+        write old names that a UniME-V2 checkpoint does not use.
+        """
+        kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class UniMEV2Model(UniMEV2PreTrainedModel):
+    """UniME-V2 embedder: a Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision base model (no LM head) whose final hidden state
+    at the last non-padding token, L2-normalised, is the embedding of a text, an image or both.
+
+    Example:
+        >>> from modeling_unime.testing import build_tiny_unime
+        >>> model, processor = build_tiny_unime("qwen2_vl")
+        >>> from PIL import Image
+        >>> embeddings = model.encode(texts=["a red car", None], images=[None, Image.new("RGB", (64, 64), "red")],
+        ...                           processor=processor)
+        >>> embeddings.shape, round(float(embeddings[0].norm()), 4)
+        (torch.Size([2, 64]), 1.0)
+    """
+
+    def __init__(self, config: UniMEV2Config) -> None:
+        super().__init__(config)
+        self.model = AutoModel.from_config(config.backbone_config)
+        self._processor: UniMEV2Processor | None = None
+        self.post_init()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """Load a UniME-V2 checkpoint, or a plain backbone checkpoint in the authors' layout.
+
+        A folder (or Hub repo) whose ``config.json`` is a Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision config is wrapped
+        as a UniME-V2 model and its weights are renamed from every known layout (``model.layers.*``, ``visual.*``,
+        ``language_model.model.*``, ...), so no weight stays randomly initialised. The LM head is not loaded.
+        """
+        if kwargs.get("config") is None:
+            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+            config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+            model_type = config_dict.get("model_type")
+            if model_type in SUPPORTED_BACKBONES:
+                backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+                kwargs["config"] = UniMEV2Config(backbone_config=backbone_config)
+                kwargs.setdefault("key_mapping", BACKBONE_KEY_MAPPINGS[model_type])
+            elif model_type != UniMEV2Config.model_type:
+                raise ValueError(
+                    f"{os.fspath(pretrained_model_name_or_path)!r} holds a {model_type!r} model; UniMEV2Model loads "
+                    f"UniME-V2 checkpoints and plain {', '.join(SUPPORTED_BACKBONES)} checkpoints."
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        truncate_dim: int | None = None,
+        **backbone_inputs: Any,
+    ) -> UniMEV2Output:
+        """Embed one batch of processor outputs.
+
+        Args:
+            input_ids, attention_mask: as returned by [`UniMEV2Processor`].
+            truncate_dim: keep the first dimensions only (defaults to ``config.matryoshka_dim``).
+            **backbone_inputs: every other processor output (``pixel_values``, ``image_grid_thw``,
+                ``mm_token_type_ids``, ``image_sizes``, ``batch_num_images``...), passed to the backbone as is.
+        """
+        backbone_inputs.pop("return_dict", None)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **backbone_inputs)
+        last_hidden_state = outputs.last_hidden_state
+        # Normalised in float32 whatever the backbone dtype, so bf16 models give stable unit vectors.
+        embeddings = pool_last_token(last_hidden_state, attention_mask).float()
+        dim = truncate_dim if truncate_dim is not None else self.config.matryoshka_dim
+        embeddings = truncate_and_normalize(embeddings, dim, self.config.normalize)
+        return UniMEV2Output(embeddings=embeddings, last_hidden_state=last_hidden_state)
+
+    @property
+    def processor(self) -> UniMEV2Processor:
+        """The processor saved beside the weights (loaded on first use)."""
+        if self._processor is None:
+            source = self.config._name_or_path
+            if not source:
+                raise ValueError(
+                    "This model was not loaded from a folder or repo, so it has no processor to load: pass "
+                    "processor= to encode() or set model.processor = UniMEV2Processor(...)."
+                )
+            try:
+                # The processor's code is the code this model already runs from the same source.
+                self._processor = UniMEV2Processor.from_pretrained(source, trust_remote_code=True)
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"Could not load the processor saved with {source!r} ({error}); pass processor= to encode()."
+                ) from error
+        return self._processor
+
+    @processor.setter
+    def processor(self, value: UniMEV2Processor | None) -> None:
+        self._processor = value
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: str | Sequence[str | None] | None = None,
+        images: ImageInput | Sequence[ImageInput] | None = None,
+        instruction: str | None = None,
+        batch_size: int = 16,
+        show_progress_bar: bool | None = None,
+        truncate_dim: int | None = None,
+        processor: UniMEV2Processor | None = None,
+        image_root: str | os.PathLike | None = None,
+    ) -> torch.Tensor:
+        """Embed texts, images or image+text rows.
+
+        Rows are sorted by modality and length so that each batch carries little padding; the output keeps the
+        input order.
+
+        Args:
+            texts: one text or a list; None for an image-only row.
+            images: one image or a list (PIL image, path, ``datasets`` image dict); None for a text-only row.
+            instruction: prepended to every row (e.g. ``"Find an image caption describing the given image."``).
+            batch_size: rows per forward pass.
+            show_progress_bar: defaults to showing one when there is more than one batch.
+            truncate_dim: Matryoshka truncation (re-normalised); defaults to ``config.matryoshka_dim``.
+            processor: defaults to the processor saved with the checkpoint.
+            image_root: folder that relative image paths are resolved against.
+
+        Returns:
+            A float32 CPU tensor of shape (rows, dim), L2-normalised when ``config.normalize``.
+        """
+        processor = processor or self.processor
+        texts, images = processor._rows(texts, images)
+        order = sorted(
+            range(len(texts)),
+            key=lambda row: (images[row] is not None, len(texts[row] or "")),
+            reverse=True,
+        )
+        starts = range(0, len(order), batch_size)
+        if show_progress_bar is None:
+            show_progress_bar = len(starts) > 1 and logging.is_progress_bar_enabled()
+        progress = logging.tqdm(starts, desc="Encoding", disable=not show_progress_bar, unit="batch")
+        dim = truncate_dim if truncate_dim is not None else self.config.matryoshka_dim
+        device, dtype = self.device, self.dtype
+        pieces = []
+        for start in progress:
+            rows = order[start : start + batch_size]
+            batch = processor(
+                texts=[texts[row] for row in rows],
+                images=[images[row] for row in rows],
+                instruction=instruction,
+                image_root=image_root,
+                row_ids=rows,
+            )
+            batch = {
+                key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+                for key, value in batch.items()
+            }
+            pieces.append(self(**batch, truncate_dim=dim).embeddings.cpu())
+        stacked = torch.cat(pieces)
+        result = torch.empty_like(stacked)
+        result[torch.tensor(order)] = stacked
+        return result
+
+
+__all__ = ["UniMEV2Model", "UniMEV2Output", "UniMEV2PreTrainedModel", "pool_last_token", "BACKBONE_KEY_MAPPINGS"]

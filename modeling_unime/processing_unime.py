@@ -1,0 +1,341 @@
+"""UniMEV2Processor: texts, images and an instruction -> backbone inputs in the authors' prompt format.
+
+This file travels with every checkpoint (``auto_map``): it imports only ``torch``, ``transformers`` and PIL (which
+``transformers`` image processing already needs). No torchvision: the backbone processors are used through
+subclasses that leave the video processor out.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from typing import Any, Union
+
+from PIL import Image
+from transformers import BatchFeature, ProcessorMixin
+from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+from .configuration_unime import SUPPORTED_BACKBONES, check_backbone_type
+
+ImageInput = Union[Image.Image, str, os.PathLike, dict, None]
+
+# MMEB stores its texts in the Phi-3V format; every backbone has its own placeholder.
+PHI3V_IMAGE_TOKEN = "<|image_1|>"
+BACKBONE_IMAGE_TOKENS = {"qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "llava_onevision": "<image>"}
+
+
+class Qwen2VLImageTextProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor without the video processor (which needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor without the video processor (which needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class LlavaOnevisionImageTextProcessor(LlavaOnevisionProcessor):
+    """LLaVA-OneVision processor without the video processor (which needs torchvision)."""
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        video_token="<video>",
+        vision_aspect_ratio="anyres_max_9",
+        **kwargs,
+    ):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio,
+            **kwargs,
+        )
+
+
+# Saved processor_config.json files then name the stock class, so a setup with torchvision opens them as usual.
+for _subclass, _stock in (
+    (Qwen2VLImageTextProcessor, Qwen2VLProcessor),
+    (Qwen2_5_VLImageTextProcessor, Qwen2_5_VLProcessor),
+    (LlavaOnevisionImageTextProcessor, LlavaOnevisionProcessor),
+):
+    _subclass.__name__ = _subclass.__qualname__ = _stock.__name__
+
+BACKBONE_PROCESSOR_CLASSES = {
+    "qwen2_vl": Qwen2VLImageTextProcessor,
+    "qwen2_5_vl": Qwen2_5_VLImageTextProcessor,
+    "llava_onevision": LlavaOnevisionImageTextProcessor,
+}
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+LLAVA_ONEVISION_SETTINGS = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
+
+
+def load_image(image: ImageInput, row: int, image_root: str | os.PathLike | None = None) -> Image.Image | None:
+    """Open one image input as an RGB PIL image.
+
+    Accepts a PIL image, a path (relative paths are resolved against ``image_root``), a ``datasets`` image dict
+    (``{"bytes": ..., "path": ...}``) or None. A missing or unreadable file raises a ValueError naming the row.
+    """
+    if image is None:
+        return None
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            try:
+                return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
+            except Exception as error:
+                raise ValueError(f"Row {row}: the image bytes could not be decoded ({error}).") from error
+        image = image.get("path")
+        if not image:
+            return None
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if path == "":
+            return None
+        if image_root is not None and not os.path.isabs(path):
+            path = os.path.join(os.fspath(image_root), path)
+        if not os.path.isfile(path):
+            hint = "pass image_root=" if image_root is None else f"check image_root={os.fspath(image_root)!r}"
+            raise ValueError(f"Row {row}: image file not found: {path!r} ({hint} or fix the path).")
+        try:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+        except Exception as error:
+            raise ValueError(f"Row {row}: image file {path!r} is not a readable image ({error}).") from error
+    raise ValueError(
+        f"Row {row}: unsupported image input of type {type(image).__name__}; use a PIL image, a path or None."
+    )
+
+
+def _read_backbone_type(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> str | None:
+    """The backbone family named by a checkpoint's config.json (UniME-V2 or a plain backbone), if it has one."""
+    from transformers import PretrainedConfig
+
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+    except OSError:
+        return None
+    if config_dict.get("model_type") == "unime_v2":
+        return (config_dict.get("backbone_config") or {}).get("model_type")
+    return config_dict.get("model_type")
+
+
+class UniMEV2Processor(ProcessorMixin):
+    """Turns texts, images and an instruction into inputs of a UniME-V2 backbone, in the authors' prompt format.
+
+    Per backbone family (``backbone_type``):
+
+    - ``qwen2_vl`` / ``qwen2_5_vl``: no chat template and no vision start/end tokens. A row is
+      ``[<|image_pad|> ][instruction ][text]``; the image token goes where the text has a placeholder, else first,
+      followed by a space (the authors' image prompt ``<|image_pad|> Find an image caption describing the given
+      image.``). A caption is embedded as the raw text.
+    - ``llava_onevision``: the ``<image>`` placeholder is removed from the text, which goes into one user turn of
+      the chat template (with an image item when the row has an image), followed by the generation prompt.
+
+    The Phi-3V placeholder ``<|image_1|>`` of MMEB texts is converted to the backbone's image token. Batches are
+    left-padded. Text-only rows and image rows of any size can be mixed in one batch.
+
+    Example:
+        >>> from modeling_unime.testing import build_tiny_processor
+        >>> processor = build_tiny_processor("qwen2_vl")
+        >>> from PIL import Image
+        >>> batch = processor(texts=["a red car", None], images=[None, Image.new("RGB", (56, 56))],
+        ...                   instruction=None)
+        >>> sorted(batch.keys())[:3]
+        ['attention_mask', 'image_grid_thw', 'input_ids']
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        backbone_type: str = "qwen2_vl",
+        num_image_tokens: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_aspect_ratio: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        check_backbone_type(backbone_type)
+        self.backbone_type = backbone_type
+        self.num_image_tokens = num_image_tokens
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.vision_aspect_ratio = vision_aspect_ratio
+        if chat_template is None and tokenizer is not None:
+            chat_template = getattr(tokenizer, "chat_template", None)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        tokenizer.padding_side = "left"
+        settings = {}
+        if backbone_type == "llava_onevision":
+            settings = {name: getattr(self, name) for name in LLAVA_ONEVISION_SETTINGS if getattr(self, name)}
+        self._backbone_processor = BACKBONE_PROCESSOR_CLASSES[backbone_type](
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **settings
+        )
+
+    @property
+    def image_token(self) -> str:
+        return BACKBONE_IMAGE_TOKENS[self.backbone_type]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return self._backbone_processor.model_input_names
+
+    def to_dict(self) -> dict[str, Any]:
+        # The inner backbone processor is rebuilt from the saved attributes; it must not be deep-copied or saved.
+        inner = self.__dict__.pop("_backbone_processor")
+        try:
+            return super().to_dict()
+        finally:
+            self._backbone_processor = inner
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        backbone_type: str | None = None,
+        **kwargs: Any,
+    ) -> "UniMEV2Processor":
+        """Load a UniME-V2 processor, or build one from a plain backbone checkpoint (the authors' layout).
+
+        The backbone family comes from ``processor_config.json`` when it names one, else from the folder's
+        ``config.json``; pass ``backbone_type=`` to override. Other keyword arguments (``cache_dir``, ``revision``,
+        ``token``, ``local_files_only``...) work as for any processor.
+        """
+        processor_dict, instantiation_kwargs = cls.get_processor_dict(pretrained_model_name_or_path, **dict(kwargs))
+        if backbone_type is None:
+            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+            backbone_type = processor_dict.get("backbone_type") or _read_backbone_type(
+                pretrained_model_name_or_path, **hub_kwargs
+            )
+        if backbone_type is None:
+            raise ValueError(
+                f"Cannot tell the backbone family of {os.fspath(pretrained_model_name_or_path)!r}: neither "
+                "processor_config.json nor config.json names one. Pass backbone_type= (one of "
+                f"{', '.join(SUPPORTED_BACKBONES)})."
+            )
+        processor_dict["backbone_type"] = check_backbone_type(backbone_type)
+        # backbone_type must not reach the sub-processor loaders: they would set it on the backbone config.
+        args = cls._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
+        return cls.from_args_and_dict(args, processor_dict, **instantiation_kwargs)
+
+    def format_prompt(self, text: str | None, has_image: bool, instruction: str | None = None, row: int = 0) -> str:
+        """The prompt string of one row, before image-token expansion (see the class docstring)."""
+        body = " ".join(part for part in (instruction, text) if part)
+        body = body.replace(PHI3V_IMAGE_TOKEN, self.image_token)
+        placeholders = body.count(self.image_token)
+        if placeholders > 1:
+            raise ValueError(f"Row {row}: the text has {placeholders} image placeholders; one image per row is supported.")
+        if placeholders and not has_image:
+            raise ValueError(
+                f"Row {row}: the text has an image placeholder ({self.image_token}) but no image was given for it."
+            )
+        if self.backbone_type == "llava_onevision":
+            body = body.replace(self.image_token + "\n", "").replace(self.image_token, "").strip()
+            content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": body}]
+            conversation = [{"role": "user", "content": content}]
+            return self._backbone_processor.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True
+            )
+        if has_image and not placeholders:
+            body = f"{self.image_token} {body}" if body else self.image_token
+        return body
+
+    def __call__(
+        self,
+        texts: str | Sequence[str | None] | None = None,
+        images: ImageInput | Sequence[ImageInput] | None = None,
+        instruction: str | None = None,
+        image_root: str | os.PathLike | None = None,
+        return_tensors: str = "pt",
+        row_ids: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Build one left-padded batch.
+
+        Args:
+            texts: one text or a list (None for an image-only row).
+            images: one image or a list (PIL image, path, ``datasets`` image dict, or None for a text-only row).
+            instruction: prepended to every row's text (e.g. ``"Find an image caption describing the given image."``).
+            image_root: folder that relative image paths are resolved against.
+            row_ids: the caller's numbers for these rows, used in error messages (default 0, 1, ...).
+
+        Returns:
+            A `BatchFeature` with every tensor the backbone needs (including ``mm_token_type_ids`` for Qwen).
+        """
+        if "text" in kwargs and texts is None:
+            texts = kwargs.pop("text")
+        texts, images = self._rows(texts, images, row_ids)
+        row_ids = list(row_ids) if row_ids is not None else list(range(len(texts)))
+        pil_images = [load_image(image, row, image_root) for row, image in zip(row_ids, images)]
+        prompts = [
+            self.format_prompt(text, image is not None, instruction, row)
+            for row, text, image in zip(row_ids, texts, pil_images)
+        ]
+        present_images = [image for image in pil_images if image is not None]
+        return self._backbone_processor(
+            text=prompts,
+            images=present_images or None,
+            padding=True,
+            padding_side="left",
+            return_tensors=return_tensors,
+            **kwargs,
+        )
+
+    @staticmethod
+    def _rows(
+        texts: Any, images: Any, row_ids: Sequence[int] | None = None
+    ) -> tuple[list[str | None], list[ImageInput]]:
+        """Validate and align the texts and images lists (one entry per row)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        if texts is None and images is None:
+            raise ValueError("Give texts, images or both.")
+        texts = list(texts) if texts is not None else [None] * len(images)
+        images = list(images) if images is not None else [None] * len(texts)
+        if len(texts) != len(images):
+            raise ValueError(
+                f"texts has {len(texts)} rows but images has {len(images)}; use None for a missing text or image so "
+                "that both lists have one entry per row."
+            )
+        for index, (text, image) in enumerate(zip(texts, images)):
+            row = row_ids[index] if row_ids is not None else index
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"Row {row}: text must be a string or None, got {type(text).__name__}.")
+            if not text and (image is None or (isinstance(image, str) and image == "")):
+                raise ValueError(f"Row {row}: the row has neither text nor image; give at least one.")
+        return texts, images
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+__all__ = [
+    "UniMEV2Processor",
+    "Qwen2VLImageTextProcessor",
+    "Qwen2_5_VLImageTextProcessor",
+    "LlavaOnevisionImageTextProcessor",
+    "load_image",
+]

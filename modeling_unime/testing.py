@@ -1,0 +1,352 @@
+"""Tiny UniME-V2 backbones built offline: random weights, a tokenizer trained on the fly, the matching processor.
+
+Tests, benchmarks and the demo use these; no download is involved. Three families are supported: ``qwen2_vl``,
+``qwen2_5_vl`` and ``llava_onevision``. A tiny backbone can be kept in memory, saved in the authors' layout (a plain
+``*ForConditionalGeneration`` checkpoint with the old key names such as ``model.layers.*`` and ``visual.*``), or
+wrapped as a UniME-V2 model.
+
+Example:
+    >>> from modeling_unime.testing import build_tiny_unime
+    >>> model, processor = build_tiny_unime("qwen2_vl")
+    >>> model.encode(texts=["a red car"], processor=processor).shape
+    torch.Size([1, 64])
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from .configuration_unime import UniMEV2Config, check_backbone_type
+from .processing_unime import BACKBONE_PROCESSOR_CLASSES, UniMEV2Processor
+
+REAL_QWEN2_VOCAB_SIZE = 151_936
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+LLAVA_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+# The pre-tokenizer regex of the Qwen2 tokenizer family.
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The public Qwen2-VL chat template (Qwen2.5-VL uses the same one).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# The llava-hf LLaVA-OneVision chat template: images first, then each text on a new line.
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{{ '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_COLOURS = ["red", "green", "blue", "yellow", "black", "white", "gray", "teal", "brown", "orange"]
+_SHAPES = ["circle", "square", "triangle", "rectangle", "star", "car", "dog", "cat", "man", "woman", "street"]
+_PHRASES = [
+    "Find an image caption describing the given image.",
+    "Represent the given image with the following question:",
+    "Represent the given text for retrieval.",
+    "I will provide you with a query and a candidate. Please evaluate whether the candidate meets the "
+    "requirements of the query. If it does, respond with 'Yes'; if it doesn't, respond with 'No'.",
+    "Query: Candidate: Candidates: Ans: (1) (2) (3) (4) (5) (6) (7) (8) (9) (10)",
+    "What is the colour of the shape? What shape is in the image? Is there a red circle? Yes No",
+    "A man is crossing the street with a red car parked nearby.",
+    "You are a helpful assistant. system user assistant",
+]
+
+
+def _training_corpus(seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = list(_PHRASES) * 20
+    for _ in range(600):
+        colour, shape = rng.choice(_COLOURS), rng.choice(_SHAPES)
+        lines.append(
+            rng.choice(
+                [
+                    f"a {colour} {shape}",
+                    f"A photo of a {colour} {shape} next to a {rng.choice(_COLOURS)} {rng.choice(_SHAPES)}.",
+                    f"What colour is the {shape}? {colour}",
+                    f"Is the {shape} {colour}? {rng.choice(['Yes', 'No'])}",
+                    f"There are {rng.randint(0, 99)} {shape}s in the image.",
+                ]
+            )
+        )
+    return lines
+
+
+@lru_cache(maxsize=4)
+def _trained_tokenizer_json(special_tokens: tuple[str, ...], vocab_size: int) -> str:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_corpus(), trainer)
+    return tokenizer.to_str()
+
+
+def build_tiny_tokenizer(backbone_type: str = "qwen2_vl", vocab_size: int = 800) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in about a second, with the family's special tokens and chat template."""
+    from tokenizers import Tokenizer
+
+    check_backbone_type(backbone_type)
+    special = LLAVA_SPECIAL_TOKENS if backbone_type == "llava_onevision" else QWEN_SPECIAL_TOKENS
+    backend = Tokenizer.from_str(_trained_tokenizer_json(tuple(special), vocab_size))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>" if backbone_type == "llava_onevision" else "<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=special[1:],
+        padding_side="left",
+    )
+    tokenizer.chat_template = (
+        LLAVA_ONEVISION_CHAT_TEMPLATE if backbone_type == "llava_onevision" else QWEN2_VL_CHAT_TEMPLATE
+    )
+    return tokenizer
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return [temporal, height, half - temporal - height]
+
+
+def build_tiny_backbone_config(
+    backbone_type: str = "qwen2_vl",
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    vocab_size: int | None = None,
+    real_vocab: bool = False,
+) -> Any:
+    """The config of a tiny backbone of the given family (``real_vocab=True``: the real 151,936-token vocabulary)."""
+    check_backbone_type(backbone_type)
+    tokenizer = tokenizer or build_tiny_tokenizer(backbone_type)
+    if vocab_size is None:
+        vocab_size = REAL_QWEN2_VOCAB_SIZE if real_vocab else len(tokenizer)
+    head_dim = hidden_size // num_attention_heads
+    text_config = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=max(1, num_attention_heads // 2),
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    if backbone_type == "llava_onevision":
+        from transformers import Qwen2Config, SiglipVisionConfig
+
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            vision_use_head=False,
+        )
+        return LlavaOnevisionConfig(
+            vision_config=vision,
+            text_config=Qwen2Config(**text_config),
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+            image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]],
+            vision_aspect_ratio="anyres_max_9",
+            tie_word_embeddings=False,
+        )
+    text_config["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 1_000_000.0,
+        "mrope_section": _mrope_section(head_dim),
+    }
+    token_ids = dict(
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    if backbone_type == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2)
+        return Qwen2VLConfig(text_config=text_config, vision_config=vision, tie_word_embeddings=False, **token_ids)
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=hidden_size,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
+    return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision, tie_word_embeddings=False, **token_ids)
+
+
+def build_tiny_processor(
+    backbone_type: str = "qwen2_vl",
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    max_pixels: int = 64 * 28 * 28,
+) -> UniMEV2Processor:
+    """A UniMEV2Processor for a tiny backbone (images of at most ``max_pixels`` pixels for the Qwen families)."""
+    check_backbone_type(backbone_type)
+    tokenizer = tokenizer or build_tiny_tokenizer(backbone_type)
+    if backbone_type == "llava_onevision":
+        image_processor = LlavaOnevisionImageProcessorPil(
+            size={"height": 56, "width": 56},
+            image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]],
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
+        return UniMEV2Processor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            backbone_type=backbone_type,
+            num_image_tokens=(56 // 14) ** 2,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+        )
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=max_pixels)
+    return UniMEV2Processor(image_processor=image_processor, tokenizer=tokenizer, backbone_type=backbone_type)
+
+
+_CAUSAL_LM_CLASSES = {
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
+}
+
+
+def build_tiny_causal_lm(
+    backbone_type: str = "qwen2_vl",
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    **config_kwargs: Any,
+) -> PreTrainedModel:
+    """A tiny ``*ForConditionalGeneration`` backbone with random weights (the authors' model class)."""
+    config = build_tiny_backbone_config(backbone_type, tokenizer=tokenizer, **config_kwargs)
+    torch.manual_seed(seed)
+    return _CAUSAL_LM_CLASSES[backbone_type](config).eval()
+
+
+def build_tiny_unime(
+    backbone_type: str = "qwen2_vl", seed: int = 0, max_pixels: int = 64 * 28 * 28, **config_kwargs: Any
+) -> tuple[Any, UniMEV2Processor]:
+    """A tiny UniMEV2Model with random weights and its processor."""
+    from .modeling_unime import UniMEV2Model
+
+    tokenizer = build_tiny_tokenizer(backbone_type)
+    config = UniMEV2Config(backbone_config=build_tiny_backbone_config(backbone_type, tokenizer, **config_kwargs))
+    torch.manual_seed(seed)
+    model = UniMEV2Model(config).eval()
+    return model, build_tiny_processor(backbone_type, tokenizer, max_pixels=max_pixels)
+
+
+def authors_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The state dict of a ``*ForConditionalGeneration`` backbone under the key names of the authors' checkpoints.
+
+    Those checkpoints were written by transformers 4.4x: Qwen2-VL as ``model.layers.*``, ``model.embed_tokens``,
+    ``visual.*``, ``lm_head.weight``; LLaVA-OneVision as ``language_model.model.*``, ``language_model.lm_head``,
+    ``vision_tower.vision_model.*``, ``multi_modal_projector.*``, ``image_newline``.
+    """
+    renamed = {}
+    for key, tensor in model.state_dict().items():
+        if model.config.model_type == "llava_onevision":
+            key = (
+                key.replace("model.language_model.", "language_model.model.", 1)
+                .replace("lm_head.", "language_model.lm_head.", 1)
+                .replace("model.vision_tower.", "vision_tower.vision_model.", 1)
+                .replace("model.multi_modal_projector.", "multi_modal_projector.", 1)
+                .replace("model.image_newline", "image_newline", 1)
+            )
+        else:
+            key = key.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+        renamed[key] = tensor.detach().clone().contiguous()
+    return renamed
+
+
+def save_in_authors_layout(
+    model: PreTrainedModel, processor: UniMEV2Processor, directory: str | os.PathLike
+) -> Path:
+    """Write a backbone as the authors released theirs: a plain backbone checkpoint with 4.4x key names, and the
+    backbone's own processor, tokenizer and chat template files beside it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(directory)
+    save_file(authors_state_dict(model), directory / "model.safetensors", metadata={"format": "pt"})
+    backbone_processor = processor._backbone_processor
+    BACKBONE_PROCESSOR_CLASSES[processor.backbone_type].save_pretrained(backbone_processor, directory)
+    return directory
+
+
+__all__ = [
+    "REAL_QWEN2_VOCAB_SIZE",
+    "build_tiny_tokenizer",
+    "build_tiny_backbone_config",
+    "build_tiny_processor",
+    "build_tiny_causal_lm",
+    "build_tiny_unime",
+    "authors_state_dict",
+    "save_in_authors_layout",
+]
