@@ -1,0 +1,97 @@
+"""Embedding demo on a tiny offline model: the whole model-package path, end to end, in about ten seconds.
+
+1. builds a tiny Qwen2-VL (random weights, a tokenizer trained on the fly) and saves it in the authors' layout;
+2. converts it to a self-contained UniME-V2 checkpoint (``python -m modeling_unime.convert``);
+3. loads it back the way users do, ``AutoModel.from_pretrained(path, trust_remote_code=True)``;
+4. embeds captions, images and image+text rows and prints the image-caption cosine matrix.
+
+The weights are random, so the similarities carry no meaning: the demo shows the API and the file layout.
+Outputs go to ``--output-dir`` (default ``runs/embed-demo``).
+
+    python recipes/embed_demo.py [--family qwen2_vl|qwen2_5_vl|llava_onevision] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import AutoModel  # noqa: E402
+
+import modeling_unime  # noqa: E402,F401  (registers the auto classes)
+from modeling_unime.convert import convert_checkpoint  # noqa: E402
+from modeling_unime.testing import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer  # noqa: E402
+from modeling_unime.testing import save_in_authors_layout  # noqa: E402
+
+SHAPES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
+
+
+def draw(colour: str, shape: str, size: int = 112) -> Image.Image:
+    image = Image.new("RGB", (size, size), "white")
+    canvas = ImageDraw.Draw(image)
+    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    if shape == "circle":
+        canvas.ellipse(box, fill=colour)
+    elif shape == "square":
+        canvas.rectangle(box, fill=colour)
+    else:
+        canvas.polygon([(size // 2, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, 3 * size // 4)], fill=colour)
+    return image
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="qwen2_vl", choices=list(modeling_unime.SUPPORTED_BACKBONES))
+    parser.add_argument("--output-dir", default="runs/embed-demo")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    output = Path(args.output_dir)
+
+    tokenizer = build_tiny_tokenizer(args.family)
+    authors_folder = save_in_authors_layout(
+        build_tiny_causal_lm(args.family, tokenizer=tokenizer), build_tiny_processor(args.family, tokenizer),
+        output / "authors-layout",
+    )
+    print(f"[1/4] tiny {args.family} saved in the authors' layout: {authors_folder}")
+    checkpoint = convert_checkpoint(authors_folder, output / "unime-v2-tiny", verify=True)
+    print(f"[2/4] converted to a UniME-V2 checkpoint: {checkpoint} ({', '.join(sorted(os.listdir(checkpoint)))})")
+    model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True)
+    print(f"[3/4] loaded with AutoModel (trust_remote_code=True): {type(model).__name__}")
+
+    captions = [f"a {colour} {shape}" for colour, shape in SHAPES]
+    images = [draw(colour, shape) for colour, shape in SHAPES]
+    caption_embeddings = model.encode(texts=captions)
+    image_embeddings = model.encode(images=images, instruction="Find an image caption describing the given image.")
+    both = model.encode(texts=["What colour is the shape?"] * len(images), images=images)
+    similarity = image_embeddings @ caption_embeddings.T
+    print("[4/4] image x caption cosine similarity (random weights: the numbers carry no meaning)")
+    print("            " + "".join(f"{caption:>18}" for caption in captions))
+    for (colour, shape), row in zip(SHAPES, similarity.tolist()):
+        print(f"{colour + ' ' + shape:>12}" + "".join(f"{value:18.4f}" for value in row))
+
+    save_file(
+        {"captions": caption_embeddings, "images": image_embeddings, "image_and_text": both},
+        str(output / "embeddings.safetensors"),
+    )
+    summary = {
+        "family": args.family,
+        "checkpoint": str(checkpoint),
+        "embedding_dim": caption_embeddings.shape[1],
+        "rows": {"captions": len(captions), "images": len(images), "image_and_text": len(images)},
+        "max_norm_error": float((torch.cat([caption_embeddings, image_embeddings, both]).norm(dim=1) - 1).abs().max()),
+        "image_caption_similarity": similarity.tolist(),
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"embeddings and summary written to {output}")
+
+
+if __name__ == "__main__":
+    main()

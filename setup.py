@@ -1,0 +1,58 @@
+"""unime-v2: UniME-V2 universal multimodal embeddings, the MLLM-as-a-Judge miner, trainers and evaluation."""
+
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).parent
+
+
+class BuildPyWithModelCard(build_py):
+    """Ship the top-level model_card.md template inside the modeling_unime package of a wheel."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "modeling_unime" / "model_card.md"
+        if target.parent.is_dir():
+            shutil.copyfile(HERE / "model_card.md", target)
+
+
+setup(
+    name="unime-v2",
+    version="0.1.0",
+    description="UniME-V2 (MLLM-as-a-Judge universal multimodal embeddings) for Hugging Face transformers",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_unime", "modeling_unime.*", "trainers", "trainers.*",
+                                    "evaluation", "evaluation.*"]),
+    cmdclass={"build_py": BuildPyWithModelCard},
+    # torch: install the build you need first (CPU: pip install torch==2.13.0); a bare "torch" may pull CUDA.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.24,<6",
+        "tokenizers>=0.22",
+        "datasets>=4.0",
+        "peft>=0.17",
+        "trl>=1.0",
+        "accelerate>=1.10",
+        "huggingface_hub>=1.0",
+        "evaluate>=0.4",
+        "safetensors>=0.5",
+        "pillow>=10",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        "faiss": ["faiss-cpu>=1.8"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

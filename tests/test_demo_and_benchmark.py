@@ -1,0 +1,37 @@
+"""The README's main job (the embedding demo) and the embedding benchmark run and write what they promise."""
+
+import json
+import runpy
+import sys
+
+from conftest import REPO_ROOT
+
+
+def _run_script(path, argv, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(path), *argv])
+    runpy.run_path(str(path), run_name="__main__")
+
+
+def test_embed_demo_writes_a_loadable_checkpoint_and_embeddings(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    _run_script(REPO_ROOT / "recipes" / "embed_demo.py", ["--output-dir", str(tmp_path)], monkeypatch)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rows"] == {"captions": 4, "images": 4, "image_and_text": 4}
+    assert summary["max_norm_error"] < 1e-5
+    embeddings = load_file(str(tmp_path / "embeddings.safetensors"))
+    assert embeddings["images"].shape == (4, summary["embedding_dim"])
+    assert (tmp_path / "unime-v2-tiny" / "modeling_unime.py").is_file()
+    assert "[4/4]" in capsys.readouterr().out
+
+
+def test_embed_throughput_prints_its_json_line(monkeypatch, capsys):
+    _run_script(
+        REPO_ROOT / "benchmarks" / "embed_throughput.py",
+        ["--rows", "6", "--batch-size", "4", "--hidden-size", "64", "--repeats", "1"],
+        monkeypatch,
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"ours_items_per_s", "reference_items_per_s", "speedup", "max_abs_diff"} <= result.keys()
+    assert result["vocab_size"] == 151_936
+    assert result["max_abs_diff"] < 1e-5
