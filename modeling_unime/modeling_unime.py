@@ -233,21 +233,28 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
         progress = logging.tqdm(starts, desc="Encoding", disable=not show_progress_bar, unit="batch")
         dim = truncate_dim if truncate_dim is not None else self.config.matryoshka_dim
         device, dtype = self.device, self.dtype
+        was_training = self.training
+        self.eval()  # dropout off: the same input always gets the same embedding
         pieces = []
-        for start in progress:
-            rows = order[start : start + batch_size]
-            batch = processor(
-                texts=[texts[row] for row in rows],
-                images=[images[row] for row in rows],
-                instruction=instruction,
-                image_root=image_root,
-                row_ids=rows,
-            )
-            batch = {
-                key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
-                for key, value in batch.items()
-            }
-            pieces.append(self(**batch, truncate_dim=dim).embeddings.cpu())
+        try:
+            for start in progress:
+                rows = order[start : start + batch_size]
+                batch = processor(
+                    texts=[texts[row] for row in rows],
+                    images=[images[row] for row in rows],
+                    instruction=instruction,
+                    image_root=image_root,
+                    row_ids=rows,
+                )
+                batch = {
+                    key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+                    for key, value in batch.items()
+                }
+                pieces.append(self(**batch, truncate_dim=dim).embeddings.cpu())
+        finally:
+            self.train(was_training)
+        if not pieces:
+            return torch.empty(0, dim or self.config.hidden_size)
         stacked = torch.cat(pieces)
         result = torch.empty_like(stacked)
         result[torch.tensor(order)] = stacked

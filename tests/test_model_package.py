@@ -197,6 +197,27 @@ def test_encode_restores_input_order_and_truncates():
     finally:
         model.config.matryoshka_dim = None
     torch.testing.assert_close(default_truncated, F.normalize(full[0:1, :8], dim=-1), atol=1e-5, rtol=0)
+    assert model.encode(texts=[], processor=processor).shape == (0, model.config.hidden_size)
+
+
+def test_encode_turns_dropout_off_and_restores_training_mode():
+    _, model, processor = tiny("qwen2_vl")
+    texts = ["a red car parked nearby", "a blue square"]
+    # Qwen2-VL applies attention dropout functionally, from each attention module's `attention_dropout`.
+    dropouts = [module for module in model.modules() if hasattr(module, "attention_dropout")]
+    assert dropouts
+    reference = model.encode(texts=texts, processor=processor)
+    model.train()
+    try:
+        for module in dropouts:
+            module.attention_dropout = 0.5
+        again = model.encode(texts=texts, processor=processor)
+        assert model.training
+    finally:
+        for module in dropouts:
+            module.attention_dropout = 0.0
+        model.eval()
+    torch.testing.assert_close(again, reference, atol=0, rtol=0)
 
 
 def test_instruction_and_paths(tmp_path):
