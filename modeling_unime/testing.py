@@ -301,6 +301,23 @@ def build_tiny_unime(
     return model, build_tiny_processor(backbone_type, tokenizer, max_pixels=max_pixels)
 
 
+def build_tiny_judge(
+    backbone_type: str = "qwen2_5_vl", seed: int = 0, sharpen: float = 4.0, max_pixels: int = 64 * 28 * 28, **config_kwargs: Any
+) -> tuple[PreTrainedModel, Any]:
+    """A tiny image-text-to-text judge (Qwen2.5-VL by default) and its processor, for ``MLLMJudge``.
+
+    ``sharpen`` scales the query/key projections: random attention is almost uniform, which would hide position
+    and masking bugs from any comparison of two scoring paths.
+    """
+    tokenizer = build_tiny_tokenizer(backbone_type)
+    model = build_tiny_causal_lm(backbone_type, seed=seed, tokenizer=tokenizer, **config_kwargs)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.mul_(sharpen)
+    return model, build_tiny_processor(backbone_type, tokenizer, max_pixels=max_pixels)._backbone_processor
+
+
 def authors_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The state dict of a ``*ForConditionalGeneration`` backbone under the key names of the authors' checkpoints.
 
@@ -347,6 +364,7 @@ __all__ = [
     "build_tiny_processor",
     "build_tiny_causal_lm",
     "build_tiny_unime",
+    "build_tiny_judge",
     "authors_state_dict",
     "save_in_authors_layout",
 ]
