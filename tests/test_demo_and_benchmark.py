@@ -35,3 +35,17 @@ def test_embed_throughput_prints_its_json_line(monkeypatch, capsys):
     assert {"ours_items_per_s", "reference_items_per_s", "speedup", "max_abs_diff"} <= result.keys()
     assert result["vocab_size"] == 151_936
     assert result["max_abs_diff"] < 1e-5
+
+
+def test_judge_throughput_prints_its_json_line(monkeypatch, capsys):
+    _run_script(
+        REPO_ROOT / "benchmarks" / "judge_throughput.py",
+        ["--candidates", "3", "--hidden-size", "64", "--layers", "2", "--batch-size", "2"],
+        monkeypatch,
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    keys = {"naive_pairs_per_s", "batched_pairs_per_s", "shared_pairs_per_s", "speedup_vs_naive",
+            "speedup_vs_naive_image_candidates", "max_abs_diff"}
+    assert keys <= result.keys()
+    assert result["query_visual_tokens"] == 256 and result["vocab_size"] == 151_936
+    assert result["max_abs_diff"] < 1e-4
