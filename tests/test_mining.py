@@ -1,0 +1,117 @@
+"""mine_hard_negatives on crafted rankings (hand-computed selections) and on tiny real models."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from modeling_unime.judge import MLLMJudge
+from modeling_unime.mining import mine_hard_negatives
+from modeling_unime.testing import build_tiny_judge, build_tiny_unime
+
+POOL = [(f"c{j}", None) for j in range(12)]
+
+
+class AngleEmbedder:
+    """Candidate cj sits at angle 0.1 * (j + 1) from every query, so retrieval ranks c0, c1, ..., c11; positives
+    sit opposite the queries and rank last."""
+
+    def encode(self, texts, images, **kwargs):
+        rows = []
+        for text in texts:
+            if text.startswith("c"):
+                angle = 0.1 * (int(text[1:]) + 1)
+            elif text.startswith("p"):
+                angle = 3.0
+            else:
+                angle = 0.0
+            rows.append([math.cos(angle), math.sin(angle), 0.0])
+        return torch.tensor(rows)
+
+
+class TableJudge:
+    """Scores from a table: positives 0.9; candidates by name; everything else 0.1 + 0.01 * j."""
+
+    def __init__(self, table):
+        self.table, self.image_root, self.calls = table, None, 0
+
+    def score(self, query_text, query_image, candidates):
+        self.calls += 1
+        return torch.tensor([self.table.get(text, 0.9 if text.startswith("p") else 0.1 + 0.01 * int(text[1:]))
+                             for text, _ in candidates])
+
+
+def rows(count):
+    return Dataset.from_list(
+        [{"query_text": f"query {i}", "query_image": None, "pos_text": f"p{i}", "pos_image": None} for i in range(count)]
+    )
+
+
+def test_filter_then_cyclical_sampling_by_hand():
+    judge = TableJudge({"c0": 0.95, "c3": 0.95})  # two false negatives: above s_pos - beta = 0.89
+    mined, stats = mine_hard_negatives(rows(3), AngleEmbedder(), judge, pool=POOL + [("p0", None), ("p1", None),
+                                                                                    ("p2", None)], top_k=12, verbose=False)
+    # Kept, in rank order: c1 c2 c4 c5 c6 c7 c8 c9 c10 c11; walk 0,5,1,6,2,7,3,8,4,9.
+    expected = ["c1", "c7", "c2", "c8", "c4", "c9", "c5", "c10", "c6", "c11"]
+    for row in mined:
+        assert row["neg_texts"] == expected
+        assert row["judge_scores"][0] == pytest.approx(0.9)
+        assert row["judge_scores"][1:] == pytest.approx([0.1 + 0.01 * int(text[1:]) for text in expected])
+    assert stats.removed_as_false_negative == 3 * 2 and stats.queries_used_fallback == 0
+
+
+def test_fewer_candidates_cycle_and_own_positive_is_excluded():
+    judge = TableJudge({})
+    data = rows(2)
+    mined, stats = mine_hard_negatives(data, AngleEmbedder(), judge, pool=[("c0", None), ("c1", None), ("p0", None),
+                                                                          ("p1", None)], top_k=50, verbose=False)
+    # Row 0 retrieves c0, c1 and row 1's positive p1 (its own p0 is excluded); the judge scores p1 like a
+    # positive (0.9 > s_pos - beta), so the filter removes it and sampling cycles over c0, c1.
+    assert mined[0]["neg_texts"] == ["c0", "c1"] * 5 and mined[1]["neg_texts"] == ["c0", "c1"] * 5
+    assert stats.removed_as_false_negative == 2 and stats.queries_short_of_negatives == 2
+
+
+def test_empty_after_filter_paper_fallback_and_drop():
+    everything_high = {f"c{j}": 0.99 for j in range(12)}
+    mined, stats = mine_hard_negatives(rows(2), AngleEmbedder(), TableJudge(everything_high), pool=POOL, top_k=12,
+                                       verbose=False, seed=3)
+    assert stats.queries_used_fallback == 2
+    for row in mined:
+        assert row["judge_scores"][1:] == [1.0] * 10 and len(set(row["neg_texts"])) == 10
+    again, _ = mine_hard_negatives(rows(2), AngleEmbedder(), TableJudge(everything_high), pool=POOL, top_k=12,
+                                   verbose=False, seed=3)
+    assert again.to_list() == mined.to_list()
+    dropped, stats = mine_hard_negatives(rows(2), AngleEmbedder(), TableJudge(everything_high), pool=POOL, top_k=12,
+                                         verbose=False, empty_fallback="drop")
+    assert len(dropped) == 0 and stats.queries_dropped == 2
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="empty"):
+        mine_hard_negatives(rows(0), AngleEmbedder(), TableJudge({}), verbose=False)
+    with pytest.raises(ValueError, match="no 'pos_text' column"):
+        mine_hard_negatives(Dataset.from_list([{"query_text": "q", "query_image": None}]), AngleEmbedder(),
+                            TableJudge({}), verbose=False)
+
+
+def test_tiny_models_end_to_end_scores_match_the_judge(capsys):
+    embedder, processor = build_tiny_unime("qwen2_vl")
+    embedder.processor = processor
+    judge = MLLMJudge(*build_tiny_judge())
+    data = Dataset.from_list(
+        [{"query_text": f"What colour is shape {i}?", "query_image": None, "pos_text": colour, "pos_image": None}
+         for i, colour in enumerate(["red", "blue", "green", "yellow", "red blue", "teal"])]
+    )
+    mined, stats = mine_hard_negatives(data, embedder, judge, top_k=5, num_negatives=4, beta=0.0)
+    assert len(mined) == 6
+    for row in mined:
+        assert row["pos_text"] not in row["neg_texts"]
+        fallback = row["judge_scores"][1:] == [1.0] * len(row["neg_texts"])  # the paper's empty-set rule
+        texts = [row["pos_text"]] if fallback else [row["pos_text"], *row["neg_texts"]]
+        expected = judge.score_pairs([((row["query_text"], None), (text, None)) for text in texts])
+        got = torch.tensor(row["judge_scores"][: len(texts)]).float()
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert fallback or all(score <= row["judge_scores"][0] + 1e-9 for score in row["judge_scores"][1:])
+    output = capsys.readouterr().out
+    assert "time per stage" in output and "histogram" in output
