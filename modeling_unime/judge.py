@@ -12,10 +12,9 @@ rotary positions are continued exactly as in the unshared sequence. Scores equal
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,14 +53,12 @@ def official_repetition_penalty(logits: torch.Tensor, penalty: float = 1.05) -> 
 
 @dataclass
 class JudgeStats:
-    """What the judge did: pairs scored, through which path, and how long it took."""
+    """What the judge did: pairs scored, and through which path."""
 
     pairs: int = 0
     shared_prefix_pairs: int = 0
     plain_pairs: int = 0
     boundary_fallbacks: int = 0
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 class MLLMJudge:
@@ -306,16 +303,10 @@ class MLLMJudge:
         return self._answer_logits(hidden[torch.arange(rows, device=device), last])
 
 
-def judge_score_from_logits(yes_logit: float, no_logit: float) -> float:
-    """s = exp(z_yes) / (exp(z_yes) + exp(z_no)), written out (used in docs and tests)."""
-    return 1.0 / (1.0 + math.exp(no_logit - yes_logit))
-
-
 __all__ = [
     "JUDGE_INSTRUCTION",
     "MLLMJudge",
     "JudgeStats",
     "official_repetition_penalty",
     "strip_image_placeholders",
-    "judge_score_from_logits",
 ]
