@@ -93,7 +93,9 @@ def mine_hard_negatives(
         pool = [(text or None, _image_key(image)) for text, image in pool]
     if not pool:
         raise ValueError("The candidate pool is empty.")
-    pool_index = {item: index for index, item in reversed(list(enumerate(pool)))}
+    pool_positions: dict[Item, list[int]] = {}
+    for index, item in enumerate(pool):
+        pool_positions.setdefault(item, []).append(index)
 
     start = time.perf_counter()
     encode = dict(image_root=image_root, batch_size=batch_size)
@@ -106,7 +108,7 @@ def mine_hard_negatives(
     stats = SelectionStats(num_negatives=num_negatives)
     start = time.perf_counter()
     # The row's own positive and every exact duplicate of it in the pool are never negatives.
-    exclude = [[index for index, item in enumerate(pool) if item == positive] for positive in positives]
+    exclude = [pool_positions.get(positive, []) for positive in positives]
     scores, indices = streaming_top_k(
         query_embeddings, pool_embeddings, k=top_k, chunk_size=chunk_size, exclude=exclude,
         similarity_threshold=similarity_threshold, stats=stats,
