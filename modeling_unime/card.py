@@ -60,3 +60,76 @@ def write_model_card(directory: str | os.PathLike, **fields: Any) -> Path:
     path = Path(directory) / "README.md"
     path.write_text(render_model_card(**fields), encoding="utf-8")
     return path
+
+
+DATASET_CARD_TEMPLATE = """---
+task_categories:
+- feature-extraction
+- image-text-to-text
+tags:
+- unime-v2
+- hard-negatives
+- mllm-as-a-judge
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/*.parquet
+---
+
+# $name
+
+Hard negatives mined with UniME-V2's MLLM-as-a-Judge pipeline (the `unime-v2` package): global retrieval with an
+embedder, judge scores for every (query, candidate) pair, false-negative filter, cyclical sampling.
+
+- rows: $rows
+- embedder (global retrieval): `$embedder`
+- judge: `$judge` (score = P(Yes) / (P(Yes) + P(No)) at the answer position; official_compat=$official_compat)
+- top_k = $top_k, similarity threshold delta = $delta, beta = $beta, negatives = $num_negatives,
+  interval = $interval, empty-set fallback = $empty_fallback, seed = $seed
+
+## Columns
+
+| column | type | meaning |
+|---|---|---|
+| query_text | string | instruction + query text (`<|image_1|>` where the query image goes) |
+| query_image | string / null | query image path, relative to the image root |
+| pos_text, pos_image | string, string / null | the positive target |
+| neg_texts, neg_images | list[string], list[string / null] | mined hard negatives, in sampled order (duplicates possible when fewer were left) |
+| judge_scores | list[float64] | judge scores of [positive, negative_1, ..., negative_n]: index 0 is the positive; 1.0 marks the paper's empty-set fallback |
+| task, source | string | where the row came from |
+
+## Judge prompt
+
+One user turn of the judge's chat template: the instruction, `Query:` (query image, query text), `Candidate:`
+(candidate image, candidate text), then the generation prompt. The instruction:
+
+> $instruction
+
+## Mining report
+
+```
+$report
+```
+"""
+
+
+def render_dataset_card(
+    *, name: str, rows: int, embedder: str, judge: str, official_compat: bool, config: dict[str, Any],
+    instruction: str, report: str,
+) -> str:
+    """The README pushed with a mined dataset: columns, judge, prompt and every mining setting.
+
+    Example:
+        >>> card = render_dataset_card(name="d", rows=2, embedder="e", judge="j", official_compat=False,
+        ...     config=dict(top_k=50, similarity_threshold=None, beta=0.01, num_negatives=10, interval=5,
+        ...                 empty_fallback="paper", seed=0), instruction="I will provide...", report="...")
+        >>> "beta = 0.01" in card
+        True
+    """
+    return Template(DATASET_CARD_TEMPLATE).substitute(
+        name=name, rows=rows, embedder=embedder, judge=judge, official_compat=official_compat,
+        top_k=config["top_k"], delta=config["similarity_threshold"], beta=config["beta"],
+        num_negatives=config["num_negatives"], interval=config["interval"], empty_fallback=config["empty_fallback"],
+        seed=config["seed"], instruction=instruction, report=report,
+    )

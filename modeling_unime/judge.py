@@ -107,6 +107,27 @@ class MLLMJudge:
         self.stats = JudgeStats()
         self._uses_mrope = hasattr(self.model.base_model, "get_rope_index")
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, dtype: Any = "auto", device: str | None = None,
+        **judge_kwargs: Any,
+    ) -> "MLLMJudge":
+        """Load a judge from a folder or Hub repo id (e.g. ``Qwen/Qwen2.5-VL-7B-Instruct``).
+
+        Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision processors are built without torchvision; other models use their
+        ``AutoProcessor``. Keyword arguments go to the constructor (``official_compat=``, ``batch_size=``...).
+        """
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from .processing_unime import BACKBONE_PROCESSOR_CLASSES
+
+        model = AutoModelForImageTextToText.from_pretrained(pretrained_model_name_or_path, dtype=dtype)
+        if device is not None:
+            model = model.to(device)
+        processor_class = BACKBONE_PROCESSOR_CLASSES.get(model.config.model_type, AutoProcessor)
+        processor = processor_class.from_pretrained(pretrained_model_name_or_path)
+        return cls(model, processor, **judge_kwargs)
+
     # ------------------------------------------------------------------------------------------------ prompts
 
     def _single_token_id(self, word: str) -> int:

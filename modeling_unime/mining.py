@@ -1,75 +1,252 @@
-"""MLLM-as-a-Judge hard-negative mining (method.md (a)-(d)), in one process.
+"""MLLM-as-a-Judge hard-negative mining (method.md (a)-(d)).
 
 global retrieval with an embedder -> judge scores of (query, positive) and every (query, candidate) -> false-negative
 filter -> cyclical sampling -> a ``datasets.Dataset`` in the package schema with ``judge_scores`` (index 0 = positive).
 
-Not in this module yet: sharding over processes, resumable shards and the on-disk caches of the recipe (see the
-mining issue); a run here is in-memory and single-process.
+Two entry points share the same stages:
+
+- `mine_hard_negatives`: in memory, one process, returns the dataset;
+- `run_mining`: the recipe's engine. Queries are cut into shards spread over the processes of an ``accelerate``
+  launch; each finished shard is written atomically; embeddings and judge scores are cached on disk by content, so a
+  killed run restarted with the same command skips finished work and gives the same dataset.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import tempfile
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
+from safetensors.torch import load_file, save_file
 
 from .data import UNIME_FEATURES, task_from_image_path
-from .judge import MLLMJudge
 from .negative_selection import SelectionStats, cyclical_sample, false_negative_filter, streaming_top_k
 
 Item = tuple[str | None, str | None]
 
 
-def _image_key(image: Any) -> str | None:
+@dataclass
+class MiningConfig:
+    """Every knob of the mining (method.md (a)-(d)); the defaults are the paper's.
+
+    Attributes:
+        top_k: candidates retrieved per query (50).
+        similarity_threshold: drop candidates whose cosine with the query is >= delta (off: unpublished value).
+        beta: false-negative margin: a candidate scoring above s_pos - beta is dropped (0.01, the supplement's value).
+        num_negatives: negatives kept per query (10).
+        interval: step of the cyclical walk over the ranked candidates (5).
+        empty_fallback: "paper" (random retrieved candidates, each scored 1.0) or "drop" (skip the query).
+        seed: seeds the fallback's random choice, per row, so every run and every process count agree.
+        batch_size: rows per embedding batch.
+        chunk_size: pool rows per similarity block of the streaming top-k.
+        shard_size: queries per shard (the unit of work, of resumption and of the output files).
+    """
+
+    top_k: int = 50
+    similarity_threshold: float | None = None
+    beta: float = 0.01
+    num_negatives: int = 10
+    interval: int = 5
+    empty_fallback: str = "paper"
+    seed: int = 0
+    batch_size: int = 16
+    chunk_size: int = 1024
+    shard_size: int = 256
+
+
+# -------------------------------------------------------------------------------------------------- inputs
+
+
+def _image_key(image: Any, where: str) -> str | None:
     if image is None or image == "":
         return None
     if not isinstance(image, str):
-        raise ValueError("mine_hard_negatives takes image paths (strings) or None; PIL images cannot be deduplicated.")
+        raise ValueError(
+            f"{where}: mining takes image paths (strings) or None, got {type(image).__name__}; save images to files "
+            "(relative to image_root) so that identical candidates can be recognised and cached."
+        )
     return image
+
+
+def read_pairs(dataset: Dataset) -> tuple[list[dict[str, Any]], list[Item], list[Item]]:
+    """(rows, queries, positives) of a dataset of (query text/image, positive text/image) rows, validated."""
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: nothing to mine.")
+    for column in ("query_text", "query_image", "pos_text", "pos_image"):
+        if column not in dataset.column_names:
+            raise ValueError(f"The dataset has no {column!r} column; it needs query_text/query_image/pos_text/pos_image.")
+    rows = dataset.to_list()
+    queries, positives = [], []
+    for index, row in enumerate(rows):
+        query = (row["query_text"] or None, _image_key(row["query_image"], f"row {index} query_image"))
+        positive = (row["pos_text"] or None, _image_key(row["pos_image"], f"row {index} pos_image"))
+        for name, item in (("query", query), ("positive", positive)):
+            if item == (None, None):
+                raise ValueError(f"Row {index}: the {name} has neither text nor image.")
+        queries.append(query)
+        positives.append(positive)
+    return rows, queries, positives
+
+
+def check_images(rows: Sequence[dict[str, Any]], image_root: str | os.PathLike | None) -> None:
+    """Every image path of the (query, positive) rows must exist: fail before any model runs, naming the row."""
+    missing = []
+    for index, row in enumerate(rows):
+        for column in ("query_image", "pos_image"):
+            path = row.get(column)
+            if path and not os.path.isfile(os.path.join(os.fspath(image_root), path) if image_root and not os.path.isabs(path) else path):
+                missing.append(f"row {index} {column} {path!r}")
+    if missing:
+        raise ValueError(
+            f"{len(missing)} image file(s) not found under image_root={None if image_root is None else os.fspath(image_root)!r} "
+            f"(first: {'; '.join(missing[:5])}). Fix the paths or pass the right image_root."
+        )
+
+
+def build_pool(positives: Sequence[Item], pool: Sequence[Item] | None = None) -> list[Item]:
+    """The candidate pool: the given items, or every positive of the dataset, deduplicated in first-seen order."""
+    if pool is None:
+        return list(dict.fromkeys(positives))
+    pool = [(text or None, _image_key(image, f"pool item {index}")) for index, (text, image) in enumerate(pool)]
+    if not pool:
+        raise ValueError("The candidate pool is empty.")
+    return pool
+
+
+def exclusions(pool: Sequence[Item], positives: Sequence[Item]) -> list[list[int]]:
+    """For each row, the pool positions holding its own positive (every exact duplicate of it): never a negative."""
+    positions: dict[Item, list[int]] = {}
+    for index, item in enumerate(pool):
+        positions.setdefault(item, []).append(index)
+    return [positions.get(positive, []) for positive in positives]
+
+
+def embed_items(embedder: Any, items: Sequence[Item], image_root: Any, batch_size: int) -> torch.Tensor:
+    return embedder.encode(
+        texts=[text for text, _ in items], images=[image for _, image in items], image_root=image_root,
+        batch_size=batch_size,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- selection
+
+
+def select_negatives(
+    row_index: int,
+    row: dict[str, Any],
+    query: Item,
+    positive: Item,
+    candidates: Sequence[Item],
+    judge: Any,
+    config: MiningConfig,
+    stats: SelectionStats,
+) -> dict[str, Any] | None:
+    """Judge one query's retrieved candidates, filter false negatives, sample; the output row, or None if dropped."""
+    judged = judge.score(query[0], query[1], [positive, *candidates]).tolist()
+    positive_score, candidate_scores = judged[0], judged[1:]
+    keep = false_negative_filter(candidate_scores, positive_score, config.beta).tolist() if candidates else []
+    ranked = [position for position, kept in enumerate(keep) if kept]
+    positions, used_fallback = cyclical_sample(
+        len(ranked), config.num_negatives, config.interval, config.empty_fallback,
+        fallback_pool=len(candidates), rng=random.Random(config.seed * 1_000_003 + row_index),
+    )
+    dropped = used_fallback and not positions
+    stats.update(
+        queries=1,
+        removed_as_false_negative=len(candidates) - len(ranked),
+        used_fallback=used_fallback and not dropped,
+        dropped=dropped,
+        short_of_negatives=(0 if used_fallback else len(set(positions))) < config.num_negatives,
+    )
+    if dropped:
+        return None
+    if used_fallback:
+        chosen = [(candidates[position], 1.0) for position in positions]
+    else:
+        chosen = [(candidates[ranked[position]], candidate_scores[ranked[position]]) for position in positions]
+    return {
+        "query_text": query[0] or "",
+        "query_image": query[1],
+        "pos_text": positive[0] or "",
+        "pos_image": positive[1],
+        "neg_texts": [item[0] or "" for item, _ in chosen],
+        "neg_images": [item[1] for item, _ in chosen],
+        "judge_scores": [positive_score, *[score for _, score in chosen]],
+        "task": row.get("task") or task_from_image_path(query[1] or positive[1]) or "unknown",
+        "source": row.get("source") or "mine_hard_negatives",
+    }
+
+
+def mine_rows(
+    row_indices: Sequence[int],
+    rows: Sequence[dict[str, Any]],
+    queries: Sequence[Item],
+    positives: Sequence[Item],
+    query_embeddings: torch.Tensor,
+    pool: Sequence[Item],
+    pool_embeddings: torch.Tensor,
+    excluded: Sequence[Sequence[int]],
+    judge: Any,
+    config: MiningConfig,
+    stats: SelectionStats,
+) -> list[dict[str, Any]]:
+    """Retrieval, judging and selection for some rows of the dataset (one shard, or all of it)."""
+    _, indices = streaming_top_k(
+        query_embeddings[list(row_indices)], pool_embeddings, k=config.top_k, chunk_size=config.chunk_size,
+        exclude=[excluded[index] for index in row_indices], similarity_threshold=config.similarity_threshold,
+        stats=stats,
+    )
+    mined = []
+    for position, row_index in enumerate(row_indices):
+        candidates = [pool[index] for index in indices[position].tolist() if index >= 0]
+        selected = select_negatives(
+            row_index, rows[row_index], queries[row_index], positives[row_index], candidates, judge, config, stats
+        )
+        if selected is not None:
+            mined.append(selected)
+    return mined
+
+
+def to_dataset(mined: Sequence[dict[str, Any]]) -> Dataset:
+    return Dataset.from_dict({name: [row[name] for row in mined] for name in UNIME_FEATURES}, features=UNIME_FEATURES)
 
 
 def mine_hard_negatives(
     dataset: Dataset,
     embedder: Any,
-    judge: MLLMJudge,
+    judge: Any,
     pool: Sequence[Item] | None = None,
-    top_k: int = 50,
-    similarity_threshold: float | None = None,
-    beta: float = 0.01,
-    num_negatives: int = 10,
-    interval: int = 5,
-    empty_fallback: str = "paper",
-    seed: int = 0,
+    config: MiningConfig | None = None,
     image_root: str | os.PathLike | None = None,
-    batch_size: int = 16,
-    chunk_size: int = 1024,
     verbose: bool = True,
+    **config_overrides: Any,
 ) -> tuple[Dataset, SelectionStats]:
-    """Mine judge-scored hard negatives for every (query, positive) row.
+    """Mine judge-scored hard negatives for every (query, positive) row, in memory and in one process.
 
     Args:
         dataset: rows with ``query_text``, ``query_image``, ``pos_text``, ``pos_image`` (image paths or None), and
-            optionally ``task``.
+            optionally ``task`` and ``source``.
         embedder: anything with ``encode(texts=, images=, image_root=, batch_size=)`` returning L2-normalised rows
             (a `UniMEV2Model`).
-        judge: an `MLLMJudge`.
+        judge: an `MLLMJudge` (or anything with ``score(query_text, query_image, candidates)``).
         pool: candidate (text, image) items; default: every positive of the dataset, deduplicated.
-        top_k: candidates retrieved per query (the paper's 50).
-        similarity_threshold: drop candidates with cosine >= delta (off by default; the paper's value is unpublished).
-        beta: false-negative margin: a candidate scoring above s_pos - beta is dropped.
-        num_negatives, interval: cyclical sampling (10 negatives, step 5).
-        empty_fallback: "paper" (10 random retrieved candidates, each scored 1.0) or "drop" (skip the query).
-        seed: seeds the fallback's random choice, per row, so a run is reproducible.
+        config: a `MiningConfig`; keyword overrides (``top_k=``, ``beta=``...) are applied on top.
 
     Returns:
         (dataset in the package schema, selection statistics). The summary is printed when ``verbose``.
 
     Example:
+        >>> from modeling_unime.judge import MLLMJudge
         >>> from modeling_unime.testing import build_tiny_unime, build_tiny_judge
         >>> rows = Dataset.from_list([{"query_text": f"q{i}", "query_image": None, "pos_text": f"answer {i}",
         ...                            "pos_image": None} for i in range(4)])
@@ -79,93 +256,318 @@ def mine_hard_negatives(
         >>> len(mined), len(mined[0]["judge_scores"])
         (4, 3)
     """
-    if len(dataset) == 0:
-        raise ValueError("The dataset is empty: nothing to mine.")
-    for column in ("query_text", "query_image", "pos_text", "pos_image"):
-        if column not in dataset.column_names:
-            raise ValueError(f"The dataset has no {column!r} column; it needs query_text/query_image/pos_text/pos_image.")
-    timings: dict[str, float] = {}
-    rows = dataset.to_list()
-    positives = [(row["pos_text"] or None, _image_key(row["pos_image"])) for row in rows]
-    if pool is None:
-        pool = list(dict.fromkeys(positives))
-    else:
-        pool = [(text or None, _image_key(image)) for text, image in pool]
-    if not pool:
-        raise ValueError("The candidate pool is empty.")
-    pool_positions: dict[Item, list[int]] = {}
-    for index, item in enumerate(pool):
-        pool_positions.setdefault(item, []).append(index)
-
+    config = MiningConfig(**{**asdict(config or MiningConfig()), **config_overrides})
+    rows, queries, positives = read_pairs(dataset)
+    check_images(rows, image_root)
+    pool = build_pool(positives, pool)
+    timings = {}
     start = time.perf_counter()
-    encode = dict(image_root=image_root, batch_size=batch_size)
-    query_embeddings = embedder.encode(
-        texts=[row["query_text"] or None for row in rows], images=[_image_key(row["query_image"]) for row in rows], **encode
-    )
-    pool_embeddings = embedder.encode(texts=[text for text, _ in pool], images=[image for _, image in pool], **encode)
+    query_embeddings = embed_items(embedder, queries, image_root, config.batch_size)
+    pool_embeddings = embed_items(embedder, pool, image_root, config.batch_size)
     timings["embedding"] = time.perf_counter() - start
-
-    stats = SelectionStats(num_negatives=num_negatives)
+    if hasattr(judge, "image_root"):
+        judge.image_root = image_root
+    stats = SelectionStats(num_negatives=config.num_negatives)
     start = time.perf_counter()
-    # The row's own positive and every exact duplicate of it in the pool are never negatives.
-    exclude = [pool_positions.get(positive, []) for positive in positives]
-    scores, indices = streaming_top_k(
-        query_embeddings, pool_embeddings, k=top_k, chunk_size=chunk_size, exclude=exclude,
-        similarity_threshold=similarity_threshold, stats=stats,
+    mined = mine_rows(
+        range(len(rows)), rows, queries, positives, query_embeddings, pool, pool_embeddings,
+        exclusions(pool, positives), judge, config, stats,
     )
-    timings["retrieval"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    judge.image_root = image_root
-    mined = []
-    for row_index, (row, positive) in enumerate(zip(rows, positives)):
-        candidates = [pool[index] for index in indices[row_index].tolist() if index >= 0]
-        query = (row["query_text"] or None, _image_key(row["query_image"]))
-        judged = judge.score(query[0], query[1], [positive, *candidates]).tolist()
-        positive_score, candidate_scores = judged[0], judged[1:]
-        keep = false_negative_filter(candidate_scores, positive_score, beta)
-        ranked = [position for position, kept in enumerate(keep.tolist()) if kept]
-        positions, used_fallback = cyclical_sample(
-            len(ranked), num_negatives, interval, empty_fallback, fallback_pool=len(candidates),
-            rng=random.Random(seed * 1_000_003 + row_index),
-        )
-        unique = len(set(positions)) if not used_fallback else 0
-        stats.update(
-            queries=1,
-            removed_as_false_negative=len(candidates) - len(ranked),
-            used_fallback=used_fallback and bool(positions),
-            dropped=used_fallback and not positions,
-            short_of_negatives=unique < num_negatives,
-        )
-        if used_fallback and not positions:
-            continue
-        if used_fallback:
-            chosen = [(candidates[position], 1.0) for position in positions]
-        else:
-            chosen = [(candidates[ranked[position]], candidate_scores[ranked[position]]) for position in positions]
-        task = row.get("task") or task_from_image_path(query[1] or positive[1]) or "unknown"
-        mined.append(
-            {
-                "query_text": query[0] or "",
-                "query_image": query[1],
-                "pos_text": positive[0] or "",
-                "pos_image": positive[1],
-                "neg_texts": [item[0] or "" for item, _ in chosen],
-                "neg_images": [item[1] for item, _ in chosen],
-                "judge_scores": [positive_score, *[score for _, score in chosen]],
-                "task": task,
-                "source": row.get("source") or "mine_hard_negatives",
-            }
-        )
-    timings["judge_and_selection"] = time.perf_counter() - start
-    columns = {name: [row[name] for row in mined] for name in UNIME_FEATURES}
-    result = Dataset.from_dict(columns, features=UNIME_FEATURES)
+    timings["retrieval, judge and selection"] = time.perf_counter() - start
+    result = to_dataset(mined)
     if verbose:
-        print(stats.summary())
-        print("time per stage: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()))
-        histogram = torch.histc(torch.tensor([s for row in mined for s in row["judge_scores"][1:]] or [0.0]), 10, 0, 1)
-        print("negative judge-score histogram (10 bins over [0, 1]): " + " ".join(str(int(c)) for c in histogram))
+        print(mining_report(stats, result, timings))
     return result, stats
 
 
-__all__ = ["mine_hard_negatives"]
+def mining_report(stats: SelectionStats, dataset: Dataset, timings: dict[str, float]) -> str:
+    """The selection summary, the time per stage and a histogram of the negatives' judge scores."""
+    negative_scores = [score for scores in dataset["judge_scores"] for score in scores[1:]] if len(dataset) else []
+    histogram = torch.histc(torch.tensor(negative_scores or [0.0], dtype=torch.float64), bins=10, min=0, max=1)
+    if not negative_scores:
+        histogram.zero_()
+    lines = [
+        stats.summary(),
+        f"rows written: {len(dataset)}",
+        "time per stage: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()),
+        "negative judge-score histogram (10 bins over [0, 1]): " + " ".join(str(int(count)) for count in histogram),
+    ]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- caches
+
+
+def model_fingerprint(model: torch.nn.Module, *extra: Any) -> str:
+    """A short hash of a model's config and a sample of every weight tensor (two checkpoints of one architecture
+    differ), plus any extra settings that change its outputs."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    digest.update((config.to_json_string() if config is not None else type(model).__name__).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        sample = tensor.detach().flatten()[:16].float().cpu()
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    digest.update(json.dumps(extra, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def _item_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder and rename it: a killed run leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+class EmbeddingCache:
+    """Embeddings on disk, keyed by the embedder's fingerprint and each item's content (text, image path, root).
+
+    Files are ``<folder>/<fingerprint>/part-*.safetensors``, each written atomically, so an interrupted run keeps
+    every part it finished.
+    """
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str, image_root: Any = None) -> None:
+        self.folder = Path(folder) / fingerprint
+        self.image_root = None if image_root is None else os.fspath(image_root)
+        self.vectors: dict[str, torch.Tensor] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        for part in sorted(self.folder.glob("part-*.safetensors")):
+            self.vectors.update(load_file(part))
+
+    def key(self, item: Item) -> str:
+        return _item_key(item[0], item[1], self.image_root)
+
+    def missing(self, items: Sequence[Item]) -> list[Item]:
+        return list(dict.fromkeys(item for item in items if self.key(item) not in self.vectors))
+
+    def add(self, items: Sequence[Item], embeddings: torch.Tensor) -> None:
+        tensors = {self.key(item): vector.contiguous().clone() for item, vector in zip(items, embeddings)}
+        part = self.folder / f"part-{uuid.uuid4().hex}.safetensors"
+        _atomic_write(part, lambda path: save_file(tensors, str(path)))
+        self.vectors.update(tensors)
+
+    def lookup(self, items: Sequence[Item]) -> torch.Tensor:
+        return torch.stack([self.vectors[self.key(item)] for item in items])
+
+
+class CachedJudge:
+    """Wraps a judge so that a (query, candidate) pair already scored, in this run or an earlier one, is not scored
+    again. Scores are appended to ``<folder>/<fingerprint>/<writer>.jsonl`` after every query.
+
+    A score computed in another batch can differ from a fresh one in the last bits (different padding), never more.
+    """
+
+    def __init__(self, judge: Any, folder: str | os.PathLike, fingerprint: str, writer: str = "rank-0") -> None:
+        self.judge = judge
+        self.folder = Path(folder) / fingerprint
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.log = self.folder / f"{writer}.jsonl"
+        self.scores: dict[str, float] = {}
+        self.pairs_scored = 0
+        self.pairs_from_cache = 0
+        self.reload()
+
+    @property
+    def image_root(self) -> Any:
+        return getattr(self.judge, "image_root", None)
+
+    @image_root.setter
+    def image_root(self, value: Any) -> None:
+        self.judge.image_root = value
+
+    def reload(self) -> None:
+        for log in sorted(self.folder.glob("*.jsonl")):
+            for line in log.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a log cut by a kill
+                    continue
+                self.scores[entry["key"]] = entry["score"]
+
+    def score(self, query_text: str | None, query_image: str | None, candidates: Sequence[Item]) -> torch.Tensor:
+        keys = [_item_key(query_text, query_image, text, image) for text, image in candidates]
+        missing = [index for index, key in enumerate(keys) if key not in self.scores]
+        unique_missing = list({keys[index]: index for index in reversed(missing)}.values())[::-1]
+        if unique_missing:
+            fresh = self.judge.score(query_text, query_image, [candidates[index] for index in unique_missing]).tolist()
+            with self.log.open("a", encoding="utf-8") as log:
+                for index, score in zip(unique_missing, fresh):
+                    self.scores[keys[index]] = score
+                    log.write(json.dumps({"key": keys[index], "score": score}) + "\n")
+        self.pairs_scored += len(unique_missing)
+        self.pairs_from_cache += len(candidates) - len(unique_missing)
+        return torch.tensor([self.scores[key] for key in keys], dtype=torch.float64)
+
+
+# -------------------------------------------------------------------------------------------------- sharded runs
+
+
+def distributed_state() -> Any:
+    """The ``accelerate`` state of this process. Without CUDA it must be asked for CPU explicitly: otherwise each
+    process of ``accelerate launch --multi_gpu`` on a CPU machine believes it is alone and mines everything."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def run_mining(
+    dataset: Dataset,
+    embedder: Any,
+    judge: Any,
+    output_dir: str | os.PathLike,
+    config: MiningConfig | None = None,
+    pool: Sequence[Item] | None = None,
+    image_root: str | os.PathLike | None = None,
+    state: Any = None,
+    verbose: bool = True,
+) -> Dataset | None:
+    """Resumable, multi-process mining into ``output_dir``; the merged dataset on the main process, else None.
+
+    Layout of ``output_dir``: ``cache/embeddings``, ``cache/judge`` (content-keyed caches), ``shards/shard-*.json``
+    (finished shards: rows + statistics), ``dataset/`` (the merged dataset, ``save_to_disk``), ``summary.txt``.
+    ``state`` is an ``accelerate.PartialState`` (built when None): shard s goes to process s % num_processes.
+
+    Example:
+        >>> from modeling_unime.judge import MLLMJudge
+        >>> from modeling_unime.testing import build_tiny_unime, build_tiny_judge
+        >>> import tempfile
+        >>> rows = Dataset.from_list([{"query_text": f"q{i}", "query_image": None, "pos_text": f"answer {i}",
+        ...                            "pos_image": None} for i in range(4)])
+        >>> embedder, processor = build_tiny_unime("qwen2_vl"); embedder.processor = processor
+        >>> mined = run_mining(rows, embedder, MLLMJudge(*build_tiny_judge()), tempfile.mkdtemp(),
+        ...                    MiningConfig(top_k=3, num_negatives=2, shard_size=2), verbose=False)
+        >>> len(mined)
+        4
+    """
+    state = state or distributed_state()
+    config = config or MiningConfig()
+    output_dir = Path(output_dir)
+    shards_dir = output_dir / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    rows, queries, positives = read_pairs(dataset)
+    check_images(rows, image_root)
+    pool = build_pool(positives, pool)
+    timings = {}
+
+    start = time.perf_counter()
+    embedder_key = model_fingerprint(embedder) if isinstance(embedder, torch.nn.Module) else type(embedder).__name__
+    embeddings = EmbeddingCache(output_dir / "cache" / "embeddings", embedder_key, image_root)
+    missing = embeddings.missing([*queries, *pool])
+    share = missing[state.process_index :: state.num_processes]
+    flush_every = max(config.batch_size * 8, 1)
+    for start_index in range(0, len(share), flush_every):
+        items = share[start_index : start_index + flush_every]
+        embeddings.add(items, embed_items(embedder, items, image_root, config.batch_size))
+    state.wait_for_everyone()
+    embeddings.reload()
+    query_embeddings, pool_embeddings = embeddings.lookup(queries), embeddings.lookup(pool)
+    timings["embedding"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    inner_judge = getattr(judge, "judge", judge)
+    judge_key = (
+        model_fingerprint(inner_judge.model, getattr(inner_judge, "official_compat", None), getattr(inner_judge, "instruction", None))
+        if hasattr(inner_judge, "model") else type(inner_judge).__name__
+    )
+    cached_judge = CachedJudge(judge, output_dir / "cache" / "judge", judge_key, f"rank-{state.process_index}")
+    cached_judge.image_root = image_root
+    excluded = exclusions(pool, positives)
+    shard_count = (len(rows) + config.shard_size - 1) // config.shard_size
+    for shard in range(state.process_index, shard_count, state.num_processes):
+        path = shards_dir / f"shard-{shard:05d}.json"
+        if path.exists():
+            continue
+        stats = SelectionStats(num_negatives=config.num_negatives)
+        indices = range(shard * config.shard_size, min((shard + 1) * config.shard_size, len(rows)))
+        mined = mine_rows(indices, rows, queries, positives, query_embeddings, pool, pool_embeddings, excluded,
+                          cached_judge, config, stats)
+        payload = json.dumps({"rows": mined, "stats": asdict(stats), "config": asdict(config)}, ensure_ascii=False)
+        _atomic_write(path, lambda temporary: temporary.write_text(payload, encoding="utf-8"))
+    timings["retrieval, judge and selection"] = time.perf_counter() - start
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+
+    mined, stats = [], SelectionStats(num_negatives=config.num_negatives)
+    for shard in range(shard_count):
+        content = json.loads((shards_dir / f"shard-{shard:05d}.json").read_text(encoding="utf-8"))
+        if content["config"] != asdict(config):
+            raise ValueError(
+                f"{shards_dir}/shard-{shard:05d}.json was mined with other settings ({content['config']}); use a new "
+                "output_dir or delete the shards folder to mine again."
+            )
+        mined.extend(content["rows"])
+        stats = stats.merge(SelectionStats(**content["stats"]))
+    result = to_dataset(mined)
+    final = output_dir / "dataset"
+    staging = output_dir / f".dataset-{uuid.uuid4().hex}"
+    result.save_to_disk(str(staging))
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    report = mining_report(stats, result, timings)
+    report += f"\njudge pairs scored by this process: {cached_judge.pairs_scored}, from cache: {cached_judge.pairs_from_cache}"
+    (output_dir / "summary.txt").write_text(report + "\n", encoding="utf-8")
+    if verbose:
+        print(report)
+    return result
+
+
+def write_hub_folder(dataset: Dataset, card: str, folder: str | os.PathLike) -> Path:
+    """The folder a Hub dataset repo receives: ``README.md`` (the card) and ``data/train-00000-of-00001.parquet``."""
+    folder = Path(folder)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    dataset.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    return folder
+
+
+def push_mined_dataset(
+    dataset: Dataset, card: str, repo_id: str, folder: str | os.PathLike, token: str | None = None,
+    private: bool = False,
+) -> str:
+    """Write the Hub folder, create the dataset repo if needed and upload the folder; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    folder = write_hub_folder(dataset, card, folder)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
+        commit_message=f"Hard negatives mined with unime-v2 ({len(dataset)} rows)",
+    )
+    return str(getattr(commit, "commit_url", commit))
+
+
+__all__ = [
+    "write_hub_folder",
+    "push_mined_dataset",
+    "MiningConfig",
+    "mine_hard_negatives",
+    "run_mining",
+    "distributed_state",
+    "read_pairs",
+    "check_images",
+    "build_pool",
+    "exclusions",
+    "select_negatives",
+    "mine_rows",
+    "mining_report",
+    "model_fingerprint",
+    "EmbeddingCache",
+    "CachedJudge",
+]

@@ -318,6 +318,52 @@ def build_tiny_judge(
     return model, build_tiny_processor(backbone_type, tokenizer, max_pixels=max_pixels)._backbone_processor
 
 
+SYNTHETIC_COLOURS = ("red", "green", "blue", "yellow", "black", "orange")
+SYNTHETIC_SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(colour: str, shape: str, size: int = 112):
+    """A white image with one coloured circle, square or triangle in its middle."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), "white")
+    canvas = ImageDraw.Draw(image)
+    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    if shape == "circle":
+        canvas.ellipse(box, fill=colour)
+    elif shape == "square":
+        canvas.rectangle(box, fill=colour)
+    else:
+        canvas.polygon([(size // 2, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, 3 * size // 4)], fill=colour)
+    return image
+
+
+def synthetic_pairs(count: int, image_root: str | os.PathLike, seed: int = 0, write_images: bool = True):
+    """A small (query, positive) dataset of coloured shapes, images written under ``image_root/shapes/``.
+
+    Even rows ask the colour of the shape in an image (image -> text); odd rows describe a shape and the positive is
+    its image (text -> image). Paths in the rows are relative to ``image_root``.
+    """
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    folder = Path(image_root) / "shapes"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(count):
+        colour, shape = rng.choice(SYNTHETIC_COLOURS), rng.choice(SYNTHETIC_SHAPES)
+        relative = f"shapes/{colour}-{shape}.png"
+        if write_images and not (Path(image_root) / relative).exists():
+            draw_shape(colour, shape).save(Path(image_root) / relative)
+        if index % 2 == 0:
+            rows.append(dict(query_text="<|image_1|>\nWhat colour is the shape?", query_image=relative,
+                             pos_text=colour, pos_image=None, task="synthetic-colour-vqa"))
+        else:
+            rows.append(dict(query_text=f"Find an image of a {colour} {shape}.", query_image=None, pos_text="",
+                             pos_image=relative, task="synthetic-caption-to-image"))
+    return Dataset.from_list(rows)
+
+
 def authors_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The state dict of a ``*ForConditionalGeneration`` backbone under the key names of the authors' checkpoints.
 
@@ -365,6 +411,8 @@ __all__ = [
     "build_tiny_causal_lm",
     "build_tiny_unime",
     "build_tiny_judge",
+    "draw_shape",
+    "synthetic_pairs",
     "authors_state_dict",
     "save_in_authors_layout",
 ]

@@ -21,29 +21,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 
 import modeling_unime  # noqa: E402,F401  (registers the auto classes)
 from modeling_unime.convert import convert_checkpoint  # noqa: E402
 from modeling_unime.testing import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer  # noqa: E402
-from modeling_unime.testing import save_in_authors_layout  # noqa: E402
+from modeling_unime.testing import draw_shape, save_in_authors_layout  # noqa: E402
 
 SHAPES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
-
-
-def draw(colour: str, shape: str, size: int = 112) -> Image.Image:
-    image = Image.new("RGB", (size, size), "white")
-    canvas = ImageDraw.Draw(image)
-    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
-    if shape == "circle":
-        canvas.ellipse(box, fill=colour)
-    elif shape == "square":
-        canvas.rectangle(box, fill=colour)
-    else:
-        canvas.polygon([(size // 2, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, 3 * size // 4)], fill=colour)
-    return image
 
 
 def main() -> None:
@@ -67,7 +53,7 @@ def main() -> None:
     print(f"[3/4] loaded with AutoModel (trust_remote_code=True): {type(model).__name__}")
 
     captions = [f"a {colour} {shape}" for colour, shape in SHAPES]
-    images = [draw(colour, shape) for colour, shape in SHAPES]
+    images = [draw_shape(colour, shape) for colour, shape in SHAPES]
     caption_embeddings = model.encode(texts=captions)
     image_embeddings = model.encode(images=images, instruction="Find an image caption describing the given image.")
     both = model.encode(texts=["What colour is the shape?"] * len(images), images=images)

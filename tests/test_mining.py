@@ -115,3 +115,12 @@ def test_tiny_models_end_to_end_scores_match_the_judge(capsys):
         assert fallback or all(score <= row["judge_scores"][0] + 1e-9 for score in row["judge_scores"][1:])
     output = capsys.readouterr().out
     assert "time per stage" in output and "histogram" in output
+
+
+def test_missing_image_is_named_before_any_model_runs(tmp_path):
+    data = Dataset.from_list([
+        {"query_text": "q0", "query_image": None, "pos_text": "a", "pos_image": None},
+        {"query_text": "q1", "query_image": "shapes/missing.png", "pos_text": "b", "pos_image": None},
+    ])
+    with pytest.raises(ValueError, match=r"1 image file\(s\) not found .*row 1 query_image 'shapes/missing.png'"):
+        mine_hard_negatives(data, AngleEmbedder(), TableJudge({}), image_root=tmp_path, verbose=False)

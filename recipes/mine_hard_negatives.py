@@ -1,0 +1,110 @@
+"""Mine judge-scored hard negatives (UniME-V2's MLLM-as-a-Judge pipeline) into a `datasets` dataset.
+
+    accelerate launch recipes/mine_hard_negatives.py --config recipes/configs/mine-tiny-cpu.yaml
+    accelerate launch --multi_gpu --num_processes 2 recipes/mine_hard_negatives.py --config ... [--push_to_hub ORG/NAME]
+
+Queries are split into shards over the processes; finished shards, embeddings and judge scores are kept under
+``output_dir``, so re-running a killed command with the same arguments resumes and gives the same dataset.
+
+Config (YAML): ``data`` (``synthetic:N``, the authors' judge-scored JSON, a JSON/JSONL list of rows with
+query_text/query_image/pos_text/pos_image, or a folder written by ``save_to_disk``), ``image_root``, ``embedder``
+(a UniME-V2 / backbone folder or repo id, or ``tiny:<family>``), ``judge`` (an image-text-to-text folder or repo id,
+or ``tiny:<family>``), ``official_compat``, ``judge_batch_size``, ``dtype``, ``output_dir``, ``push_to_hub``,
+``threads``, and ``mining`` (the fields of `MiningConfig`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from datasets import Dataset, load_from_disk  # noqa: E402
+
+from modeling_unime import UniMEV2Model  # noqa: E402
+from modeling_unime.card import render_dataset_card  # noqa: E402
+from modeling_unime.data import load_official_json  # noqa: E402
+from modeling_unime.judge import MLLMJudge  # noqa: E402
+from modeling_unime.mining import MiningConfig, distributed_state, push_mined_dataset, run_mining  # noqa: E402
+from modeling_unime.testing import build_tiny_judge, build_tiny_unime, synthetic_pairs  # noqa: E402
+
+
+def load_pairs(spec: str, image_root: str | None, state) -> tuple[Dataset, str | None]:
+    """The (query, positive) rows to mine, and the image root their paths are relative to."""
+    if spec.startswith("synthetic:"):
+        with state.main_process_first():  # the main process draws the images, the others only read them
+            return synthetic_pairs(int(spec.split(":", 1)[1]), image_root, write_images=state.is_main_process), image_root
+    path = Path(spec)
+    if path.is_dir():
+        return load_from_disk(str(path)), image_root
+    if not path.is_file():
+        raise FileNotFoundError(f"data: {spec!r} is neither synthetic:N, a file nor a save_to_disk folder.")
+    if path.suffix == ".jsonl":
+        return Dataset.from_list([json.loads(line) for line in path.read_text().splitlines() if line.strip()]), image_root
+    content = json.loads(path.read_text(encoding="utf-8"))
+    if content and "hard_negatives" in content[0]:  # the authors' released file: re-mine its (query, positive) pairs
+        return load_official_json(path, image_root).select_columns(["query_text", "query_image", "pos_text",
+                                                                    "pos_image", "task", "source"]), image_root
+    return Dataset.from_list(content), image_root
+
+
+def load_embedder(spec: str, dtype: str):
+    if spec.startswith("tiny:"):
+        model, processor = build_tiny_unime(spec.split(":", 1)[1])
+        model.processor = processor
+        return model
+    return UniMEV2Model.from_pretrained(spec, dtype=dtype).eval()
+
+
+def load_judge(spec: str, dtype: str, **judge_kwargs) -> MLLMJudge:
+    if spec.startswith("tiny:"):
+        return MLLMJudge(*build_tiny_judge(spec.split(":", 1)[1]), **judge_kwargs)
+    return MLLMJudge.from_pretrained(spec, dtype=dtype, **judge_kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file (see recipes/configs/mine-*.yaml)")
+    parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
+    parser.add_argument("--push_to_hub", default=None, help="dataset repo id to push to (overrides the config)")
+    parser.add_argument("--seed", type=int, default=None, help="overrides mining.seed")
+    args = parser.parse_args()
+    settings = yaml.safe_load(Path(args.config).read_text())
+    output_dir = Path(args.output_dir or settings.get("output_dir", "runs/mine"))
+    mining_settings = dict(settings.get("mining") or {})
+    if args.seed is not None:
+        mining_settings["seed"] = args.seed
+    config = MiningConfig(**mining_settings)
+    torch.set_num_threads(int(settings.get("threads", 1)))
+    state = distributed_state()
+
+    image_root = settings.get("image_root") or (str(output_dir / "images") if settings["data"].startswith("synthetic:") else None)
+    dataset, image_root = load_pairs(settings["data"], image_root, state)
+    dtype = settings.get("dtype", "auto")
+    embedder = load_embedder(settings["embedder"], dtype)
+    judge = load_judge(settings["judge"], dtype, official_compat=bool(settings.get("official_compat", False)),
+                       batch_size=int(settings.get("judge_batch_size", 16)))
+    mined = run_mining(dataset, embedder, judge, output_dir, config, image_root=image_root, state=state)
+    if not state.is_main_process:
+        return
+    card = render_dataset_card(
+        name=args.push_to_hub or settings.get("push_to_hub") or output_dir.name, rows=len(mined),
+        embedder=settings["embedder"], judge=settings["judge"], official_compat=judge.official_compat,
+        config=vars(config), instruction=judge.instruction,
+        report=(output_dir / "summary.txt").read_text(encoding="utf-8").strip(),
+    )
+    (output_dir / "dataset" / "README.md").write_text(card, encoding="utf-8")
+    print(f"dataset saved to {output_dir / 'dataset'} ({len(mined)} rows)")
+    repo_id = args.push_to_hub or settings.get("push_to_hub")
+    if repo_id:
+        url = push_mined_dataset(mined, card, repo_id, output_dir / "hub")
+        print(f"pushed to {url}")
+
+
+if __name__ == "__main__":
+    main()

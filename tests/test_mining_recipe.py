@@ -1,0 +1,153 @@
+"""The mining recipe: shards, resume after a kill in the middle of a shard, caches, 2 processes, dataset card, push."""
+
+import json
+import os
+import runpy
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import load_dataset, load_from_disk
+
+from conftest import REPO_ROOT
+from modeling_unime.judge import JUDGE_INSTRUCTION, MLLMJudge
+from modeling_unime.mining import MiningConfig, run_mining
+from modeling_unime.testing import build_tiny_judge, build_tiny_unime, synthetic_pairs
+
+CONFIG = MiningConfig(top_k=8, beta=0.0, num_negatives=4, shard_size=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    image_root = tmp_path_factory.mktemp("images")
+    dataset = synthetic_pairs(10, image_root)
+    embedder, processor = build_tiny_unime("qwen2_vl")
+    embedder.processor = processor
+    return dataset, embedder, image_root
+
+
+def counting(judge):
+    """Count the pairs the judge really scores."""
+    score = judge.score
+    judge.pairs = 0
+
+    def counted(query_text, query_image, candidates):
+        judge.pairs += len(candidates)
+        return score(query_text, query_image, candidates)
+
+    judge.score = counted
+    return judge
+
+
+def test_resume_after_a_kill_in_the_middle_of_a_shard(tiny_world, tmp_path):
+    dataset, embedder, image_root = tiny_world
+    reference_judge = counting(MLLMJudge(*build_tiny_judge()))
+    reference = run_mining(dataset, embedder, reference_judge, tmp_path / "whole", CONFIG, image_root=image_root,
+                           verbose=False)
+
+    judge = counting(MLLMJudge(*build_tiny_judge()))
+    score = judge.score
+    calls = {"queries": 0}
+
+    def killed_after_four_judge_calls(*args):
+        calls["queries"] += 1
+        if calls["queries"] > 4:
+            raise KeyboardInterrupt("simulated kill")
+        return score(*args)
+
+    judge.score = killed_after_four_judge_calls
+    with pytest.raises(KeyboardInterrupt):
+        run_mining(dataset, embedder, judge, tmp_path / "resumed", CONFIG, image_root=image_root, verbose=False)
+    shards = sorted(path.name for path in (tmp_path / "resumed" / "shards").iterdir())
+    # Some shards finished, the one being mined left no file (not even a partial one).
+    assert shards and shards == [f"shard-{index:05d}.json" for index in range(len(shards))] and len(shards) < 4
+    scored_before_kill = judge.pairs
+
+    again = counting(MLLMJudge(*build_tiny_judge()))
+    resumed = run_mining(dataset, embedder, again, tmp_path / "resumed", CONFIG, image_root=image_root, verbose=False)
+    assert resumed.to_list() == reference.to_list()
+    # Nothing scored before the kill is scored again.
+    assert scored_before_kill + again.pairs == reference_judge.pairs
+    assert again.pairs < reference_judge.pairs
+
+
+def test_second_run_reuses_every_embedding_and_refuses_other_settings(tiny_world, tmp_path):
+    dataset, embedder, image_root = tiny_world
+    run_mining(dataset, embedder, MLLMJudge(*build_tiny_judge()), tmp_path, CONFIG, image_root=image_root,
+               verbose=False)
+    encode = embedder.encode
+    embedder.encode = lambda *args, **kwargs: pytest.fail("embeddings should come from the cache")
+    try:
+        run_mining(dataset, embedder, MLLMJudge(*build_tiny_judge()), tmp_path, CONFIG, image_root=image_root,
+                   verbose=False)
+        other = MiningConfig(**{**vars(CONFIG), "beta": 0.05})
+        with pytest.raises(ValueError, match="mined with other settings"):
+            run_mining(dataset, embedder, MLLMJudge(*build_tiny_judge()), tmp_path, other, image_root=image_root,
+                       verbose=False)
+    finally:
+        embedder.encode = encode
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "rows written: 10" in summary and "from cache" in summary
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_give_the_one_process_dataset(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        "data: synthetic:12\nembedder: tiny:qwen2_vl\njudge: tiny:qwen2_5_vl\nthreads: 1\n"
+        "mining: {top_k: 8, beta: 0.0, num_negatives: 4, shard_size: 3, seed: 1}\n"
+    )
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    script = str(REPO_ROOT / "recipes" / "mine_hard_negatives.py")
+    one = subprocess.run([sys.executable, script, "--config", str(config), "--output_dir", str(tmp_path / "one")],
+                         env=environment, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", str(_free_port()), script, "--config", str(config), "--output_dir",
+         str(tmp_path / "two")],
+        env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    # Both processes did work: each wrote its own judge log.
+    logs = sorted(path.name for path in (tmp_path / "two" / "cache" / "judge").glob("*/*.jsonl"))
+    assert logs == ["rank-0.jsonl", "rank-1.jsonl"]
+    single = load_from_disk(str(tmp_path / "one" / "dataset")).to_list()
+    double = load_from_disk(str(tmp_path / "two" / "dataset")).to_list()
+    assert len(single) == 12 and double == single
+
+
+def test_recipe_writes_the_dataset_card_and_pushes_the_folder(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("upload", kw["repo_id"], kw)) or "https://hub/commit/1")
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        "data: synthetic:6\nembedder: tiny:qwen2_vl\njudge: tiny:qwen2_5_vl\nofficial_compat: true\n"
+        "mining: {top_k: 5, beta: 0.02, num_negatives: 3, interval: 2, shard_size: 4, seed: 7}\n"
+    )
+    monkeypatch.setattr(sys, "argv", ["mine", "--config", str(config), "--output_dir", str(tmp_path / "run"),
+                                      "--push_to_hub", "org/tiny-negatives"])
+    runpy.run_path(str(REPO_ROOT / "recipes" / "mine_hard_negatives.py"), run_name="__main__")
+    assert [call[:2] for call in calls] == [("create", "org/tiny-negatives"), ("upload", "org/tiny-negatives")]
+    assert calls[0][2]["repo_type"] == "dataset" and calls[1][2]["repo_type"] == "dataset"
+    folder = calls[1][2]["folder_path"]
+    card = open(os.path.join(folder, "README.md")).read()
+    for fact in ("beta = 0.02", "top_k = 5", "interval = 2", "seed = 7", "negatives = 3", "official_compat=True",
+                 "judge: `tiny:qwen2_5_vl`", JUDGE_INSTRUCTION, "| judge_scores | list[float64] |"):
+        assert fact in card, fact
+    pushed = load_dataset(folder, split="train")
+    saved = load_from_disk(str(tmp_path / "run" / "dataset"))
+    assert pushed.to_list() == saved.to_list() and len(saved) == 6
+    assert all(len(row["judge_scores"]) == 1 + len(row["neg_texts"]) for row in saved)
+    assert "pushed to https://hub/commit/1" in capsys.readouterr().out
