@@ -47,7 +47,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "faiss-cpu>=1.8"],
         "faiss": ["faiss-cpu>=1.8"],
     },
     classifiers=[

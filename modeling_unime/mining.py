@@ -30,7 +30,13 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 
 from .data import UNIME_FEATURES, task_from_image_path
-from .negative_selection import SelectionStats, cyclical_sample, false_negative_filter, streaming_top_k
+from .negative_selection import (
+    SelectionStats,
+    cyclical_sample,
+    faiss_top_k,
+    false_negative_filter,
+    streaming_top_k,
+)
 
 Item = tuple[str | None, str | None]
 
@@ -50,6 +56,8 @@ class MiningConfig:
         batch_size: rows per embedding batch.
         chunk_size: pool rows per similarity block of the streaming top-k.
         shard_size: queries per shard (the unit of work, of resumption and of the output files).
+        retrieval: "exact" (streaming top-k in torch) or "faiss" (exact inner-product index; ``pip install
+            unime-v2[faiss]``).
     """
 
     top_k: int = 50
@@ -62,6 +70,11 @@ class MiningConfig:
     batch_size: int = 16
     chunk_size: int = 1024
     shard_size: int = 256
+    retrieval: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.retrieval not in ("exact", "faiss"):
+            raise ValueError(f"retrieval={self.retrieval!r}: use 'exact' or 'faiss'.")
 
 
 # -------------------------------------------------------------------------------------------------- inputs
@@ -201,11 +214,14 @@ def mine_rows(
     stats: SelectionStats,
 ) -> list[dict[str, Any]]:
     """Retrieval, judging and selection for some rows of the dataset (one shard, or all of it)."""
-    _, indices = streaming_top_k(
-        query_embeddings[list(row_indices)], pool_embeddings, k=config.top_k, chunk_size=config.chunk_size,
-        exclude=[excluded[index] for index in row_indices], similarity_threshold=config.similarity_threshold,
-        stats=stats,
-    )
+    search = dict(exclude=[excluded[index] for index in row_indices],
+                  similarity_threshold=config.similarity_threshold, stats=stats)
+    if config.retrieval == "faiss":
+        _, indices = faiss_top_k(query_embeddings[list(row_indices)], pool_embeddings, config.top_k, **search)
+    else:
+        _, indices = streaming_top_k(
+            query_embeddings[list(row_indices)], pool_embeddings, config.top_k, config.chunk_size, **search
+        )
     mined = []
     for position, row_index in enumerate(row_indices):
         candidates = [pool[index] for index in indices[position].tolist() if index >= 0]

@@ -204,6 +204,88 @@ def streaming_top_k(
     return top_scores, top_indices
 
 
+def faiss_top_k(
+    query_embeddings: torch.Tensor,
+    pool_embeddings: torch.Tensor,
+    k: int,
+    exclude: Sequence[int | Iterable[int] | None] | None = None,
+    similarity_threshold: float | None = None,
+    *,
+    stats: SelectionStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`streaming_top_k` through a faiss exact inner-product index (``pip install faiss-cpu``), same contract.
+
+    faiss blocks the search itself and is faster on large pools; equal similarities may come out in another order
+    than `streaming_top_k`'s lower-index-first rule where they straddle the k-th place. The search widens until
+    every query has ``k`` candidates left after the exclusions and the threshold, or the pool is exhausted.
+
+    Example:
+        >>> import torch
+        >>> queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> pool = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+        >>> faiss_top_k(queries, pool, k=2, exclude=[[0], [2]])[1].tolist()
+        [[1, 2], [1, 0]]
+    """
+    import faiss
+
+    _check_embeddings(query_embeddings, pool_embeddings)
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}.")
+    if similarity_threshold is not None and not math.isfinite(similarity_threshold):
+        raise ValueError(f"similarity_threshold must be finite or None, got {similarity_threshold}.")
+    queries = np.ascontiguousarray(query_embeddings.detach().cpu().float().numpy())
+    pool = np.ascontiguousarray(pool_embeddings.detach().cpu().float().numpy())
+    count, pool_size = queries.shape[0], pool.shape[0]
+    if exclude is not None and len(exclude) != count:
+        raise ValueError(f"exclude has {len(exclude)} entries for {count} queries; give one per query.")
+    excluded = [set() for _ in range(count)]
+    for row, entry in enumerate(exclude or []):
+        for index in ([] if entry is None else [entry] if isinstance(entry, (int, np.integer)) else entry):
+            if not 0 <= int(index) < pool_size:
+                raise ValueError(f"exclude[{row}] holds pool index {index}, outside [0, {pool_size}).")
+            excluded[row].add(int(index))
+    index = faiss.IndexFlatIP(pool.shape[1])
+    index.add(pool)
+    top_scores = torch.full((count, k), -math.inf)
+    top_indices = torch.full((count, k), -1, dtype=torch.long)
+    width = min(pool_size, k + max((len(entry) for entry in excluded), default=0))
+    pending = list(range(count))
+    while pending and k > 0 and width > 0:
+        scores, ids = index.search(queries[pending], width)
+        still_short = []
+        for position, row in enumerate(pending):
+            kept = [
+                (float(score), int(item))
+                for score, item in zip(scores[position], ids[position])
+                if item >= 0 and int(item) not in excluded[row]
+                and (similarity_threshold is None or score < similarity_threshold)
+            ]
+            kept.sort(key=lambda pair: (-pair[0], pair[1]))
+            if len(kept) < k and width < pool_size:
+                still_short.append(row)
+                continue
+            for slot, (score, item) in enumerate(kept[:k]):
+                top_scores[row, slot], top_indices[row, slot] = score, item
+        pending = still_short
+        width = min(pool_size, width * 2)
+    if stats is not None:
+        threshold_hits = 0
+        if similarity_threshold is not None:
+            radius = float(np.nextafter(np.float32(similarity_threshold), np.float32(-np.inf)))
+            limits, _, ids = index.range_search(queries, radius)
+            threshold_hits = sum(
+                int(item) not in excluded[row]
+                for row in range(count)
+                for item in ids[limits[row] : limits[row + 1]]
+            )
+        stats.update(
+            candidates_retrieved=int((top_indices >= 0).sum()),
+            removed_by_threshold=threshold_hits,
+            removed_as_positive=sum(len(entry) for entry in excluded),
+        )
+    return top_scores, top_indices
+
+
 def _block_contenders(block: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Every entry of ``block`` that could be in its row's top ``k`` under lowest-index tie-breaking, in column order.
 

@@ -124,3 +124,15 @@ def test_missing_image_is_named_before_any_model_runs(tmp_path):
     ])
     with pytest.raises(ValueError, match=r"1 image file\(s\) not found .*row 1 query_image 'shapes/missing.png'"):
         mine_hard_negatives(data, AngleEmbedder(), TableJudge({}), image_root=tmp_path, verbose=False)
+
+
+def test_faiss_retrieval_mines_the_same_rows():
+    pytest.importorskip("faiss")
+    pool = POOL + [("p0", None), ("p1", None), ("p2", None)]
+    exact, _ = mine_hard_negatives(rows(3), AngleEmbedder(), TableJudge({"c0": 0.95}), pool=pool, top_k=12,
+                                   verbose=False)
+    fast, _ = mine_hard_negatives(rows(3), AngleEmbedder(), TableJudge({"c0": 0.95}), pool=pool, top_k=12,
+                                  retrieval="faiss", verbose=False)
+    assert fast.to_list() == exact.to_list()
+    with pytest.raises(ValueError, match="retrieval='annoy'"):
+        mine_hard_negatives(rows(3), AngleEmbedder(), TableJudge({}), retrieval="annoy", verbose=False)

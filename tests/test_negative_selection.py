@@ -307,3 +307,25 @@ def test_selection_stats_edge_cases():
 def test_docstring_examples_run():
     result = doctest.testmod(ns, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_faiss_top_k_equals_streaming_top_k(threshold):
+    pytest.importorskip("faiss")
+    queries, pool = random_unit_vectors(23, 16, seed=5).float(), random_unit_vectors(97, 16, seed=6).float()
+    exclude = [[row % 97, (row * 7) % 97] for row in range(23)]
+    exact_stats, faiss_stats = ns.SelectionStats(), ns.SelectionStats()
+    exact = ns.streaming_top_k(queries, pool, 12, chunk_size=10, exclude=exclude, similarity_threshold=threshold,
+                               stats=exact_stats)
+    fast = ns.faiss_top_k(queries, pool, 12, exclude=exclude, similarity_threshold=threshold, stats=faiss_stats)
+    assert torch.equal(fast[1], exact[1])
+    torch.testing.assert_close(fast[0], exact[0].float(), atol=1e-6, rtol=0)
+    assert faiss_stats == exact_stats
+
+
+def test_faiss_top_k_pads_a_small_pool():
+    pytest.importorskip("faiss")
+    queries, pool = random_unit_vectors(2, 4, seed=1).float(), random_unit_vectors(3, 4, seed=2).float()
+    scores, indices = ns.faiss_top_k(queries, pool, 5, exclude=[[0], None])
+    assert (indices[0] >= 0).sum() == 2 and (indices[1] >= 0).sum() == 3
+    assert indices[0, 2:].tolist() == [-1, -1, -1] and torch.isinf(scores[0, 2:]).all()
