@@ -151,6 +151,39 @@ def embed_items(embedder: Any, items: Sequence[Item], image_root: Any, batch_siz
     )
 
 
+def count_duplicate_rows(queries: Sequence[Item], positives: Sequence[Item]) -> int:
+    """Rows whose (query, positive) pair appeared earlier: kept as given (their judge pairs are scored once)."""
+    return len(queries) - len(set(zip(queries, positives)))
+
+
+def cached_embeddings(
+    embedder: Any, items: Sequence[Item], cache_dir: str | os.PathLike, image_root: Any, batch_size: int,
+    state: Any = None,
+) -> torch.Tensor:
+    """Embeddings of ``items`` through the on-disk `EmbeddingCache`: only missing items are embedded, split over the
+    processes of ``state`` (when given), saved part by part, then read back by every process."""
+    fingerprint = model_fingerprint(embedder) if isinstance(embedder, torch.nn.Module) else type(embedder).__name__
+    cache = EmbeddingCache(cache_dir, fingerprint, image_root)
+    missing = cache.missing(items)
+    if state is not None:
+        missing = missing[state.process_index :: state.num_processes]
+    flush_every = max(batch_size * 8, 1)
+    for start in range(0, len(missing), flush_every):
+        part = missing[start : start + flush_every]
+        cache.add(part, embed_items(embedder, part, image_root, batch_size))
+    if state is not None:
+        state.wait_for_everyone()
+        cache.reload()
+    return cache.lookup(items)
+
+
+def judge_fingerprint(judge: Any) -> str:
+    """Cache key of a judge's scores: its weights and every setting that changes a score."""
+    if not hasattr(judge, "model"):
+        return type(judge).__name__
+    return model_fingerprint(judge.model, getattr(judge, "official_compat", None), getattr(judge, "instruction", None))
+
+
 # -------------------------------------------------------------------------------------------------- selection
 
 
@@ -180,6 +213,7 @@ def select_negatives(
         used_fallback=used_fallback and not dropped,
         dropped=dropped,
         short_of_negatives=(0 if used_fallback else len(set(positions))) < config.num_negatives,
+        positive_below_all=bool(candidate_scores) and positive_score < min(candidate_scores),
     )
     if dropped:
         return None
@@ -244,6 +278,7 @@ def mine_hard_negatives(
     pool: Sequence[Item] | None = None,
     config: MiningConfig | None = None,
     image_root: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
     verbose: bool = True,
     **config_overrides: Any,
 ) -> tuple[Dataset, SelectionStats]:
@@ -257,6 +292,8 @@ def mine_hard_negatives(
         judge: an `MLLMJudge` (or anything with ``score(query_text, query_image, candidates)``).
         pool: candidate (text, image) items; default: every positive of the dataset, deduplicated.
         config: a `MiningConfig`; keyword overrides (``top_k=``, ``beta=``...) are applied on top.
+        cache_dir: keep embeddings and judge scores on disk there, keyed by model and content, so a repeated
+            call (or one after a crash) recomputes nothing it already has.
 
     Returns:
         (dataset in the package schema, selection statistics). The summary is printed when ``verbose``.
@@ -278,12 +315,20 @@ def mine_hard_negatives(
     pool = build_pool(positives, pool)
     timings = {}
     start = time.perf_counter()
-    query_embeddings = embed_items(embedder, queries, image_root, config.batch_size)
-    pool_embeddings = embed_items(embedder, pool, image_root, config.batch_size)
+    if cache_dir is None:
+        query_embeddings = embed_items(embedder, queries, image_root, config.batch_size)
+        pool_embeddings = embed_items(embedder, pool, image_root, config.batch_size)
+    else:
+        embeddings = cached_embeddings(
+            embedder, [*queries, *pool], Path(cache_dir) / "embeddings", image_root, config.batch_size
+        )
+        query_embeddings, pool_embeddings = embeddings[: len(queries)], embeddings[len(queries) :]
+        judge = CachedJudge(judge, Path(cache_dir) / "judge", judge_fingerprint(judge))
     timings["embedding"] = time.perf_counter() - start
     if hasattr(judge, "image_root"):
         judge.image_root = image_root
     stats = SelectionStats(num_negatives=config.num_negatives)
+    stats.update(duplicate_rows=count_duplicate_rows(queries, positives))
     start = time.perf_counter()
     mined = mine_rows(
         range(len(rows)), rows, queries, positives, query_embeddings, pool, pool_embeddings,
@@ -478,26 +523,16 @@ def run_mining(
     timings = {}
 
     start = time.perf_counter()
-    embedder_key = model_fingerprint(embedder) if isinstance(embedder, torch.nn.Module) else type(embedder).__name__
-    embeddings = EmbeddingCache(output_dir / "cache" / "embeddings", embedder_key, image_root)
-    missing = embeddings.missing([*queries, *pool])
-    share = missing[state.process_index :: state.num_processes]
-    flush_every = max(config.batch_size * 8, 1)
-    for start_index in range(0, len(share), flush_every):
-        items = share[start_index : start_index + flush_every]
-        embeddings.add(items, embed_items(embedder, items, image_root, config.batch_size))
-    state.wait_for_everyone()
-    embeddings.reload()
-    query_embeddings, pool_embeddings = embeddings.lookup(queries), embeddings.lookup(pool)
+    embeddings = cached_embeddings(
+        embedder, [*queries, *pool], output_dir / "cache" / "embeddings", image_root, config.batch_size, state
+    )
+    query_embeddings, pool_embeddings = embeddings[: len(queries)], embeddings[len(queries) :]
     timings["embedding"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    inner_judge = getattr(judge, "judge", judge)
-    judge_key = (
-        model_fingerprint(inner_judge.model, getattr(inner_judge, "official_compat", None), getattr(inner_judge, "instruction", None))
-        if hasattr(inner_judge, "model") else type(inner_judge).__name__
+    cached_judge = CachedJudge(
+        judge, output_dir / "cache" / "judge", judge_fingerprint(judge), f"rank-{state.process_index}"
     )
-    cached_judge = CachedJudge(judge, output_dir / "cache" / "judge", judge_key, f"rank-{state.process_index}")
     cached_judge.image_root = image_root
     excluded = exclusions(pool, positives)
     shard_count = (len(rows) + config.shard_size - 1) // config.shard_size
@@ -517,6 +552,7 @@ def run_mining(
         return None
 
     mined, stats = [], SelectionStats(num_negatives=config.num_negatives)
+    stats.update(duplicate_rows=count_duplicate_rows(queries, positives))
     for shard in range(shard_count):
         content = json.loads((shards_dir / f"shard-{shard:05d}.json").read_text(encoding="utf-8"))
         if content["config"] != asdict(config):
@@ -584,6 +620,9 @@ __all__ = [
     "mine_rows",
     "mining_report",
     "model_fingerprint",
+    "judge_fingerprint",
+    "cached_embeddings",
+    "count_duplicate_rows",
     "EmbeddingCache",
     "CachedJudge",
 ]

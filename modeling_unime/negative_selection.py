@@ -581,6 +581,8 @@ class SelectionStats:
     queries_used_fallback: int = 0
     queries_dropped: int = 0
     queries_short_of_negatives: int = 0
+    queries_positive_below_all: int = 0
+    duplicate_rows: int = 0
     num_negatives: int = 10
 
     def update(
@@ -594,6 +596,8 @@ class SelectionStats:
         used_fallback: int | bool = 0,
         dropped: int | bool = 0,
         short_of_negatives: int | bool = 0,
+        positive_below_all: int | bool = 0,
+        duplicate_rows: int = 0,
     ) -> None:
         """Add counts in place; booleans count as 0 or 1 so per-query flags can be passed directly."""
         increments = {
@@ -605,6 +609,8 @@ class SelectionStats:
             "queries_used_fallback": used_fallback,
             "queries_dropped": dropped,
             "queries_short_of_negatives": short_of_negatives,
+            "queries_positive_below_all": positive_below_all,
+            "duplicate_rows": duplicate_rows,
         }
         for name, increment in increments.items():
             increment = int(increment)
@@ -646,6 +652,8 @@ class SelectionStats:
                 self.queries_short_of_negatives,
                 of_queries,
             ),
+            ("queries whose positive scored below every candidate", self.queries_positive_below_all, of_queries),
+            ("duplicate (query, positive) rows, kept as given", self.duplicate_rows, of_queries),
         ]
         width = max(len(label) for label, _, _ in rows)
         lines = [f"Hard-negative selection over {queries:,} queries (target {self.num_negatives} negatives each)"]
@@ -684,6 +692,12 @@ class SelectionStats:
             hints.append(
                 f"the similarity threshold removed {self.removed_by_threshold / queries:.1f} pool items per query: "
                 "if these are not near-duplicates of the queries, raise similarity_threshold (delta)."
+            )
+        if self.queries_positive_below_all:
+            share = 100 * self.queries_positive_below_all / queries
+            hints.append(
+                f"{share:.1f}% of queries: the judge scored the positive below every candidate (a noisy pair or a "
+                "weak judge); inspect these rows or use a stronger judge."
             )
         if self.removed_as_positive > 2 * queries:
             hints.append(

@@ -136,3 +136,28 @@ def test_faiss_retrieval_mines_the_same_rows():
     assert fast.to_list() == exact.to_list()
     with pytest.raises(ValueError, match="retrieval='annoy'"):
         mine_hard_negatives(rows(3), AngleEmbedder(), TableJudge({}), retrieval="annoy", verbose=False)
+
+
+def test_duplicate_rows_and_weak_positives_are_kept_and_counted(capsys):
+    data = Dataset.from_list(rows(3).to_list() + [rows(3)[0]])
+    judge = TableJudge({f"c{j}": 0.95 for j in range(12)})  # every candidate above the positive's 0.9
+    mined, stats = mine_hard_negatives(data, AngleEmbedder(), judge, pool=POOL, top_k=12, seed=2)
+    assert len(mined) == 4
+    same_pair = ("query_text", "query_image", "pos_text", "pos_image")
+    assert [mined[3][key] for key in same_pair] == [mined[0][key] for key in same_pair]
+    assert stats.duplicate_rows == 1 and stats.queries_positive_below_all == 4
+    report = capsys.readouterr().out
+    assert "duplicate (query, positive) rows, kept as given" in report
+    assert "the judge scored the positive below every candidate" in report
+
+
+def test_cache_dir_makes_a_repeated_call_free(tmp_path):
+    embedder, processor = build_tiny_unime("qwen2_vl")
+    embedder.processor = processor
+    data = rows(4)
+    judge = MLLMJudge(*build_tiny_judge())
+    first, _ = mine_hard_negatives(data, embedder, judge, top_k=3, num_negatives=2, cache_dir=tmp_path, verbose=False)
+    embedder.encode = lambda *args, **kwargs: pytest.fail("embeddings should come from the cache")
+    judge.score = lambda *args, **kwargs: pytest.fail("judge scores should come from the cache")
+    again, _ = mine_hard_negatives(data, embedder, judge, top_k=3, num_negatives=2, cache_dir=tmp_path, verbose=False)
+    assert again.to_list() == first.to_list()
