@@ -364,6 +364,49 @@ def synthetic_pairs(count: int, image_root: str | os.PathLike, seed: int = 0, wr
     return Dataset.from_list(rows)
 
 
+def oracle_score(query: tuple[str, str], candidate: tuple[str, str]) -> float:
+    """Ground-truth judge for synthetic shapes: match 0.95, same colour or same shape 0.5, neither 0.05."""
+    if query == candidate:
+        return 0.95
+    return 0.5 if query[0] == candidate[0] or query[1] == candidate[1] else 0.05
+
+
+def synthetic_judge_dataset(count: int, image_root: str | os.PathLike, num_negatives: int = 8, seed: int = 0):
+    """Rows of the judge dataset schema for image -> caption retrieval of coloured shapes, scored by `oracle_score`.
+
+    Negatives are other captions in random order; their scores give graded partial credit, so a model that learns
+    colour and shape learns the judge's ranking.
+    """
+    from datasets import Dataset
+
+    from .data import UNIME_FEATURES
+
+    rng = random.Random(seed)
+    combinations = [(colour, shape) for colour in SYNTHETIC_COLOURS for shape in SYNTHETIC_SHAPES]
+    (Path(image_root) / "shapes").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for _ in range(count):
+        query = rng.choice(combinations)
+        relative = f"shapes/{query[0]}-{query[1]}.png"
+        if not (Path(image_root) / relative).exists():
+            draw_shape(*query).save(Path(image_root) / relative)
+        negatives = rng.sample([pair for pair in combinations if pair != query], num_negatives)
+        rows.append(
+            dict(
+                query_text="<|image_1|>\nFind an image caption describing the given image.",
+                query_image=relative,
+                pos_text=f"a {query[0]} {query[1]}",
+                pos_image=None,
+                neg_texts=[f"a {colour} {shape}" for colour, shape in negatives],
+                neg_images=[None] * num_negatives,
+                judge_scores=[oracle_score(query, query), *[oracle_score(query, pair) for pair in negatives]],
+                task="synthetic-image-to-caption",
+                source="synthetic_judge_dataset",
+            )
+        )
+    return Dataset.from_list(rows, features=UNIME_FEATURES)
+
+
 def authors_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The state dict of a ``*ForConditionalGeneration`` backbone under the key names of the authors' checkpoints.
 
@@ -413,6 +456,8 @@ __all__ = [
     "build_tiny_judge",
     "draw_shape",
     "synthetic_pairs",
+    "synthetic_judge_dataset",
+    "oracle_score",
     "authors_state_dict",
     "save_in_authors_layout",
 ]

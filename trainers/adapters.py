@@ -1,0 +1,88 @@
+"""LoRA / DoRA setup with the authors' defaults, and saving trained embedders in the AutoModel format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from modeling_unime.card import write_model_card
+
+# method.md (e): q/k/v/o/down_proj of the language model only; the vision tower stays frozen.
+LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
+FINETUNING_METHODS = ("dora", "lora", "full")
+
+
+def adapter_config(
+    method: str = "dora",
+    r: int = 16,
+    alpha: int = 64,
+    dropout: float = 0.1,
+    target_modules: str | list[str] = LANGUAGE_MODEL_TARGETS,
+    init_lora_weights: str | bool = "gaussian",
+) -> LoraConfig:
+    """The authors' adapter: DoRA, rank 16, alpha 64, dropout 0.1, gaussian init, language-model projections only.
+
+    Example:
+        >>> config = adapter_config()
+        >>> config.use_dora, config.r, config.lora_alpha, config.lora_dropout
+        (True, 16, 64, 0.1)
+    """
+    if method not in ("dora", "lora"):
+        raise ValueError(f"method={method!r}: use 'dora' or 'lora' (or finetuning='full' without an adapter).")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        use_dora=method == "dora",
+        init_lora_weights=init_lora_weights,
+        bias="none",
+    )
+
+
+def prepare_for_training(model: torch.nn.Module, finetuning: str = "dora", **adapter_kwargs: Any) -> torch.nn.Module:
+    """Wrap ``model`` with a DoRA/LoRA adapter (``finetuning="dora"|"lora"``) or train every weight (``"full"``)."""
+    if finetuning not in FINETUNING_METHODS:
+        raise ValueError(f"finetuning={finetuning!r}: use one of {FINETUNING_METHODS}.")
+    if finetuning == "full":
+        model.requires_grad_(True)
+        return model
+    return get_peft_model(model, adapter_config(finetuning, **adapter_kwargs))
+
+
+def save_embedder(
+    model: torch.nn.Module,
+    processor: Any,
+    output_dir: str | os.PathLike,
+    merge: bool = True,
+    card: dict[str, Any] | None = None,
+) -> Path:
+    """Save a trained embedder: merged into a UniME-V2 checkpoint that carries its code (``merge=True``), or the
+    adapter alone (``merge=False``, load it with ``peft.PeftModel.from_pretrained``); with the processor and a model
+    card made from ``model_card.md``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        if merge:
+            model = model.merge_and_unload()
+        else:
+            model.save_pretrained(output_dir)
+    if not isinstance(model, PeftModel):
+        model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    fields = dict(
+        model_name=output_dir.name,
+        backbone_type=base.config.backbone_type,
+        embedding_dim=base.config.hidden_size,
+        base_model=base.config._name_or_path or None,
+    )
+    write_model_card(output_dir, **{**fields, **(card or {})})
+    return output_dir
+
+
+__all__ = ["adapter_config", "prepare_for_training", "save_embedder", "LANGUAGE_MODEL_TARGETS", "FINETUNING_METHODS"]

@@ -1,0 +1,128 @@
+"""Batches of the judge dataset for embedding training: a query batch and a candidate batch of 1 + k per query."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modeling_unime.processing_unime import UniMEV2Processor, load_image
+
+NEGATIVE_SELECTIONS = ("first", "random")
+
+
+@dataclass
+class UniMEV2Collator:
+    """Turns rows of the judge dataset (``query_text``, ``query_image``, ``pos_text``, ``pos_image``, ``neg_texts``,
+    ``neg_images``, ``judge_scores``) into model inputs.
+
+    Each query gets 1 + ``num_negatives`` candidates, the positive first. The negatives are the row's first ``k``
+    (``negative_selection="first"``, as the authors' runs) or ``k`` drawn without replacement per epoch
+    (``"random"``, seeded by ``seed``, the epoch and the row's content). A row with fewer than ``k`` negatives
+    repeats them in order. Images are resized to ``image_size`` x ``image_size`` when it is set (the paper trains at
+    672 for Qwen2-VL, 336 for LLaVA-OneVision).
+
+    The output holds ``query_chunks`` and ``candidate_chunks`` (lists of processor batches of at most
+    ``chunk_size`` rows, so GradCache can run them one at a time; one chunk each without it) and ``judge_scores``
+    (batch, 1 + k).
+
+    Example:
+        >>> from modeling_unime.testing import build_tiny_processor
+        >>> collate = UniMEV2Collator(build_tiny_processor("qwen2_vl"), num_negatives=2)
+        >>> row = dict(query_text="a red circle", query_image=None, pos_text="red", pos_image=None,
+        ...            neg_texts=["blue", "green", "teal"], neg_images=[None, None, None],
+        ...            judge_scores=[0.9, 0.2, 0.1, 0.05])
+        >>> batch = collate([row])
+        >>> batch["judge_scores"].round(decimals=2).tolist(), batch["candidate_chunks"][0]["input_ids"].shape[0]
+        ([[0.8999999761581421, 0.20000000298023224, 0.10000000149011612]], 3)
+    """
+
+    processor: UniMEV2Processor
+    num_negatives: int = 8
+    negative_selection: str = "first"
+    seed: int = 0
+    image_root: str | os.PathLike | None = None
+    image_size: int | None = None
+    chunk_size: int | None = None
+    instruction: str | None = None
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.negative_selection not in NEGATIVE_SELECTIONS:
+            raise ValueError(f"negative_selection={self.negative_selection!r}: use one of {NEGATIVE_SELECTIONS}.")
+        if self.num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}.")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at each epoch start (by `UniMEV2Trainer`): a new draw for ``negative_selection="random"``."""
+        self.epoch = int(epoch)
+
+    def choose_negatives(self, row: dict[str, Any]) -> list[int]:
+        """Positions of the row's negatives to train on."""
+        available = len(row["neg_texts"])
+        k = self.num_negatives
+        if k == 0:
+            return []
+        if available == 0:
+            raise ValueError(
+                f"A row has no negatives but num_negatives={k} (query {row['query_text']!r}); mine it again or set "
+                "num_negatives=0."
+            )
+        if self.negative_selection == "first" or available <= k:
+            return [position % available for position in range(k)]
+        digest = hashlib.sha256(
+            repr((self.seed, self.epoch, row["query_text"], row["query_image"], row["pos_text"], row["pos_image"])).encode()
+        ).digest()
+        return random.Random(digest).sample(range(available), k)
+
+    def _image(self, image: Any, where: str):
+        try:
+            loaded = load_image(image, 0, self.image_root)
+        except ValueError as error:
+            raise ValueError(f"{where}: {str(error).removeprefix('Row 0: ')}") from error
+        if loaded is not None and self.image_size:
+            loaded = loaded.resize((self.image_size, self.image_size))
+        return loaded
+
+    def _process(self, items: Sequence[tuple[str | None, Any]]) -> list[Any]:
+        size = self.chunk_size or len(items) or 1
+        return [
+            self.processor(
+                texts=[text for text, _ in items[start : start + size]],
+                images=[image for _, image in items[start : start + size]],
+                instruction=self.instruction,
+            )
+            for start in range(0, len(items), size)
+        ]
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        queries, candidates, scores = [], [], []
+        for row in rows:
+            chosen = self.choose_negatives(row)
+            if len(row["judge_scores"]) != 1 + len(row["neg_texts"]):
+                raise ValueError(
+                    f"Row with query {row['query_text']!r}: judge_scores has {len(row['judge_scores'])} values for "
+                    f"1 positive + {len(row['neg_texts'])} negatives."
+                )
+            where = f"query {row['query_text']!r}"
+            queries.append((row["query_text"] or None, self._image(row["query_image"], where)))
+            candidates.append((row["pos_text"] or None, self._image(row["pos_image"], where + " positive")))
+            neg_images = row.get("neg_images") or [None] * len(row["neg_texts"])
+            for position in chosen:
+                candidates.append(
+                    (row["neg_texts"][position] or None, self._image(neg_images[position], where + f" negative {position}"))
+                )
+            scores.append([row["judge_scores"][0], *[row["judge_scores"][1 + position] for position in chosen]])
+        return {
+            "query_chunks": self._process(queries),
+            "candidate_chunks": self._process(candidates),
+            "judge_scores": torch.tensor(scores, dtype=torch.float32),
+        }
+
+
+__all__ = ["UniMEV2Collator", "NEGATIVE_SELECTIONS"]

@@ -1,0 +1,230 @@
+"""UniMEV2Trainer: soft-label distribution alignment (method.md (e)) as a `transformers.Trainer` subclass.
+
+Losses: ``soft_label`` (the paper: per query, softmax over [positive, k negatives] of cos/tau aligned with softmax of
+judge/tau by symmetric KL), ``infonce`` (in-batch negatives + optional hard negatives with hard labels: the VLM2Vec
+baseline and the "hard negatives only" ablation), ``hybrid`` (soft label + ``infonce_weight`` x in-batch InfoNCE).
+
+GradCache (``gradcache=True``): embed every chunk without gradients, compute the loss on the cached embeddings, then
+re-run each chunk with the same random state and back-propagate its embedding gradients. Same gradients as the
+plain path, with activation memory of one chunk. Works under DDP; with DeepSpeed or FSDP it stops with a clear
+message (their sharded backward hooks expect one backward per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .collator import UniMEV2Collator
+from .losses import InfoNCELoss, SoftLabelAlignmentLoss
+
+LOSSES = ("soft_label", "infonce", "hybrid")
+
+
+@dataclass
+class UniMEV2TrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the UniME-V2 objective. Defaults follow the paper (method.md (e))."""
+
+    loss: str = field(default="soft_label", metadata={"help": "soft_label | infonce | hybrid"})
+    contrastive_temperature: float = field(default=0.02, metadata={"help": "tau on both P and Q (paper: 0.02)"})
+    infonce_weight: float = field(default=0.0, metadata={"help": "weight of the in-batch InfoNCE term of 'hybrid'"})
+    infonce_hard_negatives: bool = field(default=True, metadata={"help": "'infonce' also uses the mined negatives"})
+    infonce_in_batch: bool = field(
+        default=True, metadata={"help": "in-batch negatives; False = the paper's 'hard negatives only' ablation"}
+    )
+    num_negatives: int = field(default=8, metadata={"help": "k negatives per query of the 10 mined (paper: 8)"})
+    negative_selection: str = field(default="first", metadata={"help": "first (as released) | random per epoch"})
+    gradcache: bool = field(default=False, metadata={"help": "embed in chunks without activations kept"})
+    gradcache_chunk_size: int = field(default=2, metadata={"help": "rows per GradCache chunk (paper code: 2)"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "the collator needs every column"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: use one of {LOSSES}.")
+        if self.gradcache and self.gradcache_chunk_size < 1:
+            raise ValueError("gradcache_chunk_size must be >= 1.")
+
+
+class RandomState:
+    """The CPU and CUDA random states at one moment, to replay a forward pass with the same dropout masks."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = list(range(torch.cuda.device_count())) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+class _EpochToCollator(TrainerCallback):
+    def __init__(self, collator: UniMEV2Collator) -> None:
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(int(state.epoch or 0))
+
+
+class UniMEV2Trainer(Trainer):
+    """`Trainer` for UniME-V2 embedders on the judge dataset (see the module docstring for the objectives).
+
+    Logged: ``loss_soft_label`` (with ``kl_pq`` and ``kl_qp``) and ``loss_infonce`` (the parts), ``p_positive``
+    (mean softmax mass of the positive among each query's candidates), ``judge_agreement`` (how often the model's
+    top candidate is the judge's).
+
+    Example:
+        >>> from modeling_unime.testing import build_tiny_unime, synthetic_judge_dataset
+        >>> import tempfile
+        >>> model, processor = build_tiny_unime("qwen2_vl")
+        >>> image_root = tempfile.mkdtemp()
+        >>> rows = synthetic_judge_dataset(8, image_root, num_negatives=4)
+        >>> args = UniMEV2TrainingArguments(tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4,
+        ...     num_negatives=4, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+        >>> trainer = UniMEV2Trainer(model=model, args=args, train_dataset=rows, processing_class=processor,
+        ...                          image_root=image_root)
+        >>> result = trainer.train()  # doctest: +ELLIPSIS
+        {...}
+        >>> result.global_step
+        2
+    """
+
+    def __init__(self, *args: Any, image_root: Any = None, image_size: int | None = None, **kwargs: Any) -> None:
+        training_args: UniMEV2TrainingArguments = kwargs.get("args") or args[1]
+        processor = kwargs.get("processing_class")
+        if kwargs.get("data_collator") is None and processor is not None:
+            kwargs["data_collator"] = UniMEV2Collator(
+                processor,
+                num_negatives=training_args.num_negatives,
+                negative_selection=training_args.negative_selection,
+                seed=training_args.seed,
+                image_root=image_root,
+                image_size=image_size,
+                chunk_size=training_args.gradcache_chunk_size if training_args.gradcache else None,
+            )
+        super().__init__(*args, **kwargs)
+        if isinstance(self.data_collator, UniMEV2Collator):
+            self.add_callback(_EpochToCollator(self.data_collator))
+        self.check_gradcache_support()
+        self.soft_label_loss = SoftLabelAlignmentLoss(training_args.contrastive_temperature)
+        self.infonce_loss = InfoNCELoss(
+            training_args.contrastive_temperature, hard_negatives_only=not training_args.infonce_in_batch
+        )
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def check_gradcache_support(self) -> None:
+        """GradCache runs one backward per chunk: DeepSpeed and FSDP expect one per step, so they are refused."""
+        if self.args.gradcache and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError(
+                "gradcache=True does not work with DeepSpeed or FSDP (their sharded backward expects one backward "
+                "pass per step). Use DDP (recipes/accelerate/multi_gpu.yaml) with GradCache, or turn GradCache off "
+                "and lower the batch size / use gradient accumulation."
+            )
+
+    # ------------------------------------------------------------------------------------------------- objective
+
+    def objective(
+        self, query_embeddings: torch.Tensor, candidate_embeddings: torch.Tensor, judge_scores: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one batch from its embeddings, and the values to log."""
+        batch, width = judge_scores.shape
+        candidates = candidate_embeddings.view(batch, width, -1)
+        similarities = torch.einsum("bd,bkd->bk", query_embeddings, candidates)
+        loss_name = self.args.loss
+        metrics: dict[str, torch.Tensor] = {}
+        loss = similarities.new_zeros(())
+        if width > 1:
+            soft = self.soft_label_loss.parts(similarities, judge_scores)
+            metrics.update(
+                p_positive=soft["p_positive_mean"], judge_agreement=soft["judge_agreement"], kl_pq=soft["kl_pq"],
+                kl_qp=soft["kl_qp"], loss_soft_label=soft["loss"].detach(),
+            )
+            if loss_name in ("soft_label", "hybrid"):
+                loss = soft["loss"]
+        elif loss_name != "infonce":
+            raise ValueError(f"loss={loss_name!r} needs at least one negative per query (num_negatives >= 1).")
+        if loss_name in ("infonce", "hybrid"):
+            use_hard = loss_name == "infonce" and self.args.infonce_hard_negatives and width > 1
+            contrastive = self.infonce_loss(query_embeddings, candidates[:, 0], candidates[:, 1:] if use_hard else None)
+            metrics["loss_infonce"] = contrastive.detach()
+            loss = contrastive if loss_name == "infonce" else loss + self.args.infonce_weight * contrastive
+        return loss, metrics
+
+    @staticmethod
+    def _embed(model: torch.nn.Module, chunks: list[Any]) -> torch.Tensor:
+        return torch.cat([model(**chunk).embeddings for chunk in chunks])
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        query_embeddings = self._embed(model, inputs["query_chunks"])
+        candidate_embeddings = self._embed(model, inputs["candidate_chunks"])
+        loss, metrics = self.objective(query_embeddings, candidate_embeddings, inputs["judge_scores"])
+        self._record(metrics)
+        return (loss, {"query_embeddings": query_embeddings, "candidate_embeddings": candidate_embeddings}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the objective's loss (and logged metrics) on held-out rows; there are no labels or logits."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------------------------------------- GradCache
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.args.gradcache:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        return self.gradcache_step(model, inputs, scale=1.0 / self.current_gradient_accumulation_steps)
+
+    def gradcache_step(self, model: torch.nn.Module, inputs: dict[str, Any], scale: float = 1.0) -> torch.Tensor:
+        """One GradCache step: returns the (unscaled) loss; parameter gradients are accumulated into ``.grad``."""
+        chunks = [*inputs["query_chunks"], *inputs["candidate_chunks"]]
+        states, cached = [], []
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for chunk in chunks:
+                states.append(RandomState())
+                cached.append(model(**chunk).embeddings)
+        cached = [embeddings.detach().requires_grad_() for embeddings in cached]
+        queries = len(inputs["query_chunks"])
+        with self.compute_loss_context_manager():
+            loss, metrics = self.objective(torch.cat(cached[:queries]), torch.cat(cached[queries:]), inputs["judge_scores"])
+        self.accelerator.backward(loss * scale)
+        for index, (chunk, state, embeddings) in enumerate(zip(chunks, states, cached)):
+            last = index == len(chunks) - 1
+            # Gradients stay local until the last chunk, whose backward lets DDP reduce the accumulated sum once.
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            with sync, state.replay(), self.compute_loss_context_manager():
+                replayed = model(**chunk).embeddings
+                torch.autograd.backward(replayed, grad_tensors=embeddings.grad)
+        self._record(metrics)
+        return loss.detach() * scale
+
+    # ------------------------------------------------------------------------------------------------- logging
+
+    def _record(self, metrics: dict[str, torch.Tensor]) -> None:
+        mode = "train" if self.model.training else "eval"
+        for name, value in metrics.items():
+            self._metrics[f"{mode}/{name}"].append(float(self.accelerator.gather_for_metrics(value.reshape(1)).mean()))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in list(self._metrics.items()):
+            if name.startswith(f"{mode}/") and values:
+                logs[prefix + name.split("/", 1)[1]] = sum(values) / len(values)
+                self._metrics[name] = []
+        super().log(logs, start_time)
+
+
+__all__ = ["UniMEV2Trainer", "UniMEV2TrainingArguments", "RandomState", "LOSSES"]
