@@ -49,3 +49,14 @@ def test_judge_throughput_prints_its_json_line(monkeypatch, capsys):
     assert keys <= result.keys()
     assert result["query_visual_tokens"] == 256 and result["vocab_size"] == 151_936
     assert result["max_abs_diff"] < 1e-4
+
+
+def test_gradcache_memory_prints_its_json_line(monkeypatch, capsys):
+    _run_script(REPO_ROOT / "benchmarks" / "gradcache_memory.py",
+                ["--batches", "4", "8", "--chunk-size", "2", "--num-negatives", "2"], monkeypatch)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["peak_mb"]) == set(result["step_s"]) == {"plain", "gradcache"}
+    plain, cached = result["peak_mb"]["plain"], result["peak_mb"]["gradcache"]
+    assert plain["8"] > 1.5 * plain["4"]  # activations grow with the batch without GradCache
+    assert cached["8"] < 0.6 * plain["8"] and abs(cached["8"] - cached["4"]) < 0.1 * cached["4"]  # flat with it
+    assert result["grad_max_abs_diff"] < 1e-4

@@ -222,6 +222,8 @@ training:
   seed: 3
   disable_tqdm: true
   ddp_find_unused_parameters: false
+  gradcache: {gradcache}
+  gradcache_chunk_size: 3
 """
 
 
@@ -237,12 +239,13 @@ def _losses(output_dir):
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
-def test_one_and_two_processes_give_the_same_losses(tmp_path):
+@pytest.mark.parametrize("gradcache", [False, True])
+def test_one_and_two_processes_give_the_same_losses(tmp_path, gradcache):
     script = str(REPO_ROOT / "recipes" / "train_embedding.py")
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     one_config, two_config = tmp_path / "one.yaml", tmp_path / "two.yaml"
-    one_config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "one", batch=4, steps=4))
-    two_config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "two", batch=2, steps=4))
+    one_config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "one", batch=4, steps=4, gradcache=gradcache))
+    two_config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "two", batch=2, steps=4, gradcache=gradcache))
     one = subprocess.run([sys.executable, script, "--config", str(one_config)], env=environment,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -258,7 +261,7 @@ def test_one_and_two_processes_give_the_same_losses(tmp_path):
 
 def test_recipe_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
     config = tmp_path / "tiny.yaml"
-    config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "run", batch=4, steps=2))
+    config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "run", batch=4, steps=2, gradcache=False))
     script = str(REPO_ROOT / "recipes" / "train_embedding.py")
     monkeypatch.setattr(sys, "argv", ["train", "--config", str(config)])
     runpy.run_path(script, run_name="__main__")

@@ -68,6 +68,25 @@ class RandomState:
             yield
 
 
+def average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """All-reduce the gradients of every trainable parameter (zeros where a process had none) and divide by the
+    number of processes: what DDP does, in one flat buffer per dtype."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            by_dtype[parameter.grad.dtype].append(parameter.grad)
+    for gradients in by_dtype.values():
+        flat = _flatten_dense_tensors(gradients)
+        torch.distributed.all_reduce(flat)
+        flat.div_(world_size)
+        for gradient, averaged in zip(gradients, _unflatten_dense_tensors(flat, gradients)):
+            gradient.copy_(averaged)
+
+
 class _EpochToCollator(TrainerCallback):
     def __init__(self, collator: UniMEV2Collator) -> None:
         self.collator = collator
@@ -200,13 +219,15 @@ class UniMEV2Trainer(Trainer):
         with self.compute_loss_context_manager():
             loss, metrics = self.objective(torch.cat(cached[:queries]), torch.cat(cached[queries:]), inputs["judge_scores"])
         self.accelerator.backward(loss * scale)
-        for index, (chunk, state, embeddings) in enumerate(zip(chunks, states, cached)):
-            last = index == len(chunks) - 1
-            # Gradients stay local until the last chunk, whose backward lets DDP reduce the accumulated sum once.
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-            with sync, state.replay(), self.compute_loss_context_manager():
-                replayed = model(**chunk).embeddings
+        # Every chunk back-propagates locally; gradients are then averaged over the processes once. A DDP-synced
+        # last chunk would not do: a text-only chunk leaves the vision tower without gradients and DDP refuses that.
+        with self.accelerator.no_sync(model):
+            for chunk, state, embeddings in zip(chunks, states, cached):
+                with state.replay(), self.compute_loss_context_manager():
+                    replayed = model(**chunk).embeddings
                 torch.autograd.backward(replayed, grad_tensors=embeddings.grad)
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            average_gradients(model, self.accelerator.num_processes)
         self._record(metrics)
         return loss.detach() * scale
 
@@ -227,4 +248,4 @@ class UniMEV2Trainer(Trainer):
         super().log(logs, start_time)
 
 
-__all__ = ["UniMEV2Trainer", "UniMEV2TrainingArguments", "RandomState", "LOSSES"]
+__all__ = ["UniMEV2Trainer", "UniMEV2TrainingArguments", "RandomState", "average_gradients", "LOSSES"]
