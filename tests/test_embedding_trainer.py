@@ -38,7 +38,7 @@ def test_collator_first_random_and_cycling():
     assert first.choose_negatives(ROW) == [0, 1, 2]
     batch = first([ROW])
     torch.testing.assert_close(batch["judge_scores"], torch.tensor([[0.9, 0.5, 0.4, 0.3]]))
-    assert batch["candidate_chunks"][0]["input_ids"].shape[0] == 4 and batch["query_chunks"][0]["input_ids"].shape[0] == 1
+    assert len(batch["chunks"]) == 1 and batch["chunks"][0]["input_ids"].shape[0] == 1 + 4 and batch["num_queries"] == 1
 
     drawn = UniMEV2Collator(processor, num_negatives=3, negative_selection="random", seed=5)
     epoch_zero = drawn.choose_negatives(ROW)
@@ -54,7 +54,7 @@ def test_collator_first_random_and_cycling():
     few = dict(ROW, neg_texts=["n0", "n1"], neg_images=[None, None], judge_scores=[0.9, 0.5, 0.4])
     assert UniMEV2Collator(processor, num_negatives=5).choose_negatives(few) == [0, 1, 0, 1, 0]
     chunked = UniMEV2Collator(processor, num_negatives=3, chunk_size=2)([ROW, ROW])
-    assert [chunk["input_ids"].shape[0] for chunk in chunked["candidate_chunks"]] == [2, 2, 2, 2]
+    assert [chunk["input_ids"].shape[0] for chunk in chunked["chunks"]] == [2, 2, 2, 2, 2]  # 2 queries + 8 candidates
     with pytest.raises(ValueError, match="judge_scores has 2 values for 1 positive \\+ 5 negatives"):
         first([dict(ROW, judge_scores=[0.9, 0.5])])
     with pytest.raises(ValueError, match="negative_selection"):
@@ -84,7 +84,7 @@ def test_gradcache_gives_the_plain_gradients_with_dropout_on(tmp_path, loss):
     args = training_args(tmp_path, gradcache=True, gradcache_chunk_size=2, loss=loss, infonce_weight=0.5)
     trainer = UniMEV2Trainer(model=model, args=args, train_dataset=rows, processing_class=processor, image_root=root)
     inputs = trainer.data_collator([rows[i] for i in range(6)])
-    assert len(inputs["candidate_chunks"]) == 15  # 6 queries x 5 candidates in chunks of 2
+    assert len(inputs["chunks"]) == 18  # (6 queries + 6 x 5 candidates) in chunks of 2
     plain = _gradients(trainer, model, inputs, gradcache=False)
     cached = _gradients(trainer, model, inputs, gradcache=True)
     assert plain.keys() == cached.keys() and len(plain) > 0
@@ -221,7 +221,6 @@ training:
   save_steps: 2
   seed: 3
   disable_tqdm: true
-  ddp_find_unused_parameters: false
   gradcache: {gradcache}
   gradcache_chunk_size: 3
 """
@@ -276,3 +275,22 @@ def test_recipe_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["after_training"]["eval_loss"] > 0
     assert "final checkpoint" in capsys.readouterr().out
+
+
+def test_recipe_pushes_the_final_checkpoint_with_its_card(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "run", batch=4, steps=2, gradcache=False))
+    monkeypatch.setattr(sys, "argv", ["train", "--config", str(config), "--push_to_hub", "org/tiny-unime"])
+    runpy.run_path(str(REPO_ROOT / "recipes" / "train_embedding.py"), run_name="__main__")
+    assert calls[0] == ("create", "org/tiny-unime") and calls[1][1]["repo_id"] == "org/tiny-unime"
+    folder = calls[1][1]["folder_path"]
+    card = open(os.path.join(folder, "README.md")).read()
+    assert 'AutoModel.from_pretrained("org/tiny-unime"' in card and "loss `soft_label`" in card
+    assert "held-out judge_agreement" in card and "2 steps" in card
+    assert os.path.isfile(os.path.join(folder, "modeling_unime.py"))
+    assert "pushed to org/tiny-unime" in capsys.readouterr().out

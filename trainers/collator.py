@@ -27,9 +27,10 @@ class UniMEV2Collator:
     repeats them in order. Images are resized to ``image_size`` x ``image_size`` when it is set (the paper trains at
     672 for Qwen2-VL, 336 for LLaVA-OneVision).
 
-    The output holds ``query_chunks`` and ``candidate_chunks`` (lists of processor batches of at most
-    ``chunk_size`` rows, so GradCache can run them one at a time; one chunk each without it) and ``judge_scores``
-    (batch, 1 + k).
+    The output holds ``chunks``: processor batches over the rows [query_1..query_B, candidates of query_1, ...,
+    candidates of query_B], of at most ``chunk_size`` rows each so that GradCache can run them one at a time (one
+    chunk without it: one forward per step, which DDP needs when some parameters serve only some rows);
+    ``num_queries`` (B); and ``judge_scores`` (B, 1 + k).
 
     Example:
         >>> from modeling_unime.testing import build_tiny_processor
@@ -38,8 +39,8 @@ class UniMEV2Collator:
         ...            neg_texts=["blue", "green", "teal"], neg_images=[None, None, None],
         ...            judge_scores=[0.9, 0.2, 0.1, 0.05])
         >>> batch = collate([row])
-        >>> batch["judge_scores"].round(decimals=2).tolist(), batch["candidate_chunks"][0]["input_ids"].shape[0]
-        ([[0.8999999761581421, 0.20000000298023224, 0.10000000149011612]], 3)
+        >>> batch["judge_scores"].round(decimals=2).tolist(), batch["chunks"][0]["input_ids"].shape[0]
+        ([[0.8999999761581421, 0.20000000298023224, 0.10000000149011612]], 4)
     """
 
     processor: UniMEV2Processor
@@ -119,8 +120,8 @@ class UniMEV2Collator:
                 )
             scores.append([row["judge_scores"][0], *[row["judge_scores"][1 + position] for position in chosen]])
         return {
-            "query_chunks": self._process(queries),
-            "candidate_chunks": self._process(candidates),
+            "chunks": self._process([*queries, *candidates]),
+            "num_queries": len(queries),
             "judge_scores": torch.tensor(scores, dtype=torch.float32),
         }
 

@@ -179,13 +179,9 @@ class UniMEV2Trainer(Trainer):
             loss = contrastive if loss_name == "infonce" else loss + self.args.infonce_weight * contrastive
         return loss, metrics
 
-    @staticmethod
-    def _embed(model: torch.nn.Module, chunks: list[Any]) -> torch.Tensor:
-        return torch.cat([model(**chunk).embeddings for chunk in chunks])
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        query_embeddings = self._embed(model, inputs["query_chunks"])
-        candidate_embeddings = self._embed(model, inputs["candidate_chunks"])
+        embeddings = torch.cat([model(**chunk).embeddings for chunk in inputs["chunks"]])
+        query_embeddings, candidate_embeddings = embeddings[: inputs["num_queries"]], embeddings[inputs["num_queries"] :]
         loss, metrics = self.objective(query_embeddings, candidate_embeddings, inputs["judge_scores"])
         self._record(metrics)
         return (loss, {"query_embeddings": query_embeddings, "candidate_embeddings": candidate_embeddings}) if return_outputs else loss
@@ -208,16 +204,17 @@ class UniMEV2Trainer(Trainer):
 
     def gradcache_step(self, model: torch.nn.Module, inputs: dict[str, Any], scale: float = 1.0) -> torch.Tensor:
         """One GradCache step: returns the (unscaled) loss; parameter gradients are accumulated into ``.grad``."""
-        chunks = [*inputs["query_chunks"], *inputs["candidate_chunks"]]
+        chunks = inputs["chunks"]
         states, cached = [], []
         with torch.no_grad(), self.compute_loss_context_manager():
             for chunk in chunks:
                 states.append(RandomState())
                 cached.append(model(**chunk).embeddings)
         cached = [embeddings.detach().requires_grad_() for embeddings in cached]
-        queries = len(inputs["query_chunks"])
         with self.compute_loss_context_manager():
-            loss, metrics = self.objective(torch.cat(cached[:queries]), torch.cat(cached[queries:]), inputs["judge_scores"])
+            embeddings = torch.cat(cached)
+            queries = inputs["num_queries"]
+            loss, metrics = self.objective(embeddings[:queries], embeddings[queries:], inputs["judge_scores"])
         self.accelerator.backward(loss * scale)
         # Every chunk back-propagates locally; gradients are then averaged over the processes once. A DDP-synced
         # last chunk would not do: a text-only chunk leaves the vision tower without gradients and DDP refuses that.
