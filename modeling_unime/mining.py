@@ -166,6 +166,8 @@ def cached_embeddings(
     cache = EmbeddingCache(cache_dir, fingerprint, image_root)
     missing = cache.missing(items)
     if state is not None:
+        # Every process must split the same list: nobody writes a part before all have read the folder.
+        state.wait_for_everyone()
         missing = missing[state.process_index :: state.num_processes]
     flush_every = max(batch_size * 8, 1)
     for start in range(0, len(missing), flush_every):
@@ -534,6 +536,7 @@ def run_mining(
         judge, output_dir / "cache" / "judge", judge_fingerprint(judge), f"rank-{state.process_index}"
     )
     cached_judge.image_root = image_root
+    state.wait_for_everyone()  # every process has read the judge logs before any process appends to them
     excluded = exclusions(pool, positives)
     shard_count = (len(rows) + config.shard_size - 1) // config.shard_size
     for shard in range(state.process_index, shard_count, state.num_processes):

@@ -121,7 +121,11 @@ def test_two_processes_give_the_one_process_dataset(tmp_path):
     assert logs == ["rank-0.jsonl", "rank-1.jsonl"]
     single = load_from_disk(str(tmp_path / "one" / "dataset")).to_list()
     double = load_from_disk(str(tmp_path / "two" / "dataset")).to_list()
-    assert len(single) == 12 and double == single
+    assert len(single) == 12
+    # A pair scored in another query's batch can differ in the last bits (documented): scores to 1e-6, rest exact.
+    for one, two in zip(single, double):
+        assert {k: v for k, v in one.items() if k != "judge_scores"} == {k: v for k, v in two.items() if k != "judge_scores"}
+        assert one["judge_scores"] == pytest.approx(two["judge_scores"], abs=1e-6)
 
 
 def test_recipe_writes_the_dataset_card_and_pushes_the_folder(tmp_path, monkeypatch, capsys):
