@@ -7,28 +7,26 @@ marks them for auto classes so that a saved checkpoint carries its own code (``a
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from .configuration_unime import SUPPORTED_BACKBONES, UniMEV2Config
-from .modeling_unime import UniMEV2Model, UniMEV2Output, UniMEV2PreTrainedModel
+from .configuration_unime import SUPPORTED_BACKBONES, UniMEV2Config, UniMEV2RerankerConfig
+from .modeling_unime import UniMEV2Model, UniMEV2Output, UniMEV2PreTrainedModel, UniMEV2Reranker
 from .processing_unime import UniMEV2Processor
 
 __version__ = "0.1.0"
 
 
 def _register() -> None:
-    try:
-        AutoConfig.register(UniMEV2Config.model_type, UniMEV2Config)
-    except ValueError:  # already registered (e.g. the module was reloaded)
-        pass
-    try:
-        AutoModel.register(UniMEV2Config, UniMEV2Model)
-    except ValueError:
-        pass
-    try:
-        AutoProcessor.register(UniMEV2Config, UniMEV2Processor)
-    except ValueError:
-        pass
-    UniMEV2Config.register_for_auto_class()
-    UniMEV2Model.register_for_auto_class("AutoModel")
+    for config_class, model_class in ((UniMEV2Config, UniMEV2Model), (UniMEV2RerankerConfig, UniMEV2Reranker)):
+        for register in (
+            lambda: AutoConfig.register(config_class.model_type, config_class),
+            lambda: AutoModel.register(config_class, model_class),
+            lambda: AutoProcessor.register(config_class, UniMEV2Processor),
+        ):
+            try:
+                register()
+            except ValueError:  # already registered (e.g. the module was reloaded)
+                pass
+        config_class.register_for_auto_class()
+        model_class.register_for_auto_class("AutoModel")
     UniMEV2Processor.register_for_auto_class("AutoProcessor")
 
 
@@ -41,4 +39,6 @@ __all__ = [
     "UniMEV2Output",
     "UniMEV2PreTrainedModel",
     "UniMEV2Processor",
+    "UniMEV2Reranker",
+    "UniMEV2RerankerConfig",
 ]

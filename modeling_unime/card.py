@@ -9,6 +9,37 @@ from typing import Any
 
 TEMPLATE_NAME = "model_card.md"
 DEFAULT_TAGS = ("unime-v2", "multimodal-embedding", "sentence-similarity", "image-text-retrieval")
+RERANKER_TAGS = ("unime-v2", "reranker", "multimodal-reranking", "image-text-retrieval")
+
+EMBEDDER_USAGE = """```python
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained("$repo_id", trust_remote_code=True)
+text_embeddings = model.encode(texts=["A man is crossing the street with a red car parked nearby."])
+image_embeddings = model.encode(images=["demo.png"], instruction="Find an image caption describing the given image.")
+print(image_embeddings @ text_embeddings.T)
+```
+
+Texts from MMEB may keep their `<|image_1|>` placeholder: it is converted to the backbone's image token.
+`encode(..., truncate_dim=256)` returns Matryoshka-truncated, re-normalised embeddings."""
+
+RERANKER_USAGE = """```python
+from transformers import AutoModel
+
+reranker = AutoModel.from_pretrained("$repo_id", trust_remote_code=True)
+query = ("What is shown in the image?", "demo.png")            # text, image, or (text, image)
+candidates = ["A man is crossing the street.", "A dog on a beach.", "A red car parked nearby."]
+order, scores = reranker.rerank(query, candidates, top_k=2)        # listwise: one forward over the list
+yes_probabilities = reranker.score(query, candidates)              # pairwise P(Yes)
+```"""
+
+DESCRIPTIONS = {
+    "embedder": "A [UniME-V2](https://arxiv.org/abs/2510.13515) universal multimodal embedding model: a "
+    "`$backbone_type` backbone whose final hidden state at the last token, L2-normalised, embeds a text, an image or "
+    "both ($embedding_dim dimensions).",
+    "reranker": "A [UniME-V2](https://arxiv.org/abs/2510.13515) reranker: a `$backbone_type` model that scores a "
+    "(query, candidate) pair by P(Yes) and a list of candidates by the probability of each candidate's index.",
+}
 
 
 def find_card_template() -> Path:
@@ -33,14 +64,17 @@ def render_model_card(
     training: str | None = None,
     evaluation: str | None = None,
     extra_tags: list[str] | None = None,
+    kind: str = "embedder",
 ) -> str:
-    """Fill the model card template.
+    """Fill the model card template (``kind``: "embedder" or "reranker").
 
     Example:
         >>> card = render_model_card(model_name="my-unime", base_model="Qwen/Qwen2-VL-2B-Instruct", embedding_dim=1536)
         >>> card.splitlines()[1]
         'library_name: transformers'
     """
+    if kind not in DESCRIPTIONS:
+        raise ValueError(f"kind={kind!r}: use 'embedder' or 'reranker'.")
     fields: dict[str, Any] = {
         "model_name": model_name,
         "repo_id": repo_id or model_name,
@@ -50,8 +84,12 @@ def render_model_card(
         "license": license,
         "training": training or "Not recorded for this checkpoint.",
         "evaluation": evaluation or "Not recorded for this checkpoint.",
-        "tags": "\n".join(f"- {tag}" for tag in [*DEFAULT_TAGS, backbone_type, *(extra_tags or [])]),
     }
+    tags = RERANKER_TAGS if kind == "reranker" else DEFAULT_TAGS
+    fields["tags"] = "\n".join(f"- {tag}" for tag in [*tags, backbone_type, *(extra_tags or [])])
+    fields["pipeline_tag"] = "text-ranking" if kind == "reranker" else "feature-extraction"
+    fields["usage"] = Template(RERANKER_USAGE if kind == "reranker" else EMBEDDER_USAGE).substitute(fields)
+    fields["description"] = Template(DESCRIPTIONS[kind]).substitute(fields)
     return Template(find_card_template().read_text(encoding="utf-8")).substitute(fields)
 
 

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .configuration_unime import SUPPORTED_BACKBONES, UniMEV2Config
+from .configuration_unime import SUPPORTED_BACKBONES, UniMEV2Config, UniMEV2RerankerConfig
 from .processing_unime import ImageInput, UniMEV2Processor
+from .scoring_unime import MultimodalScorer
 
 logger = logging.get_logger(__name__)
 
@@ -73,6 +74,8 @@ def truncate_and_normalize(embeddings: torch.Tensor, dim: int | None, normalize:
 
 
 class UniMEV2PreTrainedModel(PreTrainedModel):
+    """Shared by the embedder and the reranker: loading the authors' layouts, saving, the processor."""
+
     config_class = UniMEV2Config
     base_model_prefix = "unime"
     main_input_name = "input_ids"
@@ -82,8 +85,6 @@ class UniMEV2PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _can_compile_fullgraph = False
     # The authors' checkpoints are causal LMs: their LM head is not part of an embedder.
-    _keys_to_ignore_on_load_unexpected = [r"(^|\.)lm_head\."]
-
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save under the model's own key names.
 
@@ -93,6 +94,52 @@ class UniMEV2PreTrainedModel(PreTrainedModel):
         kwargs.setdefault("save_original_format", False)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """Load a UniME-V2 checkpoint, or a plain backbone checkpoint in the authors' layout.
+
+        A folder (or Hub repo) whose ``config.json`` is a Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision config is wrapped
+        as a UniME-V2 model and its weights are renamed from every known layout (``model.layers.*``, ``visual.*``,
+        ``language_model.model.*``, ...), so no weight stays randomly initialised. The embedder leaves the LM head
+        out; the reranker keeps it.
+        """
+        if kwargs.get("config") is None:
+            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+            config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+            model_type = config_dict.get("model_type")
+            if model_type in SUPPORTED_BACKBONES:
+                backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+                kwargs["config"] = cls.config_class(backbone_config=backbone_config)
+                kwargs.setdefault("key_mapping", BACKBONE_KEY_MAPPINGS[model_type])
+            elif model_type != cls.config_class.model_type:
+                raise ValueError(
+                    f"{os.fspath(pretrained_model_name_or_path)!r} holds a {model_type!r} model; {cls.__name__} loads "
+                    f"{cls.config_class.model_type} checkpoints and plain {', '.join(SUPPORTED_BACKBONES)} checkpoints."
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @property
+    def processor(self) -> UniMEV2Processor:
+        """The processor saved beside the weights (loaded on first use)."""
+        if self._processor is None:
+            source = self.config._name_or_path
+            if not source:
+                raise ValueError(
+                    "This model was not loaded from a folder or repo, so it has no processor to load: pass "
+                    "processor= to encode() or set model.processor = UniMEV2Processor(...)."
+                )
+            try:
+                # The processor's code is the code this model already runs from the same source.
+                self._processor = UniMEV2Processor.from_pretrained(source, trust_remote_code=True)
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"Could not load the processor saved with {source!r} ({error}); pass processor= to encode()."
+                ) from error
+        return self._processor
+
+    @processor.setter
+    def processor(self, value: UniMEV2Processor | None) -> None:
+        self._processor = value
 
 class UniMEV2Model(UniMEV2PreTrainedModel):
     """UniME-V2 embedder: a Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision base model (no LM head) whose final hidden state
@@ -108,6 +155,9 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
         (torch.Size([2, 64]), 1.0)
     """
 
+    # The authors' checkpoints are causal LMs: their LM head is not part of an embedder.
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)lm_head\."]
+
     def __init__(self, config: UniMEV2Config) -> None:
         super().__init__(config)
         self.model = AutoModel.from_config(config.backbone_config)
@@ -119,29 +169,6 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
 
     def set_input_embeddings(self, value: torch.nn.Module) -> None:
         self.model.set_input_embeddings(value)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        """Load a UniME-V2 checkpoint, or a plain backbone checkpoint in the authors' layout.
-
-        A folder (or Hub repo) whose ``config.json`` is a Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision config is wrapped
-        as a UniME-V2 model and its weights are renamed from every known layout (``model.layers.*``, ``visual.*``,
-        ``language_model.model.*``, ...), so no weight stays randomly initialised. The LM head is not loaded.
-        """
-        if kwargs.get("config") is None:
-            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-            config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
-            model_type = config_dict.get("model_type")
-            if model_type in SUPPORTED_BACKBONES:
-                backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-                kwargs["config"] = UniMEV2Config(backbone_config=backbone_config)
-                kwargs.setdefault("key_mapping", BACKBONE_KEY_MAPPINGS[model_type])
-            elif model_type != UniMEV2Config.model_type:
-                raise ValueError(
-                    f"{os.fspath(pretrained_model_name_or_path)!r} holds a {model_type!r} model; UniMEV2Model loads "
-                    f"UniME-V2 checkpoints and plain {', '.join(SUPPORTED_BACKBONES)} checkpoints."
-                )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def forward(
         self,
@@ -166,29 +193,6 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
         dim = truncate_dim if truncate_dim is not None else self.config.matryoshka_dim
         embeddings = truncate_and_normalize(embeddings, dim, self.config.normalize)
         return UniMEV2Output(embeddings=embeddings, last_hidden_state=last_hidden_state)
-
-    @property
-    def processor(self) -> UniMEV2Processor:
-        """The processor saved beside the weights (loaded on first use)."""
-        if self._processor is None:
-            source = self.config._name_or_path
-            if not source:
-                raise ValueError(
-                    "This model was not loaded from a folder or repo, so it has no processor to load: pass "
-                    "processor= to encode() or set model.processor = UniMEV2Processor(...)."
-                )
-            try:
-                # The processor's code is the code this model already runs from the same source.
-                self._processor = UniMEV2Processor.from_pretrained(source, trust_remote_code=True)
-            except (OSError, ValueError) as error:
-                raise ValueError(
-                    f"Could not load the processor saved with {source!r} ({error}); pass processor= to encode()."
-                ) from error
-        return self._processor
-
-    @processor.setter
-    def processor(self, value: UniMEV2Processor | None) -> None:
-        self._processor = value
 
     @torch.inference_mode()
     def encode(
@@ -261,4 +265,164 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
         return result
 
 
-__all__ = ["UniMEV2Model", "UniMEV2Output", "UniMEV2PreTrainedModel", "pool_last_token", "BACKBONE_KEY_MAPPINGS"]
+@dataclass
+class UniMEV2RerankerOutput(ModelOutput):
+    """Output of [`UniMEV2Reranker`]: ``logits`` at the kept positions (all, or ``logits_to_keep``) and the
+    backbone's final hidden states."""
+
+    logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+def _as_item(value: Any) -> tuple[str | None, ImageInput]:
+    """A query or candidate as (text, image): a string is a text, a (text, image) pair or a dict with text/image."""
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, dict):
+        return value.get("text"), value.get("image")
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return value[0], value[1]
+    return None, value
+
+
+class UniMEV2Reranker(UniMEV2PreTrainedModel):
+    """UniME-V2 reranker: an image-text-to-text backbone with its LM head (Qwen2.5-VL in the paper).
+
+    - ``score(query, candidates)``: P(Yes) against P(No) per candidate with the pairwise prompt (the judge's
+      instruction), one forward per pair, logits of the two answer tokens at the last position only, the query
+      prefix encoded once for all candidates.
+    - ``rerank(query, candidates, top_k=None, mode="listwise")``: ``"listwise"`` reads the probability of every
+      candidate index after ``Ans: (`` from ONE forward over the whole list, so every candidate gets a score and the
+      list a full order; ``"pairwise"`` uses ``score``.
+
+    Queries and candidates are texts, images (PIL, path) or (text, image) pairs, as for the embedder.
+
+    Example:
+        >>> from modeling_unime.testing import build_tiny_reranker
+        >>> reranker, processor = build_tiny_reranker()
+        >>> order, scores = reranker.rerank("What colour is the car?", ["red", "blue", "green"], processor=processor)
+        >>> sorted(order), round(float(scores.sum()), 4)
+        ([0, 1, 2], 1.0)
+    """
+
+    config_class = UniMEV2RerankerConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: UniMEV2RerankerConfig) -> None:
+        super().__init__(config)
+        self.model = AutoModel.from_config(config.backbone_config)
+        text_config = config.backbone_config.get_text_config()
+        self.lm_head = torch.nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self._processor = None
+        self.post_init()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **backbone_inputs: Any,
+    ) -> UniMEV2RerankerOutput:
+        """Backbone forward and LM-head logits; ``logits_to_keep`` = n keeps the last n positions (0: all), or a
+        boolean (batch, sequence) mask keeps those positions only (training reads the answer tokens alone)."""
+        backbone_inputs.pop("return_dict", None)
+        backbone_inputs.setdefault("use_cache", False)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **backbone_inputs).last_hidden_state
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
+            selected = hidden[logits_to_keep]
+        elif isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            selected = hidden[:, -logits_to_keep:]
+        else:
+            selected = hidden
+        return UniMEV2RerankerOutput(logits=self.lm_head(selected), last_hidden_state=hidden)
+
+    def scorer(self, processor: UniMEV2Processor | None = None, **scorer_kwargs: Any) -> MultimodalScorer:
+        """The scoring engine over this model and the backbone processor (shared with the mining judge)."""
+        processor = processor or self.processor
+        backbone_processor = getattr(processor, "_backbone_processor", processor)
+        was_training = self.training
+        scorer = MultimodalScorer(self, backbone_processor, **scorer_kwargs)
+        self.train(was_training)
+        return scorer
+
+    @torch.inference_mode()
+    def score(
+        self,
+        query: Any,
+        candidates: Sequence[Any],
+        processor: UniMEV2Processor | None = None,
+        batch_size: int = 16,
+        image_root: str | os.PathLike | None = None,
+    ) -> torch.Tensor:
+        """P(Yes) of each candidate for the query (pairwise prompt), in the candidates' order."""
+        was_training = self.training
+        self.eval()
+        try:
+            query_text, query_image = _as_item(query)
+            scorer = self.scorer(processor, batch_size=batch_size, image_root=image_root)
+            return scorer.score(query_text, query_image, [_as_item(candidate) for candidate in candidates])
+        finally:
+            self.train(was_training)
+
+    @torch.inference_mode()
+    def rerank(
+        self,
+        query: Any,
+        candidates: Sequence[Any],
+        top_k: int | None = None,
+        mode: str = "listwise",
+        processor: UniMEV2Processor | None = None,
+        batch_size: int = 16,
+        image_root: str | os.PathLike | None = None,
+    ) -> tuple[list[int], torch.Tensor]:
+        """Order candidates by the reranker's scores.
+
+        Returns:
+            ``order``: candidate indices, best first (the first ``top_k`` when given); ``scores``: one score per
+            candidate in the input order: P(Yes) (pairwise), or the probability that the candidate is the answer
+            (listwise; the scores of a list sum to 1). Lists longer than 9 are scored with two-digit indices: the
+            first digit is read from the list's forward, the second from one extra token per first digit, both
+            restricted to valid indices, so each index gets the probability of its whole digit sequence.
+        """
+        if mode not in ("listwise", "pairwise"):
+            raise ValueError(f"mode={mode!r}: use 'listwise' or 'pairwise'.")
+        if mode == "pairwise":
+            scores = self.score(query, candidates, processor, batch_size, image_root)
+        else:
+            if len(candidates) > self.config.max_listwise_candidates:
+                raise ValueError(
+                    f"{len(candidates)} candidates: listwise scoring handles at most "
+                    f"{self.config.max_listwise_candidates} (two-digit indices); rerank the embedder's top-k, or use "
+                    "mode='pairwise'."
+                )
+            was_training = self.training
+            self.eval()
+            try:
+                query_text, query_image = _as_item(query)
+                scorer = self.scorer(processor, batch_size=batch_size, image_root=image_root)
+                scores = scorer.score_listwise(query_text, query_image, [_as_item(candidate) for candidate in candidates])
+            finally:
+                self.train(was_training)
+        order = sorted(range(len(candidates)), key=lambda index: (-float(scores[index]), index))
+        return (order[:top_k] if top_k is not None else order), scores
+
+
+__all__ = [
+    "UniMEV2Model",
+    "UniMEV2Output",
+    "UniMEV2PreTrainedModel",
+    "UniMEV2Reranker",
+    "UniMEV2RerankerOutput",
+    "pool_last_token",
+    "BACKBONE_KEY_MAPPINGS",
+]

@@ -318,6 +318,25 @@ def build_tiny_judge(
     return model, build_tiny_processor(backbone_type, tokenizer, max_pixels=max_pixels)._backbone_processor
 
 
+def build_tiny_reranker(
+    backbone_type: str = "qwen2_5_vl", seed: int = 0, sharpen: float = 4.0, **config_kwargs: Any
+) -> tuple[Any, UniMEV2Processor]:
+    """A tiny UniMEV2Reranker (random weights, query/key projections sharpened as in `build_tiny_judge`) and its
+    processor."""
+    from .configuration_unime import UniMEV2RerankerConfig
+    from .modeling_unime import UniMEV2Reranker
+
+    tokenizer = build_tiny_tokenizer(backbone_type)
+    config = UniMEV2RerankerConfig(backbone_config=build_tiny_backbone_config(backbone_type, tokenizer, **config_kwargs))
+    torch.manual_seed(seed)
+    model = UniMEV2Reranker(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.mul_(sharpen)
+    return model, build_tiny_processor(backbone_type, tokenizer)
+
+
 SYNTHETIC_COLOURS = ("red", "green", "blue", "yellow", "black", "orange")
 SYNTHETIC_SHAPES = ("circle", "square", "triangle")
 
@@ -454,6 +473,7 @@ __all__ = [
     "build_tiny_causal_lm",
     "build_tiny_unime",
     "build_tiny_judge",
+    "build_tiny_reranker",
     "draw_shape",
     "synthetic_pairs",
     "synthetic_judge_dataset",

@@ -29,7 +29,7 @@ from modeling_unime import UniMEV2Model, UniMEV2Processor  # noqa: E402
 from modeling_unime.data import image_root_of, load_official_json  # noqa: E402
 from modeling_unime.testing import build_tiny_unime, synthetic_judge_dataset  # noqa: E402
 from trainers import UniMEV2Trainer, UniMEV2TrainingArguments  # noqa: E402
-from trainers.adapters import prepare_for_training, save_embedder  # noqa: E402
+from trainers.adapters import prepare_for_training, save_checkpoint  # noqa: E402
 
 
 def load_judge_rows(spec: str, image_root: str | None, seed: int, num_negatives: int):
@@ -111,7 +111,7 @@ def main() -> None:
         f"{trainer.state.global_step} steps, learning rate {training_args.learning_rate}, batch "
         f"{training_args.per_device_train_batch_size} x {training_args.world_size} processes, data `{data['train']}`."
     )
-    final = save_embedder(
+    final = save_checkpoint(
         trainer.model, processor, output_dir / "final", merge=settings.get("merge", True),
         card=dict(training=training_text, evaluation=evaluation or None, repo_id=args.push_to_hub or None,
                   base_model=None if settings["model"].startswith("tiny:") else settings["model"]),

@@ -16,7 +16,7 @@ from peft import PeftModel
 from conftest import REPO_ROOT
 from modeling_unime.testing import build_tiny_processor, build_tiny_unime, synthetic_judge_dataset
 from trainers import UniMEV2Collator, UniMEV2Trainer, UniMEV2TrainingArguments
-from trainers.adapters import LANGUAGE_MODEL_TARGETS, adapter_config, prepare_for_training, save_embedder
+from trainers.adapters import LANGUAGE_MODEL_TARGETS, adapter_config, prepare_for_training, save_checkpoint
 from trainers.embedding_trainer import RandomState
 
 ROW = dict(query_text="a red circle", query_image=None, pos_text="red", pos_image=None,
@@ -172,7 +172,7 @@ def test_trained_checkpoint_reloads_in_a_fresh_process_and_embeds_identically(tm
     trainer.train()
     image = str(root / rows[0]["query_image"])
 
-    adapter_folder = save_embedder(trainer.model, processor, tmp_path / "adapter", merge=False)
+    adapter_folder = save_checkpoint(trainer.model, processor, tmp_path / "adapter", merge=False)
     assert (adapter_folder / "adapter_config.json").is_file() and (adapter_folder / "README.md").is_file()
     base = build_tiny_unime("qwen2_vl")[0]
     with_adapter = PeftModel.from_pretrained(base, str(adapter_folder)).eval()
@@ -183,7 +183,7 @@ def test_trained_checkpoint_reloads_in_a_fresh_process_and_embeds_identically(tm
                                                         processor=processor)
     torch.testing.assert_close(from_adapter, expected, atol=0, rtol=0)
 
-    merged_folder = save_embedder(trainer.model, processor, tmp_path / "merged", merge=True,
+    merged_folder = save_checkpoint(trainer.model, processor, tmp_path / "merged", merge=True,
                                   card=dict(training="3 steps on synthetic shapes"))
     assert "3 steps on synthetic shapes" in (merged_folder / "README.md").read_text()
     from modeling_unime import UniMEV2Model

@@ -1,6 +1,5 @@
 """The mining recipe: shards, resume after a kill in the middle of a shard, caches, 2 processes, dataset card, push."""
 
-import json
 import os
 import runpy
 import socket
@@ -8,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from datasets import load_dataset, load_from_disk
 
 from conftest import REPO_ROOT

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import FAMILIES, REPO_ROOT
+from conftest import FAMILIES
 from modeling_unime import UniMEV2Config, UniMEV2Model, UniMEV2Processor
 from modeling_unime.convert import convert_checkpoint
 from modeling_unime.modeling_unime import pool_last_token

@@ -14,6 +14,9 @@ from modeling_unime.card import write_model_card
 # method.md (e): q/k/v/o/down_proj of the language model only; the vision tower stays frozen.
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
 FINETUNING_METHODS = ("dora", "lora", "full")
+# method.md (f): the reranker's LoRA (r 128, alpha 256, dropout 0.05) on the language model; vision tower frozen.
+RERANKER_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+RERANKER_ADAPTER = dict(r=128, alpha=256, dropout=0.05, target_modules=RERANKER_TARGETS, init_lora_weights=True)
 
 
 def adapter_config(
@@ -54,14 +57,14 @@ def prepare_for_training(model: torch.nn.Module, finetuning: str = "dora", **ada
     return get_peft_model(model, adapter_config(finetuning, **adapter_kwargs))
 
 
-def save_embedder(
+def save_checkpoint(
     model: torch.nn.Module,
     processor: Any,
     output_dir: str | os.PathLike,
     merge: bool = True,
     card: dict[str, Any] | None = None,
 ) -> Path:
-    """Save a trained embedder: merged into a UniME-V2 checkpoint that carries its code (``merge=True``), or the
+    """Save a trained embedder or reranker: merged into a UniME-V2 checkpoint that carries its code (``merge=True``), or the
     adapter alone (``merge=False``, load it with ``peft.PeftModel.from_pretrained``); with the processor and a model
     card made from ``model_card.md``."""
     output_dir = Path(output_dir)
@@ -76,6 +79,7 @@ def save_embedder(
     processor.save_pretrained(output_dir)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     fields = dict(
+        kind="reranker" if base.config.model_type == "unime_v2_reranker" else "embedder",
         model_name=output_dir.name,
         backbone_type=base.config.backbone_type,
         embedding_dim=base.config.hidden_size,
@@ -85,4 +89,11 @@ def save_embedder(
     return output_dir
 
 
-__all__ = ["adapter_config", "prepare_for_training", "save_embedder", "LANGUAGE_MODEL_TARGETS", "FINETUNING_METHODS"]
+__all__ = [
+    "adapter_config",
+    "prepare_for_training",
+    "save_checkpoint",
+    "LANGUAGE_MODEL_TARGETS",
+    "RERANKER_ADAPTER",
+    "FINETUNING_METHODS",
+]

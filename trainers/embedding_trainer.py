@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from .collator import UniMEV2Collator
+from .common import EpochToCollator, LoggedMetricsMixin
 from .losses import InfoNCELoss, SoftLabelAlignmentLoss
 
 LOSSES = ("soft_label", "infonce", "hybrid")
@@ -87,15 +88,7 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
             gradient.copy_(averaged)
 
 
-class _EpochToCollator(TrainerCallback):
-    def __init__(self, collator: UniMEV2Collator) -> None:
-        self.collator = collator
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.set_epoch(int(state.epoch or 0))
-
-
-class UniMEV2Trainer(Trainer):
+class UniMEV2Trainer(LoggedMetricsMixin, Trainer):
     """`Trainer` for UniME-V2 embedders on the judge dataset (see the module docstring for the objectives).
 
     Logged: ``loss_soft_label`` (with ``kl_pq`` and ``kl_qp``) and ``loss_infonce`` (the parts), ``p_positive``
@@ -133,13 +126,12 @@ class UniMEV2Trainer(Trainer):
             )
         super().__init__(*args, **kwargs)
         if isinstance(self.data_collator, UniMEV2Collator):
-            self.add_callback(_EpochToCollator(self.data_collator))
+            self.add_callback(EpochToCollator(self.data_collator))
         self.check_gradcache_support()
         self.soft_label_loss = SoftLabelAlignmentLoss(training_args.contrastive_temperature)
         self.infonce_loss = InfoNCELoss(
             training_args.contrastive_temperature, hard_negatives_only=not training_args.infonce_in_batch
         )
-        self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def check_gradcache_support(self) -> None:
         """GradCache runs one backward per chunk: DeepSpeed and FSDP expect one per step, so they are refused."""
@@ -186,13 +178,6 @@ class UniMEV2Trainer(Trainer):
         self._record(metrics)
         return (loss, {"query_embeddings": query_embeddings, "candidate_embeddings": candidate_embeddings}) if return_outputs else loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation: the objective's loss (and logged metrics) on held-out rows; there are no labels or logits."""
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
     # ------------------------------------------------------------------------------------------------- GradCache
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -227,22 +212,6 @@ class UniMEV2Trainer(Trainer):
             average_gradients(model, self.accelerator.num_processes)
         self._record(metrics)
         return loss.detach() * scale
-
-    # ------------------------------------------------------------------------------------------------- logging
-
-    def _record(self, metrics: dict[str, torch.Tensor]) -> None:
-        mode = "train" if self.model.training else "eval"
-        for name, value in metrics.items():
-            self._metrics[f"{mode}/{name}"].append(float(self.accelerator.gather_for_metrics(value.reshape(1)).mean()))
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in list(self._metrics.items()):
-            if name.startswith(f"{mode}/") and values:
-                logs[prefix + name.split("/", 1)[1]] = sum(values) / len(values)
-                self._metrics[name] = []
-        super().log(logs, start_time)
 
 
 __all__ = ["UniMEV2Trainer", "UniMEV2TrainingArguments", "RandomState", "average_gradients", "LOSSES"]
