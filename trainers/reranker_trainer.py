@@ -35,6 +35,9 @@ from modeling_unime.scoring_unime import PromptBuilder, listwise_answer
 from .common import EpochToCollator, LoggedMetricsMixin
 
 
+PAIRWISE, LISTWISE = 0, 1
+
+
 @dataclass
 class UniMEV2RerankerTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the reranker objective (paper: lr 2e-5, batch 64, 1 epoch)."""
@@ -47,8 +50,8 @@ class UniMEV2RerankerTrainingArguments(TrainingArguments):
 
 @dataclass
 class RerankerCollator:
-    """Rows of the judge dataset -> a pairwise batch (2 rows per query) and a listwise batch (1 per query), each with
-    ``labels`` on the answer tokens only (-100 elsewhere).
+    """Rows of the judge dataset -> one batch: 2 pairwise rows per query (positive, hardest negative), then 1
+    listwise row per query; ``labels`` on the answer tokens only (-100 elsewhere) and ``example_kind`` per row.
 
     Example:
         >>> from modeling_unime.testing import build_tiny_processor
@@ -145,22 +148,33 @@ class RerankerCollator:
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         built = [self.examples(row) for row in rows]
-        return {
-            "pairwise": self.batch([example for item in built for example in item["pairwise"]]),
-            "listwise": self.batch([example for item in built for example in item["listwise"]]),
-        }
+        pairwise = [example for item in built for example in item["pairwise"]]
+        listwise = [example for item in built for example in item["listwise"]]
+        # One batch, so one forward per step: DDP then sees every parameter's gradient exactly once.
+        batch = self.batch(pairwise + listwise)
+        batch["example_kind"] = torch.tensor([PAIRWISE] * len(pairwise) + [LISTWISE] * len(listwise))
+        return batch
 
 
-def answer_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over the answer tokens only; also the logits that predicted them."""
+def answer_token_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the answer tokens only, per example kind; also the logits that predicted them and the
+    kind of each of those logits' rows."""
     inputs = dict(batch)
-    labels = inputs.pop("labels")
+    labels, kinds = inputs.pop("labels"), inputs.pop("example_kind")
     # The logit at position t predicts token t + 1: keep only the positions that predict an answer token.
     predicting = torch.zeros_like(labels, dtype=torch.bool)
     predicting[:, :-1] = labels[:, 1:] != -100
-    logits = model(**inputs, logits_to_keep=predicting).logits
+    logits = model(**inputs, logits_to_keep=predicting).logits.float()
     targets = labels[:, 1:][predicting[:, :-1]]
-    return torch.nn.functional.cross_entropy(logits.float(), targets), logits
+    logit_kinds = kinds[predicting.nonzero()[:, 0]]
+    losses = {
+        kind: torch.nn.functional.cross_entropy(logits[logit_kinds == kind], targets[logit_kinds == kind])
+        for kind in (PAIRWISE, LISTWISE)
+        if bool((logit_kinds == kind).any())
+    }
+    return losses, logits, logit_kinds
 
 
 class UniMEV2RerankerTrainer(LoggedMetricsMixin, Trainer):
@@ -185,15 +199,13 @@ class UniMEV2RerankerTrainer(LoggedMetricsMixin, Trainer):
         self.answer_ids = [tokenizer.convert_tokens_to_ids(word) for word in ("Yes", "No")] if tokenizer else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # One forward over both kinds of examples would mix their padding; two forwards are fine here: every
-        # parameter that trains (the language model) serves both, and the vision tower is frozen.
-        pairwise_loss, pairwise_logits = answer_token_loss(model, inputs["pairwise"])
-        listwise_loss, _ = answer_token_loss(model, inputs["listwise"])
+        losses, logits, kinds = answer_token_losses(model, inputs)
+        pairwise_loss, listwise_loss = losses[PAIRWISE], losses[LISTWISE]
         loss = self.args.pairwise_weight * pairwise_loss + self.args.listwise_weight * listwise_loss
         metrics = {"loss_pairwise": pairwise_loss.detach(), "loss_listwise": listwise_loss.detach()}
         if self.answer_ids is not None:
-            # Pairwise answers are one token, rows alternate positive / hardest negative.
-            yes = torch.softmax(pairwise_logits.detach().float()[:, self.answer_ids], dim=-1)[:, 0]
+            # Pairwise answers are one token each; their rows alternate positive / hardest negative.
+            yes = torch.softmax(logits.detach()[kinds == PAIRWISE][:, self.answer_ids], dim=-1)[:, 0]
             metrics["yes_margin"] = (yes[0::2] - yes[1::2]).mean()
         self._record(metrics)
         return (loss, {}) if return_outputs else loss
@@ -203,5 +215,5 @@ __all__ = [
     "UniMEV2RerankerTrainer",
     "UniMEV2RerankerTrainingArguments",
     "RerankerCollator",
-    "answer_token_loss",
+    "answer_token_losses",
 ]
