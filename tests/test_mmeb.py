@@ -1,0 +1,174 @@
+"""MMEB: dataset lists, loading the Hub layout, precision@1 with ties, cache resume, rerank stage, the harness."""
+
+import json
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+
+from conftest import REPO_ROOT
+from evaluation.mmeb import (
+    IND_DATASETS,
+    MMEB_CATEGORIES,
+    MMEB_DATASETS,
+    OOD_DATASETS,
+    evaluate_mmeb,
+    load_mmeb_dataset,
+    predictions_from_scores,
+)
+
+
+def test_the_official_dataset_lists():
+    assert len(MMEB_DATASETS) == len(set(MMEB_DATASETS)) == 36
+    sizes = {category: len(split["IND"]) + len(split["OOD"]) for category, split in MMEB_CATEGORIES.items()}
+    assert sizes == {"Classification": 10, "VQA": 10, "Retrieval": 12, "Visual Grounding": 4}
+    assert len(IND_DATASETS) == 20 and len(OOD_DATASETS) == 16
+
+
+def test_ties_count_as_wrong():
+    scores = [torch.tensor([0.9, 0.1, 0.2]), torch.tensor([0.5, 0.5, 0.1]), torch.tensor([0.2, 0.3, 0.9]),
+              torch.tensor([0.4])]
+    assert predictions_from_scores(scores) == [0, 1, 2, 0]
+
+
+def write_mmeb(root, image_root, name, rows):
+    (root / name).mkdir(parents=True)
+    Dataset.from_list(rows).to_parquet(str(root / name / "test-00000-of-00001.parquet"))
+    for row in rows:
+        for path in [row["qry_img_path"], *row["tgt_img_path"]]:
+            if path and not (image_root / path).exists():
+                (image_root / path).parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (28, 28), "red").save(image_root / path)
+
+
+class WordEmbedder:
+    """A text's vector is the one-hot of its last word in a fixed vocabulary; an image's is the one-hot of its file
+    stem. Counts every item it embeds."""
+
+    vocabulary = ["cat", "dog", "car", "red", "blue", "bird"]
+
+    def __init__(self):
+        self.embedded = 0
+
+    def encode(self, texts, images, image_root=None, batch_size=32, **kwargs):
+        self.embedded += len(texts)
+        rows = []
+        for text, image in zip(texts, images):
+            word = image.rsplit("/", 1)[-1].split(".")[0] if image else text.split()[-1]
+            rows.append(torch.nn.functional.one_hot(torch.tensor(self.vocabulary.index(word)), 6).float())
+        return torch.stack(rows)
+
+
+ROWS = [  # candidate 0 is the positive
+    {"qry_text": "<|image_1|>\nRepresent the given image for classification", "qry_img_path": "ImageNet-1K/cat.jpg",
+     "tgt_text": ["cat", "dog", "car"], "tgt_img_path": ["", "", ""]},
+    {"qry_text": "<|image_1|>\nRepresent the given image for classification", "qry_img_path": "ImageNet-1K/dog.jpg",
+     "tgt_text": ["car", "dog", "bird"], "tgt_img_path": ["", "", ""]},   # wrong: the positive is "car"
+    {"qry_text": "Find the picture of a red", "qry_img_path": "",
+     "tgt_text": ["<|image_1|> photo", "<|image_1|> photo"], "tgt_img_path": ["ImageNet-1K/red.jpg", "ImageNet-1K/blue.jpg"]},
+    {"qry_text": "<|image_1|>\nRepresent the given image for classification", "qry_img_path": "ImageNet-1K/cat.jpg",
+     "tgt_text": ["cat", "cat"], "tgt_img_path": ["", ""]},              # a tie with a negative: wrong
+]
+
+
+def test_precision_cache_resume_and_rerank(tmp_path):
+    root, image_root = tmp_path / "mmeb", tmp_path / "images"
+    write_mmeb(root, image_root, "ImageNet-1K", ROWS)
+    write_mmeb(root, image_root, "MSCOCO", ROWS[:1])
+    dataset = load_mmeb_dataset("ImageNet-1K", root)
+    assert dataset.queries[2] == ("Find the picture of a red", None)
+    assert dataset.candidates[2][0] == ("<|image_1|> photo", "ImageNet-1K/red.jpg")
+
+    embedder = WordEmbedder()
+    result, _ = evaluate_mmeb(embedder, ["ImageNet-1K", "MSCOCO"], root, image_root, cache_dir=tmp_path / "cache")
+    assert result.scores["ImageNet-1K"] == pytest.approx(50.0)  # rows 0 and 2 right, 1 wrong, 3 a tie
+    assert result.scores["MSCOCO"] == pytest.approx(100.0)
+    assert [row["correct"] for row in result.predictions["ImageNet-1K"]] == [True, False, True, False]
+    # Each distinct query and candidate embedded once: ImageNet-1K has 3 distinct queries and 6 distinct candidates;
+    # MSCOCO's items are all in the cache already.
+    first_run = embedder.embedded
+    assert first_run == 3 + 6
+    summary = result.summary()
+    assert summary["means"]["Classification"] == pytest.approx(50.0)
+    assert summary["means"]["Overall"] == pytest.approx(75.0)
+    assert "Classification" in summary["incomplete"] and "Visual Grounding" in summary["incomplete"]
+    assert summary["incomplete"]["Visual Grounding"] == ["RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"]
+
+    again, _ = evaluate_mmeb(embedder, ["ImageNet-1K"], root, image_root, cache_dir=tmp_path / "cache")
+    assert embedder.embedded == first_run and again.scores == {"ImageNet-1K": result.scores["ImageNet-1K"]}
+
+    class Reverse:
+        """Reverses the embedder's top-k: only that part of the ranking may change."""
+
+        def __init__(self):
+            self.lists = []
+
+        def rerank(self, query, candidates, mode="listwise", image_root=None):
+            self.lists.append(candidates)
+            return list(reversed(range(len(candidates)))), None
+
+    reverse = Reverse()
+    _, reranked = evaluate_mmeb(embedder, ["ImageNet-1K"], root, image_root, cache_dir=tmp_path / "cache",
+                                reranker=reverse, rerank_top_k=2)
+    assert all(len(candidates) == 2 for candidates in reverse.lists)
+    # Top-2 per row (ties rank the positive last): row 0 [cat+, dog] -> dog; row 1 [dog, bird] -> bird;
+    # row 2 [red+, blue] -> blue; row 3 (a tie) [cat, cat+] -> cat+, the only right answer after reversing.
+    assert [row["correct"] for row in reranked.predictions["ImageNet-1K"]] == [False, False, False, True]
+
+
+def test_missing_dataset_and_images_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no parquet file in .*ImageNet-A.*TIGER-Lab/MMEB-eval"):
+        load_mmeb_dataset("ImageNet-A", tmp_path)
+    with pytest.raises(ValueError, match="not an MMEB-eval dataset"):
+        load_mmeb_dataset("ImageNet-2K", tmp_path)
+    root, image_root = tmp_path / "mmeb", tmp_path / "images"
+    write_mmeb(root, image_root, "N24News", ROWS[:1])
+    (image_root / "ImageNet-1K" / "cat.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) not found .*ImageNet-1K/cat.jpg"):
+        evaluate_mmeb(WordEmbedder(), ["N24News"], root, image_root)
+
+
+def test_harness_end_to_end_on_a_tiny_model_in_under_a_minute(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    root, image_root = tmp_path / "mmeb", tmp_path / "images"
+    write_mmeb(root, image_root, "VOC2007", ROWS[:2])
+    write_mmeb(root, image_root, "CIRR", ROWS[2:3])
+    urban = tmp_path / "Urban1k"
+    (urban / "image").mkdir(parents=True)
+    (urban / "caption").mkdir()
+    for index, colour in enumerate(["red", "blue", "green"], start=1):
+        Image.new("RGB", (28, 28), colour).save(urban / "image" / f"{index}.jpg")
+        (urban / "caption" / f"{index}.txt").write_text(f"a long caption about something {colour}\n")
+    sugar = tmp_path / "sugar-crepe"
+    sugar.mkdir()
+    coco = tmp_path / "val2017"
+    coco.mkdir()
+    Image.new("RGB", (28, 28), "red").save(coco / "000000000001.jpg")
+    for subset in ("swap_att", "swap_obj"):
+        (sugar / f"{subset}.json").write_text(json.dumps({"0": {
+            "filename": "000000000001.jpg", "caption": "a red square", "negative_caption": "a square red"}}))
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"model: tiny:qwen2_vl\nreranker: tiny:qwen2_5_vl\noutput_dir: {tmp_path / 'out'}\n"
+        f"mmeb: {{root: {root}, image_root: {image_root}, datasets: [VOC2007, CIRR], rerank_top_k: 2}}\n"
+        f"retrieval: {{urban1k: {{folder: {urban}, rerank_top_k: 2}}}}\n"
+        f"sugarcrepe: {{annotations: {sugar}, image_root: {coco}, subsets: [swap_att, swap_obj]}}\n"
+    )
+    monkeypatch.setattr(sys, "argv", ["evaluate", "--config", str(config)])
+    runpy.run_path(str(REPO_ROOT / "recipes" / "evaluate.py"), run_name="__main__")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["mmeb"]) == {"embedder", "embedder + rerank"}
+    assert set(results["mmeb"]["embedder"]["datasets"]) == {"VOC2007", "CIRR"}
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| model | Classification | VQA | Retrieval | Visual Grounding | IND | OOD | Overall |" in table
+    assert (tmp_path / "out" / "predictions" / "mmeb" / "VOC2007.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "out" / "predictions" / "mmeb_rerank" / "CIRR.jsonl").is_file()
+    assert set(results["retrieval"]["urban1k"]) == {"embedder", "embedder + rerank"}
+    assert set(results["retrieval"]["urban1k"]["embedder"]) == {"image_to_text", "text_to_image"}
+    assert set(results["sugarcrepe"]["subsets"]) == {"swap_att", "swap_obj"} and "Swap" in results["sugarcrepe"]["groups"]
+    assert "image->text R@1" in table and "| embedder + rerank |" in table and "Replace | Swap | Add" in table
+    output = capsys.readouterr().out
+    assert "## MMEB" in output and "## SugarCrepe" in output
