@@ -172,3 +172,23 @@ def test_harness_end_to_end_on_a_tiny_model_in_under_a_minute(tmp_path, monkeypa
     assert "image->text R@1" in table and "| embedder + rerank |" in table and "Replace | Swap | Add" in table
     output = capsys.readouterr().out
     assert "## MMEB" in output and "## SugarCrepe" in output
+
+    # The script itself (its name shadows the `evaluate` library), encoding split over 2 processes: same results.
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", str(port), str(REPO_ROOT / "recipes" / "evaluate.py"), "--config", str(config),
+         "--output_dir", str(tmp_path / "two")],
+        env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["mmeb"] == results["mmeb"] and two["retrieval"] == results["retrieval"]
+    assert two["sugarcrepe"]["subsets"] == results["sugarcrepe"]["subsets"]
