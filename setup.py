@@ -45,6 +45,7 @@ setup(
         "pillow>=10",
         "pyyaml>=6",
         "tqdm>=4.66",
+        "easy-vqa>=1.0",  # the demo world of the main job (3 MB of 64x64 images)
     ],
     extras_require={
         "dev": ["pytest>=8", "faiss-cpu>=1.8"],

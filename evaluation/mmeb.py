@@ -175,48 +175,68 @@ def evaluate_mmeb(
     ``reranker.rerank(query, candidates, mode=rerank_mode)`` and the new first candidate is the prediction; the
     candidates below the top k keep their order.
     """
-    metric = load_metric("precision_at_1")
     result, reranked = MMEBResult(), (MMEBResult() if reranker is not None else None)
     for name in datasets or MMEB_DATASETS:
-        dataset = load_mmeb_dataset(name, root)
-        check_images(dataset, image_root)
-        items = list(dict.fromkeys([*dataset.queries, *(item for items in dataset.candidates for item in items)]))
-        if cache_dir is None:
-            embeddings = embedder.encode(texts=[text for text, _ in items], images=[image for _, image in items],
-                                         image_root=image_root, batch_size=batch_size)
-        else:
-            embeddings = cached_embeddings(embedder, items, Path(cache_dir) / "mmeb", image_root, batch_size, state)
-        position = {item: index for index, item in enumerate(items)}
-        scores = [
-            embeddings[[position[item] for item in candidates]] @ embeddings[position[query]]
-            for query, candidates in zip(dataset.queries, dataset.candidates)
-        ]
-        predictions = predictions_from_scores(scores)
-        result.scores[name] = 100 * metric.compute(predictions=predictions, references=[0] * len(predictions))[
-            "precision_at_1"
-        ]
-        result.predictions[name] = [
-            {"row": row, "prediction": prediction, "correct": prediction == 0,
-             "positive_score": float(row_scores[0]), "top_score": float(row_scores.max())}
-            for row, (prediction, row_scores) in enumerate(zip(predictions, scores))
-        ]
-        if reranker is None:
-            continue
-        reranked_predictions = []
-        for query, candidates, row_scores in zip(dataset.queries, dataset.candidates, scores):
-            ranking = sorted(range(len(candidates)), key=lambda index: (-float(row_scores[index]), index == 0, index))
-            top = ranking[:rerank_top_k]
-            order, _ = reranker.rerank(query, [candidates[index] for index in top], mode=rerank_mode,
-                                       image_root=image_root)
-            reranked_predictions.append(top[order[0]])
-        reranked.scores[name] = 100 * metric.compute(
-            predictions=reranked_predictions, references=[0] * len(reranked_predictions)
-        )["precision_at_1"]
-        reranked.predictions[name] = [
-            {"row": row, "prediction": prediction, "correct": prediction == 0}
-            for row, prediction in enumerate(reranked_predictions)
-        ]
+        evaluate_task(
+            embedder, load_mmeb_dataset(name, root), result, reranked, image_root=image_root, cache_dir=cache_dir,
+            batch_size=batch_size, reranker=reranker, rerank_top_k=rerank_top_k, rerank_mode=rerank_mode, state=state,
+        )
     return result, reranked
+
+
+def evaluate_task(
+    embedder: Any,
+    dataset: MMEBDataset,
+    result: MMEBResult,
+    reranked: MMEBResult | None = None,
+    image_root: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    reranker: Any = None,
+    rerank_top_k: int = 10,
+    rerank_mode: str = "listwise",
+    state: Any = None,
+) -> None:
+    """The MMEB protocol on one dataset in the MMEB shape (any task: MMEB's own or one built elsewhere): adds its
+    precision@1 (%) and predictions to ``result`` (and, with a reranker, to ``reranked``)."""
+    metric = load_metric("precision_at_1")
+    name = dataset.name
+    check_images(dataset, image_root)
+    items = list(dict.fromkeys([*dataset.queries, *(item for items in dataset.candidates for item in items)]))
+    if cache_dir is None:
+        embeddings = embedder.encode(texts=[text for text, _ in items], images=[image for _, image in items],
+                                     image_root=image_root, batch_size=batch_size)
+    else:
+        embeddings = cached_embeddings(embedder, items, Path(cache_dir) / "mmeb", image_root, batch_size, state)
+    position = {item: index for index, item in enumerate(items)}
+    scores = [
+        embeddings[[position[item] for item in candidates]] @ embeddings[position[query]]
+        for query, candidates in zip(dataset.queries, dataset.candidates)
+    ]
+    predictions = predictions_from_scores(scores)
+    result.scores[name] = 100 * metric.compute(predictions=predictions, references=[0] * len(predictions))[
+        "precision_at_1"
+    ]
+    result.predictions[name] = [
+        {"row": row, "prediction": prediction, "correct": prediction == 0,
+         "positive_score": float(row_scores[0]), "top_score": float(row_scores.max())}
+        for row, (prediction, row_scores) in enumerate(zip(predictions, scores))
+    ]
+    if reranker is None or reranked is None:
+        return
+    reranked_predictions = []
+    for query, candidates, row_scores in zip(dataset.queries, dataset.candidates, scores):
+        ranking = sorted(range(len(candidates)), key=lambda index: (-float(row_scores[index]), index == 0, index))
+        top = ranking[:rerank_top_k]
+        order, _ = reranker.rerank(query, [candidates[index] for index in top], mode=rerank_mode, image_root=image_root)
+        reranked_predictions.append(top[order[0]])
+    reranked.scores[name] = 100 * metric.compute(
+        predictions=reranked_predictions, references=[0] * len(reranked_predictions)
+    )["precision_at_1"]
+    reranked.predictions[name] = [
+        {"row": row, "prediction": prediction, "correct": prediction == 0}
+        for row, prediction in enumerate(reranked_predictions)
+    ]
 
 
 def write_predictions(result: MMEBResult, folder: str | os.PathLike) -> None:
@@ -237,6 +257,7 @@ __all__ = [
     "MMEBResult",
     "load_mmeb_dataset",
     "evaluate_mmeb",
+    "evaluate_task",
     "predictions_from_scores",
     "write_predictions",
 ]
