@@ -14,14 +14,9 @@ Config (YAML): ``model`` (folder / repo id / ``tiny:<family>``), ``reranker`` (o
 """
 
 import os
-import sys
 
-# This script shares its name with the `evaluate` library, which the metrics import: keep the script's folder off
-# the import path so that `import evaluate` finds the library, not this file.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _here]
-
-from evaluation.harness import parse_evaluation_arguments, run_evaluation  # noqa: E402
+# This script shares its name with the `evaluate` library; evaluation.metrics imports the library around it.
+from evaluation.harness import parse_evaluation_arguments, run_evaluation
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
