@@ -24,8 +24,9 @@ def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkey
     assert set(results["judge_pairwise_accuracy"]) == {"oracle", "mllm"}
     assert results["judge_pairwise_accuracy"]["oracle"] == {"vqa_colour": 100.0, "vqa_shape": 100.0}
     rows = results["table"]
-    assert {"blind text-only baseline", "InfoNCE baseline", "hard negatives, hard labels (oracle-mined)",
-            "UniME-V2 soft labels (oracle judge)", "UniME-V2 soft labels (mllm judge)"} <= set(rows)
+    assert {"blind text-only baseline", "InfoNCE baseline", "+ InfoNCE continued (no hard negatives, no soft labels)",
+            "+ hard negatives, hard labels", "+ UniME-V2 soft labels (oracle judge)",
+            "+ UniME-V2 soft labels (mllm judge)"} <= set(rows)
     assert any(label.endswith("+ reranker (top-5)") for label in rows)
     assert all(set(scores) == {*TASKS, "mean"} for scores in rows.values())
     for folder in ("mined-oracle", "mined-mllm", "baseline", "reranker", "mllm-judge"):
