@@ -34,7 +34,19 @@ def backbone_config_from(backbone_config: PretrainedConfig | dict[str, Any] | No
     return backbone_config
 
 
-class UniMEV2Config(PretrainedConfig):
+class _BackboneProperties:
+    """Read-only views of the nested backbone config, shared by both UniME-V2 configs."""
+
+    @property
+    def backbone_type(self) -> str | None:
+        return None if self.backbone_config is None else self.backbone_config.model_type
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone_config.get_text_config().hidden_size
+
+
+class UniMEV2Config(_BackboneProperties, PretrainedConfig):
     """Configuration of a [`UniMEV2Model`]: a multimodal LLM backbone whose last-token hidden state is the embedding.
 
     Args:
@@ -75,16 +87,8 @@ class UniMEV2Config(PretrainedConfig):
         self.matryoshka_dim = matryoshka_dim
         super().__init__(**kwargs)
 
-    @property
-    def backbone_type(self) -> str | None:
-        return None if self.backbone_config is None else self.backbone_config.model_type
 
-    @property
-    def hidden_size(self) -> int:
-        return self.backbone_config.get_text_config().hidden_size
-
-
-class UniMEV2RerankerConfig(PretrainedConfig):
+class UniMEV2RerankerConfig(_BackboneProperties, PretrainedConfig):
     """Configuration of a [`UniMEV2Reranker`]: an image-text-to-text backbone (Qwen2.5-VL in the paper; Qwen2-VL
     too) with its LM head, scoring pairs by P(Yes) and lists by the probability of each candidate's index.
 
@@ -116,14 +120,6 @@ class UniMEV2RerankerConfig(PretrainedConfig):
         if backbone_config is not None:
             kwargs.setdefault("tie_word_embeddings", bool(getattr(backbone_config, "tie_word_embeddings", False)))
         super().__init__(**kwargs)
-
-    @property
-    def backbone_type(self) -> str | None:
-        return None if self.backbone_config is None else self.backbone_config.model_type
-
-    @property
-    def hidden_size(self) -> int:
-        return self.backbone_config.get_text_config().hidden_size
 
 
 __all__ = ["UniMEV2Config", "UniMEV2RerankerConfig", "SUPPORTED_BACKBONES", "check_backbone_type", "backbone_config_from"]

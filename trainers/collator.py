@@ -16,6 +16,17 @@ from modeling_unime.processing_unime import UniMEV2Processor, load_image
 NEGATIVE_SELECTIONS = ("first", "random")
 
 
+def load_training_image(image: Any, image_root: Any, image_size: int | None, where: str):
+    """One training image as RGB PIL (or None), resized to a square ``image_size`` when set; errors name ``where``."""
+    try:
+        loaded = load_image(image, 0, image_root)
+    except ValueError as error:
+        raise ValueError(f"{where}: {str(error).removeprefix('Row 0: ')}") from error
+    if loaded is not None and image_size:
+        loaded = loaded.resize((image_size, image_size))
+    return loaded
+
+
 @dataclass
 class UniMEV2Collator:
     """Turns rows of the judge dataset (``query_text``, ``query_image``, ``pos_text``, ``pos_image``, ``neg_texts``,
@@ -82,13 +93,7 @@ class UniMEV2Collator:
         return random.Random(digest).sample(range(available), k)
 
     def _image(self, image: Any, where: str):
-        try:
-            loaded = load_image(image, 0, self.image_root)
-        except ValueError as error:
-            raise ValueError(f"{where}: {str(error).removeprefix('Row 0: ')}") from error
-        if loaded is not None and self.image_size:
-            loaded = loaded.resize((self.image_size, self.image_size))
-        return loaded
+        return load_training_image(image, self.image_root, self.image_size, where)
 
     def _process(self, items: Sequence[tuple[str | None, Any]]) -> list[Any]:
         size = self.chunk_size or len(items) or 1
@@ -126,4 +131,4 @@ class UniMEV2Collator:
         }
 
 
-__all__ = ["UniMEV2Collator", "NEGATIVE_SELECTIONS"]
+__all__ = ["UniMEV2Collator", "NEGATIVE_SELECTIONS", "load_training_image"]

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from modeling_unime.processing_unime import load_image
 from modeling_unime.scoring_unime import PromptBuilder, listwise_answer
 
+from .collator import load_training_image
 from .common import EpochToCollator, LoggedMetricsMixin
 
 
@@ -97,13 +97,7 @@ class RerankerCollator:
         return negatives, self._rng(row).randrange(len(negatives) + 1)
 
     def _item(self, text: Any, image: Any, where: str) -> tuple[str | None, Any]:
-        try:
-            loaded = load_image(image, 0, self.image_root)
-        except ValueError as error:
-            raise ValueError(f"{where}: {str(error).removeprefix('Row 0: ')}") from error
-        if loaded is not None and self.image_size:
-            loaded = loaded.resize((self.image_size, self.image_size))
-        return (text or None, loaded)
+        return (text or None, load_training_image(image, self.image_root, self.image_size, where))
 
     def examples(self, row: dict[str, Any]) -> dict[str, Any]:
         """The three training examples of one row, as (prompt, answer, images) triples."""
