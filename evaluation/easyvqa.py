@@ -188,13 +188,18 @@ def blind_baseline(train: EasyVQASplit, test_tasks: dict[str, MMEBDataset]) -> d
 
 class OracleJudge:
     """A judge that knows the ground truth: scores from the attributes of the query's and the candidate's images and
-    words, with graded partial credit (0.95 match, 0.5 one attribute in common, 0.05 none). Same interface as
-    `MLLMJudge.score`; documented as a stand-in for a strong MLLM judge.
+    words, with graded partial credit (0.95 match, 0.5 one attribute in common, 0.05 none). A candidate of the wrong
+    kind for the task scores 0.05 whatever it shows: every task here pairs a query with an image with a text
+    candidate and a text-only query with an image candidate (the mining pool mixes all tasks, and a strong judge
+    answers "No" to an image offered as a caption). Same interface as `MLLMJudge.score`; documented as a stand-in
+    for a strong MLLM judge.
 
     Example:
         >>> judge = OracleJudge({"red-circle.png": {"colour": "red", "shape": "circle"}})
         >>> judge.score("what color is the shape?", "red-circle.png", [("red", None), ("blue", None)]).tolist()
         [0.949999988079071, 0.05000000074505806]
+        >>> judge.score("what color is the shape?", "red-circle.png", [(None, "red-circle.png")]).tolist()
+        [0.05000000074505806]
     """
 
     MATCH, PARTIAL, MISS = 0.95, 0.5, 0.05
@@ -217,6 +222,8 @@ class OracleJudge:
         return found
 
     def _score(self, query_text: str | None, query_image: str | None, candidate: tuple[str | None, str | None]) -> float:
+        if (candidate[1] is None) == (query_image is None):
+            return self.MISS
         kind = question_kind(query_text or "") if query_image is not None else "caption"
         truth = self._attributes(None, query_image) if query_image is not None else self._attributes(query_text, None)
         offered = self._attributes(*candidate)

@@ -72,6 +72,13 @@ def test_oracle_grades_partial_credit():
     assert judge.score("Find a caption", "a.png", captions).tolist() == pytest.approx([0.95, 0.5, 0.5, 0.05])
     images = [(None, "a.png"), (None, "b.png")]
     assert judge.score("a red circle", None, images).tolist() == pytest.approx([0.95, 0.5])
+    # the wrong kind of candidate for the task is a miss, whatever it shows: the mining pool mixes every task
+    assert judge.score("what color is the shape?", "a.png", [(None, "a.png"), ("red", "a.png")]).tolist() == \
+        pytest.approx([0.05, 0.05])
+    assert judge.score("Find a caption", "a.png", [(None, "a.png"), (None, "b.png")]).tolist() == \
+        pytest.approx([0.05, 0.05])
+    assert judge.score("a red circle", None, [("a red circle", None), ("a red square", None)]).tolist() == \
+        pytest.approx([0.05, 0.05])
 
 
 def test_real_easyvqa_blind_baseline_and_oracle():
