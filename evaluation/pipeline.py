@@ -64,13 +64,13 @@ class PipelineConfig:
     learning_rate: float = 1e-3
     judge_steps: int = 300
     judge_learning_rate: float = 1e-3
-    judge_eval_rows: int = 400
+    judge_eval_rows: int = 200
     mining_queries: int = 1500
     finetune_steps: int = 150
     finetune_learning_rate: float = 1e-4
     top_k: int = 20
     num_negatives: int = 8
-    reranker_steps: int = 300
+    reranker_steps: int = 150
     rerank_top_k: int = 5
 
     @classmethod
