@@ -6,14 +6,17 @@ Stages (each writes under ``output_dir``):
    blind text-only baseline;
 2. baseline embedder: tiny Qwen2-VL from scratch, in-batch InfoNCE (the VLM2Vec role); it does the global retrieval;
 3. judges: ``oracle`` (ground-truth attributes, graded partial credit; a stand-in for a strong MLLM) and ``mllm``
-   (a tiny reranker-style Yes/No model started from the baseline's backbone and trained on ground-truth pairs; its
-   held-out pairwise accuracy on colour and shape pairs is reported);
+   (a tiny reranker-style Yes/No model started from the baseline's backbone, vision tower frozen, trained on
+   ground-truth pairs; its held-out pairwise accuracy on colour and shape pairs is reported);
 4. mining with each judge (global pool, top-k, false-negative filter, cyclical sampling);
 5. from the baseline checkpoint, with the same extra budget each, on the same mined queries: a control that
    continues in-batch InfoNCE, the "hard negatives, hard labels" ablation, and UniME-V2 soft labels per judge;
-6. the UniME-V2 reranker trained on the oracle-mined data;
+6. the UniME-V2 reranker, started from the judge, trained on the oracle-mined data (pairwise + listwise);
 7. evaluation of every model with the MMEB protocol (precision@1), with and without the rerank stage; a table
    shaped like the paper's Table 4 (+ judge column, + rerank row, + blind baseline) as markdown and JSON, and a PNG.
+
+Every trained model and mined dataset is saved with the settings it depends on, so a re-run resumes after the last
+finished stage. ``run_ablation`` is the multi-seed investigation of tau, k, steps and in-batch negatives.
 """
 
 from __future__ import annotations
