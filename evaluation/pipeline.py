@@ -137,25 +137,25 @@ def build_world(config: PipelineConfig, output: Path) -> DemoWorld:
 
 
 class SavedStage:
-    """A model stage saved in its folder with the run's fingerprint: re-running the same command loads it instead of
-    training it again, so an interrupted run resumes at the stage it was in; a changed setting retrains."""
+    """A stage's output saved in its folder with the settings it depends on: re-running the same command loads it
+    instead of making it again, so an interrupted run resumes at the stage it was in; a changed setting redoes it."""
 
     MARKER = "pipeline_stage.json"
 
     def __init__(self, folder: Path, fingerprint: str) -> None:
         self.folder, self.fingerprint = folder, fingerprint
 
-    def load(self, model_class):
+    def saved(self) -> dict[str, Any] | None:
+        """What ``mark`` stored, when the folder was written with the same settings; else None."""
         marker = self.folder / self.MARKER
-        if not marker.exists() or json.loads(marker.read_text())["fingerprint"] != self.fingerprint:
+        if not marker.exists():
             return None
-        print(f"[resume] {self.folder} was trained by a run with the same settings: loaded", flush=True)
-        return model_class.from_pretrained(str(self.folder)), json.loads(marker.read_text())["curve"]
+        stored = json.loads(marker.read_text())
+        return stored.get("payload") if stored.get("fingerprint") == self.fingerprint else None
 
-    def save(self, model, curve: list[dict[str, Any]]) -> None:
-        model.save_pretrained(str(self.folder))
-        marker = {"fingerprint": self.fingerprint, "curve": curve}
-        (self.folder / self.MARKER).write_text(json.dumps(marker))
+    def mark(self, payload: dict[str, Any]) -> None:
+        """Call after the stage's files are written: the folder then counts as finished."""
+        (self.folder / self.MARKER).write_text(json.dumps({"fingerprint": self.fingerprint, "payload": payload}))
 
 
 def freeze_vision_tower(model) -> None:
@@ -168,13 +168,16 @@ def freeze_vision_tower(model) -> None:
     tower.requires_grad_(False)
 
 
-def _train(trainer_class, args_class, model, processor, rows, output_dir, config, stages, steps, learning_rate,
-           **arguments):
+def _train(trainer_class, args_class, model_class, build_model, processor, rows, output_dir, config, stages, steps,
+           learning_rate, **arguments):
+    """Train ``build_model()`` (called only when no saved stage matches) and save it with its loss curve."""
     recipe = json.dumps({"steps": steps, "learning_rate": learning_rate, **arguments}, sort_keys=True)
     stage = SavedStage(Path(output_dir), config.fingerprint(*stages) + recipe)
-    loaded = stage.load(type(model))
-    if loaded is not None:
-        return loaded
+    saved = stage.saved()
+    if saved is not None:
+        print(f"[resume] {output_dir} was trained by a run with the same settings: loaded", flush=True)
+        return model_class.from_pretrained(str(output_dir)), saved["curve"]
+    model = build_model()
     args = args_class(
         str(output_dir), report_to=[], use_cpu=True, save_strategy="no", per_device_train_batch_size=config.batch_size,
         learning_rate=learning_rate, warmup_steps=max(1, steps // 10), max_steps=steps,
@@ -183,7 +186,8 @@ def _train(trainer_class, args_class, model, processor, rows, output_dir, config
     trainer = trainer_class(model=model, args=args, train_dataset=rows, processing_class=processor)
     trainer.train()
     curve = [{"step": entry["step"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry]
-    stage.save(trainer.model, curve)
+    trainer.model.save_pretrained(str(output_dir))
+    stage.mark({"curve": curve})
     return trainer.model, curve
 
 
@@ -240,9 +244,9 @@ def judge_pairwise_accuracy(judge, test_tasks, rows: int, rng: random.Random) ->
 def train_baseline(world: DemoWorld, config: PipelineConfig, output: Path):
     """In-batch InfoNCE from scratch on the (query, positive) pairs: the VLM2Vec role."""
     rows = world.pairs.map(lambda row: {"neg_texts": [], "neg_images": [], "judge_scores": [1.0]})
-    model, curve = _train(UniMEV2Trainer, UniMEV2TrainingArguments, _new_embedder(config, world.tokenizer),
-                          world.processor, rows, output / "baseline", config, (), config.embedder_steps,
-                          config.learning_rate, loss="infonce", num_negatives=0)
+    model, curve = _train(UniMEV2Trainer, UniMEV2TrainingArguments, UniMEV2Model,
+                          lambda: _new_embedder(config, world.tokenizer), world.processor, rows, output / "baseline",
+                          config, (), config.embedder_steps, config.learning_rate, loss="infonce", num_negatives=0)
     model.processor = world.processor
     return model, curve
 
@@ -250,16 +254,17 @@ def train_baseline(world: DemoWorld, config: PipelineConfig, output: Path):
 def mine(world: DemoWorld, baseline: UniMEV2Model, judge, name: str, config: PipelineConfig, output: Path):
     """Global retrieval with the baseline, judge scores, false-negative filter, cyclical sampling; saved (and
     reloaded by a re-run with the same settings)."""
-    folder, marker = output / f"mined-{name}", output / f"mined-{name}.json"
-    fingerprint = config.fingerprint("mining", *(("judge",) if name == "mllm" else ()))
-    if marker.exists() and json.loads(marker.read_text())["fingerprint"] == fingerprint:
-        return load_from_disk(str(folder)), json.loads(marker.read_text())["report"]
+    folder = output / f"mined-{name}"
+    stage = SavedStage(folder, config.fingerprint("mining", *(("judge",) if name == "mllm" else ())))
+    saved = stage.saved()
+    if saved is not None:
+        return load_from_disk(str(folder)), saved["report"]
     rows = world.pairs.select(range(min(config.mining_queries, len(world.pairs))))
     settings = MiningConfig(top_k=config.top_k, num_negatives=max(config.num_negatives, 1), seed=config.seed,
                             batch_size=32)
     mined, stats = mine_hard_negatives(rows, baseline, judge, config=settings, verbose=False)
     mined.save_to_disk(str(folder))
-    marker.write_text(json.dumps({"fingerprint": fingerprint, "report": stats.summary()}))
+    stage.mark({"report": stats.summary()})
     return mined, stats.summary()
 
 
@@ -268,8 +273,9 @@ def continue_training(baseline: UniMEV2Model, rows: Dataset, world: DemoWorld, c
     """One UniME-V2 variant: from a copy of the baseline, ``finetune_steps`` at ``finetune_learning_rate`` on the
     data mined with ``judge``."""
     stages = ("judge", "mining", "finetune") if judge == "mllm" else ("mining", "finetune")
-    model, curve = _train(UniMEV2Trainer, UniMEV2TrainingArguments, copy.deepcopy(baseline), world.processor, rows,
-                          folder, config, stages, config.finetune_steps, config.finetune_learning_rate, **objective)
+    model, curve = _train(UniMEV2Trainer, UniMEV2TrainingArguments, UniMEV2Model, lambda: copy.deepcopy(baseline),
+                          world.processor, rows, folder, config, stages, config.finetune_steps,
+                          config.finetune_learning_rate, **objective)
     model.processor = world.processor
     return model, curve
 
@@ -280,10 +286,13 @@ def evaluate_embedder(model, tasks: dict[str, MMEBDataset], reranker=None, reran
     for task in tasks.values():
         evaluate_task(model, task, plain, reranked, batch_size=32, reranker=reranker, rerank_top_k=rerank_top_k,
                       rerank_mode="pairwise")
-    tables = [dict(result.scores) for result in (plain, reranked) if result is not None]
-    for scores in tables:
-        scores["mean"] = sum(scores[task] for task in TASKS) / len(TASKS)
+    tables = [with_mean(result.scores) for result in (plain, reranked) if result is not None]
     return tables if reranker is not None else tables[0]
+
+
+def with_mean(scores: dict[str, float]) -> dict[str, float]:
+    """A copy of per-task scores with their mean over the four tasks added."""
+    return {**scores, "mean": sum(scores[task] for task in TASKS) / len(TASKS)}
 
 
 def variants(config: PipelineConfig) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -316,7 +325,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     # 3. judges
     oracle = oracle_for(world.train, world.test)
     judge_model, judge_curve = _train(
-        UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments, _judge_from(baseline), world.processor,
+        UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments, UniMEV2Reranker, lambda: _judge_from(baseline),
+        world.processor,
         Dataset.from_list(ground_truth_judge_rows(world.train_tasks, random.Random(config.seed))),
         output / "mllm-judge", config, ("judge",), config.judge_steps, config.judge_learning_rate, listwise_negatives=1,
         listwise_weight=0.0,
@@ -345,7 +355,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     # 6. The reranker starts from the judge (the paper trains it from its judge's base model, Qwen2.5-VL-7B) and
     #    learns pairwise + listwise on the oracle-mined data.
     reranker, reranker_curve = _train(
-        UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments, _reranker_from(judge_model), world.processor,
+        UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments, UniMEV2Reranker, lambda: _reranker_from(judge_model),
+        world.processor,
         mined["oracle"], output / "reranker", config, ("judge", "mining", "reranker"), config.reranker_steps,
         config.judge_learning_rate, listwise_negatives=3, listwise_weight=0.2,
     )
@@ -356,8 +367,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     clock.lap("reranker")
 
     # 7. evaluation
-    table: dict[str, dict[str, float]] = {"blind text-only baseline": dict(world.blind)}
-    table["blind text-only baseline"]["mean"] = sum(world.blind[task] for task in TASKS) / len(TASKS)
+    table: dict[str, dict[str, float]] = {"blind text-only baseline": with_mean(world.blind)}
     best, reranked = "+ UniME-V2 soft labels (oracle judge)", {}
     for label, model in embedders.items():
         if label == best:
@@ -417,7 +427,8 @@ def run_ablation(config: PipelineConfig, seeds: Sequence[int]) -> dict[str, Any]
             results = {"fingerprint": fingerprint, "table": {}}
         world = build_world(seeded, output)
         baseline, _ = train_baseline(world, seeded, folder)
-        results["table"]["InfoNCE baseline"] = evaluate_embedder(baseline, world.test_tasks)
+        if "InfoNCE baseline" not in results["table"]:
+            results["table"]["InfoNCE baseline"] = evaluate_embedder(baseline, world.test_tasks)
         mined, results["mining"] = mine(world, baseline, oracle_for(world.train, world.test), "oracle", seeded, folder)
         for index, (label, (steps, objective)) in enumerate(ablation_variants(seeded).items()):
             if label in results["table"]:
@@ -525,5 +536,6 @@ def draw_summary(results: dict[str, Any], path: Path) -> None:
 
 __all__ = [
     "PipelineConfig", "DemoWorld", "build_world", "train_baseline", "mine", "continue_training", "evaluate_embedder",
-    "variants", "ablation_variants", "run_ablation", "report_ablation", "freeze_vision_tower", "run_pipeline", "render_table", "draw_summary",
+    "with_mean", "variants", "ablation_variants", "run_ablation", "report_ablation", "freeze_vision_tower",
+    "run_pipeline", "render_table", "draw_summary",
 ]

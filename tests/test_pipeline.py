@@ -10,6 +10,12 @@ import torch
 from conftest import REPO_ROOT
 
 
+def run_recipe(monkeypatch, *arguments: str) -> None:
+    """recipes/pipeline.py as from the command line, in this process."""
+    monkeypatch.setattr(sys, "argv", ["pipeline", *arguments])
+    runpy.run_path(str(REPO_ROOT / "recipes" / "pipeline.py"), run_name="__main__")
+
+
 def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkeypatch, capsys):
     pytest.importorskip("easy_vqa")
     from PIL import Image
@@ -17,8 +23,7 @@ def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkey
     from evaluation.easyvqa import TASKS
 
     output = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["pipeline", "--quick", "--output_dir", str(output)])
-    runpy.run_path(str(REPO_ROOT / "recipes" / "pipeline.py"), run_name="__main__")
+    run_recipe(monkeypatch, "--quick", "--output_dir", str(output))
     results = json.loads((output / "results.json").read_text())
     assert list(results["seconds"]) == ["data", "baseline embedder", "judges", "mining", "UniME-V2 embedders",
                                         "reranker", "evaluation"]
@@ -45,19 +50,17 @@ def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkey
 def test_rerunning_the_quick_pipeline_resumes_from_the_saved_stages(tmp_path, monkeypatch, capsys):
     pytest.importorskip("easy_vqa")
     output = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["pipeline", "--quick", "--output_dir", str(output)])
-    runpy.run_path(str(REPO_ROOT / "recipes" / "pipeline.py"), run_name="__main__")
+    run_recipe(monkeypatch, "--quick", "--output_dir", str(output))
     first = json.loads((output / "results.json").read_text())
     capsys.readouterr()
-    runpy.run_path(str(REPO_ROOT / "recipes" / "pipeline.py"), run_name="__main__")
+    run_recipe(monkeypatch, "--quick", "--output_dir", str(output))
     second = json.loads((output / "results.json").read_text())
     resumed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[resume]")]
     assert len(resumed) == 7  # baseline, judge, four variants, reranker: none trained again
     assert second["table"] == first["table"]
     assert second["curves"] == first["curves"]
     # a changed setting is a different run: the saved stages are not reused
-    monkeypatch.setattr(sys, "argv", ["pipeline", "--quick", "--output_dir", str(output), "--seed", "1"])
-    runpy.run_path(str(REPO_ROOT / "recipes" / "pipeline.py"), run_name="__main__")
+    run_recipe(monkeypatch, "--quick", "--output_dir", str(output), "--seed", "1")
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("[resume]")]
 
 
