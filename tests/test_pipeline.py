@@ -102,3 +102,20 @@ def test_judge_and_reranker_start_from_the_embedder_with_the_vision_tower_frozen
     assert any(name.startswith("model.language_model.") for name in trainable) and "lm_head.weight" in trainable
     assert all(torch.equal(value, judge.model.state_dict()[key]) for key, value in embedder.model.state_dict().items())
     assert torch.equal(judge.lm_head.weight, judge.model.get_input_embeddings().weight)
+
+
+def test_a_changed_setting_redoes_only_the_stages_that_depend_on_it(tmp_path, capsys):
+    pytest.importorskip("easy_vqa")
+    from evaluation.pipeline import PipelineConfig, run_pipeline
+
+    run_pipeline(PipelineConfig.quick(output_dir=str(tmp_path)))
+    mined_markers = {name: (tmp_path / f"mined-{name}" / "pipeline_stage.json").stat().st_mtime_ns
+                     for name in ("oracle", "mllm")}
+    capsys.readouterr()
+    run_pipeline(PipelineConfig.quick(output_dir=str(tmp_path), finetune_steps=3, rerank_top_k=3))
+    out = capsys.readouterr().out
+    resumed = {line.split()[1] for line in out.splitlines() if line.startswith("[resume]")}
+    # the variants depend on finetune_steps; the baseline, the judge and the reranker do not, nor does evaluation
+    assert resumed == {str(tmp_path / folder) for folder in ("baseline", "mllm-judge", "reranker")}
+    assert {name: (tmp_path / f"mined-{name}" / "pipeline_stage.json").stat().st_mtime_ns
+            for name in mined_markers} == mined_markers  # mining was loaded, not redone
