@@ -54,6 +54,9 @@ def authors_recipe(causal_lm, processor, texts, images, batch_size):
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             batch = processor(texts=texts[start : start + batch_size], images=images[start : start + batch_size])
+            # Their transformers 4.49 positioned image tokens without <|vision_start|> as text; in 5.x: no token
+            # marked as an image token.
+            batch["mm_token_type_ids"] = torch.zeros_like(batch["mm_token_type_ids"])
             hidden = causal_lm(**batch, output_hidden_states=True, return_dict=True).hidden_states[-1]
             pieces.append(F.normalize(hidden[:, -1, :].float(), dim=-1))
     return torch.cat(pieces)

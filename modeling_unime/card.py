@@ -42,6 +42,47 @@ DESCRIPTIONS = {
 }
 
 
+IMAGE_RESIZE_WORDS = {
+    "native": "images are fed at their own size (the backbone's image processor still bounds the pixel count)",
+    "square:1344": "every image is resized to 1344x1344 first: the authors' evaluation rule, under which every "
+    "published number of the released embedders was measured (about 2,300 image tokens for Qwen2-VL)",
+    "square:672": "every image is resized to 672x672 first (the authors' Qwen2-VL training size)",
+    "square:336": "every image is resized to 336x336 first (the authors' LLaVA-OneVision training size)",
+    "max_side:1344": "an image whose longest side exceeds 1344 is resized to 1344x1344 first",
+    "max_pixels:235200": "images are scaled to at most 300*28*28 pixels, sides multiples of 28 (the authors' "
+    "reranker training rule)",
+    "square:1344,max_pixels:235200": "every image is resized to 1344x1344 and then capped at 300*28*28 pixels, i.e. "
+    "476x476: what the reranker saw in the authors' evaluation, under which their rerank numbers were measured",
+}
+
+
+def describe_inputs(
+    kind: str, backbone_type: str, image_resize: str = "native", image_position_rule: str | None = None
+) -> str:
+    """The "Inputs" section of a card: the image-size policy the processor applies and, for Qwen embedders, the
+    M-RoPE position rule, so that a user knows what the checkpoint expects.
+
+    Example:
+        >>> "1344x1344" in describe_inputs("embedder", "qwen2_vl", "square:1344", "vision_start_only")
+        True
+    """
+    size = IMAGE_RESIZE_WORDS.get(image_resize, f"images are resized by the rule `{image_resize}` first")
+    lines = [
+        f"- Image size: `image_resize = \"{image_resize}\"` is saved with the processor: {size}. Change it with "
+        "`model.processor.image_resize = \"native\"` (or a preset such as `\"authors-eval\"`); numbers measured "
+        "under one rule do not carry over to another."
+    ]
+    if kind == "embedder" and backbone_type in ("qwen2_vl", "qwen2_5_vl"):
+        rule = image_position_rule or "vision_start_only"
+        meaning = (
+            "image tokens take text positions, because the prompt has no `<|vision_start|>`: the rule of "
+            "transformers 4.49, under which the authors trained and evaluated"
+            if rule == "vision_start_only" else "every image token takes 3-D M-RoPE positions (transformers 5.x)"
+        )
+        lines.append(f"- Image positions: `image_position_rule = \"{rule}\"` in the config: {meaning}.")
+    return "\n".join(lines)
+
+
 def find_card_template() -> Path:
     """The template shipped inside the package (wheel install) or at the repository root (source checkout)."""
     here = Path(__file__).resolve().parent
@@ -65,6 +106,8 @@ def render_model_card(
     evaluation: str | None = None,
     extra_tags: list[str] | None = None,
     kind: str = "embedder",
+    image_resize: str = "native",
+    image_position_rule: str | None = None,
 ) -> str:
     """Fill the model card template (``kind``: "embedder" or "reranker").
 
@@ -90,6 +133,7 @@ def render_model_card(
     fields["pipeline_tag"] = "text-ranking" if kind == "reranker" else "feature-extraction"
     fields["usage"] = Template(RERANKER_USAGE if kind == "reranker" else EMBEDDER_USAGE).substitute(fields)
     fields["description"] = Template(DESCRIPTIONS[kind]).substitute(fields)
+    fields["inputs"] = describe_inputs(kind, backbone_type, image_resize, image_position_rule)
     return Template(find_card_template().read_text(encoding="utf-8")).substitute(fields)
 
 

@@ -11,6 +11,14 @@ from transformers import AutoConfig, PretrainedConfig
 
 SUPPORTED_BACKBONES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
 SUPPORTED_POOLING = ("last",)
+MROPE_BACKBONES = ("qwen2_vl", "qwen2_5_vl")
+# How image tokens of a Qwen2-VL / Qwen2.5-VL embedder get their M-RoPE positions:
+# - "vision_start_only": as transformers 4.49 (the authors' pinned version, and their own modeling copy) computes them:
+#   3-D (t, h, w) positions only for an image whose tokens follow <|vision_start|>; any other image token gets a plain
+#   text position. The authors' embedding prompt has no <|vision_start|>, so in their training and evaluation, and in
+#   the released checkpoints' numbers, image tokens are positioned like text.
+# - "all_images": as transformers 5.x computes them: every image token gets 3-D positions.
+IMAGE_POSITION_RULES = ("vision_start_only", "all_images")
 
 
 def check_backbone_type(model_type: str | None) -> str:
@@ -57,12 +65,18 @@ class UniMEV2Config(_BackboneProperties, PretrainedConfig):
         normalize: L2-normalise the embeddings.
         matryoshka_dim: default truncation of the embedding (re-normalised after truncation); ``None`` keeps all
             dimensions.
+        image_position_rule: M-RoPE positions of image tokens (Qwen2-VL / Qwen2.5-VL backbones only).
+            ``"vision_start_only"`` (default) reproduces transformers 4.49, under which the released checkpoints were
+            trained and evaluated: 3-D positions only for an image right after ``<|vision_start|>``, which the
+            authors' embedding prompt never has, so image tokens get text positions. ``"all_images"`` gives every
+            image token 3-D positions, as transformers 5.x does; embeddings of the released checkpoints then differ
+            (by up to 0.28 per dimension, measured).
 
     Example:
         >>> from transformers import Qwen2VLConfig
         >>> config = UniMEV2Config(backbone_config=Qwen2VLConfig().to_dict())
-        >>> config.backbone_type
-        'qwen2_vl'
+        >>> config.backbone_type, config.image_position_rule
+        ('qwen2_vl', 'vision_start_only')
     """
 
     model_type = "unime_v2"
@@ -74,9 +88,14 @@ class UniMEV2Config(_BackboneProperties, PretrainedConfig):
         pooling: str = "last",
         normalize: bool = True,
         matryoshka_dim: int | None = None,
+        image_position_rule: str = "vision_start_only",
         **kwargs: Any,
     ) -> None:
         backbone_config = backbone_config_from(backbone_config)
+        if image_position_rule not in IMAGE_POSITION_RULES:
+            raise ValueError(
+                f"image_position_rule={image_position_rule!r}: use one of {IMAGE_POSITION_RULES} (see the docstring)."
+            )
         if pooling not in SUPPORTED_POOLING:
             raise ValueError(f"pooling={pooling!r} is not supported; use one of {SUPPORTED_POOLING}.")
         if matryoshka_dim is not None and matryoshka_dim <= 0:
@@ -85,6 +104,7 @@ class UniMEV2Config(_BackboneProperties, PretrainedConfig):
         self.pooling = pooling
         self.normalize = normalize
         self.matryoshka_dim = matryoshka_dim
+        self.image_position_rule = image_position_rule
         super().__init__(**kwargs)
 
 
@@ -122,4 +142,4 @@ class UniMEV2RerankerConfig(_BackboneProperties, PretrainedConfig):
         super().__init__(**kwargs)
 
 
-__all__ = ["UniMEV2Config", "UniMEV2RerankerConfig", "SUPPORTED_BACKBONES", "check_backbone_type", "backbone_config_from"]
+__all__ = ["UniMEV2Config", "UniMEV2RerankerConfig", "SUPPORTED_BACKBONES", "IMAGE_POSITION_RULES", "MROPE_BACKBONES", "check_backbone_type", "backbone_config_from"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .configuration_unime import SUPPORTED_BACKBONES, UniMEV2Config, UniMEV2RerankerConfig
+from .configuration_unime import MROPE_BACKBONES, SUPPORTED_BACKBONES, UniMEV2Config, UniMEV2RerankerConfig
 from .processing_unime import ImageInput, UniMEV2Processor
 from .scoring_unime import MultimodalScorer
 
@@ -64,6 +64,68 @@ def pool_last_token(hidden_states: torch.Tensor, attention_mask: torch.Tensor | 
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
 
 
+def vision_start_position_ids(
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    image_grid_thw: torch.LongTensor | None,
+    image_token_id: int,
+    vision_start_token_id: int,
+    spatial_merge_size: int,
+) -> torch.LongTensor:
+    """M-RoPE position ids (3, batch, sequence) under the transformers 4.49 rule (``image_position_rule=
+    "vision_start_only"``): an image whose first token follows ``<|vision_start|>`` gets 3-D (t, h, w) positions;
+    every other token, image tokens included, gets the next text position. Padding positions are 1, as in 4.49.
+
+    Images are matched to ``image_grid_thw`` rows in batch order, one grid per image (``t*h*w / merge**2`` tokens),
+    so adjacent images and mixed, left- or right-padded batches are handled. (4.49 itself gave a counted image the
+    grid of the batch's first *counted* image, which differs only when a batch mixes images with and without
+    ``<|vision_start|>``: a prompt format no UniME-V2 checkpoint uses.)
+
+    Example:
+        >>> ids = torch.tensor([[0, 0, 7, 7, 7, 7, 5, 6], [0, 9, 7, 7, 7, 7, 5, 6]])   # 7: image, 9: vision start
+        >>> mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 1]])
+        >>> grids = torch.tensor([[1, 4, 4], [1, 4, 4]])                            # 2x2 tokens after a 2x2 merge
+        >>> vision_start_position_ids(ids, mask, grids, 7, 9, 2)[:, :, 2:].tolist()  # (t, h, w) of each token
+        [[[0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 3, 4]], [[0, 1, 2, 3, 4, 5], [1, 1, 2, 2, 3, 4]], [[0, 1, 2, 3, 4, 5], [1, 2, 1, 2, 3, 4]]]
+    """
+    batch_size, length = input_ids.shape
+    device = input_ids.device
+    position_ids = torch.ones(3, batch_size, length, dtype=torch.long, device=device)
+    grids = iter(image_grid_thw.tolist()) if image_grid_thw is not None else iter(())
+    for row in range(batch_size):
+        kept = attention_mask[row].bool() if attention_mask is not None else torch.ones(length, dtype=torch.bool, device=device)
+        ids = input_ids[row][kept]
+        image_starts = (ids == image_token_id).nonzero().flatten().tolist()
+        pieces: list[torch.Tensor] = []
+        cursor = position = 0  # cursor: index into ids; position: the next text position
+        while image_starts:
+            start = image_starts[0]
+            t, h, w = next(grids, (None, None, None))
+            if t is None:
+                raise ValueError(f"Row {row} has more images than image_grid_thw has rows.")
+            grid_h, grid_w = h // spatial_merge_size, w // spatial_merge_size
+            tokens = t * grid_h * grid_w
+            if start > cursor:
+                pieces.append(torch.arange(position, position + start - cursor, device=device).expand(3, -1))
+                position += start - cursor
+            if start > 0 and int(ids[start - 1]) == vision_start_token_id:
+                temporal = torch.arange(t, device=device).view(-1, 1, 1).expand(t, grid_h, grid_w)
+                height = torch.arange(grid_h, device=device).view(1, -1, 1).expand(t, grid_h, grid_w)
+                width = torch.arange(grid_w, device=device).view(1, 1, -1).expand(t, grid_h, grid_w)
+                pieces.append(torch.stack([temporal, height, width]).reshape(3, -1) + position)
+                position += max(t, grid_h, grid_w)
+            else:
+                pieces.append(torch.arange(position, position + tokens, device=device).expand(3, -1))
+                position += tokens
+            cursor = start + tokens
+            image_starts = [index for index in image_starts if index >= cursor]
+        if cursor < len(ids):
+            pieces.append(torch.arange(position, position + len(ids) - cursor, device=device).expand(3, -1))
+        if pieces:
+            position_ids[:, row, kept] = torch.cat(pieces, dim=1)
+    return position_ids
+
+
 def truncate_and_normalize(embeddings: torch.Tensor, dim: int | None, normalize: bool = True) -> torch.Tensor:
     """Keep the first ``dim`` dimensions (Matryoshka) and L2-normalise again."""
     if dim is not None:
@@ -84,7 +146,9 @@ class UniMEV2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _can_compile_fullgraph = False
-    # The authors' checkpoints are causal LMs: their LM head is not part of an embedder.
+    # Image size for a plain backbone checkpoint's processor (the authors' evaluation rule; the reranker's differs).
+    _plain_checkpoint_image_resize = "authors-eval"
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save under the model's own key names.
 
@@ -130,7 +194,9 @@ class UniMEV2PreTrainedModel(PreTrainedModel):
                 )
             try:
                 # The processor's code is the code this model already runs from the same source.
-                self._processor = UniMEV2Processor.from_pretrained(source, trust_remote_code=True)
+                self._processor = UniMEV2Processor.from_pretrained(
+                    source, trust_remote_code=True, plain_checkpoint_image_resize=self._plain_checkpoint_image_resize
+                )
             except (OSError, ValueError) as error:
                 raise ValueError(
                     f"Could not load the processor saved with {source!r} ({error}); pass processor= to encode()."
@@ -186,6 +252,15 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
                 ``mm_token_type_ids``, ``image_sizes``, ``batch_num_images``...), passed to the backbone as is.
         """
         backbone_inputs.pop("return_dict", None)
+        if self._positions_by_vision_start(input_ids, backbone_inputs):
+            backbone_inputs["position_ids"] = vision_start_position_ids(
+                input_ids,
+                attention_mask,
+                backbone_inputs.get("image_grid_thw"),
+                image_token_id=self.config.backbone_config.image_token_id,
+                vision_start_token_id=self.config.backbone_config.vision_start_token_id,
+                spatial_merge_size=self.config.backbone_config.vision_config.spatial_merge_size,
+            )
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **backbone_inputs)
         last_hidden_state = outputs.last_hidden_state
         # Normalised in float32 whatever the backbone dtype, so bf16 models give stable unit vectors.
@@ -193,6 +268,18 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
         dim = truncate_dim if truncate_dim is not None else self.config.matryoshka_dim
         embeddings = truncate_and_normalize(embeddings, dim, self.config.normalize)
         return UniMEV2Output(embeddings=embeddings, last_hidden_state=last_hidden_state)
+
+    def _positions_by_vision_start(self, input_ids: torch.Tensor | None, backbone_inputs: dict[str, Any]) -> bool:
+        """Whether this forward computes its own M-RoPE positions under the 4.49 rule (see UniMEV2Config)."""
+        if self.config.backbone_type not in MROPE_BACKBONES:
+            return False
+        if getattr(self.config, "image_position_rule", "vision_start_only") != "vision_start_only":
+            return False
+        if input_ids is None or backbone_inputs.get("position_ids") is not None:
+            return False
+        if backbone_inputs.get("video_grid_thw") is not None:
+            raise ValueError("image_position_rule='vision_start_only' covers images, not videos; UniME-V2 embeds images.")
+        return True
 
     @torch.inference_mode()
     def encode(
@@ -307,6 +394,7 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
 
     config_class = UniMEV2RerankerConfig
     base_model_prefix = "model"
+    _plain_checkpoint_image_resize = "authors-reranker-eval"  # how their rerank numbers were measured
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: UniMEV2RerankerConfig) -> None:
@@ -350,6 +438,7 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
         """The scoring engine over this model and the backbone processor (shared with the mining judge)."""
         processor = processor or self.processor
         backbone_processor = getattr(processor, "_backbone_processor", processor)
+        scorer_kwargs.setdefault("image_resize", getattr(processor, "image_resize", None))
         was_training = self.training
         scorer = MultimodalScorer(self, backbone_processor, **scorer_kwargs)
         self.train(was_training)
@@ -424,5 +513,6 @@ __all__ = [
     "UniMEV2Reranker",
     "UniMEV2RerankerOutput",
     "pool_last_token",
+    "vision_start_position_ids",
     "BACKBONE_KEY_MAPPINGS",
 ]

@@ -7,13 +7,16 @@ subclasses that leave the video processor out.
 
 from __future__ import annotations
 
+import copy
 import io
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Union
 
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
@@ -70,11 +73,25 @@ class LlavaOnevisionImageTextProcessor(LlavaOnevisionProcessor):
         )
 
 
+class LlavaOnevisionImageProcessorFloorPadding(LlavaOnevisionImageProcessorPil):
+    """LLaVA-OneVision image processing with the anyres padding of transformers 4.49 (the authors' stack): a tile grid
+    wider (taller) than the resized image is padded by floor(gap / 2) on BOTH sides, so an odd gap leaves the padded
+    image one pixel short and its last tile is stretched to the tile size. transformers 5.x puts the odd pixel on one
+    side instead; pixel values then differ in the edge tiles of non-square images (measured against 4.49: tiles equal
+    bit for bit with this class, up to 1.8 apart without it)."""
+
+    def _get_padding_size(self, original_resolution: tuple, target_resolution: tuple):
+        (original_height, original_width), (target_height, target_width) = original_resolution, target_resolution
+        paste_x, paste_y = (target_width - original_width) // 2, (target_height - original_height) // 2
+        return (paste_y, paste_y), (paste_x, paste_x)
+
+
 # Saved processor_config.json files then name the stock class, so a setup with torchvision opens them as usual.
 for _subclass, _stock in (
     (Qwen2VLImageTextProcessor, Qwen2VLProcessor),
     (Qwen2_5_VLImageTextProcessor, Qwen2_5_VLProcessor),
     (LlavaOnevisionImageTextProcessor, LlavaOnevisionProcessor),
+    (LlavaOnevisionImageProcessorFloorPadding, LlavaOnevisionImageProcessorPil),
 ):
     _subclass.__name__ = _subclass.__qualname__ = _stock.__name__
 
@@ -85,10 +102,146 @@ BACKBONE_PROCESSOR_CLASSES = {
 }
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 LLAVA_ONEVISION_SETTINGS = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
+ANYRES_PADDINGS = ("transformers-4.49", "centered")
 
 
-def load_image(image: ImageInput, row: int, image_root: str | os.PathLike | None = None) -> Image.Image | None:
-    """Open one image input as an RGB PIL image.
+# The authors' image sizes (their Embedding/src/dataset.py `process_image` and the reranker's vision process):
+# every embedder image is resized to a square for training (672 Qwen2-VL, 336 LLaVA-OneVision) and for evaluation
+# (1344, all three); without a resolution flag the longest side is capped at 1344; reranker images are scaled to at
+# most 300*28*28 pixels with sides that are multiples of 28.
+IMAGE_RESIZE_PRESETS = {
+    "native": "native",
+    "authors-eval": "square:1344",
+    "authors-train-qwen2vl": "square:672",
+    "authors-train-llava-ov": "square:336",
+    "authors-default": "max_side:1344",
+    "authors-reranker": "max_pixels:235200",
+    # The reranker stage of the authors' evaluation gets the embedder's 1344x1344 image and caps that: 476x476.
+    "authors-reranker-eval": "square:1344,max_pixels:235200",
+}
+IMAGE_RESIZE_MODES = ("native", "square", "max_side", "max_pixels")
+# The reranker's vision process: sides rounded to multiples of 28, at least 4*28*28 pixels, aspect ratio <= 200.
+PIXEL_FACTOR, MIN_PIXELS, MAX_ASPECT_RATIO = 28, 4 * 28 * 28, 200
+
+
+def canonical_image_resize(spec: str | None) -> str:
+    """The canonical form of an image-resize policy (a preset name, ``mode:value``, or steps joined by commas);
+    raises a ValueError on a bad spec.
+
+    Policies: ``native`` (no resize); ``square:N`` (every image to N x N, the authors' embedder rule);
+    ``max_side:N`` (N x N only when the longest side exceeds N: the authors' rule without a resolution flag);
+    ``max_pixels:N`` (keep the aspect ratio, sides multiples of 28, between 4*28*28 and N pixels: the reranker's
+    rule); ``a,b`` applies ``a`` then ``b``. Presets: ``authors-eval`` (square:1344), ``authors-train-qwen2vl``
+    (square:672), ``authors-train-llava-ov`` (square:336), ``authors-default`` (max_side:1344), ``authors-reranker``
+    (max_pixels:235200, the reranker's training rule), ``authors-reranker-eval`` (square:1344,max_pixels:235200: at
+    evaluation the reranker gets the embedder's 1344x1344 image, hence 476x476).
+
+    Example:
+        >>> canonical_image_resize("authors-eval"), canonical_image_resize(None), canonical_image_resize("square:64")
+        ('square:1344', 'native', 'square:64')
+        >>> canonical_image_resize("authors-reranker-eval")
+        'square:1344,max_pixels:235200'
+    """
+    spec = IMAGE_RESIZE_PRESETS.get(spec or "native", spec)
+    steps = [IMAGE_RESIZE_PRESETS.get(step.strip(), step.strip()) for step in str(spec).split(",")]
+    for step in steps:
+        mode, _, value = step.partition(":")
+        valid = mode in IMAGE_RESIZE_MODES and (mode == "native") == (value == "") and "," not in step
+        if valid and value:
+            valid = value.isdigit() and int(value) > 0
+        if not valid:
+            raise ValueError(
+                f"image_resize={spec!r}: use a preset ({', '.join(IMAGE_RESIZE_PRESETS)}) or square:N, max_side:N, "
+                "max_pixels:N with a positive integer N (steps may be joined by commas)."
+            )
+    steps = [step for step in steps if step != "native"] or ["native"]
+    return ",".join(steps)
+
+
+def _round_to(value: float, factor: int, rounding=round) -> int:
+    return int(rounding(value / factor) * factor)
+
+
+def _capped_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The reranker's rule: sides multiples of 28, pixels within [4*28*28, max_pixels], aspect ratio kept."""
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"An image of {width}x{height} has an aspect ratio above {MAX_ASPECT_RATIO}, which the authors' reranker "
+            "rule refuses."
+        )
+    new_height = max(PIXEL_FACTOR, _round_to(height, PIXEL_FACTOR))
+    new_width = max(PIXEL_FACTOR, _round_to(width, PIXEL_FACTOR))
+    if new_height * new_width > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        new_height = _round_to(height / beta, PIXEL_FACTOR, math.floor)
+        new_width = _round_to(width / beta, PIXEL_FACTOR, math.floor)
+    elif new_height * new_width < MIN_PIXELS:
+        beta = math.sqrt(MIN_PIXELS / (height * width))
+        new_height = _round_to(height * beta, PIXEL_FACTOR, math.ceil)
+        new_width = _round_to(width * beta, PIXEL_FACTOR, math.ceil)
+    # Rounding can push the ratio past the limit again; the authors clamp the long side.
+    if new_height / new_width > MAX_ASPECT_RATIO:
+        new_height = new_width * MAX_ASPECT_RATIO
+    elif new_width / new_height > MAX_ASPECT_RATIO:
+        new_width = new_height * MAX_ASPECT_RATIO
+    return new_width, new_height
+
+
+def _step_size(width: int, height: int, step: str) -> tuple[int, int]:
+    mode, _, value = step.partition(":")
+    if mode == "square":
+        return int(value), int(value)
+    if mode == "max_side":
+        return (int(value), int(value)) if max(width, height) > int(value) else (width, height)
+    if mode == "max_pixels":
+        return _capped_size(width, height, int(value))
+    return width, height
+
+
+def resized_size(width: int, height: int, image_resize: str | None) -> tuple[int, int]:
+    """(width, height) an image of this size gets under ``image_resize`` (see `canonical_image_resize`).
+
+    Example:
+        >>> resized_size(640, 480, "authors-eval"), resized_size(640, 480, "authors-default")
+        ((1344, 1344), (640, 480))
+        >>> resized_size(2000, 1000, "authors-reranker"), resized_size(2000, 1000, "authors-reranker-eval")
+        ((672, 336), (476, 476))
+    """
+    for step in canonical_image_resize(image_resize).split(","):
+        width, height = _step_size(width, height, step)
+    return width, height
+
+
+def _to_rgb(image: Image.Image, composite_on_white: bool) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if composite_on_white and image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        return background
+    return image.convert("RGB")
+
+
+def resize_image(image: Image.Image, image_resize: str | None) -> Image.Image:
+    """``image`` resized under ``image_resize`` and converted to RGB, in the authors' order of operations.
+
+    The embedder rules resize the image as opened (PIL's default filter for its mode) and leave the conversion to
+    RGB for later, as the authors' dataset code does before their processor converts it; the reranker rule first
+    converts (an RGBA image is laid on white) and then resizes, as their reranker's vision process does.
+    """
+    for step in canonical_image_resize(image_resize).split(","):
+        if step.startswith("max_pixels"):
+            image = _to_rgb(image, composite_on_white=True)
+        size = _step_size(image.width, image.height, step)
+        if size != image.size:
+            image = image.resize(size)
+    return _to_rgb(image, composite_on_white=False)
+
+
+def load_image(
+    image: ImageInput, row: int, image_root: str | os.PathLike | None = None, image_resize: str | None = None
+) -> Image.Image | None:
+    """Open one image input as an RGB PIL image, resized under ``image_resize`` (default: native size).
 
     Accepts a PIL image, a path (relative paths are resolved against ``image_root``), a ``datasets`` image dict
     (``{"bytes": ..., "path": ...}``) or None. A missing or unreadable file raises a ValueError naming the row.
@@ -96,13 +249,15 @@ def load_image(image: ImageInput, row: int, image_root: str | os.PathLike | None
     if image is None:
         return None
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return resize_image(image, image_resize)
     if isinstance(image, dict):
         if image.get("bytes"):
             try:
-                return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
+                opened = Image.open(io.BytesIO(image["bytes"]))
+                opened.load()
             except Exception as error:
                 raise ValueError(f"Row {row}: the image bytes could not be decoded ({error}).") from error
+            return resize_image(opened, image_resize)
         image = image.get("path")
         if not image:
             return None
@@ -117,7 +272,10 @@ def load_image(image: ImageInput, row: int, image_root: str | os.PathLike | None
             raise ValueError(f"Row {row}: image file not found: {path!r} ({hint} or fix the path).")
         try:
             with Image.open(path) as opened:
-                return opened.convert("RGB")
+                opened.load()
+                loaded = resize_image(opened, image_resize)
+                # Closing the file would invalidate an image returned as opened.
+                return loaded.copy() if loaded is opened else loaded
         except Exception as error:
             raise ValueError(f"Row {row}: image file {path!r} is not a readable image ({error}).") from error
     raise ValueError(
@@ -153,6 +311,16 @@ class UniMEV2Processor(ProcessorMixin):
     The Phi-3V placeholder ``<|image_1|>`` of MMEB texts is converted to the backbone's image token. Batches are
     left-padded. Text-only rows and image rows of any size can be mixed in one batch.
 
+    ``image_resize`` (saved with the processor, so a checkpoint carries its own) resizes every image before the
+    backbone's image processor sees it: ``"native"`` (default for new processors), or the authors' rules as presets,
+    ``"authors-eval"`` (1344x1344, how every published number of the released embedders was measured),
+    ``"authors-train-qwen2vl"`` (672x672), ``"authors-train-llava-ov"`` (336x336), ``"authors-reranker"`` (at most
+    300*28*28 pixels), ``"authors-default"`` (longest side capped at 1344); see `canonical_image_resize`. A plain
+    backbone checkpoint (the authors' release) gets ``"authors-eval"`` when loaded with `from_pretrained`.
+
+    ``anyres_padding`` (LLaVA-OneVision only, saved): ``"transformers-4.49"`` (default) pads anyres tiles as the
+    authors' stack did (see `LlavaOnevisionImageProcessorFloorPadding`); ``"centered"`` as transformers 5.x does.
+
     Example:
         >>> from modeling_unime.testing import build_tiny_processor
         >>> processor = build_tiny_processor("qwen2_vl")
@@ -172,10 +340,22 @@ class UniMEV2Processor(ProcessorMixin):
         num_image_tokens: int | None = None,
         vision_feature_select_strategy: str | None = None,
         vision_aspect_ratio: str | None = None,
+        image_resize: str = "native",
+        anyres_padding: str = "transformers-4.49",
         **kwargs: Any,
     ) -> None:
         check_backbone_type(backbone_type)
+        if anyres_padding not in ANYRES_PADDINGS:
+            raise ValueError(f"anyres_padding={anyres_padding!r}: use one of {ANYRES_PADDINGS}.")
+        self.anyres_padding = anyres_padding
+        if backbone_type == "llava_onevision" and isinstance(image_processor, LlavaOnevisionImageProcessorPil):
+            image_processor = copy.copy(image_processor)  # the caller's object keeps its class
+            image_processor.__class__ = (
+                LlavaOnevisionImageProcessorFloorPadding if anyres_padding == "transformers-4.49"
+                else LlavaOnevisionImageProcessorPil
+            )
         self.backbone_type = backbone_type
+        self.image_resize = canonical_image_resize(image_resize)
         self.num_image_tokens = num_image_tokens
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.vision_aspect_ratio = vision_aspect_ratio
@@ -189,6 +369,11 @@ class UniMEV2Processor(ProcessorMixin):
         self._backbone_processor = BACKBONE_PROCESSOR_CLASSES[backbone_type](
             image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **settings
         )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "image_resize":
+            value = canonical_image_resize(value)  # a bad policy fails where it is set, not at the first image
+        super().__setattr__(name, value)
 
     @property
     def image_token(self) -> str:
@@ -211,15 +396,23 @@ class UniMEV2Processor(ProcessorMixin):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         backbone_type: str | None = None,
+        image_resize: str | None = None,
+        plain_checkpoint_image_resize: str = "authors-eval",
         **kwargs: Any,
     ) -> "UniMEV2Processor":
         """Load a UniME-V2 processor, or build one from a plain backbone checkpoint (the authors' layout).
 
         The backbone family comes from ``processor_config.json`` when it names one, else from the folder's
-        ``config.json``; pass ``backbone_type=`` to override. Other keyword arguments (``cache_dir``, ``revision``,
+        ``config.json``; pass ``backbone_type=`` to override. ``image_resize`` overrides the saved policy; a plain
+        backbone checkpoint, which saves none, gets ``plain_checkpoint_image_resize`` (the authors' evaluation size;
+        the reranker asks for ``"authors-reranker-eval"``). Other keyword arguments (``cache_dir``, ``revision``,
         ``token``, ``local_files_only``...) work as for any processor.
         """
         processor_dict, instantiation_kwargs = cls.get_processor_dict(pretrained_model_name_or_path, **dict(kwargs))
+        if image_resize is not None:
+            processor_dict["image_resize"] = image_resize
+        elif "backbone_type" not in processor_dict:  # not saved by UniMEV2Processor: the authors' plain layout
+            processor_dict["image_resize"] = plain_checkpoint_image_resize
         if backbone_type is None:
             hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
             backbone_type = processor_dict.get("backbone_type") or _read_backbone_type(
@@ -266,6 +459,7 @@ class UniMEV2Processor(ProcessorMixin):
         image_root: str | os.PathLike | None = None,
         return_tensors: str = "pt",
         row_ids: Sequence[int] | None = None,
+        image_resize: str | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Build one left-padded batch.
@@ -276,6 +470,8 @@ class UniMEV2Processor(ProcessorMixin):
             instruction: prepended to every row's text (e.g. ``"Find an image caption describing the given image."``).
             image_root: folder that relative image paths are resolved against.
             row_ids: the caller's numbers for these rows, used in error messages (default 0, 1, ...).
+            image_resize: this call's image rule instead of ``self.image_resize`` (a training collator resizes
+                under the training rule itself and passes ``"native"``).
 
         Returns:
             A `BatchFeature` with every tensor the backbone needs (including ``mm_token_type_ids`` for Qwen).
@@ -284,7 +480,8 @@ class UniMEV2Processor(ProcessorMixin):
             texts = kwargs.pop("text")
         texts, images = self._rows(texts, images, row_ids)
         row_ids = list(row_ids) if row_ids is not None else list(range(len(texts)))
-        pil_images = [load_image(image, row, image_root) for row, image in zip(row_ids, images)]
+        image_resize = self.image_resize if image_resize is None else image_resize
+        pil_images = [load_image(image, row, image_root, image_resize) for row, image in zip(row_ids, images)]
         prompts = [
             self.format_prompt(text, image is not None, instruction, row)
             for row, text, image in zip(row_ids, texts, pil_images)
@@ -333,7 +530,11 @@ class UniMEV2Processor(ProcessorMixin):
 
 
 __all__ = [
+    "IMAGE_RESIZE_PRESETS",
     "UniMEV2Processor",
+    "canonical_image_resize",
+    "resize_image",
+    "resized_size",
     "Qwen2VLImageTextProcessor",
     "Qwen2_5_VLImageTextProcessor",
     "LlavaOnevisionImageTextProcessor",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .processing_unime import ImageInput, load_image
+from .processing_unime import ImageInput, canonical_image_resize, load_image
 
 JUDGE_INSTRUCTION = (
     "I will provide you with a query and a candidate. Please evaluate whether the candidate meets the requirements "
@@ -154,6 +154,9 @@ class MultimodalScorer(PromptBuilder):
         batch_size: pairs (plain path) or candidates (shared path) per forward pass.
         prefix_sharing: encode each query's prefix once and reuse its key/value cache for all its candidates.
         image_root: folder that relative image paths are resolved against.
+        image_resize: how images are resized before the processor (see
+            `modeling_unime.processing_unime.canonical_image_resize`; ``"authors-reranker"`` is the authors' reranker
+            rule, at most 300*28*28 pixels); default native size.
     """
 
     def __init__(
@@ -168,8 +171,10 @@ class MultimodalScorer(PromptBuilder):
         yes_token: str = "Yes",
         no_token: str = "No",
         image_root: str | os.PathLike | None = None,
+        image_resize: str | None = None,
     ) -> None:
         super().__init__(processor, instruction)
+        self.image_resize = canonical_image_resize(image_resize)
         self.model = model.eval()
         self.official_compat = official_compat
         self.repetition_penalty = repetition_penalty
@@ -225,7 +230,7 @@ class MultimodalScorer(PromptBuilder):
 
     def _image(self, image: ImageInput, name: str):
         try:
-            return load_image(image, 0, self.image_root)
+            return load_image(image, 0, self.image_root, self.image_resize)
         except ValueError as error:
             raise ValueError(f"{name}: {str(error).removeprefix('Row 0: ')}") from error
 

@@ -452,8 +452,12 @@ def authors_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 def save_in_authors_layout(
     model: PreTrainedModel, processor: UniMEV2Processor, directory: str | os.PathLike
 ) -> Path:
-    """Write a backbone as the authors released theirs: a plain backbone checkpoint with 4.4x key names, and the
-    backbone's own processor, tokenizer and chat template files beside it."""
+    """Write a backbone in the key layout of the authors' release: a plain backbone checkpoint with 4.4x key names,
+    and the backbone's own processor, tokenizer and chat template files beside it.
+
+    An approximation written by this stack (transformers 5.x), for quick tests of key mapping; the checkpoints and
+    outputs of the authors' real stack (transformers 4.49) are built by tests/fixtures/build_authors_checkpoints.py.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(directory)

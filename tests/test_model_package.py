@@ -49,7 +49,11 @@ def tiny(family):
 
 
 def authors_recipe(causal_lm, batch):
-    """The authors' embedding recipe: causal-LM forward, every hidden state, last layer, last token, L2-norm."""
+    """The authors' embedding recipe: causal-LM forward, every hidden state, last layer, last token, L2-norm; image
+    tokens without <|vision_start|> positioned as text, as their transformers 4.49 did (5.x: no token marked as an
+    image token in mm_token_type_ids)."""
+    if "mm_token_type_ids" in batch:
+        batch = dict(batch, mm_token_type_ids=torch.zeros_like(batch["mm_token_type_ids"]))
     with torch.no_grad():
         outputs = causal_lm(**batch, output_hidden_states=True, return_dict=True)
     return F.normalize(outputs.hidden_states[-1][:, -1, :], dim=-1)
@@ -280,6 +284,8 @@ def test_authors_layout_loads_every_weight_and_matches_their_recipe(family, tmp_
 
     folder_processor = UniMEV2Processor.from_pretrained(folder)
     assert folder_processor.backbone_type == family
+    assert folder_processor.image_resize == "square:1344"  # a plain checkpoint gets the authors' evaluation size
+    folder_processor.image_resize = "native"
     ours = model.encode(texts=MIXED_TEXTS, images=MIXED_IMAGES, processor=folder_processor)
     batch = processor(texts=MIXED_TEXTS, images=MIXED_IMAGES)
     torch.testing.assert_close(ours, authors_recipe(causal_lm, batch), atol=1e-5, rtol=0)
@@ -304,6 +310,9 @@ def test_converter_writes_a_self_contained_checkpoint(tmp_path):
     assert f"base_model: {source}" in card and 'AutoModel.from_pretrained("org/unime-tiny"' in card
     assert "- qwen2_vl" in card and "$" not in card.split("```bibtex")[0]
     converted = UniMEV2Model.from_pretrained(destination)
+    assert converted.processor.image_resize == "square:1344"
+    assert converted.config.image_position_rule == "vision_start_only"
+    converted.processor.image_resize = "native"
     torch.testing.assert_close(
         converted.encode(texts=MIXED_TEXTS, images=MIXED_IMAGES),
         authors_recipe(causal_lm, processor(texts=MIXED_TEXTS, images=MIXED_IMAGES)),

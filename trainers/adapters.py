@@ -84,6 +84,8 @@ def save_checkpoint(
         backbone_type=base.config.backbone_type,
         embedding_dim=base.config.hidden_size,
         base_model=base.config._name_or_path or None,
+        image_resize=getattr(processor, "image_resize", "native"),
+        image_position_rule=getattr(base.config, "image_position_rule", None),
     )
     write_model_card(output_dir, **{**fields, **(card or {})})
     return output_dir

@@ -11,20 +11,28 @@ from typing import Any
 
 import torch
 
-from modeling_unime.processing_unime import UniMEV2Processor, load_image
+from modeling_unime.processing_unime import UniMEV2Processor, canonical_image_resize, load_image
 
 NEGATIVE_SELECTIONS = ("first", "random")
 
 
-def load_training_image(image: Any, image_root: Any, image_size: int | None, where: str):
-    """One training image as RGB PIL (or None), resized to a square ``image_size`` when set; errors name ``where``."""
+def load_training_image(image: Any, image_root: Any, image_resize: str | None, where: str):
+    """One training image as RGB PIL (or None), resized under ``image_resize`` (see
+    `modeling_unime.processing_unime.canonical_image_resize`); errors name ``where``."""
     try:
-        loaded = load_image(image, 0, image_root)
+        return load_image(image, 0, image_root, image_resize)
     except ValueError as error:
         raise ValueError(f"{where}: {str(error).removeprefix('Row 0: ')}") from error
-    if loaded is not None and image_size:
-        loaded = loaded.resize((image_size, image_size))
-    return loaded
+
+
+def training_image_resize(processor: Any, image_resize: str | None, image_size: int | None) -> str:
+    """The resize rule of a training collator: ``image_resize`` when given, ``square:<image_size>`` for the older
+    ``image_size`` setting, else the processor's own rule (what the checkpoint will use at inference)."""
+    if image_resize is not None and image_size is not None:
+        raise ValueError("Give image_resize or image_size, not both (image_size=N means image_resize='square:N').")
+    if image_resize is None:
+        image_resize = f"square:{image_size}" if image_size else getattr(processor, "image_resize", "native")
+    return canonical_image_resize(image_resize)
 
 
 @dataclass
@@ -35,8 +43,9 @@ class UniMEV2Collator:
     Each query gets 1 + ``num_negatives`` candidates, the positive first. The negatives are the row's first ``k``
     (``negative_selection="first"``, as the authors' runs) or ``k`` drawn without replacement per epoch
     (``"random"``, seeded by ``seed``, the epoch and the row's content). A row with fewer than ``k`` negatives
-    repeats them in order. Images are resized to ``image_size`` x ``image_size`` when it is set (the paper trains at
-    672 for Qwen2-VL, 336 for LLaVA-OneVision).
+    repeats them in order. Images are resized under ``image_resize`` (the paper trains at ``"authors-train-qwen2vl"``,
+    672x672, for Qwen2-VL and ``"authors-train-llava-ov"``, 336x336, for LLaVA-OneVision); by default under the
+    processor's own rule. ``image_size=N`` is the older spelling of ``image_resize="square:N"``.
 
     The output holds ``chunks``: processor batches over the rows [query_1..query_B, candidates of query_1, ...,
     candidates of query_B], of at most ``chunk_size`` rows each so that GradCache can run them one at a time (one
@@ -61,6 +70,7 @@ class UniMEV2Collator:
     image_root: str | os.PathLike | None = None
     image_size: int | None = None
     chunk_size: int | None = None
+    image_resize: str | None = None
     instruction: str | None = None
     epoch: int = 0
 
@@ -69,6 +79,7 @@ class UniMEV2Collator:
             raise ValueError(f"negative_selection={self.negative_selection!r}: use one of {NEGATIVE_SELECTIONS}.")
         if self.num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}.")
+        self.training_image_resize = training_image_resize(self.processor, self.image_resize, self.image_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Called at each epoch start (by `UniMEV2Trainer`): a new draw for ``negative_selection="random"``."""
@@ -93,7 +104,7 @@ class UniMEV2Collator:
         return random.Random(digest).sample(range(available), k)
 
     def _image(self, image: Any, where: str):
-        return load_training_image(image, self.image_root, self.image_size, where)
+        return load_training_image(image, self.image_root, self.training_image_resize, where)
 
     def _process(self, items: Sequence[tuple[str | None, Any]]) -> list[Any]:
         size = self.chunk_size or len(items) or 1
@@ -102,6 +113,7 @@ class UniMEV2Collator:
                 texts=[text for text, _ in items[start : start + size]],
                 images=[image for _, image in items[start : start + size]],
                 instruction=self.instruction,
+                image_resize="native",  # resized above, under the training rule
             )
             for start in range(0, len(items), size)
         ]
@@ -131,4 +143,4 @@ class UniMEV2Collator:
         }
 
 
-__all__ = ["UniMEV2Collator", "NEGATIVE_SELECTIONS", "load_training_image"]
+__all__ = ["UniMEV2Collator", "NEGATIVE_SELECTIONS", "load_training_image", "training_image_resize"]

@@ -111,7 +111,10 @@ class UniMEV2Trainer(LoggedMetricsMixin, Trainer):
         2
     """
 
-    def __init__(self, *args: Any, image_root: Any = None, image_size: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, image_root: Any = None, image_size: int | None = None, image_resize: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         training_args: UniMEV2TrainingArguments = kwargs.get("args") or args[1]
         processor = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None and processor is not None:
@@ -122,6 +125,7 @@ class UniMEV2Trainer(LoggedMetricsMixin, Trainer):
                 seed=training_args.seed,
                 image_root=image_root,
                 image_size=image_size,
+                image_resize=image_resize,
                 chunk_size=training_args.gradcache_chunk_size if training_args.gradcache else None,
             )
         super().__init__(*args, **kwargs)

@@ -31,7 +31,7 @@ from transformers import Trainer, TrainingArguments
 
 from modeling_unime.scoring_unime import PromptBuilder, listwise_answer
 
-from .collator import load_training_image
+from .collator import load_training_image, training_image_resize
 from .common import EpochToCollator, LoggedMetricsMixin
 
 
@@ -68,8 +68,10 @@ class RerankerCollator:
     image_root: str | os.PathLike | None = None
     image_size: int | None = None
     epoch: int = 0
+    image_resize: str | None = None
 
     def __post_init__(self) -> None:
+        self.training_image_resize = training_image_resize(self.processor, self.image_resize, self.image_size)
         backbone_processor = getattr(self.processor, "_backbone_processor", self.processor)
         self.prompts = PromptBuilder(backbone_processor)
         self.backbone_processor = backbone_processor
@@ -97,7 +99,7 @@ class RerankerCollator:
         return negatives, self._rng(row).randrange(len(negatives) + 1)
 
     def _item(self, text: Any, image: Any, where: str) -> tuple[str | None, Any]:
-        return (text or None, load_training_image(image, self.image_root, self.image_size, where))
+        return (text or None, load_training_image(image, self.image_root, self.training_image_resize, where))
 
     def examples(self, row: dict[str, Any]) -> dict[str, Any]:
         """The three training examples of one row, as (prompt, answer, images) triples."""
@@ -178,13 +180,16 @@ class UniMEV2RerankerTrainer(LoggedMetricsMixin, Trainer):
     negative), Yes against No).
     """
 
-    def __init__(self, *args: Any, image_root: Any = None, image_size: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, image_root: Any = None, image_size: int | None = None, image_resize: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         training_args: UniMEV2RerankerTrainingArguments = kwargs.get("args") or args[1]
         processor = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None and processor is not None:
             kwargs["data_collator"] = RerankerCollator(
                 processor, listwise_negatives=training_args.listwise_negatives, seed=training_args.seed,
-                image_root=image_root, image_size=image_size,
+                image_root=image_root, image_size=image_size, image_resize=image_resize,
             )
         super().__init__(*args, **kwargs)
         if isinstance(self.data_collator, RerankerCollator):
