@@ -37,6 +37,7 @@ from datasets import Dataset, load_from_disk
 
 from modeling_unime import UniMEV2Config, UniMEV2Model, UniMEV2Reranker, UniMEV2RerankerConfig
 from modeling_unime.mining import MiningConfig, mine_hard_negatives
+from modeling_unime.placement import accelerator_available, process_device
 from modeling_unime.testing import build_tiny_backbone_config, build_tiny_processor, build_tiny_tokenizer
 from trainers import UniMEV2Trainer, UniMEV2TrainingArguments
 from trainers.reranker_trainer import UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments
@@ -176,10 +177,10 @@ def _train(trainer_class, args_class, model_class, build_model, processor, rows,
     saved = stage.saved()
     if saved is not None:
         print(f"[resume] {output_dir} was trained by a run with the same settings: loaded", flush=True)
-        return model_class.from_pretrained(str(output_dir)), saved["curve"]
+        return model_class.from_pretrained(str(output_dir)).to(process_device()), saved["curve"]
     model = build_model()
     args = args_class(
-        str(output_dir), report_to=[], use_cpu=True, save_strategy="no", per_device_train_batch_size=config.batch_size,
+        str(output_dir), report_to=[], use_cpu=not accelerator_available(), save_strategy="no", per_device_train_batch_size=config.batch_size,
         learning_rate=learning_rate, warmup_steps=max(1, steps // 10), max_steps=steps,
         logging_steps=max(1, steps // 20), seed=config.seed, disable_tqdm=False, **arguments,
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from .scoring_unime import (
     JUDGE_INSTRUCTION,
     JudgeStats,
@@ -42,21 +44,35 @@ class MLLMJudge(MultimodalScorer):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, dtype: Any = "auto", device: str | None = None,
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        dtype: str | torch.dtype | None = "auto",
+        device: torch.device | str | None = None,
+        attn_implementation: str | None = "auto",
         **judge_kwargs: Any,
     ) -> "MLLMJudge":
-        """Load a judge from a folder or Hub repo id (e.g. ``Qwen/Qwen2.5-VL-7B-Instruct``).
+        """Load a judge from a folder or Hub repo id (e.g. ``Qwen/Qwen2.5-VL-7B-Instruct``), ready on its device.
+
+        Args:
+            dtype: ``"auto"`` (bfloat16 on an accelerator, float32 on CPU: `modeling_unime.placement`), a name
+                (``"float32"``, ``"bfloat16"``, ``"float16"``) or a ``torch.dtype``.
+            device: where the judge runs; default: this process's device under ``accelerate launch``
+                (``PartialState().device``, e.g. ``cuda:3``), ``cpu`` without an accelerator. The weights are read
+                straight onto it.
+            attn_implementation: ``"auto"`` (flash_attention_2 when installed on a CUDA GPU in half precision, else
+                sdpa), ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"`` (a clear error where it cannot run).
+            **judge_kwargs: constructor arguments (``official_compat=``, ``batch_size=``...).
 
         Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision processors are built without torchvision; other models use their
-        ``AutoProcessor``. Keyword arguments go to the constructor (``official_compat=``, ``batch_size=``...).
+        ``AutoProcessor``.
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from .placement import placement, pretrained_kwargs
         from .processing_unime import BACKBONE_PROCESSOR_CLASSES
 
-        model = AutoModelForImageTextToText.from_pretrained(pretrained_model_name_or_path, dtype=dtype)
-        if device is not None:
-            model = model.to(device)
+        where = placement(dtype, attn_implementation, device)
+        model = AutoModelForImageTextToText.from_pretrained(pretrained_model_name_or_path, **pretrained_kwargs(where))
         processor_class = BACKBONE_PROCESSOR_CLASSES.get(model.config.model_type, AutoProcessor)
         processor = processor_class.from_pretrained(pretrained_model_name_or_path)
         return cls(model, processor, **judge_kwargs)

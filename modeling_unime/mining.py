@@ -162,7 +162,15 @@ def cached_embeddings(
 ) -> torch.Tensor:
     """Embeddings of ``items`` through the on-disk `EmbeddingCache`: only missing items are embedded, split over the
     processes of ``state`` (when given), saved part by part, then read back by every process."""
-    fingerprint = model_fingerprint(embedder) if isinstance(embedder, torch.nn.Module) else type(embedder).__name__
+    if isinstance(embedder, torch.nn.Module):
+        # The processor's image rule changes every image embedding without touching the weights.
+        try:
+            image_resize = getattr(embedder.processor, "image_resize", None)
+        except (AttributeError, ValueError):  # no processor of its own: the caller passes one to encode()
+            image_resize = None
+        fingerprint = model_fingerprint(embedder, image_resize)
+    else:
+        fingerprint = type(embedder).__name__
     cache = EmbeddingCache(cache_dir, fingerprint, image_root)
     missing = cache.missing(items)
     if state is not None:
@@ -183,7 +191,8 @@ def judge_fingerprint(judge: Any) -> str:
     """Cache key of a judge's scores: its weights and every setting that changes a score."""
     if not hasattr(judge, "model"):
         return type(judge).__name__
-    return model_fingerprint(judge.model, getattr(judge, "official_compat", None), getattr(judge, "instruction", None))
+    return model_fingerprint(judge.model, getattr(judge, "official_compat", None), getattr(judge, "instruction", None),
+                             getattr(judge, "image_resize", None))
 
 
 # -------------------------------------------------------------------------------------------------- selection
@@ -252,12 +261,13 @@ def mine_rows(
     """Retrieval, judging and selection for some rows of the dataset (one shard, or all of it)."""
     search = dict(exclude=[excluded[index] for index in row_indices],
                   similarity_threshold=config.similarity_threshold, stats=stats)
+    # The queries of these rows join the pool on its device (the embedder's: see `retrieval_device`).
+    shard_queries = query_embeddings[list(row_indices)].to(pool_embeddings.device)
     if config.retrieval == "faiss":
-        _, indices = faiss_top_k(query_embeddings[list(row_indices)], pool_embeddings, config.top_k, **search)
+        _, indices = faiss_top_k(shard_queries, pool_embeddings, config.top_k, **search)
     else:
-        _, indices = streaming_top_k(
-            query_embeddings[list(row_indices)], pool_embeddings, config.top_k, config.chunk_size, **search
-        )
+        _, indices = streaming_top_k(shard_queries, pool_embeddings, config.top_k, config.chunk_size, **search)
+    indices = indices.cpu()
     mined = []
     for position, row_index in enumerate(row_indices):
         candidates = [pool[index] for index in indices[position].tolist() if index >= 0]
@@ -326,6 +336,7 @@ def mine_hard_negatives(
         )
         query_embeddings, pool_embeddings = embeddings[: len(queries)], embeddings[len(queries) :]
         judge = CachedJudge(judge, Path(cache_dir) / "judge", judge_fingerprint(judge))
+    pool_embeddings = pool_embeddings.to(retrieval_device(embedder))
     timings["embedding"] = time.perf_counter() - start
     if hasattr(judge, "image_root"):
         judge.image_root = image_root
@@ -478,11 +489,22 @@ class CachedJudge:
 
 
 def distributed_state() -> Any:
-    """The ``accelerate`` state of this process. Without CUDA it must be asked for CPU explicitly: otherwise each
-    process of ``accelerate launch --multi_gpu`` on a CPU machine believes it is alone and mines everything."""
-    from accelerate import PartialState
+    """The ``accelerate`` state of this process (`modeling_unime.placement.process_state`). Without an accelerator it
+    is asked for CPU explicitly: otherwise each process of ``accelerate launch --multi_gpu`` on a CPU machine
+    believes it is alone and mines everything."""
+    from .placement import process_state
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return process_state()
+
+
+def retrieval_device(embedder: Any) -> torch.device:
+    """Where the similarity search runs: the embedder's device (a GPU makes the top-k over a 600K pool take seconds
+    instead of CPU hours), CPU for anything that is not a torch module."""
+    if isinstance(embedder, torch.nn.Module):
+        parameter = next(embedder.parameters(), None)
+        if parameter is not None:
+            return parameter.device
+    return torch.device("cpu")
 
 
 def run_mining(
@@ -529,6 +551,7 @@ def run_mining(
         embedder, [*queries, *pool], output_dir / "cache" / "embeddings", image_root, config.batch_size, state
     )
     query_embeddings, pool_embeddings = embeddings[: len(queries)], embeddings[len(queries) :]
+    pool_embeddings = pool_embeddings.to(retrieval_device(embedder))
     timings["embedding"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -615,6 +638,7 @@ __all__ = [
     "mine_hard_negatives",
     "run_mining",
     "distributed_state",
+    "retrieval_device",
     "read_pairs",
     "check_images",
     "build_pool",

@@ -9,8 +9,13 @@ Queries are split into shards over the processes; finished shards, embeddings an
 Config (YAML): ``data`` (``synthetic:N``, the authors' judge-scored JSON, a JSON/JSONL list of rows with
 query_text/query_image/pos_text/pos_image, or a folder written by ``save_to_disk``), ``image_root``, ``embedder``
 (a UniME-V2 / backbone folder or repo id, or ``tiny:<family>``), ``judge`` (an image-text-to-text folder or repo id,
-or ``tiny:<family>``), ``official_compat``, ``judge_batch_size``, ``dtype``, ``output_dir``, ``push_to_hub``,
-``threads``, and ``mining`` (the fields of `MiningConfig`).
+or ``tiny:<family>``), ``official_compat``, ``judge_batch_size``, ``dtype``, ``attn_implementation``,
+``output_dir``, ``push_to_hub``, ``threads``, and ``mining`` (the fields of `MiningConfig`).
+
+Both models run on the process's device (``cuda:<local rank>`` under ``accelerate launch`` on a GPU node, else
+``cpu``). ``dtype: auto`` (default) is bfloat16 on a GPU and float32 on CPU; ``attn_implementation: auto``
+(default) is flash_attention_2 where flash-attn is installed on a GPU (and the dtype is half precision), else sdpa.
+Each process prints where its models are (``placement: ...``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 
@@ -31,6 +37,15 @@ from modeling_unime.card import render_dataset_card  # noqa: E402
 from modeling_unime.data import load_official_json  # noqa: E402
 from modeling_unime.judge import MLLMJudge  # noqa: E402
 from modeling_unime.mining import MiningConfig, distributed_state, push_mined_dataset, run_mining  # noqa: E402
+from modeling_unime.placement import (  # noqa: E402
+    ATTN_IMPLEMENTATIONS,
+    DTYPE_NAMES,
+    Placement,
+    describe,
+    place,
+    placement,
+    pretrained_kwargs,
+)
 from modeling_unime.testing import build_tiny_judge, build_tiny_unime, synthetic_pairs  # noqa: E402
 
 
@@ -53,18 +68,25 @@ def load_pairs(spec: str, image_root: str | None, state) -> tuple[Dataset, str |
     return Dataset.from_list(content), image_root
 
 
-def load_embedder(spec: str, dtype: str):
+def load_embedder(spec: str, where: Placement) -> UniMEV2Model:
+    """The embedder (a folder / repo id, or ``tiny:<family>``) on ``where``'s device, dtype and attention."""
     if spec.startswith("tiny:"):
         model, processor = build_tiny_unime(spec.split(":", 1)[1])
         model.processor = processor
-        return model
-    return UniMEV2Model.from_pretrained(spec, dtype=dtype).eval()
+        return place(model, where["device"], where["dtype"], where["attn_implementation"]).eval()
+    return UniMEV2Model.from_pretrained(spec, **pretrained_kwargs(where)).eval()
 
 
-def load_judge(spec: str, dtype: str, **judge_kwargs) -> MLLMJudge:
+def load_judge(spec: str, where: Placement, **judge_kwargs: Any) -> MLLMJudge:
+    """The judge (an image-text-to-text folder / repo id, or ``tiny:<family>``) on ``where``'s device and dtype."""
     if spec.startswith("tiny:"):
-        return MLLMJudge(*build_tiny_judge(spec.split(":", 1)[1]), **judge_kwargs)
-    return MLLMJudge.from_pretrained(spec, dtype=dtype, **judge_kwargs)
+        model, processor = build_tiny_judge(spec.split(":", 1)[1])
+        model = place(model, where["device"], where["dtype"], where["attn_implementation"])
+        return MLLMJudge(model, processor, **judge_kwargs)
+    return MLLMJudge.from_pretrained(
+        spec, dtype=where["dtype"], device=where["device"], attn_implementation=where["attn_implementation"],
+        **judge_kwargs,
+    )
 
 
 def main() -> None:
@@ -73,6 +95,9 @@ def main() -> None:
     parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
     parser.add_argument("--push_to_hub", default=None, help="dataset repo id to push to (overrides the config)")
     parser.add_argument("--seed", type=int, default=None, help="overrides mining.seed")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="overrides dtype (default auto)")
+    parser.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS,
+                        help="overrides attn_implementation (default auto)")
     args = parser.parse_args()
     settings = yaml.safe_load(Path(args.config).read_text())
     output_dir = Path(args.output_dir or settings.get("output_dir", "runs/mine"))
@@ -85,10 +110,13 @@ def main() -> None:
 
     image_root = settings.get("image_root") or (str(output_dir / "images") if settings["data"].startswith("synthetic:") else None)
     dataset, image_root = load_pairs(settings["data"], image_root, state)
-    dtype = settings.get("dtype", "auto")
-    embedder = load_embedder(settings["embedder"], dtype)
-    judge = load_judge(settings["judge"], dtype, official_compat=bool(settings.get("official_compat", False)),
+    where = placement(args.dtype or settings.get("dtype", "auto"),
+                      args.attn_implementation or settings.get("attn_implementation", "auto"), state.device)
+    embedder = load_embedder(settings["embedder"], where)
+    judge = load_judge(settings["judge"], where, official_compat=bool(settings.get("official_compat", False)),
                        batch_size=int(settings.get("judge_batch_size", 16)))
+    print(f"placement: process {state.process_index}: {describe(embedder, 'embedder')}; "
+          f"{describe(judge.model, 'judge')}", flush=True)
     mined = run_mining(dataset, embedder, judge, output_dir, config, image_root=image_root, state=state)
     if not state.is_main_process:
         return

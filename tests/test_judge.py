@@ -125,3 +125,27 @@ def test_missing_candidate_image_names_the_candidate(tmp_path):
     judge = MLLMJudge(*tiny_judge())
     with pytest.raises(ValueError, match=r"candidate 1: image file not found"):
         judge.score("q", None, [("a", None), ("b", str(tmp_path / "missing.png"))])
+
+
+def test_from_pretrained_places_the_judge_on_the_process_device(tmp_path):
+    from accelerate import PartialState
+
+    from modeling_unime.placement import attention_kernels
+
+    model, processor = build_tiny_judge()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    default = MLLMJudge.from_pretrained(tmp_path)
+    assert default.model.device == PartialState().device
+    assert default.model.dtype == (torch.float32 if default.model.device.type == "cpu" else torch.bfloat16)
+    assert attention_kernels(default.model) <= {"sdpa", "flash_attention_2"}
+    reference = MLLMJudge(model, processor).score("q", None, CANDIDATES[:2])
+    torch.testing.assert_close(default.score("q", None, CANDIDATES[:2]), reference)
+    explicit = MLLMJudge.from_pretrained(tmp_path, dtype="bfloat16", device="cpu", attn_implementation="eager",
+                                         batch_size=3)
+    assert (explicit.model.device.type, explicit.model.dtype, explicit.batch_size) == ("cpu", torch.bfloat16, 3)
+    assert attention_kernels(explicit.model) == {"eager"}
+    scores = explicit.score("What colour is the shape?", QUERY_IMAGE, CANDIDATES)  # bf16 pixels and hidden states
+    assert scores.dtype == torch.float32 and bool(((scores > 0) & (scores < 1)).all())
+    with pytest.raises(ValueError, match="flash-attn"):
+        MLLMJudge.from_pretrained(tmp_path, device="cpu", attn_implementation="flash_attention_2")

@@ -7,11 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from accelerate import PartialState
 from datasets import load_dataset, load_from_disk
 
 from conftest import REPO_ROOT
 from modeling_unime.judge import JUDGE_INSTRUCTION, MLLMJudge
-from modeling_unime.mining import MiningConfig, run_mining
+from modeling_unime.mining import MiningConfig, distributed_state, retrieval_device, run_mining
+from modeling_unime.placement import attention_kernels, placement
 from modeling_unime.testing import build_tiny_judge, build_tiny_unime, synthetic_pairs
 
 CONFIG = MiningConfig(top_k=8, beta=0.0, num_negatives=4, shard_size=3, seed=1)
@@ -152,4 +155,67 @@ def test_recipe_writes_the_dataset_card_and_pushes_the_folder(tmp_path, monkeypa
     saved = load_from_disk(str(tmp_path / "run" / "dataset"))
     assert pushed.to_list() == saved.to_list() and len(saved) == 6
     assert all(len(row["judge_scores"]) == 1 + len(row["neg_texts"]) for row in saved)
-    assert "pushed to https://hub/commit/1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pushed to https://hub/commit/1" in out
+    # The recipe says where its models ran: this process's device, float32 (auto on CPU), sdpa.
+    device = PartialState().device
+    assert (f"placement: process 0: embedder: {device} torch.float32 attention=sdpa; judge: {device} torch.float32 "
+            "attention=sdpa") in out
+
+
+def _recipe_functions():
+    return runpy.run_path(str(REPO_ROOT / "recipes" / "mine_hard_negatives.py"), run_name="recipe")
+
+
+@pytest.mark.parametrize("dtype, attn", [("auto", "auto"), ("bfloat16", "eager")])
+def test_recipe_models_are_on_the_process_device(dtype, attn):
+    recipe = _recipe_functions()
+    where = placement(dtype, attn, distributed_state().device)
+    expected_dtype = torch.float32 if dtype == "auto" and where["device"].type == "cpu" else torch.bfloat16
+    embedder = recipe["load_embedder"]("tiny:qwen2_vl", where)
+    judge = recipe["load_judge"]("tiny:qwen2_5_vl", where, batch_size=4)
+    for model in (embedder, judge.model):
+        assert model.device == PartialState().device and model.dtype == expected_dtype
+        assert attention_kernels(model) == {where["attn_implementation"]}
+    assert where["attn_implementation"] == ("eager" if attn == "eager" else "sdpa")
+    # The judge and the embedder run in that dtype and still give finite, in-range results.
+    assert judge.score("What colour?", None, [("red", None), ("blue", None)]).isfinite().all()
+    assert embedder.encode(texts=["a red circle"]).dtype == torch.float32
+
+
+def test_recipe_loads_saved_models_on_the_process_device(tmp_path):
+    recipe = _recipe_functions()
+    embedder, processor = build_tiny_unime("qwen2_vl")
+    embedder.save_pretrained(tmp_path / "embedder")
+    processor.save_pretrained(tmp_path / "embedder")
+    judge_model, judge_processor = build_tiny_judge()
+    judge_model.save_pretrained(tmp_path / "judge")
+    judge_processor.save_pretrained(tmp_path / "judge")
+    where = placement("bfloat16", "eager", distributed_state().device)
+    loaded_embedder = recipe["load_embedder"](str(tmp_path / "embedder"), where)
+    loaded_judge = recipe["load_judge"](str(tmp_path / "judge"), where, official_compat=True)
+    for model in (loaded_embedder, loaded_judge.model):
+        assert model.device == PartialState().device and model.dtype == torch.bfloat16
+        assert attention_kernels(model) == {"eager"}
+    assert loaded_judge.official_compat
+
+
+def test_retrieval_runs_on_the_embedder_device(tiny_world, monkeypatch):
+    """The pool and the shard's queries go to the embedder's device before the top-k (CPU here: the same code path
+    puts them on the GPU there)."""
+    import modeling_unime.mining as mining
+
+    dataset, embedder, image_root = tiny_world
+    devices = []
+    top_k = mining.streaming_top_k
+
+    def recording(queries, pool, *args, **kwargs):
+        devices.append((queries.device, pool.device))
+        return top_k(queries, pool, *args, **kwargs)
+
+    monkeypatch.setattr(mining, "streaming_top_k", recording)
+    mining.mine_hard_negatives(dataset, embedder, MLLMJudge(*build_tiny_judge()), config=CONFIG,
+                               image_root=image_root, verbose=False)
+    assert devices and set(devices) == {(retrieval_device(embedder), retrieval_device(embedder))}
+    assert retrieval_device(embedder) == next(embedder.parameters()).device
+    assert retrieval_device(object()) == torch.device("cpu")

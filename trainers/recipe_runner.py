@@ -1,10 +1,22 @@
 """The shared body of the training recipes (embedder and reranker): YAML config -> data, model, adapter, trainer,
-resumable training, held-out evaluation before and after, a checkpoint with its card, an optional push."""
+resumable training, held-out evaluation before and after, a checkpoint with its card, an optional push.
+
+Precision and placement (`modeling_unime.placement`): the Trainer puts the model on the process's device (or
+DeepSpeed / FSDP shard it), so the model is loaded without a device map. ``use_cpu`` is set only where there is no
+accelerator. On a CUDA GPU with bf16, ``training.bf16`` defaults to true. The config's ``dtype`` (default ``auto``)
+is the dtype the weights are loaded in (`training_dtype`): ``auto`` loads **bf16 weights under an adapter**
+(lora / dora, the default finetuning: the authors' setting, the frozen base never changes and takes half the memory;
+peft keeps the adapter in float32 and the Trainer computes under bf16 autocast) and **float32 master weights for
+full fine-tuning** (bf16 weights would round most AdamW updates away), float32 on CPU. ``attn_implementation``
+(default ``auto``: flash_attention_2 where installed on a GPU with half-precision compute, else sdpa) goes to
+``from_pretrained`` and reaches the wrapped backbone's language model and vision tower.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +28,15 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_unime import UniMEV2Model, UniMEV2Processor, UniMEV2Reranker
 from modeling_unime.data import image_root_of, load_official_json
+from modeling_unime.placement import (
+    accelerator_available,
+    default_mixed_precision,
+    describe,
+    place,
+    placement,
+    pretrained_kwargs,
+    training_dtype,
+)
 from modeling_unime.testing import build_tiny_reranker, build_tiny_unime, synthetic_judge_dataset
 
 from .adapters import RERANKER_ADAPTER, prepare_for_training, save_checkpoint
@@ -46,7 +67,7 @@ class RecipeKind:
     arguments_class: type
     trainer_class: type
     load_tiny: Callable[[str], tuple[Any, Any]]
-    load_pretrained: Callable[[str, str], Any]
+    load_pretrained: Callable[..., Any]  # (spec, **from_pretrained keyword arguments) -> model
     default_finetuning: str
     default_adapter: dict[str, Any]
     reported_metrics: tuple[str, ...]
@@ -68,7 +89,7 @@ EMBEDDER = RecipeKind(
     arguments_class=UniMEV2TrainingArguments,
     trainer_class=UniMEV2Trainer,
     load_tiny=build_tiny_unime,
-    load_pretrained=lambda spec, dtype: UniMEV2Model.from_pretrained(spec, dtype=dtype),
+    load_pretrained=UniMEV2Model.from_pretrained,
     default_finetuning="dora",
     default_adapter={},
     reported_metrics=("eval_loss", "eval_judge_agreement", "eval_p_positive"),
@@ -79,12 +100,61 @@ RERANKER = RecipeKind(
     arguments_class=UniMEV2RerankerTrainingArguments,
     trainer_class=UniMEV2RerankerTrainer,
     load_tiny=build_tiny_reranker,
-    load_pretrained=lambda spec, dtype: UniMEV2Reranker.from_pretrained(spec, dtype=dtype),
+    load_pretrained=UniMEV2Reranker.from_pretrained,
     default_finetuning="lora",
     default_adapter=RERANKER_ADAPTER,
     reported_metrics=("eval_loss", "eval_loss_pairwise", "eval_loss_listwise", "eval_yes_margin"),
     describe=_describe_reranker,
 )
+
+
+def apply_device_defaults(training: dict[str, Any]) -> dict[str, Any]:
+    """Fill the device-dependent defaults of the ``training`` section in place: ``use_cpu: true`` only where there is
+    no accelerator, ``bf16: true`` on a CUDA GPU with bf16 when the config names no mixed precision.
+
+    Example:
+        >>> training = apply_device_defaults({"bf16": False})   # an explicit choice is kept
+        >>> training["bf16"], training.get("use_cpu", False) == (not accelerator_available())
+        (False, True)
+    """
+    if not accelerator_available():
+        training.setdefault("use_cpu", True)
+    # `accelerate launch --mixed_precision fp16|bf16` (ACCELERATE_MIXED_PRECISION) is a choice too: kept.
+    launcher_choice = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") not in ("", "no")
+    if not training.get("use_cpu") and "bf16" not in training and "fp16" not in training and not launcher_choice:
+        if default_mixed_precision() == "bf16":
+            training["bf16"] = True
+    return training
+
+
+def mixed_precision_of(args: Any) -> str | None:
+    """``"bf16"``, ``"fp16"`` or None: what the Trainer will autocast to (the config's bf16 / fp16 flags, else the
+    launcher's ``--mixed_precision``, which `TrainingArguments` reads into ``mixed_precision``)."""
+    if getattr(args, "bf16", False):
+        return "bf16"
+    if getattr(args, "fp16", False):
+        return "fp16"
+    chosen = getattr(args, "mixed_precision", None)
+    return chosen if chosen in ("bf16", "fp16") else None
+
+
+def load_training_model(
+    kind: RecipeKind, model_spec: str, settings: dict[str, Any], args: Any, finetuning: str
+) -> tuple[torch.nn.Module, Any]:
+    """The model to train (in the dtype and with the attention kernel of the rules above) and its processor.
+
+    The model stays where it was loaded (CPU): the Trainer moves it to ``args.device``.
+    """
+    mixed_precision = mixed_precision_of(args)
+    device = args.device
+    weights = training_dtype(settings.get("dtype", "auto"), device, mixed_precision, finetuning)
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, weights)
+    where = placement(weights, settings.get("attn_implementation", "auto"), device, compute_dtype=compute)
+    if model_spec.startswith("tiny:"):
+        model, processor = kind.load_tiny(model_spec.split(":", 1)[1])
+        return place(model, "cpu", where["dtype"], where["attn_implementation"]), processor
+    model = kind.load_pretrained(model_spec, **pretrained_kwargs(where, device_map=False))
+    return model, UniMEV2Processor.from_pretrained(model_spec)
 
 
 def parse_recipe_arguments(description: str) -> argparse.Namespace:
@@ -109,7 +179,7 @@ def run_training_recipe(kind: RecipeKind, cli: argparse.Namespace) -> dict[str, 
         # Evaluate inside train(): a trainer.evaluate() before train() leaves DDP gradients unsynchronised
         # (measured on CPU/gloo: per-process gradients differed after it).
         training.setdefault("eval_on_start", True)
-    training.setdefault("use_cpu", not torch.cuda.is_available())
+    apply_device_defaults(training)
     torch.set_num_threads(int(settings.get("threads", 1)))
     args = kind.arguments_class(**training)
     output_dir = Path(args.output_dir)
@@ -122,18 +192,19 @@ def run_training_recipe(kind: RecipeKind, cli: argparse.Namespace) -> dict[str, 
         eval_rows = load_judge_rows(data["eval"], image_root, args.seed + 1, negatives)[0] if data.get("eval") else None
 
     model_spec = settings["model"]
-    if model_spec.startswith("tiny:"):
-        model, processor = kind.load_tiny(model_spec.split(":", 1)[1])
-    else:
-        model = kind.load_pretrained(model_spec, settings.get("dtype", "auto"))
-        processor = UniMEV2Processor.from_pretrained(model_spec)
     finetuning = settings.get("finetuning", kind.default_finetuning)
+    model, processor = load_training_model(kind, model_spec, settings, args, finetuning)
+    if settings.get("image_resize"):  # the rule saved with the checkpoint, for inference (data.image_resize: training)
+        processor.image_resize = settings["image_resize"]
     adapter = {**kind.default_adapter, **(settings.get("adapter") or {})}
     model = prepare_for_training(model, finetuning, **(adapter if finetuning != "full" else {}))
     trainer = kind.trainer_class(
         model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=processor,
-        image_root=image_root, image_size=data.get("image_size"),
+        image_root=image_root, image_size=data.get("image_size"), image_resize=data.get("image_resize"),
     )
+    precision = mixed_precision_of(args) or "no"
+    print(f"placement: process {args.process_index}: {describe(trainer.model, 'model')} (mixed precision: {precision})",
+          flush=True)
     last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     trainer.train(resume_from_checkpoint=last_checkpoint)
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
@@ -171,4 +242,14 @@ def run_training_recipe(kind: RecipeKind, cli: argparse.Namespace) -> dict[str, 
     return results
 
 
-__all__ = ["EMBEDDER", "RERANKER", "RecipeKind", "load_judge_rows", "parse_recipe_arguments", "run_training_recipe"]
+__all__ = [
+    "EMBEDDER",
+    "RERANKER",
+    "RecipeKind",
+    "apply_device_defaults",
+    "load_judge_rows",
+    "load_training_model",
+    "mixed_precision_of",
+    "parse_recipe_arguments",
+    "run_training_recipe",
+]
