@@ -1,9 +1,37 @@
-"""The evaluation recipe's engine: config -> models -> MMEB / retrieval / SugarCrepe -> JSON, markdown, predictions."""
+"""The evaluation recipe's engine: config -> models (on this process's device) -> MMEB / retrieval / SugarCrepe ->
+``results.json``, ``results.md``, predictions.
+
+Config (YAML); the keys marked (flag) can also be given on the command line, which wins:
+
+- ``model`` (flag), ``reranker`` (flag, optional): a folder, a Hub repo id or ``tiny:<family>`` (random weights).
+- ``data_root`` (flag): every relative data path below is resolved against it (default: the working directory). The
+  shipped configs name the folders as the authors' ``data/`` folder holds them, so pointing ``--data_root`` at such a
+  folder is the only change a user makes.
+- ``output_dir`` (flag), ``batch_size``, ``threads``.
+- ``dtype`` (flag; ``auto`` = bf16 on a GPU, float32 on CPU), ``attn_implementation`` (flag; ``auto`` =
+  ``flash_attention_2`` when installed and on a GPU, else ``sdpa``): see `modeling_unime.placement`.
+- ``image_resize`` / ``reranker_image_resize`` (flags): the resize policy set on the embedder's / reranker's
+  processor (``native``, ``square:1344``, ``max_side:1344``, ``max_pixels:235200`` or a preset: ``authors-eval``,
+  ``authors-train-qwen2vl``, ``authors-train-llava-ov``, ``authors-default``, ``authors-reranker``,
+  ``authors-reranker-eval``; see `modeling_unime.processing_unime.canonical_image_resize`). The released checkpoints
+  were evaluated with ``authors-eval`` (every image 1344x1344) and the reranker with ``authors-reranker-eval`` (that
+  1344x1344 image capped at 300*28*28 pixels: 476x476).
+- ``mmeb``: ``root`` (a clone of TIGER-Lab/MMEB-eval; the Hub when absent), ``image_root`` (default: found under
+  ``root``, e.g. ``root/eval_images``), ``datasets`` (default: all 36), ``tie_rule`` (``argmax``, VLM2Vec's scorer,
+  default; or ``strict``), ``rerank_top_k``.
+- ``retrieval``: ``{flickr30k|coco|sharegpt4v|urban1k: {folder, image_root?, rerank_top_k?, limit?}}``; each folder's
+  layout is detected (`evaluation.retrieval`).
+- ``sugarcrepe``: ``annotations`` (the repo's ``data/`` folder, or the clone above it), ``image_root`` (COCO
+  val2017), ``subsets``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,42 +40,142 @@ import yaml
 
 from modeling_unime import UniMEV2Model, UniMEV2Reranker
 from modeling_unime.mining import distributed_state
+from modeling_unime.placement import place, placement, pretrained_kwargs
+from modeling_unime.processing_unime import canonical_image_resize
 from modeling_unime.testing import build_tiny_reranker, build_tiny_unime
 
-from .mmeb import MMEB_CATEGORIES, PUBLISHED_MMEB, evaluate_mmeb, write_predictions
+from .mmeb import MMEB_CATEGORIES, PUBLISHED_MMEB, TIE_RULES, evaluate_mmeb, write_predictions
 
 MMEB_COLUMNS = [*MMEB_CATEGORIES, "IND", "OOD", "Overall"]
 RETRIEVAL_TITLES = {"flickr30k": "Flickr30K", "coco": "COCO 5K", "sharegpt4v": "ShareGPT4V", "urban1k": "Urban1K"}
-# method.md section 3: UniME-V2 (Qwen2-VL-2B) zero-shot R@1 (image->text / text->image) and SugarCrepe.
-PUBLISHED_ZERO_SHOT = {
+
+# method.md section 3: UniME-V2 (Qwen2-VL-2B) zero-shot R@1 under the paper's own column labels (Table 2), and
+# SugarCrepe. The paper's "qi->ct" / "qt->ci" labels are most likely swapped (see RETRIEVAL_COLUMN_NOTE).
+PUBLISHED_ZERO_SHOT: dict[str, dict[str, Any]] = {
     "TianchengGu/UniME-V2-Qwen2VL-2B": {
-        "flickr30k": (79.8, 89.9), "coco": (53.7, 65.1), "sharegpt4v": (91.6, 94.2), "urban1k": (95.6, 92.2),
+        "flickr30k": {"qi->ct": 79.8, "qt->ci": 89.9},
+        "coco": {"qi->ct": 53.7, "qt->ci": 65.1},
+        "sharegpt4v": {"qi->ct": 91.6, "qt->ci": 94.2},
+        "urban1k": {"qi->ct": 95.6, "qt->ci": 92.2},
         "sugarcrepe": {"Replace": 70.9, "Swap": 51.2, "Add": 70.2},
     },
 }
+PAPER_COLUMN_FOR = {"image_to_text": "qt->ci", "text_to_image": "qi->ct"}
+"""Which of the paper's Table 2 columns is printed beside each of our directions (the labels are taken as swapped)."""
+RETRIEVAL_COLUMN_NOTE = (
+    "The paper's Table 2 labels its columns qi->ct and qt->ci, but the authors' script prints text->image "
+    "recall under the label \"Image->Text\", and with 5 captions per image image->text R@1 is normally the higher one "
+    "(their Flickr30K / COCO rows read qi->ct 79.8 / 53.7, qt->ci 89.9 / 65.1). The labels are therefore most likely "
+    "swapped (inferred, not confirmed by the authors): the paper's \"qt->ci\" value is printed beside our image->text "
+    "and its \"qi->ct\" value beside our text->image. Our columns are labelled by what they measure."
+)
+
+TOP_LEVEL_KEYS = {
+    "model", "reranker", "data_root", "output_dir", "batch_size", "threads", "dtype", "attn_implementation",
+    "image_resize", "reranker_image_resize", "mmeb", "retrieval", "sugarcrepe",
+}
+FLAG_KEYS = ("model", "reranker", "data_root", "output_dir", "dtype", "attn_implementation", "image_resize",
+             "reranker_image_resize")
 
 
-def load_embedder(spec: str, dtype: str = "auto") -> Any:
-    """A UniME-V2 embedder from a folder / repo id, or a tiny random one (``tiny:<family>``), ready to ``encode``."""
+# ------------------------------------------------------------------------------------------------ models
+
+
+def check_image_resize(policy: str) -> str:
+    """``policy`` unchanged when it is a valid resize policy (`modeling_unime.processing_unime.canonical_image_resize`
+    decides), else its ValueError listing the valid ones.
+
+    >>> check_image_resize("authors-eval"), check_image_resize("max_pixels:235200")
+    ('authors-eval', 'max_pixels:235200')
+    """
+    canonical_image_resize(policy)
+    return policy
+
+
+def apply_image_resize(model: Any, policy: str | None, key: str = "image_resize") -> None:
+    """Set ``model.processor.image_resize = policy`` (the processor then resizes every image it loads).
+
+    ``None`` leaves the processor as it is. A processor without an ``image_resize`` attribute (the package before the
+    resize policy existed) accepts only ``"native"``, which changes nothing; anything else is an error, because the
+    published numbers were measured on resized images and a silent native-size run would not be comparable.
+    """
+    if policy is None:
+        return
+    check_image_resize(policy)
+    processor = model.processor
+    if not hasattr(processor, "image_resize"):
+        if policy == "native":
+            return
+        raise ValueError(
+            f"{key}: {policy!r} was asked for, but the processor ({type(processor).__name__}) has no 'image_resize' "
+            "attribute: this version of UniMEV2Processor cannot resize images. Update the package, or set "
+            f"`{key}: native` (flag --{key} native) to evaluate at native image sizes, knowing that the released "
+            "checkpoints' numbers were measured with every image resized (authors-eval: 1344x1344)."
+        )
+    processor.image_resize = policy
+
+
+def _load(
+    model_class: type, builder: Any, spec: str, dtype: str | torch.dtype | None, attn_implementation: str | None,
+    device: torch.device | str | None,
+) -> Any:
+    where = placement(dtype, attn_implementation, device=device)
     if spec.startswith("tiny:"):
-        model, processor = build_tiny_unime(spec.split(":", 1)[1])
+        family = spec.split(":", 1)[1]
+        model, processor = builder(family)
         model.processor = processor
-        return model
-    return UniMEV2Model.from_pretrained(spec, dtype=dtype).eval()
+        model = place(model, where["device"], where["dtype"], where["attn_implementation"])
+    else:
+        # Read straight onto the process's device: 8 processes do not each hold a 7B model in host memory first.
+        model = model_class.from_pretrained(spec, **pretrained_kwargs(where))
+    return model.eval()
 
 
-def load_reranker(spec: str | None, dtype: str = "auto") -> Any:
+def load_embedder(
+    spec: str,
+    dtype: str | torch.dtype | None = "auto",
+    attn_implementation: str | None = "auto",
+    device: torch.device | str | None = None,
+    image_resize: str | None = None,
+) -> Any:
+    """A UniME-V2 embedder from a folder / repo id, or a tiny random one (``tiny:<family>``), ready to ``encode``.
+
+    It is loaded with ``dtype`` and ``attn_implementation`` resolved by `modeling_unime.placement.placement`
+    (``auto``: bf16 and flash-attention / sdpa on a GPU, float32 and sdpa on CPU) and moved to ``device`` (default:
+    this process's device under ``accelerate launch``). ``image_resize`` is set on its processor
+    (`apply_image_resize`).
+
+    >>> model = load_embedder("tiny:qwen2_vl")
+    >>> model.device.type, model.dtype
+    ('cpu', torch.float32)
+    """
+    model = _load(UniMEV2Model, build_tiny_unime, spec, dtype, attn_implementation, device)
+    apply_image_resize(model, image_resize, "image_resize")
+    return model
+
+
+def load_reranker(
+    spec: str | None,
+    dtype: str | torch.dtype | None = "auto",
+    attn_implementation: str | None = "auto",
+    device: torch.device | str | None = None,
+    image_resize: str | None = None,
+) -> Any:
+    """A UniME-V2 reranker as `load_embedder` loads an embedder (``tiny:<family>`` builds a tiny Qwen2.5-VL-style
+    one); None when ``spec`` is None. ``image_resize`` is set on its processor (``reranker_image_resize``)."""
     if spec is None:
         return None
-    if spec.startswith("tiny:"):
-        model, processor = build_tiny_reranker(spec.split(":", 1)[1])
-        model.processor = processor
-        return model
-    return UniMEV2Reranker.from_pretrained(spec, dtype=dtype).eval()
+    model = _load(UniMEV2Reranker, build_tiny_reranker, spec, dtype, attn_implementation, device)
+    apply_image_resize(model, image_resize, "reranker_image_resize")
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ tables
 
 
 def mmeb_table(results: dict[str, dict[str, Any]], model_name: str) -> str:
-    """Markdown in the layout of the paper's MMEB table: categories, IND, OOD, overall; a published row when known."""
+    """Markdown in the layout of the paper's MMEB table: categories, IND, OOD, overall; a published row when known;
+    then the tie rule and one row per dataset."""
     lines = ["| model | " + " | ".join(MMEB_COLUMNS) + " |", "|---" * (len(MMEB_COLUMNS) + 1) + "|"]
     for label, summary in results.items():
         means = summary["means"]
@@ -61,27 +189,40 @@ def mmeb_table(results: dict[str, dict[str, Any]], model_name: str) -> str:
             lines.append(f"| paper: {label} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("\\* mean over the datasets that ran (incomplete: see results.json).")
+    first = next(iter(results.values()))
+    tie_rule = first.get("tie_rule", "argmax")
+    ties = sum(first.get("ties", {}).values())
+    lines.append(f"Ties: `{tie_rule}`, {TIE_RULES.get(tie_rule, tie_rule)}. {ties} quer{'y' if ties == 1 else 'ies'} "
+                 "had another candidate tied with the positive for the top score.")
     per_dataset = ["", "| dataset | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
-    names = list(next(iter(results.values()))["datasets"])
-    per_dataset += [f"| {name} | " + " | ".join(f"{summary['datasets'][name]:.1f}" for summary in results.values()) + " |"
-                    for name in names]
+    names = list(first["datasets"])
+    per_dataset += [
+        f"| {name} | " + " | ".join(f"{summary['datasets'][name]:.1f}" for summary in results.values()) + " |"
+        for name in names
+    ]
     return "\n".join(lines + per_dataset)
 
 
 def retrieval_table(results: dict[str, dict[str, Any]], model_name: str) -> str:
-    """Markdown: R@1 image->text and text->image per set (the directions labelled as they are), paper beside ours."""
+    """Markdown: R@1 image->text and text->image per set (labelled by what they measure), then R@5 / R@10; the
+    paper's numbers beside ours with its columns taken as swapped (`RETRIEVAL_COLUMN_NOTE`, printed under the table)."""
     published = PUBLISHED_ZERO_SHOT.get(model_name, {})
     lines = ["| set | stage | image->text R@1 | text->image R@1 | R@5 (i->t / t->i) | R@10 (i->t / t->i) |",
              "|---|---|---|---|---|---|"]
     for name, stages in results.items():
+        title = RETRIEVAL_TITLES.get(name, name)
         for stage, result in stages.items():
             i2t, t2i = result["image_to_text"], result["text_to_image"]
-            lines.append(f"| {RETRIEVAL_TITLES.get(name, name)} | {stage} | {100 * i2t['recall@1']:.1f} | "
-                         f"{100 * t2i['recall@1']:.1f} | {100 * i2t['recall@5']:.1f} / {100 * t2i['recall@5']:.1f} | "
+            lines.append(f"| {title} | {stage} | {100 * i2t['recall@1']:.1f} | {100 * t2i['recall@1']:.1f} | "
+                         f"{100 * i2t['recall@5']:.1f} / {100 * t2i['recall@5']:.1f} | "
                          f"{100 * i2t['recall@10']:.1f} / {100 * t2i['recall@10']:.1f} |")
         if name in published:
-            lines.append(f"| {RETRIEVAL_TITLES.get(name, name)} | paper | {published[name][0]:.1f} | "
-                         f"{published[name][1]:.1f} | | |")
+            paper = published[name]
+            lines.append(f"| {title} | paper [1]: qt->ci, qi->ct | "
+                         f"{paper[PAPER_COLUMN_FOR['image_to_text']]:.1f} | "
+                         f"{paper[PAPER_COLUMN_FOR['text_to_image']]:.1f} | | |")
+    if any(name in published for name in results):
+        lines += ["", f"[1] {RETRIEVAL_COLUMN_NOTE}"]
     return "\n".join(lines)
 
 
@@ -102,50 +243,186 @@ def sugarcrepe_table(result: dict[str, Any], model_name: str) -> str:
     return "\n".join(lines)
 
 
-def parse_evaluation_arguments(description: str) -> argparse.Namespace:
+# ------------------------------------------------------------------------------------------------ config
+
+
+def parse_evaluation_arguments(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """``--config`` plus one flag per key of `FLAG_KEYS` (a flag given overrides the config's value)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file (see recipes/configs/eval-*.yaml)")
+    parser.add_argument("--data_root", default=None,
+                        help="folder every relative data path of the config is resolved against (e.g. the authors' "
+                             "data/ folder holding MMEB-eval/, flickr30k_test/, coco_test/, ...)")
     parser.add_argument("--output_dir", default=None, help="overrides output_dir")
-    return parser.parse_args()
+    parser.add_argument("--model", default=None, help="overrides model (folder, repo id or tiny:<family>)")
+    parser.add_argument("--reranker", default=None,
+                        help="overrides reranker (folder, repo id or tiny:<family>; 'none' for no rerank stage)")
+    parser.add_argument("--dtype", default=None, help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--attn_implementation", default=None, help="auto, sdpa, eager or flash_attention_2")
+    parser.add_argument("--image_resize", default=None, help="embedder images: native, authors-eval, square:N, ...")
+    parser.add_argument("--reranker_image_resize", default=None, help="reranker images: native, authors-reranker-eval, ...")
+    return parser.parse_args(argv)
+
+
+def load_settings(cli: argparse.Namespace) -> dict[str, Any]:
+    """The config file with the command-line flags applied; unknown top-level keys are an error (a typo such as
+    ``image_size`` would otherwise be ignored silently)."""
+    path = Path(cli.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"Evaluation config not found: {path.resolve()} (see recipes/configs/eval-*.yaml).")
+    settings = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(settings) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; known keys: {', '.join(sorted(TOP_LEVEL_KEYS))}.")
+    for key in FLAG_KEYS:
+        value = getattr(cli, key, None)
+        if value is not None:
+            settings[key] = None if key == "reranker" and value.lower() == "none" else value
+    if not settings.get("model"):
+        raise ValueError(f"{path}: no 'model' (a folder, a Hub repo id or tiny:<family>); pass --model.")
+    return settings
+
+
+def resolve_data_path(value: str | os.PathLike | None, data_root: str | os.PathLike | None) -> str | None:
+    """``value`` against ``data_root`` when it is relative (``~`` expanded); None stays None.
+
+    >>> resolve_data_path("MMEB-eval", "/data"), resolve_data_path("/abs/coco", "/data"), resolve_data_path("x", None)
+    ('/data/MMEB-eval', '/abs/coco', 'x')
+    """
+    if value is None:
+        return None
+    path = Path(os.path.expanduser(os.fspath(value)))
+    if data_root is not None and not path.is_absolute():
+        path = Path(os.path.expanduser(os.fspath(data_root))) / path
+    return os.fspath(path)
+
+
+def _settings_tag(*parts: Any) -> str:
+    """A folder name for the settings that change embeddings but not the model fingerprint (dtype, kernel, image
+    size), so that runs with other settings never reuse each other's cached vectors."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(str(part) for part in parts))
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def prepare_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    """Load and check the data of every benchmark in ``settings`` before any model is loaded, so that a missing
+    folder, an unknown layout, a Git LFS pointer or a missing image fails in seconds rather than after hours of MMEB.
+
+    Returns ``{"mmeb": [(dataset, image_root)], "retrieval": {name: ImageTextRetrievalSet},
+    "sugarcrepe": {"annotations": folder, "image_root": folder}}`` for the benchmarks the config names.
+    """
+    from .mmeb import prepare_mmeb
+
+    data_root = settings.get("data_root")
+    if data_root is not None and not Path(os.path.expanduser(os.fspath(data_root))).is_dir():
+        raise FileNotFoundError(
+            f"data_root {os.fspath(data_root)!r} is not a folder: pass --data_root with the folder that holds "
+            "MMEB-eval/, flickr30k_test/, coco_test/, shareGPT4v/, Urban1k/, sugar-crepe/ and coco2017/ (README, "
+            "Evaluation)."
+        )
+    prepared: dict[str, Any] = {}
+    if settings.get("mmeb"):
+        options = settings["mmeb"]
+        prepared["mmeb"] = prepare_mmeb(options.get("datasets"), resolve_data_path(options.get("root"), data_root),
+                                        resolve_data_path(options.get("image_root"), data_root))
+    if settings.get("retrieval"):
+        from .retrieval import load_retrieval_set
+
+        prepared["retrieval"] = {}
+        for name, options in settings["retrieval"].items():
+            options = dict(options or {})
+            if "folder" not in options:
+                raise ValueError(f"retrieval.{name}: no 'folder' (the folder holding the {name} data).")
+            extra = {key: options[key] for key in ("limit", "captions_per_image") if key in options}
+            if name in ("flickr30k", "coco"):
+                extra["extract_dir"] = output_dir / "cache" / "images" / name
+            prepared["retrieval"][name] = load_retrieval_set(
+                name, resolve_data_path(options["folder"], data_root),
+                image_root=resolve_data_path(options.get("image_root"), data_root), **extra,
+            )
+    if settings.get("sugarcrepe"):
+        from .sugarcrepe import check_sugarcrepe_data
+
+        options = settings["sugarcrepe"]
+        if "annotations" not in options or "image_root" not in options:
+            raise ValueError("sugarcrepe: give 'annotations' (the sugar-crepe clone or its data/) and 'image_root' "
+                             "(COCO val2017).")
+        image_root = resolve_data_path(options["image_root"], data_root)
+        annotations = check_sugarcrepe_data(resolve_data_path(options["annotations"], data_root), image_root,
+                                            options.get("subsets"))
+        prepared["sugarcrepe"] = {"annotations": os.fspath(annotations), "image_root": image_root}
+    return prepared
 
 
 def run_evaluation(cli: argparse.Namespace) -> dict[str, Any] | None:
-    """Run every benchmark named in the config; returns the results on the main process."""
-    settings = yaml.safe_load(Path(cli.config).read_text())
-    output_dir = Path(cli.output_dir or settings.get("output_dir", "runs/eval"))
+    """Run every benchmark named in the config; returns the results on the main process (None on the others).
+
+    The data of every benchmark is loaded and checked first (`prepare_data`), then the models are loaded, then the
+    benchmarks run in the order MMEB, retrieval, SugarCrepe.
+    """
+    settings = load_settings(cli)
+    output_dir = Path(settings.get("output_dir") or "runs/eval")
     torch.set_num_threads(int(settings.get("threads", 1)))
     state = distributed_state()
-    dtype = settings.get("dtype", "auto")
-    embedder = load_embedder(settings["model"], dtype)
-    reranker = load_reranker(settings.get("reranker"), dtype)
+    data = prepare_data(settings, output_dir)
+    dtype, attn = settings.get("dtype", "auto"), settings.get("attn_implementation", "auto")
+    where = placement(dtype, attn, device=state.device)
+    embedder = load_embedder(settings["model"], dtype, attn, state.device, settings.get("image_resize"))
+    reranker = load_reranker(settings.get("reranker"), dtype, attn, state.device,
+                             settings.get("reranker_image_resize"))
     batch_size = int(settings.get("batch_size", 32))
-    cache_dir = output_dir / "cache"
-    results: dict[str, Any] = {"model": settings["model"], "reranker": settings.get("reranker")}
-    markdown = [f"# Evaluation of `{settings['model']}`", ""]
+    # What the processors will really do (their canonical form, e.g. square:1344 for authors-eval); a processor
+    # without resize policies works at native size.
+    image_resize = getattr(embedder.processor, "image_resize", "native")
+    cache_dir = output_dir / "cache" / _settings_tag(str(where["dtype"]).replace("torch.", ""),
+                                                     where["attn_implementation"], image_resize)
+    mmeb_options = settings.get("mmeb") or {}
+    tie_rule = mmeb_options.get("tie_rule", "argmax")
+    run_settings = {
+        "device": str(where["device"]), "dtype": str(where["dtype"]).replace("torch.", ""),
+        "attn_implementation": where["attn_implementation"], "image_resize": image_resize,
+        "reranker_image_resize": getattr(reranker.processor, "image_resize", "native") if reranker else None,
+        "image_resize_requested": settings.get("image_resize"),
+        "reranker_image_resize_requested": settings.get("reranker_image_resize") if reranker else None,
+        "mmeb_tie_rule": tie_rule, "data_root": settings.get("data_root"), "processes": state.num_processes,
+    }
+    results: dict[str, Any] = {"model": settings["model"], "reranker": settings.get("reranker"),
+                               "settings": run_settings, "data": {}, "seconds": {}}
+    markdown = [f"# Evaluation of `{settings['model']}`", "",
+                f"Settings: {run_settings['device']}, {run_settings['dtype']}, {run_settings['attn_implementation']}; "
+                f"images: {image_resize} (embedder)"
+                + (f", {run_settings['reranker_image_resize']} (reranker)" if reranker else "")
+                + f"; MMEB ties: {tie_rule}.", ""]
 
-    if settings.get("mmeb"):
-        options = settings["mmeb"]
+    if "mmeb" in data:
+        started = time.perf_counter()
         plain, reranked = evaluate_mmeb(
-            embedder, datasets=options.get("datasets"), root=options.get("root"), image_root=options.get("image_root"),
-            cache_dir=cache_dir, batch_size=batch_size, reranker=reranker,
-            rerank_top_k=int(options.get("rerank_top_k", 10)), state=state,
+            embedder, prepared=data["mmeb"], cache_dir=cache_dir, batch_size=batch_size, reranker=reranker,
+            rerank_top_k=int(mmeb_options.get("rerank_top_k", 10)), state=state, tie_rule=tie_rule,
         )
         summaries = {"embedder": plain.summary()}
         if reranked is not None:
             summaries["embedder + rerank"] = reranked.summary()
         results["mmeb"] = summaries
+        results["data"]["mmeb"] = plain.data
+        results["seconds"]["mmeb"] = round(time.perf_counter() - started, 1)
         if state.is_main_process:
             write_predictions(plain, output_dir / "predictions" / "mmeb")
             if reranked is not None:
                 write_predictions(reranked, output_dir / "predictions" / "mmeb_rerank")
         markdown += ["## MMEB (precision@1, %)", "", mmeb_table(summaries, settings["model"]), ""]
 
-    if settings.get("retrieval"):
-        from .retrieval import evaluate_retrieval, load_retrieval_set
+    if "retrieval" in data:
+        from .retrieval import evaluate_retrieval
 
+        started = time.perf_counter()
         retrieval_results: dict[str, dict[str, Any]] = {}
-        for name, options in settings["retrieval"].items():
-            dataset = load_retrieval_set(name, options["folder"], image_root=options.get("image_root"))
+        results["data"]["retrieval"] = {}
+        for name, dataset in data["retrieval"].items():
+            options = settings["retrieval"][name] or {}
+            results["data"]["retrieval"][name] = dataset.describe()
             stages = {"embedder": evaluate_retrieval(embedder, dataset, batch_size=batch_size,
                                                      cache_dir=cache_dir / "retrieval")}
             if reranker is not None:
@@ -155,27 +432,47 @@ def run_evaluation(cli: argparse.Namespace) -> dict[str, Any] | None:
                 )
             retrieval_results[name] = stages
         results["retrieval"] = retrieval_results
+        results["seconds"]["retrieval"] = round(time.perf_counter() - started, 1)
         markdown += ["## Zero-shot image-text retrieval (%)", "", retrieval_table(retrieval_results, settings["model"]),
                      ""]
 
-    if settings.get("sugarcrepe"):
+    if "sugarcrepe" in data:
         from .sugarcrepe import evaluate_sugarcrepe
 
-        options = settings["sugarcrepe"]
+        started = time.perf_counter()
+        where_data = data["sugarcrepe"]
         sugarcrepe = evaluate_sugarcrepe(
-            embedder, options["annotations"], options["image_root"], subsets=options.get("subsets"),
-            batch_size=batch_size, cache_dir=cache_dir / "sugarcrepe", reranker=reranker,
+            embedder, where_data["annotations"], where_data["image_root"],
+            subsets=settings["sugarcrepe"].get("subsets"), batch_size=batch_size, cache_dir=cache_dir / "sugarcrepe",
+            reranker=reranker,
         )
         results["sugarcrepe"] = sugarcrepe
+        results["data"]["sugarcrepe"] = where_data
+        results["seconds"]["sugarcrepe"] = round(time.perf_counter() - started, 1)
         markdown += ["## SugarCrepe (accuracy, %)", "", sugarcrepe_table(sugarcrepe, settings["model"]), ""]
 
     if not state.is_main_process:
         return None
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (output_dir / "results.md").write_text("\n".join(markdown) + "\n")
     print("\n".join(markdown))
     return results
 
 
-__all__ = ["run_evaluation", "parse_evaluation_arguments", "load_embedder", "load_reranker", "mmeb_table"]
+__all__ = [
+    "PUBLISHED_ZERO_SHOT",
+    "RETRIEVAL_COLUMN_NOTE",
+    "apply_image_resize",
+    "check_image_resize",
+    "load_embedder",
+    "load_reranker",
+    "load_settings",
+    "mmeb_table",
+    "parse_evaluation_arguments",
+    "prepare_data",
+    "resolve_data_path",
+    "retrieval_table",
+    "run_evaluation",
+    "sugarcrepe_table",
+]

@@ -5,8 +5,19 @@ Each MMEB-eval dataset (Hub: ``TIGER-Lab/MMEB-eval``, one config per dataset, sp
 the Phi-3V ``<|image_1|>`` placeholder, which the processor converts per backbone. Every distinct query and candidate
 is embedded once, through an on-disk cache keyed by model and content, so an interrupted run resumes.
 
-Scoring rule: a query is correct when the positive's cosine is strictly above every other candidate's (a tie counts
-as wrong, so a degenerate embedder cannot score by ties).
+Local data: a clone of the Hub repo (``git clone https://huggingface.co/datasets/TIGER-Lab/MMEB-eval``) has
+``<root>/<Dataset>/test-00000-of-00001.parquet`` per dataset and ``images.zip``, unpacked with
+``unzip images.zip -d eval_images/``; image paths are relative to ``<root>/eval_images``. The clone also holds a 37th
+config, CIFAR-100, which is not one of MMEB's 36 datasets and is never read. Query texts are used exactly as stored
+(instruction, ``<|image_1|>\n`` placeholder, trailing newline).
+
+Scoring rule (``tie_rule``): the score of a candidate is its cosine with the query.
+
+- ``"argmax"`` (default, VLM2Vec's official scorer): the prediction is ``argmax`` over the candidates, so when
+  candidates tie for the top score the first one wins, and candidate 0 is the positive: a tie with the positive
+  counts as correct. A row whose candidate list repeats the positive scores 100.
+- ``"strict"``: correct only when the positive's cosine is strictly above every other candidate's; a tie counts as
+  wrong (the repeated-positive row scores 0, and a collapsed embedder cannot score by ties).
 """
 
 from __future__ import annotations
@@ -25,6 +36,17 @@ from modeling_unime.mining import cached_embeddings
 from .metrics import load_metric
 
 MMEB_HUB_ID = "TIGER-Lab/MMEB-eval"
+MMEB_CLONE_FOLDER = "MMEB-eval"
+"""The folder name a clone of the Hub repo gets (the authors' evaluation points at ``<path>/MMEB-eval``)."""
+MMEB_IMAGE_FOLDER = "eval_images"
+"""Where ``images.zip`` is unpacked inside the clone (VLM2Vec's ``unzip images.zip -d eval_images/``)."""
+UNUSED_CONFIGS = ("CIFAR-100",)
+"""Configs of the Hub repo that are not among MMEB's 36 datasets."""
+TIE_RULES = {
+    "argmax": "VLM2Vec's official scorer: argmax over the candidates, the first index wins a tie, so a tie with the "
+              "positive counts as correct",
+    "strict": "correct only when the positive scores strictly above every other candidate, so a tie counts as wrong",
+}
 MMEB_CATEGORIES: dict[str, dict[str, list[str]]] = {
     "Classification": {
         "IND": ["ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397"],
@@ -66,47 +88,133 @@ class MMEBDataset:
     name: str
     queries: list[Item]
     candidates: list[list[Item]]
+    source: str | None = None
 
     def __len__(self) -> int:
         return len(self.queries)
 
 
-def _rows_to_dataset(name: str, rows: Sequence[dict[str, Any]]) -> MMEBDataset:
+def _rows_to_dataset(name: str, rows: Sequence[dict[str, Any]], source: str | None = None) -> MMEBDataset:
+    """Rows of the Hub schema as an `MMEBDataset`; texts are kept exactly as stored ("" means no text / no image)."""
+    where = f" ({source})" if source else ""
     queries, candidates = [], []
     for index, row in enumerate(rows):
         for column in ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path"):
             if column not in row:
-                raise ValueError(f"MMEB dataset {name!r}, row {index}: no {column!r} column (columns: {sorted(row)}).")
+                raise ValueError(
+                    f"MMEB dataset {name!r}{where}, row {index}: no {column!r} column (columns: {sorted(row)}); "
+                    "the Hub schema is qry_text, qry_img_path, tgt_text (list), tgt_img_path (list)."
+                )
         texts, images = list(row["tgt_text"]), list(row["tgt_img_path"])
         if len(texts) != len(images) or not texts:
             raise ValueError(
-                f"MMEB dataset {name!r}, row {index}: tgt_text has {len(texts)} entries and tgt_img_path {len(images)}."
+                f"MMEB dataset {name!r}{where}, row {index}: tgt_text has {len(texts)} entries and tgt_img_path "
+                f"{len(images)}."
             )
         queries.append((row["qry_text"] or None, row["qry_img_path"] or None))
         candidates.append([(text or None, image or None) for text, image in zip(texts, images)])
-    return MMEBDataset(name, queries, candidates)
+    return MMEBDataset(name, queries, candidates, source)
+
+
+def mmeb_dataset_folder(name: str, root: str | os.PathLike) -> Path:
+    """The folder of one dataset in a local copy: ``root/<name>``, or ``root/MMEB-eval/<name>`` when ``root`` is the
+    folder the clone was made in."""
+    root = Path(root)
+    folder = root / name
+    if not folder.is_dir() and (root / MMEB_CLONE_FOLDER / name).is_dir():
+        return root / MMEB_CLONE_FOLDER / name
+    return folder
 
 
 def load_mmeb_dataset(name: str, root: str | os.PathLike | None = None) -> MMEBDataset:
-    """Load one MMEB-eval dataset from a local copy of the Hub repo (``root/<name>/*.parquet``) or, without
-    ``root``, from the Hub (``TIGER-Lab/MMEB-eval``, config ``name``, split ``test``)."""
-    from datasets import load_dataset
+    """Load one MMEB-eval dataset from a local copy of the Hub repo (``root/<name>/test-*.parquet``; see
+    `mmeb_dataset_folder`) or, without ``root``, from the Hub (``TIGER-Lab/MMEB-eval``, config ``name``, split
+    ``test``).
 
+    Raises:
+        ValueError: ``name`` is not one of the 36 datasets; a parquet file is a Git LFS pointer; a column is missing.
+        FileNotFoundError: no parquet file for ``name`` (the message says where it looked and how to download).
+    """
     if name not in MMEB_DATASETS:
-        raise ValueError(f"{name!r} is not an MMEB-eval dataset; known: {', '.join(MMEB_DATASETS)}.")
+        unused = f" ({name} is in the Hub repo but not one of MMEB's 36 datasets)" if name in UNUSED_CONFIGS else ""
+        raise ValueError(f"{name!r} is not an MMEB-eval dataset{unused}; known: {', '.join(MMEB_DATASETS)}.")
     if root is None:
-        rows = load_dataset(MMEB_HUB_ID, name, split="test")
+        from datasets import load_dataset
+
+        return _rows_to_dataset(name, load_dataset(MMEB_HUB_ID, name, split="test").to_list())
+    import pyarrow.parquet as parquet
+
+    from .retrieval import check_not_lfs_pointers
+
+    folder = mmeb_dataset_folder(name, root)
+    files = sorted(folder.glob("test-*.parquet")) or sorted(folder.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"MMEB dataset {name!r}: no parquet file in {folder} (expected the layout of the Hub repo "
+            f"{MMEB_HUB_ID}: <root>/{name}/test-00000-of-00001.parquet; download it with "
+            f"`git clone https://huggingface.co/datasets/{MMEB_HUB_ID}` or `huggingface-cli download {MMEB_HUB_ID} "
+            f"--repo-type dataset --local-dir <root>`, and pass that folder as root)."
+        )
+    check_not_lfs_pointers(files, f"MMEB dataset {name!r}")
+    rows = [row for file in files for row in parquet.read_table(file).to_pylist()]
+    return _rows_to_dataset(name, rows, source=str(files[0]))
+
+
+def _first_image(dataset: MMEBDataset) -> str | None:
+    for query, candidates in zip(dataset.queries, dataset.candidates):
+        for _, image in [query, *candidates]:
+            if image:
+                return image
+    return None
+
+
+def resolve_mmeb_image_root(
+    dataset: MMEBDataset, root: str | os.PathLike | None, image_root: str | os.PathLike | None
+) -> str | None:
+    """The folder a dataset's image paths are relative to.
+
+    Tried in order (the first that holds the dataset's first image wins): ``image_root`` when given, else
+    ``root/eval_images`` (VLM2Vec's ``unzip images.zip -d eval_images/``), ``root/images`` and ``root``; for each, also
+    its subfolders one level down (an archive unpacked with its own top folder). A dataset without images needs none.
+
+    Raises:
+        FileNotFoundError: the first image is under none of them; the message names the file, the folders tried and,
+            when ``images.zip`` sits there unpacked, the command to unpack it.
+    """
+    probe = _first_image(dataset)
+    if probe is None:
+        return None if image_root is None else os.fspath(image_root)
+    if image_root is not None:
+        candidates = [Path(image_root)]
+    elif root is not None:
+        base = mmeb_dataset_folder(dataset.name, root).parent
+        candidates = [base / MMEB_IMAGE_FOLDER, base / "images", base]
     else:
-        folder = Path(root) / name
-        files = sorted(folder.glob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(
-                f"MMEB dataset {name!r}: no parquet file in {folder} (expected the layout of the Hub repo "
-                f"{MMEB_HUB_ID}: <root>/{name}/test-00000-of-00001.parquet; download it with "
-                f"`huggingface-cli download {MMEB_HUB_ID} --repo-type dataset --local-dir <root>`)."
-            )
-        rows = load_dataset("parquet", data_files=[str(file) for file in files], split="train")
-    return _rows_to_dataset(name, rows.to_list())
+        raise FileNotFoundError(
+            f"MMEB dataset {dataset.name!r} has images (e.g. {probe!r}) but no image_root was given: download "
+            f"images.zip from {MMEB_HUB_ID}, run `unzip images.zip -d eval_images/` and pass that folder as image_root."
+        )
+    tried = []
+    for candidate in candidates:
+        nested = sorted(path for path in candidate.iterdir() if path.is_dir()) if candidate.is_dir() else []
+        for folder in [candidate, *nested]:
+            tried.append(folder)
+            if (folder / probe).is_file():
+                return os.fspath(folder)
+    base = candidates[-1] if image_root is None else Path(image_root).parent
+    archive = base / "images.zip"
+    hint = (f"{archive} is there but not unpacked: run `unzip {archive} -d {base / MMEB_IMAGE_FOLDER}`."
+            if archive.is_file() else
+            f"MMEB images come from the images.zip of {MMEB_HUB_ID}: unzip it with `unzip images.zip -d "
+            f"{MMEB_IMAGE_FOLDER}/` inside the clone (or pass the folder it was unpacked to as image_root).")
+    if archive.is_file():
+        from .retrieval import check_not_lfs_pointers
+
+        check_not_lfs_pointers([archive], "MMEB images")
+    raise FileNotFoundError(
+        f"MMEB dataset {dataset.name!r}: its image {probe!r} is under none of "
+        f"{', '.join(os.fspath(folder) for folder in tried[:6])}{' ...' if len(tried) > 6 else ''}. {hint}"
+    )
 
 
 def check_images(dataset: MMEBDataset, image_root: str | os.PathLike | None) -> None:
@@ -122,10 +230,23 @@ def check_images(dataset: MMEBDataset, image_root: str | os.PathLike | None) -> 
         )
 
 
-def predictions_from_scores(scores: Sequence[torch.Tensor]) -> list[int]:
-    """Index of the top candidate per query; when another candidate ties the positive, that candidate wins."""
+def predictions_from_scores(scores: Sequence[torch.Tensor], tie_rule: str = "argmax") -> list[int]:
+    """Index of the predicted candidate per query (candidate 0 is the positive).
+
+    ``tie_rule="argmax"``: the first index among those with the top score (``torch.argmax``, like VLM2Vec's
+    ``np.argmax``), so a tie with the positive predicts the positive. ``"strict"``: when another candidate ties the
+    positive, that candidate wins (the first such one), so a tie counts as wrong.
+
+    >>> scores = [torch.tensor([0.5, 0.5, 0.1]), torch.tensor([0.2, 0.9, 0.9])]
+    >>> predictions_from_scores(scores), predictions_from_scores(scores, tie_rule="strict")
+    ([0, 1], [1, 1])
+    """
+    _check_tie_rule(tie_rule)
     predictions = []
     for row in scores:
+        if tie_rule == "argmax":
+            predictions.append(int(torch.argmax(row)))
+            continue
         others = row[1:]
         if len(others) == 0 or row[0] > others.max():
             predictions.append(0)
@@ -134,12 +255,25 @@ def predictions_from_scores(scores: Sequence[torch.Tensor]) -> list[int]:
     return predictions
 
 
+def _check_tie_rule(tie_rule: str) -> None:
+    if tie_rule not in TIE_RULES:
+        rules = "; ".join(f"{name}: {meaning}" for name, meaning in TIE_RULES.items())
+        raise ValueError(f"tie_rule={tie_rule!r}: use one of {', '.join(TIE_RULES)} ({rules}).")
+
+
 @dataclass
 class MMEBResult:
-    """Per-dataset precision@1 (%), predictions, and the means over the datasets that ran."""
+    """Per-dataset precision@1 (%), predictions, and the means over the datasets that ran.
+
+    ``tie_rule`` is the rule the scores were computed with (see `TIE_RULES`); ``ties`` counts, per dataset, the rows
+    where another candidate ties the positive for the top score (the rows where the two rules disagree).
+    """
 
     scores: dict[str, float] = field(default_factory=dict)
     predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    tie_rule: str = "argmax"
+    ties: dict[str, int] = field(default_factory=dict)
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Category, IND, OOD and overall means (%); a mean over a partial set is listed under ``incomplete``."""
@@ -154,7 +288,8 @@ class MMEBResult:
             means[group] = sum(self.scores[name] for name in present) / len(present)
             if len(present) < len(names):
                 incomplete[group] = sorted(set(names) - set(present))
-        return {"datasets": dict(self.scores), "means": means, "incomplete": incomplete}
+        return {"datasets": dict(self.scores), "means": means, "incomplete": incomplete, "tie_rule": self.tie_rule,
+                "ties": dict(self.ties)}
 
 
 def evaluate_mmeb(
@@ -168,20 +303,62 @@ def evaluate_mmeb(
     rerank_top_k: int = 10,
     rerank_mode: str = "listwise",
     state: Any = None,
+    tie_rule: str = "argmax",
+    prepared: Sequence[tuple[MMEBDataset, str | None]] | None = None,
 ) -> tuple[MMEBResult, MMEBResult | None]:
     """Evaluate on MMEB datasets (all 36 by default). Returns (embedder result, rerank result or None).
 
-    With ``reranker``, the embedder's top ``rerank_top_k`` candidates of each query are re-ordered by
-    ``reranker.rerank(query, candidates, mode=rerank_mode)`` and the new first candidate is the prediction; the
-    candidates below the top k keep their order.
+    Args:
+        embedder: has ``encode(texts=, images=, image_root=, batch_size=)`` (e.g. `UniMEV2Model`).
+        datasets: names from `MMEB_DATASETS`; all 36 when None.
+        root: a local copy of the Hub repo (see `load_mmeb_dataset`); the Hub when None.
+        image_root: the folder image paths are relative to; found by `resolve_mmeb_image_root` when None.
+        cache_dir: on-disk embedding cache (keyed by model and content), so an interrupted run resumes.
+        batch_size: rows per embedding batch.
+        reranker: optional; the embedder's top ``rerank_top_k`` candidates of each query are re-ordered by
+            ``reranker.rerank(query, candidates, mode=rerank_mode)`` and the new first candidate is the prediction.
+        state: an ``accelerate`` state: encoding is split over its processes.
+        tie_rule: ``"argmax"`` (VLM2Vec's scorer, the default) or ``"strict"``; see `TIE_RULES`.
+        prepared: the output of `prepare_mmeb` (datasets already loaded and checked); ``datasets``, ``root`` and
+            ``image_root`` are then not used.
     """
-    result, reranked = MMEBResult(), (MMEBResult() if reranker is not None else None)
-    for name in datasets or MMEB_DATASETS:
+    _check_tie_rule(tie_rule)
+    result = MMEBResult(tie_rule=tie_rule)
+    reranked = MMEBResult(tie_rule=tie_rule) if reranker is not None else None
+    for dataset, dataset_image_root in prepared if prepared is not None else prepare_mmeb(datasets, root, image_root):
+        result.data[dataset.name] = {"source": dataset.source or f"{MMEB_HUB_ID} (Hub)",
+                                     "image_root": dataset_image_root, "rows": len(dataset)}
         evaluate_task(
-            embedder, load_mmeb_dataset(name, root), result, reranked, image_root=image_root, cache_dir=cache_dir,
-            batch_size=batch_size, reranker=reranker, rerank_top_k=rerank_top_k, rerank_mode=rerank_mode, state=state,
+            embedder, dataset, result, reranked, image_root=dataset_image_root,
+            cache_dir=cache_dir, batch_size=batch_size, reranker=reranker, rerank_top_k=rerank_top_k,
+            rerank_mode=rerank_mode, state=state, tie_rule=tie_rule,
         )
     return result, reranked
+
+
+def prepare_mmeb(
+    datasets: Sequence[str] | None = None,
+    root: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
+) -> list[tuple[MMEBDataset, str | None]]:
+    """Load every requested dataset, find its image folder and check that every image is there: the whole of MMEB's
+    data is validated (in seconds) before anything is embedded. Returns ``[(dataset, image_root)]`` in order."""
+    prepared = []
+    for name in datasets or MMEB_DATASETS:
+        dataset = load_mmeb_dataset(name, root)
+        dataset_image_root = resolve_mmeb_image_root(dataset, root, image_root)
+        check_images(dataset, dataset_image_root)
+        prepared.append((dataset, dataset_image_root))
+    return prepared
+
+
+def candidate_scores(embeddings: torch.Tensor, query: int, candidates: Sequence[int]) -> torch.Tensor:
+    """Cosine of one query with its candidates (rows of ``embeddings``). A candidate listed twice gets the very same
+    score (each distinct row is scored once), so a repeated item always ties exactly."""
+    distinct = list(dict.fromkeys(candidates))
+    values = embeddings[distinct] @ embeddings[query]
+    lookup = dict(zip(distinct, values))
+    return torch.stack([lookup[index] for index in candidates])
 
 
 def evaluate_task(
@@ -196,9 +373,14 @@ def evaluate_task(
     rerank_top_k: int = 10,
     rerank_mode: str = "listwise",
     state: Any = None,
+    tie_rule: str = "argmax",
 ) -> None:
     """The MMEB protocol on one dataset in the MMEB shape (any task: MMEB's own or one built elsewhere): adds its
-    precision@1 (%) and predictions to ``result`` (and, with a reranker, to ``reranked``)."""
+    precision@1 (%) and predictions to ``result`` (and, with a reranker, to ``reranked``), scored with ``tie_rule``.
+
+    With a reranker, the candidates handed to it are the embedder's top ``rerank_top_k`` in the order ``tie_rule``
+    gives (a tie with the positive puts the positive first under ``"argmax"``, last under ``"strict"``)."""
+    _check_tie_rule(tie_rule)
     metric = load_metric("precision_at_1")
     name = dataset.name
     check_images(dataset, image_root)
@@ -208,25 +390,34 @@ def evaluate_task(
                                      image_root=image_root, batch_size=batch_size)
     else:
         embeddings = cached_embeddings(embedder, items, Path(cache_dir) / "mmeb", image_root, batch_size, state)
+    # Cosine, as VLM2Vec's scorer: embedders that do not normalise are scored the same way.
+    embeddings = torch.nn.functional.normalize(torch.as_tensor(embeddings).float(), dim=-1)
     position = {item: index for index, item in enumerate(items)}
     scores = [
-        embeddings[[position[item] for item in candidates]] @ embeddings[position[query]]
+        candidate_scores(embeddings, position[query], [position[item] for item in candidates])
         for query, candidates in zip(dataset.queries, dataset.candidates)
     ]
-    predictions = predictions_from_scores(scores)
+    predictions = predictions_from_scores(scores, tie_rule)
+    tied = [len(row) > 1 and bool(row[0] == row[1:].max()) for row in scores]
+    result.tie_rule = tie_rule
+    result.ties[name] = sum(tied)
     result.scores[name] = 100 * metric.compute(predictions=predictions, references=[0] * len(predictions))[
         "precision_at_1"
     ]
     result.predictions[name] = [
-        {"row": row, "prediction": prediction, "correct": prediction == 0,
+        {"row": row, "prediction": prediction, "correct": prediction == 0, "positive_tied": tie,
          "positive_score": float(row_scores[0]), "top_score": float(row_scores.max())}
-        for row, (prediction, row_scores) in enumerate(zip(predictions, scores))
+        for row, (prediction, row_scores, tie) in enumerate(zip(predictions, scores, tied))
     ]
     if reranker is None or reranked is None:
         return
+    reranked.tie_rule = tie_rule
     reranked_predictions = []
     for query, candidates, row_scores in zip(dataset.queries, dataset.candidates, scores):
-        ranking = sorted(range(len(candidates)), key=lambda index: (-float(row_scores[index]), index == 0, index))
+        if tie_rule == "argmax":
+            ranking = sorted(range(len(candidates)), key=lambda index: (-float(row_scores[index]), index))
+        else:
+            ranking = sorted(range(len(candidates)), key=lambda index: (-float(row_scores[index]), index == 0, index))
         top = ranking[:rerank_top_k]
         order, _ = reranker.rerank(query, [candidates[index] for index in top], mode=rerank_mode, image_root=image_root)
         reranked_predictions.append(top[order[0]])
@@ -253,9 +444,16 @@ __all__ = [
     "IND_DATASETS",
     "OOD_DATASETS",
     "PUBLISHED_MMEB",
+    "TIE_RULES",
+    "UNUSED_CONFIGS",
     "MMEBDataset",
     "MMEBResult",
+    "candidate_scores",
+    "check_images",
     "load_mmeb_dataset",
+    "mmeb_dataset_folder",
+    "prepare_mmeb",
+    "resolve_mmeb_image_root",
     "evaluate_mmeb",
     "evaluate_task",
     "predictions_from_scores",

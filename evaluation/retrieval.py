@@ -6,6 +6,17 @@ in both directions. Images are embedded with the instruction "Find an image capt
 captions as raw text (method.md (g)). The authors' script prints text->image under the label "Image->Text"; here
 ``image_to_text`` always means image queries retrieving captions.
 
+Data, as users get it (each loader detects the layout of the folder it is given and says which in
+``ImageTextRetrievalSet.layout``):
+
+- Flickr30K / COCO: a clone of ``royokong/flickr30k_test`` / ``royokong/coco_test`` (parquet with an ``image`` and a
+  ``text`` column: the authors' data), or Karpathy's ``dataset_flickr30k.json`` / ``dataset_coco.json`` beside the
+  images.
+- ShareGPT4V: ``share-captioner_coco_lcs_sam_1246k_1107.json`` (first 1,000 entries), flat or in the authors' layout
+  ``data/shareGPT4v/<json>`` with the images under ``data/``.
+- Urban1K: ``image/<id>.jpg`` + ``caption/<id>.txt``, or the same one level down (``Urban1k/Urban1k/...``, what a
+  clone of ``BeichenZhang/Urban1k`` gives once its zip is unpacked).
+
 >>> import torch
 >>> images = torch.eye(3)                                   # 3 images
 >>> captions = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0.6, 0.8], [0, 1, 0]])
@@ -17,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -230,6 +243,18 @@ def _apply_order(head: list[int], order: Sequence[int] | torch.Tensor, query_ind
 
 # --------------------------------------------------------------------------------------------- datasets
 
+LAYOUT_HUB_PARQUET = "hub-parquet"
+"""A clone of a Hub dataset repo in parquet (``royokong/flickr30k_test``, ``royokong/coco_test``)."""
+LAYOUT_KARPATHY = "karpathy-json"
+"""Karpathy's split file (``dataset_flickr30k.json`` / ``dataset_coco.json``) beside an image folder."""
+LAYOUT_SHAREGPT4V = "sharegpt4v-json"
+"""The ShareCaptioner JSON list with images in ShareGPT4V's folders."""
+LAYOUT_URBAN1K = "urban1k-folders"
+"""Urban1K's ``image/`` and ``caption/`` folders."""
+
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+_SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev")
+
 
 @dataclass(repr=False)
 class ImageTextRetrievalSet:
@@ -237,10 +262,12 @@ class ImageTextRetrievalSet:
 
     Attributes:
         name: e.g. ``"flickr30k"``.
-        images: image paths relative to ``image_root``.
-        captions: all captions, usually grouped by image.
+        images: image paths relative to ``image_root`` (or absolute).
+        captions: all captions, usually grouped by image, exactly as they are embedded.
         caption_to_image: for each caption, the index of its image in ``images``.
         image_root: folder the image paths are relative to.
+        layout: which on-disk layout the set was read from (``LAYOUT_*``), or None when built by hand.
+        source: the file or folder it was read from.
 
     >>> data = ImageTextRetrievalSet("toy", ["a.jpg", "b.jpg"], ["a cat", "a dog", "a dog again"], [0, 1, 1], ".")
     >>> data.image_to_captions
@@ -252,6 +279,8 @@ class ImageTextRetrievalSet:
     captions: list[str]
     caption_to_image: list[int]
     image_root: str | os.PathLike | None = None
+    layout: str | None = None
+    source: str | None = None
 
     def __post_init__(self) -> None:
         if self.image_root is not None:
@@ -278,11 +307,109 @@ class ImageTextRetrievalSet:
             groups[image_index].append(caption_index)
         return groups
 
+    def describe(self) -> dict[str, Any]:
+        """What was read, for reports: layout, source, image root and counts."""
+        return {"layout": self.layout, "source": self.source, "image_root": self.image_root,
+                "images": len(self.images), "captions": len(self.captions)}
+
     def __repr__(self) -> str:
         return (
             f"ImageTextRetrievalSet(name={self.name!r}, images={len(self.images)}, captions={len(self.captions)}, "
-            f"image_root={self.image_root!r})"
+            f"image_root={self.image_root!r}, layout={self.layout!r})"
         )
+
+
+# ------------------------------------------------------------------------------------ layout helpers
+
+
+def is_lfs_pointer(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a Git LFS pointer file (what a clone made without Git LFS holds), not the data itself.
+
+    >>> import tempfile
+    >>> pointer = Path(tempfile.mkdtemp()) / "test-00000-of-00001.parquet"
+    >>> _ = pointer.write_text("version https://git-lfs.github.com/spec/v1\\noid sha256:0\\nsize 1\\n")
+    >>> is_lfs_pointer(pointer)
+    True
+    """
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
+    except OSError:
+        return False
+
+
+def check_not_lfs_pointers(paths: Sequence[str | os.PathLike], what: str) -> None:
+    """Raise a ValueError that says how to fetch the data when any of ``paths`` is a Git LFS pointer file."""
+    pointers = [Path(path) for path in paths if is_lfs_pointer(path)]
+    if not pointers:
+        return
+    clone = next((parent for parent in pointers[0].resolve().parents if (parent / ".git").exists()),
+                 pointers[0].resolve().parent)
+    raise ValueError(
+        f"{what}: {pointers[0]} is a Git LFS pointer, not the data ({len(pointers)} such file(s)): the dataset was "
+        f"cloned without Git LFS. Fetch the files with `git lfs install && git -C {clone} lfs pull` (or download "
+        f"the repository with `huggingface-cli download <repo> --repo-type dataset --local-dir {clone}`)."
+    )
+
+
+def _folder_listing(folder: Path, limit: int = 8) -> str:
+    if not folder.is_dir():
+        return "the folder does not exist"
+    names = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
+    if not names:
+        return "the folder is empty"
+    return "it holds " + ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _split_of(relative: Path) -> str | None:
+    """The split a Hub parquet file belongs to, from its name (``test-00000-of-00001.parquet``) or a folder
+    (``default/test/0000.parquet``); None when neither names one."""
+    match = re.match(r"([A-Za-z]+)(?:[-_.]|$)", relative.name)
+    if match and match.group(1).lower() in _SPLIT_NAMES:
+        return match.group(1).lower()
+    return next((part.lower() for part in relative.parts[:-1] if part.lower() in _SPLIT_NAMES), None)
+
+
+def find_split_parquet_files(folder: str | os.PathLike, split: str = "test") -> list[Path]:
+    """The parquet files of one split in a clone of a Hub dataset repo.
+
+    Recognised names, as the Hub writes them: ``data/test-00000-of-00001.parquet`` (also with a hash suffix),
+    ``test.parquet``, ``<config>/test/0000.parquet``. A folder whose parquet files name no split at all is taken as
+    a single-split dataset (all its files). Hidden folders (``.git``, caches) are skipped.
+
+    Returns:
+        The files in name order; [] when the folder holds no parquet file or only other splits' files.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    files = sorted(
+        path for path in folder.rglob("*.parquet")
+        if not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    splits = {path: _split_of(path.relative_to(folder)) for path in files}
+    chosen = [path for path in files if splits[path] == split]
+    if chosen:
+        return chosen
+    if files and all(value is None for value in splits.values()):
+        return files
+    return []
+
+
+def _atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` unless an equal-sized file is there; through a temporary file, so that a killed
+    run (or another process writing the same file) never leaves a half-written image."""
+    if target.is_file() and target.stat().st_size == len(data):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def _require(path: Path, what: str, how_to_get: str) -> Path:
@@ -303,6 +430,66 @@ def _check_images(images: Sequence[str], image_root: Path, how_to_get: str) -> N
 def _read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def read_json_list_head(path: str | os.PathLike, limit: int, chunk_size: int = 1 << 20) -> list[Any]:
+    """The first ``limit`` items of a file holding one JSON list, reading only as much of the file as they need.
+
+    The ShareGPT4V file has 1.2M entries (over 1 GB); the benchmark uses the first 1,000.
+
+    Raises:
+        ValueError: the file does not start with a JSON list, or an item is malformed (the message names the file).
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "list.json"
+    >>> _ = path.write_text('[{"a": 1}, {"a": [2, "]"]},\\n {"a": 3}]')
+    >>> read_json_list_head(path, 2, chunk_size=4)
+    [{'a': 1}, {'a': [2, ']']}]
+    """
+    decoder = json.JSONDecoder()
+    items: list[Any] = []
+    with open(path, encoding="utf-8") as handle:
+        buffer, position, exhausted = "", 0, False
+
+        def fill() -> bool:
+            nonlocal buffer, position, exhausted
+            if exhausted:
+                return False
+            chunk = handle.read(chunk_size)
+            exhausted = not chunk
+            buffer, position = buffer[position:] + chunk, 0
+            return bool(chunk)
+
+        def skip(characters: str) -> str | None:
+            nonlocal position
+            while True:
+                while position < len(buffer) and buffer[position] in characters:
+                    position += 1
+                if position < len(buffer):
+                    return buffer[position]
+                if not fill():
+                    return None
+
+        if skip(" \t\r\n\ufeff") != "[":
+            raise ValueError(f"{path} is not a JSON list (it must start with '[').")
+        position += 1
+        while len(items) < limit:
+            character = skip(" \t\r\n,")
+            if character is None or character == "]":
+                break
+            while True:
+                try:
+                    item, end = decoder.raw_decode(buffer, position)
+                    break
+                except json.JSONDecodeError as error:
+                    if not fill():
+                        raise ValueError(f"{path}: item {len(items)} is not valid JSON ({error}).") from error
+            items.append(item)
+            position = end
+    return items
+
+
+# ---------------------------------------------------------------------------------- Flickr30K / COCO
 
 
 def _from_karpathy(
@@ -327,7 +514,104 @@ def _from_karpathy(
         raise ValueError(f"{annotation} has no image with split == {split!r}.")
     if check_images:
         _check_images(images, image_root, how_to_get)
-    return ImageTextRetrievalSet(name, images, captions, caption_to_image, image_root)
+    return ImageTextRetrievalSet(name, images, captions, caption_to_image, image_root, LAYOUT_KARPATHY,
+                                 str(annotation))
+
+
+def detect_caption_layout(
+    name: str, root: str | os.PathLike, annotation_file: str | os.PathLike, how_to_get: str, split: str = "test"
+) -> str:
+    """Which layout a Flickr30K / COCO folder holds: `LAYOUT_HUB_PARQUET` (a clone of ``royokong/<name>_test``:
+    parquet files of the test split) or `LAYOUT_KARPATHY` (the Karpathy split file). Parquet wins when both are there:
+    it is what the authors evaluated on.
+
+    Raises:
+        FileNotFoundError: neither layout is there; the message names the folder, what it holds and both ways to
+            get the data.
+    """
+    root = Path(root)
+    if find_split_parquet_files(root, split):
+        return LAYOUT_HUB_PARQUET
+    if (root / annotation_file).is_file():
+        return LAYOUT_KARPATHY
+    other_splits = sorted(root.rglob("*.parquet")) if root.is_dir() else []
+    found = (f"it holds parquet files, but none of the {split!r} split (e.g. {other_splits[0]})" if other_splits
+             else _folder_listing(root))
+    raise FileNotFoundError(
+        f"{name}: {root.resolve()} holds no layout this loader knows ({found}). Expected either a clone of the Hub "
+        f"dataset {HUB_REPOS[name]} (the authors' data: parquet files such as data/test-00000-of-00001.parquet with "
+        f"an 'image' and a 'text' column; `git clone https://huggingface.co/datasets/{HUB_REPOS[name]}`), or "
+        f"Karpathy's split file {(root / annotation_file).resolve()} beside the images. {how_to_get}"
+    )
+
+
+def load_hub_parquet_set(
+    name: str,
+    root: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    split: str = "test",
+    captions_per_image: int | None = 5,
+) -> ImageTextRetrievalSet:
+    """A retrieval set from a clone of its Hub dataset repo in parquet (``royokong/flickr30k_test``,
+    ``royokong/coco_test``): one row per image, an ``image`` column and a ``text`` column (a list of captions).
+
+    The ``image`` column is the ``datasets`` Image type stored in parquet, a struct ``{bytes, path}``: the bytes are
+    written once, unchanged, to ``image_dir/<row>.<ext>`` (default ``root/images``), so that images can be referred to
+    by path (and cached by path). A struct without bytes, or a plain string, is a path relative to ``root``.
+    Captions are kept as stored, the first ``captions_per_image`` of each row (COCO rows have up to 7; the authors keep
+    5), in file order.
+
+    Raises:
+        FileNotFoundError: no parquet file of ``split`` under ``root``.
+        ValueError: a Git LFS pointer instead of a parquet file, a missing column, a row without captions or image.
+    """
+    import pyarrow.parquet as parquet
+
+    root = Path(root)
+    files = find_split_parquet_files(root, split)
+    if not files:
+        raise FileNotFoundError(f"{name}: no parquet file of the {split!r} split under {root.resolve()}.")
+    check_not_lfs_pointers(files, f"{name} ({HUB_REPOS.get(name, 'Hub clone')})")
+    image_dir = Path(image_dir) if image_dir is not None else root / "images"
+    images, captions, caption_to_image = [], [], []
+    for file in files:
+        reader = parquet.ParquetFile(file)
+        columns = reader.schema_arrow.names
+        missing = [column for column in ("image", "text") if column not in columns]
+        if missing:
+            raise ValueError(
+                f"{file}: no {missing} column (columns: {columns}); a {HUB_REPOS.get(name, name)} clone has an "
+                "'image' column (datasets Image: {bytes, path}) and a 'text' column (a list of captions)."
+            )
+        for batch in reader.iter_batches(columns=["image", "text"], batch_size=64):
+            for row in batch.to_pylist():
+                index = len(images)
+                where = f"{file}, row {index}"
+                texts = row["text"]
+                texts = [texts] if isinstance(texts, str) else list(texts or [])
+                texts = texts[:captions_per_image]
+                if not texts:
+                    raise ValueError(f"{where}: the 'text' column holds no caption.")
+                images.append(_stored_image(row["image"], index, root, image_dir, where))
+                captions.extend(texts)
+                caption_to_image.extend([index] * len(texts))
+    return ImageTextRetrievalSet(name, images, captions, caption_to_image, image_dir, LAYOUT_HUB_PARQUET, str(root))
+
+
+def _stored_image(value: Any, index: int, root: Path, image_dir: Path, where: str) -> str:
+    """One ``image`` cell as a path usable under ``image_dir``: embedded bytes are written out, paths resolved."""
+    if isinstance(value, dict) and value.get("bytes"):
+        suffix = Path(value.get("path") or "").suffix.lower() or ".jpg"
+        filename = f"{index:05d}{suffix}"
+        _atomic_write_bytes(image_dir / filename, value["bytes"])
+        return filename
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}: the 'image' cell has neither bytes nor a path ({type(value).__name__}).")
+    resolved = Path(path) if os.path.isabs(path) else root / path
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{where}: the image path {path!r} does not exist (looked for {resolved.resolve()}).")
+    return str(resolved.resolve())
 
 
 def load_flickr30k(
@@ -337,28 +621,40 @@ def load_flickr30k(
     split: str = "test",
     captions_per_image: int | None = 5,
     check_images: bool = True,
+    extract_dir: str | os.PathLike | None = None,
 ) -> ImageTextRetrievalSet:
-    """Flickr30K retrieval test set (Karpathy split: 1,000 images x 5 captions) from a local folder.
+    """Flickr30K retrieval test set (1,000 images x 5 captions) from a local folder, in either layout:
 
-    Expected layout (``annotation_file`` may be absolute; ``image_root`` defaults to ``root/flickr30k-images``)::
+    - a clone of the Hub dataset ``royokong/flickr30k_test`` (the authors' data)::
 
-        root/
-          dataset_flickr30k.json     # Karpathy split: {"images": [{"filename", "split", "sentences": [{"raw"}]}]}
-          flickr30k-images/          # <filename> for every test image, e.g. 1007129816.jpg
+          root/                      # git clone https://huggingface.co/datasets/royokong/flickr30k_test
+            data/test-*.parquet      # columns image ({bytes, path}) and text (list of 5 captions)
 
-    ``dataset_flickr30k.json`` comes from Karpathy's caption_datasets.zip; the images from the Flickr30K release.
-    Only entries with ``split == "test"`` are kept, captions in file order (``raw`` text, stripped).
+      see `load_hub_parquet_set`; the embedded images are written to ``image_root`` if given, else ``extract_dir``,
+      else ``root/images``.
+    - Karpathy's split file (``image_root`` defaults to ``root/flickr30k-images``)::
 
-    >>> data = load_flickr30k("data/flickr30k")                                # doctest: +SKIP
-    >>> len(data.images), len(data.captions)                                   # doctest: +SKIP
-    (1000, 5000)
+          root/
+            dataset_flickr30k.json   # {"images": [{"filename", "split", "sentences": [{"raw"}]}]}
+            flickr30k-images/        # <filename> for every test image, e.g. 1007129816.jpg
+
+      ``dataset_flickr30k.json`` comes from Karpathy's caption_datasets.zip; the images from the Flickr30K release.
+      Only entries with ``split == "test"`` are kept, captions in file order (``raw`` text, stripped).
+
+    >>> data = load_flickr30k("data/flickr30k_test")                           # doctest: +SKIP
+    >>> len(data.images), len(data.captions), data.layout                      # doctest: +SKIP
+    (1000, 5000, 'hub-parquet')
     """
     root = Path(root)
     how_to_get = (
         f"Download {FLICKR30K_ANNOTATION} from Karpathy's splits ({KARPATHY_SPLITS_URL}) and the Flickr30K images "
-        f"(flickr30k-images/, https://shannon.cs.illinois.edu/DenotationGraph/) into {root.resolve()}, or use "
-        f"load_retrieval_set_from_hub('flickr30k', output_dir) ({HUB_REPOS['flickr30k']})."
+        f"(flickr30k-images/, https://shannon.cs.illinois.edu/DenotationGraph/) into {root.resolve()}, or clone "
+        f"{HUB_REPOS['flickr30k']} there."
     )
+    if not root.is_dir():
+        raise FileNotFoundError(f"Flickr30K folder not found: {root.resolve()}. {how_to_get}")
+    if detect_caption_layout("flickr30k", root, annotation_file, how_to_get, split) == LAYOUT_HUB_PARQUET:
+        return load_hub_parquet_set("flickr30k", root, image_root or extract_dir, split, captions_per_image)
     annotation = _require(root / annotation_file, "Flickr30K Karpathy split file", how_to_get)
     image_root = _require(Path(image_root) if image_root is not None else root / "flickr30k-images",
                           "Flickr30K image folder", how_to_get)
@@ -373,32 +669,48 @@ def load_coco5k(
     split: str = "test",
     captions_per_image: int | None = 5,
     check_images: bool = True,
+    extract_dir: str | os.PathLike | None = None,
 ) -> ImageTextRetrievalSet:
-    """COCO 5K retrieval test set (Karpathy split: 5,000 val2014 images, first 5 captions each) from a local folder.
+    """COCO 5K retrieval test set (5,000 images, the first 5 captions of each) from a local folder, in either layout:
 
-    Expected layout::
+    - a clone of the Hub dataset ``royokong/coco_test`` (the authors' data; parquet, ``image`` and ``text`` columns,
+      see `load_hub_parquet_set` and `load_flickr30k`);
+    - Karpathy's split file::
 
-        root/
-          dataset_coco.json          # Karpathy split: {"images": [{"filepath", "filename", "split", "sentences"}]}
-          val2014/                   # COCO 2014 val images, e.g. COCO_val2014_000000391895.jpg
+          root/
+            dataset_coco.json        # {"images": [{"filepath", "filename", "split", "sentences"}]}
+            val2014/                 # COCO 2014 val images, e.g. COCO_val2014_000000391895.jpg
 
-    Images are ``<filepath>/<filename>`` relative to ``image_root`` (``root`` by default). Some COCO images have 6
-    or 7 captions: only the first 5 are kept, as in the standard protocol and the authors' evaluation.
+      Images are ``<filepath>/<filename>`` relative to ``image_root`` (``root`` by default).
 
-    >>> data = load_coco5k("data/coco")                                        # doctest: +SKIP
+    Some COCO images have 6 or 7 captions: only the first 5 are kept, as in the standard protocol and the authors'
+    evaluation.
+
+    >>> data = load_coco5k("data/coco_test")                                   # doctest: +SKIP
     >>> len(data.images), len(data.captions)                                   # doctest: +SKIP
     (5000, 25000)
     """
     root = Path(root)
-    image_root = Path(image_root) if image_root is not None else root
     how_to_get = (
         f"Download {COCO_ANNOTATION} from Karpathy's splits ({KARPATHY_SPLITS_URL}) and the COCO val2014 images "
-        f"(http://images.cocodataset.org/zips/val2014.zip, unzipped to val2014/) into {root.resolve()}, or use "
-        f"load_retrieval_set_from_hub('coco', output_dir) ({HUB_REPOS['coco']})."
+        f"(http://images.cocodataset.org/zips/val2014.zip, unzipped to val2014/) into {root.resolve()}, or clone "
+        f"{HUB_REPOS['coco']} there."
     )
+    if not root.is_dir():
+        raise FileNotFoundError(f"COCO folder not found: {root.resolve()}. {how_to_get}")
+    if detect_caption_layout("coco", root, annotation_file, how_to_get, split) == LAYOUT_HUB_PARQUET:
+        return load_hub_parquet_set("coco", root, image_root or extract_dir, split, captions_per_image)
+    image_root = Path(image_root) if image_root is not None else root
     annotation = _require(root / annotation_file, "COCO Karpathy split file", how_to_get)
     _require(image_root, "COCO image root", how_to_get)
     return _from_karpathy("coco", annotation, image_root, split, captions_per_image, True, how_to_get, check_images)
+
+
+# --------------------------------------------------------------------------------------- ShareGPT4V
+
+
+def _first_existing(candidates: Sequence[Path]) -> Path | None:
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def load_sharegpt4v(
@@ -410,60 +722,117 @@ def load_sharegpt4v(
 ) -> ImageTextRetrievalSet:
     """ShareGPT4V long-caption retrieval: the first ``limit`` (1,000) entries of the ShareCaptioner file.
 
-    Expected layout::
+    The JSON (a list of ``{"id", "image", "conversations"}``) is looked for at ``root/<annotation_file>``, then in
+    the authors' layout ``root/data/shareGPT4v/<annotation_file>``, then ``root/data/``; ``annotation_file`` may
+    also be a path. The authors' layout::
 
-        root/
-          share-captioner_coco_lcs_sam_1246k_1107.json   # [{"image": "coco/train2017/....jpg",
-                                                         #   "conversations": [{"from": "human", ...},
-                                                         #                     {"from": "gpt", "value": caption}]}]
-          coco/train2017/ ...        # the images, at the "image" paths relative to image_root (root by default)
+        root/                                   # data/shareGPT4v in the authors' repo
+          data/
+            shareGPT4v/share-captioner_coco_lcs_sam_1246k_1107.json
+            coco/train2017/...  sam/images/...  llava/...   # the images, at the JSON's "image" paths
 
-    The JSON is in the Hub dataset ``Lin-Chen/ShareGPT4V``; the images follow ShareGPT4V's data preparation (COCO
-    train2017, SAM, LLaVA pretrain, ...). The caption is the first ``gpt`` turn with newlines replaced by spaces,
-    as in Long-CLIP's and the authors' loaders. One caption per image.
+    ``image_root`` (the folder the ``image`` paths are relative to) defaults to the first of ``root/data``, ``root``,
+    the JSON's folder and its parent that holds the first entry's image. The caption is ``conversations[1]["value"]``
+    with newlines replaced by spaces, as in the authors' loader. One caption per image.
 
-    >>> data = load_sharegpt4v("data/sharegpt4v")                               # doctest: +SKIP
+    The JSON is in the Hub dataset ``Lin-Chen/ShareGPT4V``; the images follow ShareGPT4V's data preparation (the
+    authors point to the ModelScope repo ``hjh0119/sharegpt4v-images``). Only the first ``limit`` entries are read.
+
+    >>> data = load_sharegpt4v("data/shareGPT4v")                              # doctest: +SKIP
     >>> len(data.images), len(data.captions)                                   # doctest: +SKIP
     (1000, 1000)
     """
     root = Path(root)
-    image_root = Path(image_root) if image_root is not None else root
     how_to_get = (
-        f"Download {SHAREGPT4V_ANNOTATION} from the Hub dataset {HUB_REPOS['sharegpt4v']} into {root.resolve()} and "
-        f"the images it names (coco/train2017/, sam/images/, ... per ShareGPT4V's docs/Data.md) under "
-        f"{image_root.resolve()}."
+        f"Download {SHAREGPT4V_ANNOTATION} from the Hub dataset {HUB_REPOS['sharegpt4v']} "
+        f"(`git clone https://huggingface.co/datasets/{HUB_REPOS['sharegpt4v']}`) into {root.resolve()} (or "
+        f"{(root / 'data' / 'shareGPT4v').resolve()}, the authors' layout) and the images it names (coco/train2017/, "
+        f"sam/images/, llava/... per ShareGPT4V's docs/Data.md) under {(root / 'data').resolve()} or pass image_root."
     )
-    annotation = _require(root / annotation_file, "ShareGPT4V annotation file", how_to_get)
-    entries = _read_json(annotation)
-    if not isinstance(entries, list):
-        raise ValueError(f"{annotation} is not a ShareGPT4V file: expected a JSON list of conversations.")
+    annotation_file = Path(annotation_file)
+    candidates = [annotation_file] if annotation_file.is_absolute() else [
+        root / annotation_file, root / "data" / "shareGPT4v" / annotation_file, root / "data" / annotation_file,
+        root / "ShareGPT4V" / annotation_file,
+    ]
+    annotation = _first_existing(candidates)
+    if annotation is None:
+        raise FileNotFoundError(
+            f"ShareGPT4V annotation file not found: looked for {', '.join(str(path.resolve()) for path in candidates)} "
+            f"({_folder_listing(root)}). {how_to_get}"
+        )
+    check_not_lfs_pointers([annotation], "ShareGPT4V")
+    entries = read_json_list_head(annotation, limit)
     images, captions = [], []
-    for position, entry in enumerate(entries[:limit]):
-        replies = [turn["value"] for turn in entry.get("conversations", []) if turn.get("from") == "gpt"]
-        if "image" not in entry or not replies:
-            raise ValueError(f"{annotation}: entry {position} has no 'image' or no 'gpt' turn.")
+    for position, entry in enumerate(entries):
+        conversations = entry.get("conversations") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not entry.get("image") or not conversations or len(conversations) < 2:
+            raise ValueError(
+                f"{annotation}: entry {position} has no 'image' or fewer than 2 'conversations' turns (the caption is "
+                "conversations[1]['value'])."
+            )
         images.append(entry["image"])
-        captions.append(replies[0].replace("\n", " "))
+        captions.append(conversations[1]["value"].replace("\n", " "))
+    if not images:
+        raise ValueError(f"{annotation} holds no entry.")
+    if image_root is None:
+        roots = list(dict.fromkeys([root / "data", root, annotation.parent, annotation.parent.parent]))
+        image_root = next((folder for folder in roots if (folder / images[0]).is_file()), None)
+        if image_root is None:
+            raise FileNotFoundError(
+                f"ShareGPT4V: the first image {images[0]!r} is under none of "
+                f"{', '.join(str(path.resolve()) for path in roots)}. {how_to_get}"
+            )
+    image_root = Path(image_root)
     if check_images:
         _check_images(images, image_root, how_to_get)
-    return ImageTextRetrievalSet("sharegpt4v", images, captions, list(range(len(images))), image_root)
+    return ImageTextRetrievalSet("sharegpt4v", images, captions, list(range(len(images))), image_root,
+                                 LAYOUT_SHAREGPT4V, str(annotation))
+
+
+# ------------------------------------------------------------------------------------------- Urban1K
+
+
+def _urban1k_folder(root: Path, how_to_get: str) -> Path:
+    """``root`` or ``root/Urban1k`` (what unzipping Urban1k.zip inside a clone of the Hub repo gives), whichever holds
+    ``image/`` and ``caption/``."""
+    for folder in (root, root / "Urban1k"):
+        if (folder / "caption").is_dir() and (folder / "image").is_dir():
+            return folder
+    archives = sorted(root.glob("*.zip")) if root.is_dir() else []
+    if archives:
+        check_not_lfs_pointers(archives, "Urban1K")
+        raise FileNotFoundError(
+            f"Urban1K: {archives[0].resolve()} is not unpacked: run `unzip {archives[0]} -d {root}` so that "
+            f"{(root / 'Urban1k').resolve()} holds image/ and caption/."
+        )
+    raise FileNotFoundError(
+        f"Urban1K caption folder not found: looked for {(root / 'caption').resolve()} and "
+        f"{(root / 'Urban1k' / 'caption').resolve()} ({_folder_listing(root)}). {how_to_get}"
+    )
+
+
+def _numeric_first(path: Path) -> tuple[bool, int, str]:
+    return not path.stem.isdigit(), int(path.stem) if path.stem.isdigit() else 0, path.stem
 
 
 def load_urban1k(
     root: str | os.PathLike, image_root: str | os.PathLike | None = None, check_images: bool = True
 ) -> ImageTextRetrievalSet:
-    """Urban1K long-caption retrieval (1,000 image / caption pairs) from the unzipped ``Urban1k`` folder.
+    """Urban1K long-caption retrieval (1,000 image / caption pairs).
 
-    Expected layout::
+    Layout: ``image/<id>.jpg`` and ``caption/<id>.txt`` in ``root`` or in ``root/Urban1k``: cloning the Hub dataset
+    ``BeichenZhang/Urban1k`` and unzipping its Urban1k.zip there gives ``Urban1k/Urban1k/{image,caption}`` (the
+    authors' layout), so either folder may be passed::
 
-        root/                        # the folder inside Urban1k.zip (Hub dataset BeichenZhang/Urban1k)
-          image/<id>.jpg
-          caption/<id>.txt           # the long caption of image/<id>.jpg, on its first line
+        Urban1k/                     # git clone https://huggingface.co/datasets/BeichenZhang/Urban1k
+          Urban1k.zip
+          Urban1k/image/<id>.jpg
+          Urban1k/caption/<id>.txt   # the long caption of image/<id>.jpg
 
-    ``image_root`` defaults to ``root/image``.
-
-    Pairs are ordered by id (numerically when ids are numbers). The caption is the file's first line, stripped,
-    as the authors' loader reads it.
+    ``image_root`` defaults to the ``image`` folder. The caption is the file's first line exactly as
+    ``open(path).readlines()[0]`` returns it (the authors' loader), trailing newline included: with last-token
+    pooling the newline is the pooled token. Pairs are ordered by id (numerically when ids are numbers); the order
+    does not change any recall.
 
     >>> data = load_urban1k("data/Urban1k")                                    # doctest: +SKIP
     >>> len(data.images), len(data.captions)                                   # doctest: +SKIP
@@ -471,25 +840,30 @@ def load_urban1k(
     """
     root = Path(root)
     how_to_get = (
-        f"Download Urban1k.zip from the Hub dataset {HUB_REPOS['urban1k']} and unzip it so that {root.resolve()} "
-        f"holds image/ and caption/, or use load_retrieval_set_from_hub('urban1k', output_dir)."
+        f"Clone the Hub dataset {HUB_REPOS['urban1k']} (`git clone https://huggingface.co/datasets/"
+        f"{HUB_REPOS['urban1k']}`) and unzip its Urban1k.zip inside it, so that {root.resolve()} or "
+        f"{(root / 'Urban1k').resolve()} holds image/ and caption/ (or use load_retrieval_set_from_hub('urban1k', "
+        "output_dir))."
     )
-    caption_dir = _require(root / "caption", "Urban1K caption folder", how_to_get)
-    image_root = _require(Path(image_root) if image_root is not None else root / "image", "Urban1K image folder",
+    folder = _urban1k_folder(root, how_to_get)
+    caption_dir = folder / "caption"
+    image_root = _require(Path(image_root) if image_root is not None else folder / "image", "Urban1K image folder",
                           how_to_get)
-    caption_files = sorted(caption_dir.glob("*.txt"), key=lambda path: (not path.stem.isdigit(),
-                                                                      int(path.stem) if path.stem.isdigit() else 0,
-                                                                      path.stem))
+    caption_files = sorted(caption_dir.glob("*.txt"), key=_numeric_first)
     if not caption_files:
         raise FileNotFoundError(f"No Urban1K captions: {caption_dir.resolve()} has no *.txt file. {how_to_get}")
     images = [f"{path.stem}.jpg" for path in caption_files]
     captions = []
     for path in caption_files:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        captions.append(lines[0].strip() if lines else "")
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.readlines()
+        if not lines:
+            raise ValueError(f"Urban1K caption file {path} is empty.")
+        captions.append(lines[0])
     if check_images:
         _check_images(images, image_root, how_to_get)
-    return ImageTextRetrievalSet("urban1k", images, captions, list(range(len(images))), image_root)
+    return ImageTextRetrievalSet("urban1k", images, captions, list(range(len(images))), image_root, LAYOUT_URBAN1K,
+                                 str(folder))
 
 
 RETRIEVAL_LOADERS: dict[str, Callable[..., ImageTextRetrievalSet]] = {
@@ -503,9 +877,10 @@ RETRIEVAL_LOADERS: dict[str, Callable[..., ImageTextRetrievalSet]] = {
 def load_retrieval_set(
     name: str, root: str | os.PathLike, image_root: str | os.PathLike | None = None, **kwargs: Any
 ) -> ImageTextRetrievalSet:
-    """Load ``flickr30k``, ``coco``, ``sharegpt4v`` or ``urban1k`` from its local folder (see each ``load_*``).
+    """Load ``flickr30k``, ``coco``, ``sharegpt4v`` or ``urban1k`` from its local folder, whichever of the known
+    layouts it holds (see each ``load_*``; ``ImageTextRetrievalSet.layout`` says which was found).
 
-    >>> data = load_retrieval_set("coco", "data/coco", image_root="data/coco")  # doctest: +SKIP
+    >>> data = load_retrieval_set("coco", "data/coco_test")                     # doctest: +SKIP
     """
     if name not in RETRIEVAL_LOADERS:
         raise ValueError(f"Unknown retrieval set {name!r}; choose one of {sorted(RETRIEVAL_LOADERS)}.")
@@ -580,7 +955,7 @@ def load_retrieval_set_from_hub(
         captions.extend(texts)
         caption_to_image.extend([len(images)] * len(texts))
         images.append(filename)
-    return ImageTextRetrievalSet(name, images, captions, caption_to_image, image_dir)
+    return ImageTextRetrievalSet(name, images, captions, caption_to_image, image_dir, LAYOUT_HUB_PARQUET, repo_id)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -685,7 +1060,17 @@ def evaluate_retrieval(
 __all__ = [
     "IMAGE_QUERY_INSTRUCTION",
     "ImageTextRetrievalSet",
+    "LAYOUT_HUB_PARQUET",
+    "LAYOUT_KARPATHY",
+    "LAYOUT_SHAREGPT4V",
+    "LAYOUT_URBAN1K",
+    "check_not_lfs_pointers",
     "chunked_topk",
+    "detect_caption_layout",
+    "find_split_parquet_files",
+    "is_lfs_pointer",
+    "load_hub_parquet_set",
+    "read_json_list_head",
     "evaluate_retrieval",
     "load_coco5k",
     "load_flickr30k",

@@ -5,10 +5,13 @@ Each example is a COCO val2017 image, its true caption and a hard negative capti
 swapped or added object, attribute or relation. The model is right when the image is closer to the true caption:
 sim(image, caption) > sim(image, negative_caption), cosine of L2-normalised embeddings; a tie counts as wrong.
 
-Data: the seven annotation files of github.com/RAIVNLab/sugar-crepe (folder ``data/``) and the COCO val2017 images
-(http://images.cocodataset.org/zips/val2017.zip).
+Data: the seven annotation files of github.com/RAIVNLab/sugar-crepe (folder ``data/``; the clone itself may be given,
+its ``data/`` is found) and the COCO val2017 images (http://images.cocodataset.org/zips/val2017.zip).
 
     python -m evaluation.sugarcrepe --annotations DIR --images DIR --model PATH_OR_tiny:qwen2_vl [--cache DIR]
+
+Models are loaded as the evaluation recipe loads them (`evaluation.harness.load_embedder`): on this process's device,
+bf16 on a GPU and float32 on CPU unless ``--dtype`` says otherwise, with ``--image-resize`` applied to the processor.
 """
 
 from __future__ import annotations
@@ -113,6 +116,26 @@ def _read_subset(path: Path) -> list[SugarCrepeExample]:
     return examples
 
 
+def resolve_annotation_dir(annotation_dir: str | os.PathLike, subsets: Iterable[str] | None = None) -> Path:
+    """The folder holding the ``<subset>.json`` files: ``annotation_dir`` itself, or its ``data/`` folder when
+    ``annotation_dir`` is a clone of the repository (github.com/RAIVNLab/sugar-crepe keeps them in ``data/``).
+    When neither holds the first requested file, ``annotation_dir`` is returned and `load_sugarcrepe` names what is
+    missing.
+
+    >>> import tempfile
+    >>> clone = Path(tempfile.mkdtemp())
+    >>> (clone / "data").mkdir()
+    >>> _ = (clone / "data" / "swap_obj.json").write_text("{}")
+    >>> resolve_annotation_dir(clone, ["swap_obj"]) == clone / "data"
+    True
+    """
+    folder = Path(annotation_dir)
+    first = _check_subsets(subsets)[0]
+    if not (folder / f"{first}.json").is_file() and (folder / "data" / f"{first}.json").is_file():
+        return folder / "data"
+    return folder
+
+
 def load_sugarcrepe(
     annotation_dir: str | os.PathLike, subsets: Iterable[str] | None = None
 ) -> dict[str, list[SugarCrepeExample]]:
@@ -120,7 +143,8 @@ def load_sugarcrepe(
     ``{"id": {"filename", "caption", "negative_caption"}}``.
 
     Args:
-        annotation_dir: folder holding the files (the repository's ``data/`` folder).
+        annotation_dir: folder holding the files (the repository's ``data/`` folder, or the clone: see
+            `resolve_annotation_dir`).
         subsets: names from `SUGARCREPE_SUBSETS`; all seven when None.
 
     Returns:
@@ -144,14 +168,16 @@ def load_sugarcrepe(
         >>> example.id, example.filename, example.negative_caption
         ('0', '000000000139.jpg', 'A dog on a sofa.')
     """
-    folder = Path(annotation_dir)
+    folder = resolve_annotation_dir(annotation_dir, subsets)
     loaded = {}
     for name in _check_subsets(subsets):
         path = folder / f"{name}.json"
         if not path.is_file():
             raise FileNotFoundError(
-                f"SugarCrepe annotation file {name}.json not found: looked for {path}. Download the seven files from "
-                f"{SUGARCREPE_SOURCE} into {folder}."
+                f"SugarCrepe annotation file {name}.json not found: looked for {path}"
+                + ("" if folder.name == "data" else f" and {folder / 'data' / (name + '.json')}")
+                + ". Clone the repository (`git clone https://github.com/RAIVNLab/sugar-crepe`; the files are in its "
+                "data/ folder) and pass the clone or its data/ folder."
             )
         examples = _read_subset(path)
         if len(examples) != SUGARCREPE_SUBSETS[name]:
@@ -174,6 +200,23 @@ def _check_images(filenames: Sequence[str], image_root: str | os.PathLike | None
             f"(first: {', '.join(missing[:5])}). The images are COCO val2017 ({COCO_VAL2017_SOURCE}); pass the folder "
             "that holds the .jpg files as image_root."
         )
+
+
+def check_sugarcrepe_data(
+    annotation_dir: str | os.PathLike, image_root: str | os.PathLike | None, subsets: Iterable[str] | None = None
+) -> Path:
+    """Read the annotation files and check that every image they name is under ``image_root``, without embedding
+    anything; returns the folder the files were read from (see `resolve_annotation_dir`).
+
+    Raises:
+        FileNotFoundError / ValueError: as `load_sugarcrepe` and `evaluate_sugarcrepe` would, but up front.
+    """
+    folder = resolve_annotation_dir(annotation_dir, subsets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the row-count warning comes again when the benchmark runs
+        examples = load_sugarcrepe(folder, subsets)
+    _check_images(list(dict.fromkeys(example.filename for rows in examples.values() for example in rows)), image_root)
+    return folder
 
 
 def _embed(
@@ -354,21 +397,21 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _load(spec: str, reranker: bool = False) -> Any:
-    """A model from a checkpoint path or Hub id, or ``tiny:<family>`` (random weights, for smoke tests)."""
-    import modeling_unime  # noqa: F401  (registers the auto classes)
-    from modeling_unime import UniMEV2Model, UniMEV2Reranker
+def _load(
+    spec: str, reranker: bool = False, dtype: str = "auto", attn_implementation: str = "auto",
+    image_resize: str | None = None,
+) -> Any:
+    """A model from a checkpoint path or Hub id, or ``tiny:<family>`` (random weights, for smoke tests), placed on
+    this process's device with ``dtype`` / ``attn_implementation`` (`modeling_unime.placement`) and with
+    ``image_resize`` set on its processor: the recipe's own loaders (`evaluation.harness`)."""
+    import modeling_unime
 
-    if spec.startswith("tiny:"):
-        from modeling_unime.testing import build_tiny_reranker, build_tiny_unime
+    from evaluation.harness import load_embedder, load_reranker
 
-        family = spec.split(":", 1)[1]
-        if family not in modeling_unime.SUPPORTED_BACKBONES:
-            raise ValueError(f"{spec!r}: the family must be one of {list(modeling_unime.SUPPORTED_BACKBONES)}.")
-        model, processor = (build_tiny_reranker if reranker else build_tiny_unime)(family)
-        model.processor = processor
-        return model
-    return (UniMEV2Reranker if reranker else UniMEV2Model).from_pretrained(spec).eval()
+    if spec.startswith("tiny:") and spec.split(":", 1)[1] not in modeling_unime.SUPPORTED_BACKBONES:
+        raise ValueError(f"{spec!r}: the family must be one of {list(modeling_unime.SUPPORTED_BACKBONES)}.")
+    loader = load_reranker if reranker else load_embedder
+    return loader(spec, dtype=dtype, attn_implementation=attn_implementation, image_resize=image_resize)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -381,11 +424,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--subsets", nargs="+", choices=list(SUGARCREPE_SUBSETS), help="default: all seven")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output", help="also write the result as JSON here")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--attn-implementation", default="auto", help="auto, sdpa, eager or flash_attention_2")
+    parser.add_argument("--image-resize", default=None,
+                        help="embedder image policy, e.g. authors-eval (the published numbers: 1344x1344) or native")
+    parser.add_argument("--reranker-image-resize", default=None, help="reranker image policy, e.g. authors-reranker")
     args = parser.parse_args(argv)
 
+    placement_args = {"dtype": args.dtype, "attn_implementation": args.attn_implementation}
+    reranker = (_load(args.reranker, reranker=True, image_resize=args.reranker_image_resize, **placement_args)
+                if args.reranker else None)
     result = evaluate_sugarcrepe(
-        _load(args.model), args.annotations, args.images, subsets=args.subsets, batch_size=args.batch_size,
-        cache_dir=args.cache, reranker=_load(args.reranker, reranker=True) if args.reranker else None,
+        _load(args.model, image_resize=args.image_resize, **placement_args), args.annotations, args.images,
+        subsets=args.subsets, batch_size=args.batch_size, cache_dir=args.cache, reranker=reranker,
     )
     print(format_table(result))
     if args.output:

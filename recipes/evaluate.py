@@ -1,16 +1,24 @@
 """Evaluate a UniME-V2 embedder (and optionally a reranker) on MMEB, zero-shot retrieval and SugarCrepe.
 
-    accelerate launch recipes/evaluate.py --config recipes/configs/eval-tiny-cpu.yaml
-    accelerate launch --multi_gpu --num_processes 8 recipes/evaluate.py --config recipes/configs/eval-unime-v2-2b.yaml
+    # the released 2B checkpoint and reranker, on data laid out as the authors' data/ folder (see README, Evaluation):
+    accelerate launch recipes/evaluate.py --config recipes/configs/eval-unime-v2-2b.yaml --data_root /path/to/data
+    accelerate launch --multi_gpu --num_processes 8 recipes/evaluate.py \\
+        --config recipes/configs/eval-unime-v2-2b.yaml --data_root /path/to/data
+    # a smoke test of the whole path on tiny random models (CPU, same data):
+    python recipes/evaluate.py --config recipes/configs/eval-unime-v2-2b.yaml --data_root /path/to/data \\
+        --model tiny:qwen2_vl --reranker tiny:qwen2_5_vl --image_resize native --reranker_image_resize native
 
-Encoding is split over the processes; embeddings are cached on disk under ``output_dir/cache`` (keyed by model and
-content), so an interrupted run resumes. Writes ``results.json``, ``results.md`` (tables in the paper's layout, with
-the published number beside ours where the model is a released one) and per-dataset predictions.
+Every relative data path of the config is resolved against ``data_root`` (flag or config key); the layout of each
+benchmark folder is detected (MMEB-eval clone with eval_images/, royokong/*_test parquet clones or Karpathy JSON,
+ShareGPT4V JSON, Urban1k folders, the sugar-crepe clone). Models go on this process's device (bf16 on GPU, float32 on
+CPU by default). Encoding is split over the processes; embeddings are cached on disk under ``output_dir/cache`` (keyed
+by model, content and the dtype / attention / image-size settings), so an interrupted run resumes. Writes
+``results.json`` (scores, the settings used, the layouts detected), ``results.md`` (tables in the paper's layout, with
+the published numbers beside ours for the released checkpoints) and per-dataset MMEB predictions.
 
-Config (YAML): ``model`` (folder / repo id / ``tiny:<family>``), ``reranker`` (optional, same forms), ``output_dir``,
-``batch_size``, ``threads``, and any of ``mmeb`` (``root``, ``image_root``, ``datasets``, ``rerank_top_k``),
-``retrieval`` (``<set name>: {folder, image_root}`` for flickr30k, coco, sharegpt4v, urban1k) and ``sugarcrepe``
-(``annotations``, ``image_root``).
+Config keys: see `evaluation.harness` (``model``, ``reranker``, ``data_root``, ``output_dir``, ``batch_size``,
+``threads``, ``dtype``, ``attn_implementation``, ``image_resize``, ``reranker_image_resize``, ``mmeb``,
+``retrieval``, ``sugarcrepe``).
 """
 
 import os

@@ -27,10 +27,15 @@ def test_the_official_dataset_lists():
     assert len(IND_DATASETS) == 20 and len(OOD_DATASETS) == 16
 
 
-def test_ties_count_as_wrong():
+def test_tie_rules():
     scores = [torch.tensor([0.9, 0.1, 0.2]), torch.tensor([0.5, 0.5, 0.1]), torch.tensor([0.2, 0.3, 0.9]),
-              torch.tensor([0.4])]
-    assert predictions_from_scores(scores) == [0, 1, 2, 0]
+              torch.tensor([0.4]), torch.tensor([0.1, 0.7, 0.7])]
+    # argmax (VLM2Vec's np.argmax): the first of the tied top scores wins, so a tie with the positive is correct.
+    assert predictions_from_scores(scores) == predictions_from_scores(scores, "argmax") == [0, 0, 2, 0, 1]
+    # strict: a tie with the positive counts as wrong.
+    assert predictions_from_scores(scores, "strict") == [0, 1, 2, 0, 1]
+    with pytest.raises(ValueError, match="tie_rule='first'.*argmax, strict"):
+        predictions_from_scores(scores, "first")
 
 
 def write_mmeb(root, image_root, name, rows):
@@ -69,7 +74,7 @@ ROWS = [  # candidate 0 is the positive
     {"qry_text": "Find the picture of a red", "qry_img_path": "",
      "tgt_text": ["<|image_1|> photo", "<|image_1|> photo"], "tgt_img_path": ["ImageNet-1K/red.jpg", "ImageNet-1K/blue.jpg"]},
     {"qry_text": "<|image_1|>\nRepresent the given image for classification", "qry_img_path": "ImageNet-1K/cat.jpg",
-     "tgt_text": ["cat", "cat"], "tgt_img_path": ["", ""]},              # a tie with a negative: wrong
+     "tgt_text": ["cat", "cat"], "tgt_img_path": ["", ""]},              # the positive repeated: right only by argmax
 ]
 
 
@@ -82,10 +87,12 @@ def test_precision_cache_resume_and_rerank(tmp_path):
     assert dataset.candidates[2][0] == ("<|image_1|> photo", "ImageNet-1K/red.jpg")
 
     embedder = WordEmbedder()
-    result, _ = evaluate_mmeb(embedder, ["ImageNet-1K", "MSCOCO"], root, image_root, cache_dir=tmp_path / "cache")
+    result, _ = evaluate_mmeb(embedder, ["ImageNet-1K", "MSCOCO"], root, image_root, cache_dir=tmp_path / "cache",
+                              tie_rule="strict")
     assert result.scores["ImageNet-1K"] == pytest.approx(50.0)  # rows 0 and 2 right, 1 wrong, 3 a tie
     assert result.scores["MSCOCO"] == pytest.approx(100.0)
     assert [row["correct"] for row in result.predictions["ImageNet-1K"]] == [True, False, True, False]
+    assert result.ties == {"ImageNet-1K": 1, "MSCOCO": 0} and result.summary()["tie_rule"] == "strict"
     # Each distinct query and candidate embedded once: ImageNet-1K has 3 distinct queries and 6 distinct candidates;
     # MSCOCO's items are all in the cache already.
     first_run = embedder.embedded
@@ -96,8 +103,11 @@ def test_precision_cache_resume_and_rerank(tmp_path):
     assert "Classification" in summary["incomplete"] and "Visual Grounding" in summary["incomplete"]
     assert summary["incomplete"]["Visual Grounding"] == ["RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"]
 
+    # The default, VLM2Vec's argmax: row 3 (the positive repeated) is right. Everything comes from the cache.
     again, _ = evaluate_mmeb(embedder, ["ImageNet-1K"], root, image_root, cache_dir=tmp_path / "cache")
-    assert embedder.embedded == first_run and again.scores == {"ImageNet-1K": result.scores["ImageNet-1K"]}
+    assert embedder.embedded == first_run and again.scores == {"ImageNet-1K": 75.0}
+    assert again.summary()["tie_rule"] == "argmax"
+    assert [row["positive_tied"] for row in again.predictions["ImageNet-1K"]] == [False, False, False, True]
 
     class Reverse:
         """Reverses the embedder's top-k: only that part of the ranking may change."""
@@ -111,11 +121,27 @@ def test_precision_cache_resume_and_rerank(tmp_path):
 
     reverse = Reverse()
     _, reranked = evaluate_mmeb(embedder, ["ImageNet-1K"], root, image_root, cache_dir=tmp_path / "cache",
-                                reranker=reverse, rerank_top_k=2)
+                                reranker=reverse, rerank_top_k=2, tie_rule="strict")
     assert all(len(candidates) == 2 for candidates in reverse.lists)
-    # Top-2 per row (ties rank the positive last): row 0 [cat+, dog] -> dog; row 1 [dog, bird] -> bird;
+    # Top-2 per row (strict: ties rank the positive last): row 0 [cat+, dog] -> dog; row 1 [dog, bird] -> bird;
     # row 2 [red+, blue] -> blue; row 3 (a tie) [cat, cat+] -> cat+, the only right answer after reversing.
     assert [row["correct"] for row in reranked.predictions["ImageNet-1K"]] == [False, False, False, True]
+    # argmax orders ties by index: row 1 is [dog, car+] (car+ and bird tie at 0), reversed to the positive; row 3 is
+    # [cat+, cat], reversed to the negative.
+    _, reranked = evaluate_mmeb(embedder, ["ImageNet-1K"], root, image_root, cache_dir=tmp_path / "cache",
+                                reranker=Reverse(), rerank_top_k=2)
+    assert [row["correct"] for row in reranked.predictions["ImageNet-1K"]] == [False, True, False, False]
+
+
+def test_a_repeated_positive_scores_100_under_argmax_and_0_under_strict(tmp_path):
+    root, image_root = tmp_path / "mmeb", tmp_path / "images"
+    write_mmeb(root, image_root, "VisDial", [
+        {"qry_text": "<|image_1|>\nRepresent the given image.\n", "qry_img_path": "VisDial/dog.jpg",
+         "tgt_text": ["a photo of a dog", "a photo of a dog", "a photo of a cat"], "tgt_img_path": ["", "", ""]},
+    ])
+    for tie_rule, expected in (("argmax", 100.0), ("strict", 0.0)):
+        result, _ = evaluate_mmeb(WordEmbedder(), ["VisDial"], root, image_root, tie_rule=tie_rule)
+        assert result.scores == {"VisDial": expected} and result.ties == {"VisDial": 1}
 
 
 def test_missing_dataset_and_images_are_named(tmp_path):
@@ -123,11 +149,21 @@ def test_missing_dataset_and_images_are_named(tmp_path):
         load_mmeb_dataset("ImageNet-A", tmp_path)
     with pytest.raises(ValueError, match="not an MMEB-eval dataset"):
         load_mmeb_dataset("ImageNet-2K", tmp_path)
+    with pytest.raises(ValueError, match="CIFAR-100 is in the Hub repo but not one of MMEB's 36"):
+        load_mmeb_dataset("CIFAR-100", tmp_path)
     root, image_root = tmp_path / "mmeb", tmp_path / "images"
-    write_mmeb(root, image_root, "N24News", ROWS[:1])
-    (image_root / "ImageNet-1K" / "cat.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) not found .*ImageNet-1K/cat.jpg"):
+    write_mmeb(root, image_root, "N24News", ROWS[:2])
+    (image_root / "ImageNet-1K" / "dog.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) not found .*ImageNet-1K/dog.jpg"):
         evaluate_mmeb(WordEmbedder(), ["N24News"], root, image_root)
+    # The first image decides where the images are; when it is nowhere, the folders tried are named.
+    (image_root / "ImageNet-1K" / "cat.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"its image 'ImageNet-1K/cat.jpg' is under none of .*images.zip"):
+        evaluate_mmeb(WordEmbedder(), ["N24News"], root, image_root)
+    # Without image_root, images.zip left packed in the clone is pointed out with the command to unpack it.
+    (root / "images.zip").write_bytes(b"PK")
+    with pytest.raises(FileNotFoundError, match=r"images.zip is there but not unpacked: run `unzip .*eval_images`"):
+        evaluate_mmeb(WordEmbedder(), ["N24News"], root)
 
 
 def test_harness_end_to_end_on_a_tiny_model_in_under_a_minute(tmp_path, monkeypatch, capsys):

@@ -187,7 +187,8 @@ def test_load_urban1k_pairs_by_id(tmp_path):
         (root / "caption" / f"{index}.txt").write_text(f"Long caption of image {index}.\n")
     data = load_urban1k(root)
     assert data.images == ["1.jpg", "2.jpg", "10.jpg"]
-    assert data.captions == ["Long caption of image 1.", "Long caption of image 2.", "Long caption of image 10."]
+    # The first line as readlines()[0] returns it (the authors' loader): the newline stays, it is the pooled token.
+    assert data.captions == ["Long caption of image 1.\n", "Long caption of image 2.\n", "Long caption of image 10.\n"]
     assert data.caption_to_image == [0, 1, 2]
     assert data.image_root == str(root / "image")
 

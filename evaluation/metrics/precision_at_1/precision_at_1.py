@@ -9,9 +9,10 @@ index of its positive, else 0; the result is the mean over queries. On MMEB-eval
 ``references`` is all zeros there.
 
 Ties are decided upstream, by whoever turns scores into ``predictions``: this metric only compares integers. This
-package's MMEB caller (`evaluation.mmeb.predictions_from_scores`) breaks an exact tie AGAINST the positive, so a
-constant (collapsed) embedder scores 0 instead of 100; callers that use ``argmax`` (first index wins, as VLM2Vec's
-script does) favour candidate 0 on ties and report optimistic numbers for degenerate models.
+package's MMEB caller (`evaluation.mmeb.predictions_from_scores`) offers two rules: ``"argmax"`` (the default, as
+VLM2Vec's official scorer: the first index wins a tie, so a tie with the positive, candidate 0, counts as correct)
+and ``"strict"`` (a tie with the positive counts as wrong, so a constant, collapsed embedder scores 0 instead of 100).
+The evaluation recipe reports which rule it used.
 """
 
 _KWARGS_DESCRIPTION = """
