@@ -11,9 +11,13 @@ Stages (each writes under ``output_dir``):
 4. mining with each judge (global pool, top-k, false-negative filter, cyclical sampling);
 5. from the baseline checkpoint, with the same extra budget each, on the same mined queries: a control that
    continues in-batch InfoNCE, the "hard negatives, hard labels" ablation, and UniME-V2 soft labels per judge;
-6. the UniME-V2 reranker, started from the judge, trained on the oracle-mined data (pairwise + listwise);
+6. the UniME-V2 reranker, started from the judge, trained on the oracle-mined data (pairwise + listwise, lists as
+   long as the rerank stage's top-k);
 7. evaluation of every model with the MMEB protocol (precision@1), with and without the rerank stage; a table
-   shaped like the paper's Table 4 (+ judge column, + rerank row, + blind baseline) as markdown and JSON, and a PNG.
+   shaped like the paper's Table 4 (+ judge column, + rerank row, + blind baseline) as markdown and JSON, and a PNG;
+8. listwise reranking of the best embedder's top-k on a sample of held-out rows, twice: in the embedder's order (the
+   rerank stage as deployed) and with the positive moved to a uniformly random slot among the embedder's top k - 1
+   negatives (accuracy and mean probability on the answer), so that a content-blind reranker shows as chance.
 
 Every trained model and mined dataset is saved with the settings it depends on, so a re-run resumes after the last
 finished stage. ``run_ablation`` is the multi-seed investigation of tau, k, steps and in-batch negatives.
@@ -43,7 +47,7 @@ from trainers import UniMEV2Trainer, UniMEV2TrainingArguments
 from trainers.reranker_trainer import UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments
 
 from .easyvqa import TASKS, EasyVQASplit, blind_baseline, build_tasks, load_easyvqa, oracle_for, training_pairs
-from .mmeb import MMEBDataset, MMEBResult, evaluate_task
+from .mmeb import MMEBDataset, MMEBResult, candidate_scores, evaluate_task
 
 
 @dataclass
@@ -54,6 +58,8 @@ class PipelineConfig:
     (1,500 steps), judges and rerankers trained with the vision tower frozen (the paper's reranker recipe; a tiny
     judge fine-tuned whole at lr 1e-3 forgets the image and falls to chance), and the UniME-V2 continuation at
     lr 1e-4 (at 1e-3 the soft-label loss, whose targets are near one-hot at tau 0.02, wrecks the features).
+    The reranker trains on lists of ``rerank_top_k`` candidates (every slot the rerank stage reads is a target);
+    ``listwise_eval_rows`` held-out rows per task measure listwise reranking (about 1 minute for 500).
     """
 
     output_dir: str = "runs/pipeline"
@@ -75,7 +81,13 @@ class PipelineConfig:
     top_k: int = 20
     num_negatives: int = 8
     reranker_steps: int = 150
+    reranker_listwise_weight: float = 0.2
     rerank_top_k: int = 5
+    listwise_eval_rows: int = 500
+
+    def __post_init__(self) -> None:
+        if self.rerank_top_k < 2:
+            raise ValueError(f"rerank_top_k={self.rerank_top_k}: reranking needs at least 2 candidates.")
 
     @classmethod
     def quick(cls, **overrides: Any) -> "PipelineConfig":
@@ -96,7 +108,8 @@ STAGE_SETTINGS = {
     "judge": ("judge_steps", "judge_learning_rate"),
     "mining": ("mining_queries", "top_k", "num_negatives"),
     "finetune": ("finetune_steps", "finetune_learning_rate"),
-    "reranker": ("reranker_steps", "judge_learning_rate"),
+    # the reranker's lists are as long as the rerank stage's top-k
+    "reranker": ("reranker_steps", "judge_learning_rate", "reranker_listwise_weight", "rerank_top_k"),
 }
 
 
@@ -296,6 +309,113 @@ def with_mean(scores: dict[str, float]) -> dict[str, float]:
     return {**scores, "mean": sum(scores[task] for task in TASKS) / len(TASKS)}
 
 
+LISTWISE_MEASURES = {
+    "embedder_p1": "embedder P@1 on these rows",
+    "embedder_order_p1": "listwise rerank of the embedder's top-k, embedder order: P@1",
+    "random_slot_accuracy": "listwise, positive at a random slot: accuracy",
+    "random_slot_probability": "listwise, positive at a random slot: mean P(answer)",
+    "chance": "chance (100 / list length)",
+}
+
+
+def embedder_ranking(row_scores: torch.Tensor) -> list[int]:
+    """Candidate indices by the embedder's cosine, best first; ties in candidate order (the MMEB ``argmax`` rule, as
+    `evaluation.mmeb.evaluate_task` orders the rerank stage's input)."""
+    return sorted(range(len(row_scores)), key=lambda index: (-float(row_scores[index]), index))
+
+
+def listwise_reranking(
+    embedder: Any,
+    reranker: Any,
+    tasks: dict[str, MMEBDataset],
+    top_k: int,
+    rows_per_task: int | None,
+    seed: int = 0,
+    keep_rows: bool = False,
+) -> dict[str, Any]:
+    """Listwise reranking on held-out rows, measured two ways on the same rows (a sample of ``rows_per_task`` per
+    task, drawn with ``seed``; all rows when None), all values in %:
+
+    - ``embedder_order_p1``: the rerank stage as deployed: the embedder's top ``top_k`` in the embedder's order,
+      the reranker's first choice scored like MMEB (the positive missing from the top k counts as wrong);
+    - ``random_slot_accuracy`` / ``random_slot_probability``: a list of the positive and the embedder's top
+      ``top_k - 1`` negatives (in the embedder's order) with the positive moved to a uniformly random slot; how
+      often the reranker's highest score is the positive's (the first of equal scores, as ``rerank`` orders them),
+      and the mean probability it gives the positive. A reranker blind to content scores 100 / K on both in
+      expectation, whatever its slot preference; on embedder-ordered lists it could score anywhere from 0 to the
+      embedder's P@1 (the embedder puts the positive first for most rows).
+
+    Also per task: ``embedder_p1`` (the embedder alone on these rows), ``list_length`` (K: ``top_k``, or fewer where
+    the task has fewer candidates), ``chance`` (the mean of 100 / K over the rows), ``rows`` and ``slots`` (how
+    often the positive went to each slot); and the measures' means over the tasks under ``mean``. ``keep_rows``
+    adds each row's ``slot``, ``listed`` candidates and ``probabilities`` (for checks).
+    """
+    report: dict[str, Any] = {"top_k": top_k, "rows_per_task": rows_per_task, "seed": seed, "tasks": {}}
+    for name, task in tasks.items():
+        sampler = random.Random(f"listwise-rows:{seed}:{name}")
+        picked = list(range(len(task)))
+        if rows_per_task is not None and len(picked) > rows_per_task:
+            picked = sorted(sampler.sample(picked, rows_per_task))
+        if not picked:
+            raise ValueError(f"Task {name} has no rows to rerank.")
+        queries = [task.queries[row] for row in picked]
+        candidates = [task.candidates[row] for row in picked]
+        items = list(dict.fromkeys([*queries, *(item for row in candidates for item in row)]))
+        embeddings = embedder.encode(texts=[text for text, _ in items], images=[image for _, image in items],
+                                     batch_size=32)
+        embeddings = torch.nn.functional.normalize(torch.as_tensor(embeddings).float(), dim=-1)
+        position = {item: index for index, item in enumerate(items)}
+        slot_rng = random.Random(f"listwise-slot:{seed}:{name}")
+        sums = dict.fromkeys(("embedder_p1", "embedder_order_p1", "random_slot_accuracy", "random_slot_probability",
+                              "chance"), 0.0)
+        slots, lengths, kept = [0] * top_k, set(), []
+        for row, query, row_candidates in zip(picked, queries, candidates):
+            length = min(top_k, len(row_candidates))
+            if length < 2:
+                raise ValueError(f"{name} row {row} has {len(row_candidates)} candidate(s): nothing to rerank.")
+            lengths.add(length)
+            sums["chance"] += 1 / length
+            ranking = embedder_ranking(candidate_scores(embeddings, position[query],
+                                                        [position[item] for item in row_candidates]))
+            sums["embedder_p1"] += ranking[0] == 0
+            top = ranking[:length]
+            order, _ = reranker.rerank(query, [row_candidates[index] for index in top], mode="listwise")
+            sums["embedder_order_p1"] += top[order[0]] == 0
+            negatives = [index for index in ranking if index != 0][: length - 1]
+            slot = slot_rng.randrange(length)
+            listed = negatives[:slot] + [0] + negatives[slot:]
+            order, probabilities = reranker.rerank(query, [row_candidates[index] for index in listed], mode="listwise")
+            sums["random_slot_accuracy"] += order[0] == slot
+            sums["random_slot_probability"] += float(probabilities[slot])
+            slots[slot] += 1
+            if keep_rows:
+                kept.append({"row": row, "slot": slot, "listed": listed,
+                             "probabilities": [float(value) for value in probabilities]})
+        scores = {key: 100 * value / len(picked) for key, value in sums.items()}
+        report["tasks"][name] = {**scores, "list_length": max(lengths), "rows": len(picked),
+                                 "slots": slots, **({"per_row": kept} if keep_rows else {})}
+    measured = list(report["tasks"].values())
+    report["mean"] = {key: statistics.fmean(task[key] for task in measured) for key in LISTWISE_MEASURES}
+    return report
+
+
+def render_listwise(listwise: dict[str, Any]) -> str:
+    """The listwise block of results.md: one row per measure, one column per task and the mean."""
+    tasks = list(listwise["tasks"])
+    rows = next(iter(listwise["tasks"].values()))["rows"] if tasks else 0
+    lines = [
+        f"Listwise reranking of the top-{listwise['top_k']} of {listwise.get('embedder', 'the embedder')}, on "
+        f"{rows} held-out rows per task (%; lists are shorter where a task has fewer candidates). At a random slot a "
+        "reranker blind to content scores chance; in the embedder's order it could score anywhere from 0 to the "
+        "embedder's P@1.", "",
+        "| measure | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|",
+    ]
+    for key, label in LISTWISE_MEASURES.items():
+        cells = [f"{listwise['tasks'][task][key]:.1f}" for task in tasks] + [f"{listwise['mean'][key]:.1f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def variants(config: PipelineConfig) -> dict[str, tuple[str, dict[str, Any]]]:
     """Table 4's rows after the baseline: label -> (judge whose mined data it trains on, trainer arguments)."""
     return {
@@ -354,12 +474,14 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     clock.lap("UniME-V2 embedders")
 
     # 6. The reranker starts from the judge (the paper trains it from its judge's base model, Qwen2.5-VL-7B) and
-    #    learns pairwise + listwise on the oracle-mined data.
+    #    learns pairwise + listwise on the oracle-mined data, with lists as long as the rerank stage's (every slot
+    #    the rerank stage reads is a training target).
     reranker, reranker_curve = _train(
         UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments, UniMEV2Reranker, lambda: _reranker_from(judge_model),
         world.processor,
         mined["oracle"], output / "reranker", config, ("judge", "mining", "reranker"), config.reranker_steps,
-        config.judge_learning_rate, listwise_negatives=3, listwise_weight=0.2,
+        config.judge_learning_rate, listwise_negatives=config.rerank_top_k - 1,
+        listwise_weight=config.reranker_listwise_weight,
     )
     reranker.eval().processor = world.processor
     reranker_quality = judge_pairwise_accuracy(reranker.scorer(world.processor), world.test_tasks,
@@ -378,13 +500,19 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     table[f"{best} + reranker (top-{config.rerank_top_k})"] = reranked
     clock.lap("evaluation")
 
+    # 8. listwise reranking, in the embedder's order and with the positive at a random slot
+    listwise = listwise_reranking(embedders[best], reranker, world.test_tasks, config.rerank_top_k,
+                                  config.listwise_eval_rows, seed=config.seed)
+    listwise["embedder"] = best
+    clock.lap("listwise evaluation")
+
     results = {"config": asdict(config), "table": table, "judge_pairwise_accuracy": judge_quality,
-               "reranker_pairwise_accuracy": reranker_quality,
+               "reranker_pairwise_accuracy": reranker_quality, "listwise_reranking": listwise,
                "mining": mining_reports, "seconds": clock.stages,
                "curves": {name: [(entry["step"], entry["loss"]) for entry in curve]
                           for name, curve in curves_by_model.items()}}
     (output / "results.json").write_text(json.dumps(results, indent=2))
-    markdown = render_table(table, judge_quality, reranker_quality)
+    markdown = render_table(table, judge_quality, reranker_quality) + "\n\n" + render_listwise(listwise)
     (output / "results.md").write_text(markdown + "\n")
     draw_summary(results, output / "summary.png")
     print(markdown)
@@ -502,7 +630,9 @@ def draw_summary(results: dict[str, Any], path: Path) -> None:
 
     width, plot_height = 1100, 360
     rows = results["table"]
-    image = Image.new("RGB", (width, plot_height + 40 + 22 * (len(rows) + 3)), "white")
+    listwise = results.get("listwise_reranking") or {}
+    extra = len(LISTWISE_MEASURES) + 2 if listwise.get("tasks") else 0
+    image = Image.new("RGB", (width, plot_height + 40 + 22 * (len(rows) + 3 + extra)), "white")
     canvas = ImageDraw.Draw(image)
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
     curves = {name: curve for name, curve in results["curves"].items() if curve}
@@ -532,11 +662,19 @@ def draw_summary(results: dict[str, Any], path: Path) -> None:
     for label, scores in rows.items():
         y += 22
         row(y, [label[:70], *(f"{scores[task]:.1f}" for task in TASKS), f"{scores['mean']:.1f}"])
+    if extra:
+        y += 33
+        first_task = next(iter(listwise["tasks"].values()))
+        row(y, [f"listwise, top-{listwise['top_k']}, {first_task['rows']} rows/task"])
+        for key, label in LISTWISE_MEASURES.items():
+            y += 22
+            row(y, [label[:70], *(f"{listwise['tasks'][task][key]:.1f}" if task in listwise["tasks"] else "-"
+                                  for task in TASKS), f"{listwise['mean'][key]:.1f}"])
     image.save(path)
 
 
 __all__ = [
     "PipelineConfig", "DemoWorld", "build_world", "train_baseline", "mine", "continue_training", "evaluate_embedder",
     "with_mean", "variants", "ablation_variants", "run_ablation", "report_ablation", "freeze_vision_tower",
-    "run_pipeline", "render_table", "draw_summary",
+    "run_pipeline", "render_table", "draw_summary", "listwise_reranking", "render_listwise", "embedder_ranking",
 ]

@@ -1,5 +1,7 @@
-"""The main job's --quick mode (CI's smoke test): every stage runs and writes its outputs; numbers are not checked."""
+"""The main job's --quick mode (CI's smoke test): every stage runs and writes its outputs; numbers are not checked.
+The listwise measurements are checked against an independent computation with stand-in models."""
 
+import hashlib
 import json
 import runpy
 import sys
@@ -26,7 +28,7 @@ def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkey
     run_recipe(monkeypatch, "--quick", "--output_dir", str(output))
     results = json.loads((output / "results.json").read_text())
     assert list(results["seconds"]) == ["data", "baseline embedder", "judges", "mining", "UniME-V2 embedders",
-                                        "reranker", "evaluation"]
+                                        "reranker", "evaluation", "listwise evaluation"]
     assert set(results["judge_pairwise_accuracy"]) == {"oracle", "mllm"}
     assert results["judge_pairwise_accuracy"]["oracle"] == {"vqa_colour": 100.0, "vqa_shape": 100.0}
     rows = results["table"]
@@ -45,6 +47,23 @@ def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkey
     assert "| setting | judge |" in (output / "results.md").read_text()
     assert "Held-out pairwise accuracy" in capsys.readouterr().out
     assert set(results["reranker_pairwise_accuracy"]) == {"vqa_colour", "vqa_shape"}
+    # listwise: trained on lists as long as the rerank stage's top-5, reported in the embedder's order and at a
+    # random slot on the same rows
+    marker = json.loads((output / "reranker" / "pipeline_stage.json").read_text())
+    assert '"listwise_negatives": 4' in marker["fingerprint"]
+    listwise = results["listwise_reranking"]
+    assert listwise["top_k"] == 5 and listwise["embedder"] == "+ UniME-V2 soft labels (oracle judge)"
+    assert list(listwise["tasks"]) == list(TASKS)
+    measures = ("embedder_p1", "embedder_order_p1", "random_slot_accuracy", "random_slot_probability", "chance")
+    for name, task in listwise["tasks"].items():
+        assert task["rows"] == 16 and sum(task["slots"]) == 16
+        assert task["list_length"] == (3 if name == "vqa_shape" else 5)  # easy-vqa has 3 shapes
+        assert task["chance"] == pytest.approx(100 / task["list_length"])
+        assert all(0 <= task[key] <= 100 for key in measures)
+    assert listwise["mean"]["chance"] == pytest.approx((20 * 3 + 100 / 3) / 4)
+    markdown = (output / "results.md").read_text()
+    assert "| listwise, positive at a random slot: accuracy |" in markdown
+    assert "| listwise rerank of the embedder's top-k, embedder order: P@1 |" in markdown
 
 
 def test_rerunning_the_quick_pipeline_resumes_from_the_saved_stages(tmp_path, monkeypatch, capsys):
@@ -112,10 +131,131 @@ def test_a_changed_setting_redoes_only_the_stages_that_depend_on_it(tmp_path, ca
     mined_markers = {name: (tmp_path / f"mined-{name}" / "pipeline_stage.json").stat().st_mtime_ns
                      for name in ("oracle", "mllm")}
     capsys.readouterr()
-    run_pipeline(PipelineConfig.quick(output_dir=str(tmp_path), finetune_steps=3, rerank_top_k=3))
+    results = run_pipeline(PipelineConfig.quick(output_dir=str(tmp_path), finetune_steps=3, rerank_top_k=3,
+                                                listwise_eval_rows=8))
     out = capsys.readouterr().out
     resumed = {line.split()[1] for line in out.splitlines() if line.startswith("[resume]")}
-    # the variants depend on finetune_steps; the baseline, the judge and the reranker do not, nor does evaluation
-    assert resumed == {str(tmp_path / folder) for folder in ("baseline", "mllm-judge", "reranker")}
+    # the variants depend on finetune_steps and the reranker on rerank_top_k (its lists are as long); the baseline
+    # and the judge do not, nor do evaluation sizes
+    assert resumed == {str(tmp_path / folder) for folder in ("baseline", "mllm-judge")}
+    marker = json.loads((tmp_path / "reranker" / "pipeline_stage.json").read_text())
+    assert '"listwise_negatives": 2' in marker["fingerprint"]
+    assert results["listwise_reranking"]["top_k"] == 3
+    assert {task["rows"] for task in results["listwise_reranking"]["tasks"].values()} == {8}
     assert {name: (tmp_path / f"mined-{name}" / "pipeline_stage.json").stat().st_mtime_ns
             for name in mined_markers} == mined_markers  # mining was loaded, not redone
+
+
+# ------------------------------------------------------------------------------------- listwise measurements
+
+
+class HashEmbedder:
+    """Stand-in embedder: a fixed random vector per distinct (text, image) item, so equal items embed equally."""
+
+    def encode(self, texts, images, batch_size=32, **kwargs):
+        vectors = []
+        for text, image in zip(texts, images):
+            seed = int(hashlib.sha256(repr((text, image)).encode()).hexdigest()[:12], 16)
+            vectors.append(torch.randn(16, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(vectors)
+
+
+class RecordingReranker:
+    """Stand-in listwise reranker: probabilities from the candidates' content (a fixed score per text, the
+    positive's raised) or, ``blind``, from their slots only (``tilt`` "late" or "early"); every call is recorded."""
+
+    def __init__(self, blind: bool = False, tilt: str = "late") -> None:
+        self.blind, self.tilt, self.calls = blind, tilt, []
+
+    def probabilities(self, query, candidates) -> torch.Tensor:
+        if self.blind:
+            weights = torch.arange(1, len(candidates) + 1, dtype=torch.float64)
+            weights = weights if self.tilt == "late" else weights.flip(0)
+        else:
+            weights = torch.tensor([
+                int(hashlib.sha256(repr((query, item)).encode()).hexdigest()[:6], 16) / 2**24
+                + (0.6 if item[0].startswith("right") else 0.0)
+                for item in candidates
+            ], dtype=torch.float64).exp()
+        return weights / weights.sum()
+
+    def rerank(self, query, candidates, mode="listwise", **kwargs):
+        assert mode == "listwise"
+        scores = self.probabilities(query, candidates)
+        self.calls.append((query, list(candidates), scores))
+        return sorted(range(len(candidates)), key=lambda index: (-float(scores[index]), index)), scores
+
+
+def toy_tasks(rows: int, sizes: dict[str, int], perfect: bool = False):
+    """MMEB-shaped tasks; candidate 0 ("right ...") is the positive. ``perfect``: the positive is the query's own
+    item, so the embedder always ranks it first."""
+    from evaluation.mmeb import MMEBDataset
+
+    tasks = {}
+    for name, size in sizes.items():
+        queries, candidates = [], []
+        for row in range(rows):
+            query = (f"right {name} {row}", None) if perfect else (f"query {name} {row}", None)
+            queries.append(query)
+            candidates.append([query if perfect else (f"right {name} {row}", None)]
+                              + [(f"wrong {name} {row} {index}", None) for index in range(size - 1)])
+        tasks[name] = MMEBDataset(name, queries, candidates)
+    return tasks
+
+
+def test_listwise_measurements_match_an_independent_computation():
+    from evaluation.pipeline import listwise_reranking
+
+    tasks = toy_tasks(60, {"ten": 10, "three": 3})
+    embedder, reranker = HashEmbedder(), RecordingReranker()
+    report = listwise_reranking(embedder, reranker, tasks, top_k=5, rows_per_task=40, seed=3, keep_rows=True)
+    calls = {(query, tuple(candidates)): scores for query, candidates, scores in reranker.calls}
+    for name, task in tasks.items():
+        measured = report["tasks"][name]
+        kept = measured["per_row"]
+        assert len(kept) == measured["rows"] == 40 and len({entry["row"] for entry in kept}) == 40
+        expected = dict.fromkeys(("embedder_p1", "embedder_order_p1", "random_slot_accuracy",
+                                  "random_slot_probability"), 0.0)
+        for entry in kept:
+            query, candidates = task.queries[entry["row"]], task.candidates[entry["row"]]
+            vectors = torch.nn.functional.normalize(embedder.encode(*zip(query, *candidates)), dim=-1)
+            cosines = (vectors[1:] @ vectors[0]).tolist()
+            ranking = sorted(range(len(candidates)), key=lambda index: (-cosines[index], index))
+            length = min(5, len(candidates))
+            expected["embedder_p1"] += ranking[0] == 0
+            top = [candidates[index] for index in ranking[:length]]
+            scores = reranker.probabilities(query, top)
+            expected["embedder_order_p1"] += top[int(torch.argmax(scores))] == candidates[0]
+            # the random-slot list: the positive and the embedder's top length - 1 negatives, in that order
+            negatives = [index for index in ranking if index != 0][: length - 1]
+            listed = [candidates[index] for index in entry["listed"]]
+            assert [index for index in entry["listed"] if index != 0] == negatives
+            assert listed.count(candidates[0]) == 1 and listed[entry["slot"]] == candidates[0]
+            scores = calls[(query, tuple(listed))]  # the reranker saw exactly this list
+            assert torch.allclose(scores, reranker.probabilities(query, listed))
+            assert entry["probabilities"] == pytest.approx(scores.tolist())
+            expected["random_slot_accuracy"] += int(torch.argmax(scores)) == listed.index(candidates[0])
+            expected["random_slot_probability"] += float(scores[listed.index(candidates[0])])
+        for key, value in expected.items():
+            assert measured[key] == pytest.approx(100 * value / 40), (name, key)
+        assert measured["chance"] == pytest.approx(100 / min(5, len(task.candidates[0])))
+        assert 0 < measured["random_slot_accuracy"] < 100  # the stand-in reranker is neither blind nor perfect
+    for key in ("embedder_p1", "random_slot_accuracy", "chance"):
+        assert report["mean"][key] == pytest.approx(sum(report["tasks"][name][key] for name in tasks) / 2)
+
+
+@pytest.mark.parametrize(("tilt", "embedder_order"), [("late", 0.0), ("early", 100.0)])
+def test_a_content_blind_reranker_scores_chance_at_a_random_slot(tilt, embedder_order):
+    """With the positive always first in the embedder's order, a reranker that only prefers a slot scores 0% or
+    100% on embedder-ordered lists, but 1/K at a random slot: that is what the random-slot measurement is for."""
+    from evaluation.pipeline import listwise_reranking
+
+    tasks = toy_tasks(600, {"eight": 8}, perfect=True)
+    report = listwise_reranking(HashEmbedder(), RecordingReranker(blind=True, tilt=tilt), tasks, top_k=5,
+                                rows_per_task=None, seed=0)
+    measured = report["tasks"]["eight"]
+    assert measured["embedder_p1"] == 100 and measured["embedder_order_p1"] == embedder_order
+    assert measured["chance"] == pytest.approx(20) and measured["list_length"] == 5
+    assert abs(measured["random_slot_accuracy"] - 20) < 5  # 3.1 standard deviations of 600 draws
+    assert abs(measured["random_slot_probability"] - 20) < 1.5  # exactly 20 in expectation; sd 0.4
+    assert min(measured["slots"]) > 80 and sum(measured["slots"]) == 600  # every slot, the last included
