@@ -9,7 +9,8 @@ These are the pure, model-free steps (a), (c) and (d) of the mining pipeline (se
    (``s > s_pos - beta``): those are likely unlabelled positives.
 3. :func:`cyclical_sample` picks ``num_negatives`` of the survivors with a strided walk over their ranking, so
    the chosen negatives spread over the difficulty range instead of being the ``num_negatives`` hardest.
-4. :class:`SelectionStats` counts what each rule removed and prints a report with hints.
+4. :class:`SelectionStats` counts what each rule removed and how well the judge separated the positive from its
+   candidates, and prints a report with hints, flagging a degenerate run with a WARNING block.
 
 Only ``torch``, ``numpy`` and the standard library are used, so the module can be reused outside ``transformers``.
 
@@ -43,8 +44,12 @@ import numpy as np
 import torch
 
 __all__ = [
+    "CHANCE_WIN_RATE",
+    "DEGENERATE_FALLBACK_SHARE",
+    "DEGENERATE_FILTER_SHARE",
     "EMPTY_FALLBACKS",
     "FALLBACK_SCORE",
+    "MIN_JUDGED_FOR_CHANCE",
     "SelectionStats",
     "cyclical_sample",
     "false_negative_filter",
@@ -56,6 +61,20 @@ EMPTY_FALLBACKS = ("paper", "drop")
 
 FALLBACK_SCORE = 1.0
 """Judge score the paper gives to each negative drawn by the empty-set fallback."""
+
+DEGENERATE_FALLBACK_SHARE = 0.10
+"""Share of queries left with no candidate after the filter (fallback or dropped) above which a run is flagged as
+degenerate: the paper reports under 1%."""
+
+DEGENERATE_FILTER_SHARE = 0.90
+"""Share of the retrieved candidates removed by the false-negative filter above which a run is flagged."""
+
+CHANCE_WIN_RATE = 0.60
+"""A judge that scores the positive above fewer than this share of the judged candidates is flagged as at chance
+(a judge at chance: about 0.5)."""
+
+MIN_JUDGED_FOR_CHANCE = 50
+"""Judged candidates needed before the at-chance check speaks."""
 
 BOUNDARY_TOLERANCE = 1e-9
 """Slack on the false-negative boundary, so decimal round-off (``0.3 - 0.1 == 0.19999999999999998``) never turns a
@@ -583,6 +602,9 @@ class SelectionStats:
     queries_short_of_negatives: int = 0
     queries_positive_below_all: int = 0
     duplicate_rows: int = 0
+    candidates_judged: int = 0
+    candidates_below_positive: int = 0
+    score_gap_sum: float = 0.0
     num_negatives: int = 10
 
     def update(
@@ -598,8 +620,20 @@ class SelectionStats:
         short_of_negatives: int | bool = 0,
         positive_below_all: int | bool = 0,
         duplicate_rows: int = 0,
+        candidates_judged: int = 0,
+        candidates_below_positive: int = 0,
+        score_gap: float = 0.0,
     ) -> None:
-        """Add counts in place; booleans count as 0 or 1 so per-query flags can be passed directly."""
+        """Add counts in place; booleans count as 0 or 1 so per-query flags can be passed directly.
+
+        ``candidates_judged``, ``candidates_below_positive`` and ``score_gap`` (the sum over judged candidates of
+        ``|s_pos - s|``) describe how well the judge separates the positive from the candidates: they feed the
+        degenerate-run check (`degenerate_warnings`).
+        """
+        score_gap = float(score_gap)
+        if not score_gap >= 0:
+            raise ValueError(f"counts only grow; got score_gap_sum += {score_gap}")
+        self.score_gap_sum += score_gap
         increments = {
             "queries": queries,
             "candidates_retrieved": candidates_retrieved,
@@ -611,6 +645,8 @@ class SelectionStats:
             "queries_short_of_negatives": short_of_negatives,
             "queries_positive_below_all": positive_below_all,
             "duplicate_rows": duplicate_rows,
+            "candidates_judged": candidates_judged,
+            "candidates_below_positive": candidates_below_positive,
         }
         for name, increment in increments.items():
             increment = int(increment)
@@ -626,10 +662,18 @@ class SelectionStats:
         merged["num_negatives"] = self.num_negatives
         return SelectionStats(**merged)
 
-    def summary(self) -> str:
-        """A readable report: each count, its rate, and hints on which setting to change."""
+    def summary(self, beta: float | None = None, warnings: bool = True) -> str:
+        """A readable report: each count, its rate, hints on which setting to change and, when the run is degenerate
+        (`degenerate_warnings`), a WARNING block at the end.
+
+        Args:
+            beta: the false-negative margin the run used; named in the warning when given.
+            warnings: append the WARNING block (callers that print more lines put it last themselves with
+                `warning_block`).
+        """
         queries = self.queries
         retrieved = self.candidates_retrieved
+        judged = self.candidates_judged
 
         def per_query(count: int) -> str:
             return f"{count / queries:.1f} per query" if queries else "n/a"
@@ -639,6 +683,9 @@ class SelectionStats:
 
         def of_retrieved(count: int) -> str:
             return f"{100 * count / retrieved:.1f}% of retrieved" if retrieved else "n/a"
+
+        def of_judged(count: int) -> str:
+            return f"{100 * count / judged:.1f}% of judged" if judged else "n/a"
 
         rows = [
             ("candidates retrieved (top-k)", self.candidates_retrieved, per_query),
@@ -654,12 +701,108 @@ class SelectionStats:
             ),
             ("queries whose positive scored below every candidate", self.queries_positive_below_all, of_queries),
             ("duplicate (query, positive) rows, kept as given", self.duplicate_rows, of_queries),
+            ("judged candidates scored below the positive", self.candidates_below_positive, of_judged),
         ]
         width = max(len(label) for label, _, _ in rows)
         lines = [f"Hard-negative selection over {queries:,} queries (target {self.num_negatives} negatives each)"]
         lines += [f"  {label:<{width}}  {count:>10,}  ({rate(count)})" for label, count, rate in rows]
+        gap = f"{self.mean_score_gap:.4f}" if judged else "n/a"
+        lines.append(f"  {'mean |positive score - candidate score|':<{width}}  {gap:>10}")
         lines.append("Hints:")
         lines += [f"  - {hint}" for hint in self._hints()] or ["  - none: every query got its negatives."]
+        block = self.warning_block(beta) if warnings else ""
+        if block:
+            lines.append(block)
+        return "\n".join(lines)
+
+    @property
+    def mean_score_gap(self) -> float:
+        """Mean of ``|s_pos - s|`` over the judged candidates (0.0 when none was judged): how far apart the judge puts
+        the positive and a candidate; a false-negative margin ``beta`` above it removes most candidates."""
+        return self.score_gap_sum / self.candidates_judged if self.candidates_judged else 0.0
+
+    def degenerate_warnings(self, beta: float | None = None) -> list[str]:
+        """The reasons this selection is degenerate (empty when it is not).
+
+        A run is flagged when more than :data:`DEGENERATE_FALLBACK_SHARE` of the queries had no candidate left after
+        the false-negative filter (the paper reports under 1%: those rows get random negatives scored 1.0, or are
+        dropped), when the filter removed more than :data:`DEGENERATE_FILTER_SHARE` of the retrieved candidates, or
+        when the judge scored the positive above fewer than :data:`CHANCE_WIN_RATE` of at least
+        :data:`MIN_JUDGED_FOR_CHANCE` judged candidates (a judge at chance scores it above about half of them).
+
+        Example:
+            >>> stats = SelectionStats(queries=48, candidates_retrieved=768, removed_as_false_negative=754,
+            ...                        queries_used_fallback=41, candidates_judged=768, candidates_below_positive=380,
+            ...                        score_gap_sum=3.84)
+            >>> for problem in stats.degenerate_warnings(beta=0.01):
+            ...     print(problem)  # doctest: +ELLIPSIS
+            85.4% of queries (41 of 48) had no candidate left after the false-negative filter: 41 got the ...
+            the false-negative filter removed 98.2% of the retrieved candidates.
+            the judge scored the positive above only 49.5% of the judged candidates ...
+        """
+        return [message for _, message in self._degenerate_problems(beta)]
+
+    def _degenerate_problems(self, beta: float | None) -> list[tuple[str, str]]:
+        """(kind, message) of each degenerate-run check that failed; kinds: ``emptied``, ``filter``, ``chance``."""
+        problems: list[tuple[str, str]] = []
+        queries = self.queries
+        if queries == 0:
+            return problems
+        emptied = self.queries_used_fallback + self.queries_dropped
+        if emptied > DEGENERATE_FALLBACK_SHARE * queries:
+            what = []
+            if self.queries_used_fallback:
+                what.append(f"{self.queries_used_fallback} got the empty-set fallback ({self.num_negatives} random "
+                            f"retrieved candidates, each scored {FALLBACK_SCORE})")
+            if self.queries_dropped:
+                what.append(f"{self.queries_dropped} were dropped")
+            problems.append(("emptied",
+                f"{100 * emptied / queries:.1f}% of queries ({emptied} of {queries}) had no candidate left after the "
+                f"false-negative filter: {' and '.join(what)}; the paper reports under 1%."
+            ))
+        retrieved = self.candidates_retrieved
+        if retrieved and self.removed_as_false_negative > DEGENERATE_FILTER_SHARE * retrieved:
+            problems.append(("filter",
+                f"the false-negative filter removed {100 * self.removed_as_false_negative / retrieved:.1f}% of the "
+                "retrieved candidates."
+            ))
+        judged = self.candidates_judged
+        if judged >= MIN_JUDGED_FOR_CHANCE and self.candidates_below_positive < CHANCE_WIN_RATE * judged:
+            gap = f"; the mean gap between the positive's score and a candidate's is {self.mean_score_gap:.4f}"
+            if beta is not None and beta > 0:
+                gap += f" ({'below' if self.mean_score_gap < beta else 'against'} beta = {beta:g})"
+            problems.append(("chance",
+                f"the judge scored the positive above only {100 * self.candidates_below_positive / judged:.1f}% of the "
+                f"judged candidates (about 50% is a judge at chance; a useful judge puts the positive above most of "
+                f"its retrieved candidates){gap}."
+            ))
+        return problems
+
+    def warning_block(self, beta: float | None = None) -> str:
+        """The WARNING block of a degenerate run (`degenerate_warnings`): what is wrong, the likely causes and what to
+        do; an empty string when the run is not degenerate."""
+        problems = self._degenerate_problems(beta)
+        if not problems:
+            return ""
+        kinds = {kind for kind, _ in problems}
+        lines = ["WARNING: degenerate mining run: the negatives and their judge scores are not what the method "
+                 "intends; do not train on this dataset as it is."]
+        lines += [f"WARNING:   - {message}" for _, message in problems]
+        causes = []
+        if "chance" in kinds:
+            causes.append("a judge at chance (an untrained or tiny random model, or yes_token/no_token that are not "
+                          "its answer words): use a judge that tells positives from negatives (the paper's "
+                          "Qwen2.5-VL-7B-Instruct), and check a few of its scores by hand")
+        if kinds & {"emptied", "filter"}:
+            if beta is None or beta > 0:
+                beta_text = "beta" if beta is None else f"beta = {beta:g}"
+                causes.append(f"{beta_text} larger than the spread of the judge's scores (mean gap between the "
+                              f"positive and a candidate: {self.mean_score_gap:.4f}): lower beta below that gap")
+            causes.append("top_k too small to leave candidates after the filter: raise top_k")
+        lines += [f"WARNING: likely cause and fix: {cause}." for cause in causes]
+        if kinds & {"emptied", "filter"}:
+            lines.append("WARNING: meanwhile, empty_fallback: drop keeps queries with no candidate left out of the "
+                         f"dataset instead of giving them random negatives scored {FALLBACK_SCORE}.")
         return "\n".join(lines)
 
     def _hints(self) -> list[str]:

@@ -9,8 +9,13 @@ Queries are split into shards over the processes; finished shards, embeddings an
 Config (YAML): ``data`` (``synthetic:N``, the authors' judge-scored JSON, a JSON/JSONL list of rows with
 query_text/query_image/pos_text/pos_image, or a folder written by ``save_to_disk``), ``image_root``, ``embedder``
 (a UniME-V2 / backbone folder or repo id, or ``tiny:<family>``), ``judge`` (an image-text-to-text folder or repo id,
-or ``tiny:<family>``), ``official_compat``, ``judge_batch_size``, ``dtype``, ``attn_implementation``,
-``output_dir``, ``push_to_hub``, ``threads``, and ``mining`` (the fields of `MiningConfig`).
+``tiny:<family>``, or ``oracle``: the ground truth of ``synthetic:N`` data, a stand-in for a strong judge; ``--judge``
+overrides it), ``official_compat``, ``judge_batch_size``, ``dtype``, ``attn_implementation``, ``output_dir``,
+``push_to_hub``, ``threads``, and ``mining`` (the fields of `MiningConfig`).
+
+The output folder gets ``summary.txt`` (the printed report; a degenerate run ends with WARNING lines saying why and what
+to do) and ``summary.json`` (the merged statistics, the degenerate-run reasons, and per shard its query count and the
+process that mined it).
 
 Both models run on the process's device (``cuda:<local rank>`` under ``accelerate launch`` on a GPU node, else
 ``cpu``). ``dtype: auto`` (default) is bfloat16 on a GPU and float32 on CPU; ``attn_implementation: auto``
@@ -46,7 +51,13 @@ from modeling_unime.placement import (  # noqa: E402
     placement,
     pretrained_kwargs,
 )
-from modeling_unime.testing import build_tiny_judge, build_tiny_unime, synthetic_pairs  # noqa: E402
+from modeling_unime.testing import (  # noqa: E402
+    SYNTHETIC_COLOURS,
+    SYNTHETIC_SHAPES,
+    build_tiny_judge,
+    build_tiny_unime,
+    synthetic_pairs,
+)
 
 
 def load_pairs(spec: str, image_root: str | None, state) -> tuple[Dataset, str | None]:
@@ -77,8 +88,11 @@ def load_embedder(spec: str, where: Placement) -> UniMEV2Model:
     return UniMEV2Model.from_pretrained(spec, **pretrained_kwargs(where)).eval()
 
 
-def load_judge(spec: str, where: Placement, **judge_kwargs: Any) -> MLLMJudge:
-    """The judge (an image-text-to-text folder / repo id, or ``tiny:<family>``) on ``where``'s device and dtype."""
+def load_judge(spec: str, where: Placement, **judge_kwargs: Any) -> MLLMJudge | SyntheticOracleJudge:
+    """The judge (an image-text-to-text folder / repo id, ``tiny:<family>``, or ``oracle``: the ground truth of the
+    ``synthetic:N`` data, no model) on ``where``'s device and dtype."""
+    if spec == "oracle":
+        return SyntheticOracleJudge()
     if spec.startswith("tiny:"):
         model, processor = build_tiny_judge(spec.split(":", 1)[1])
         model = place(model, where["device"], where["dtype"], where["attn_implementation"])
@@ -89,12 +103,66 @@ def load_judge(spec: str, where: Placement, **judge_kwargs: Any) -> MLLMJudge:
     )
 
 
+class SyntheticOracleJudge:
+    """The ground-truth judge of the ``synthetic:N`` data (``judge: oracle``): scores from the colour and shape each
+    image path (``shapes/<colour>-<shape>.png``) and each text names, with `modeling_unime.testing.oracle_score`'s
+    graded credit: 0.95 for a match, 0.5 for one attribute in common (captions), 0.05 for none. A candidate of the
+    wrong kind for the query (an image offered as a colour answer, a text offered as an image) scores 0.05.
+
+    A stand-in for a strong MLLM judge, so that the tiny demo shows what mining gives when the judge tells positives
+    from negatives; it reads nothing but the paths and texts, and runs in no time.
+
+    Example:
+        >>> judge = SyntheticOracleJudge()
+        >>> judge.score("<|image_1|>\\nWhat colour is the shape?", "shapes/red-circle.png",
+        ...             [("red", None), ("blue", None), (None, "shapes/red-square.png")]).tolist()
+        [0.95, 0.05, 0.05]
+        >>> judge.score("Find an image of a red circle.", None,
+        ...             [(None, "shapes/red-circle.png"), (None, "shapes/red-square.png"), ("red", None)]).tolist()
+        [0.95, 0.5, 0.05]
+    """
+
+    MATCH, PARTIAL, MISS = 0.95, 0.5, 0.05
+
+    def __init__(self) -> None:
+        self.image_root = None
+
+    @staticmethod
+    def _from_path(path: str) -> tuple[str | None, str | None]:
+        colour, _, shape = Path(path).stem.partition("-")
+        return (colour or None, shape or None)
+
+    @staticmethod
+    def _from_text(text: str | None) -> tuple[str | None, str | None]:
+        words = set((text or "").replace(".", " ").replace("?", " ").split())
+        return (next((colour for colour in SYNTHETIC_COLOURS if colour in words), None),
+                next((shape for shape in SYNTHETIC_SHAPES if shape in words), None))
+
+    def _score(self, query_text: str | None, query_image: str | None,
+               candidate: tuple[str | None, str | None]) -> float:
+        text, image = candidate
+        if query_image is not None:  # "What colour is the shape?": a colour word answers it
+            if image is not None:
+                return self.MISS
+            return self.MATCH if self._from_text(text)[0] == self._from_path(query_image)[0] else self.MISS
+        if image is None:  # a caption asks for an image
+            return self.MISS
+        wanted, offered = self._from_text(query_text), self._from_path(image)
+        shared = sum(a == b and a is not None for a, b in zip(wanted, offered))
+        return self.MATCH if shared == 2 else self.PARTIAL if shared == 1 else self.MISS
+
+    def score(self, query_text: str | None, query_image: str | None, candidates) -> torch.Tensor:
+        return torch.tensor([self._score(query_text, query_image, tuple(c)) for c in candidates], dtype=torch.float64)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file (see recipes/configs/mine-*.yaml)")
     parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
     parser.add_argument("--push_to_hub", default=None, help="dataset repo id to push to (overrides the config)")
     parser.add_argument("--seed", type=int, default=None, help="overrides mining.seed")
+    parser.add_argument("--judge", default=None,
+                        help="overrides judge: a folder / repo id, tiny:<family>, or oracle (synthetic data only)")
     parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="overrides dtype (default auto)")
     parser.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS,
                         help="overrides attn_implementation (default auto)")
@@ -113,17 +181,22 @@ def main() -> None:
     where = placement(args.dtype or settings.get("dtype", "auto"),
                       args.attn_implementation or settings.get("attn_implementation", "auto"), state.device)
     embedder = load_embedder(settings["embedder"], where)
-    judge = load_judge(settings["judge"], where, official_compat=bool(settings.get("official_compat", False)),
+    judge_spec = args.judge or settings["judge"]
+    if judge_spec == "oracle" and not settings["data"].startswith("synthetic:"):
+        raise ValueError(f"judge: oracle knows only the synthetic:N data, not data: {settings['data']!r}; name a "
+                         "judge model (a folder or repo id) instead.")
+    judge = load_judge(judge_spec, where, official_compat=bool(settings.get("official_compat", False)),
                        batch_size=int(settings.get("judge_batch_size", 16)))
-    print(f"placement: process {state.process_index}: {describe(embedder, 'embedder')}; "
-          f"{describe(judge.model, 'judge')}", flush=True)
+    judge_place = describe(judge.model, "judge") if hasattr(judge, "model") else "judge: oracle (no model)"
+    print(f"placement: process {state.process_index}: {describe(embedder, 'embedder')}; {judge_place}", flush=True)
     mined = run_mining(dataset, embedder, judge, output_dir, config, image_root=image_root, state=state)
     if not state.is_main_process:
         return
     card = render_dataset_card(
         name=args.push_to_hub or settings.get("push_to_hub") or output_dir.name, rows=len(mined),
-        embedder=settings["embedder"], judge=settings["judge"], official_compat=judge.official_compat,
-        config=vars(config), instruction=judge.instruction,
+        embedder=settings["embedder"], judge=judge_spec, official_compat=getattr(judge, "official_compat", False),
+        config=vars(config),
+        instruction=getattr(judge, "instruction", "(none: the synthetic oracle reads the ground truth)"),
         report=(output_dir / "summary.txt").read_text(encoding="utf-8").strip(),
     )
     (output_dir / "dataset" / "README.md").write_text(card, encoding="utf-8")

@@ -1,10 +1,13 @@
 """The mining recipe: shards, resume after a kill in the middle of a shard, caches, 2 processes, dataset card, push."""
 
+import json
 import os
+import re
 import runpy
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from datasets import load_dataset, load_from_disk
 from conftest import REPO_ROOT
 from modeling_unime.judge import JUDGE_INSTRUCTION, MLLMJudge
 from modeling_unime.mining import MiningConfig, distributed_state, retrieval_device, run_mining
+from modeling_unime.negative_selection import SelectionStats
 from modeling_unime.placement import attention_kernels, placement
 from modeling_unime.testing import build_tiny_judge, build_tiny_unime, synthetic_pairs
 
@@ -93,6 +97,35 @@ def test_second_run_reuses_every_embedding_and_refuses_other_settings(tiny_world
     assert "rows written: 10" in summary and "from cache" in summary
 
 
+def assert_summary_sums_the_shards(output_dir, queries):
+    """summary.json's statistics, and the counts printed in summary.txt, are the sums of the finished shards'."""
+    summary = json.loads((output_dir / "summary.json").read_text())
+    shards = [json.loads(path.read_text()) for path in sorted((output_dir / "shards").glob("shard-*.json"))]
+    assert len(shards) > 1
+    total = SelectionStats(num_negatives=summary["stats"]["num_negatives"])
+    for shard in shards:
+        total = total.merge(SelectionStats(**shard["stats"]))
+    expected = {**asdict(total), "duplicate_rows": summary["stats"]["duplicate_rows"]}
+    assert summary["stats"] == pytest.approx(expected)
+    assert summary["stats"]["queries"] == queries == sum(record["queries"] for record in summary["shards"])
+    assert summary["rows_written"] == sum(len(shard["rows"]) for shard in shards)
+    text = (output_dir / "summary.txt").read_text()
+    assert f"Hard-negative selection over {queries:,} queries" in text
+    for label, field in (("candidates retrieved (top-k)", "candidates_retrieved"),
+                         ("candidates removed by the false-negative filter (beta)", "removed_as_false_negative"),
+                         ("queries with fewer than", "queries_short_of_negatives"),
+                         ("judged candidates scored below the positive", "candidates_below_positive")):
+        line = next(line for line in text.splitlines() if line.strip().startswith(label))
+        assert re.search(rf"\s{expected[field]:,}\s+\(", line), (line, expected[field])
+
+
+def test_merged_summary_is_the_sum_of_the_shards(tiny_world, tmp_path):
+    dataset, embedder, image_root = tiny_world
+    run_mining(dataset, embedder, MLLMJudge(*build_tiny_judge()), tmp_path, CONFIG, image_root=image_root,
+               verbose=False)
+    assert_summary_sums_the_shards(tmp_path, queries=len(dataset))
+
+
 def _free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -118,8 +151,22 @@ def test_two_processes_give_the_one_process_dataset(tmp_path):
     )
     assert two.returncode == 0, two.stderr[-3000:]
     # Both processes did work: each wrote its own judge log.
-    logs = sorted(path.name for path in (tmp_path / "two" / "cache" / "judge").glob("*/*.jsonl"))
-    assert logs == ["rank-0.jsonl", "rank-1.jsonl"]
+    logs = sorted((tmp_path / "two" / "cache" / "judge").glob("*/*.jsonl"))
+    assert [log.name for log in logs] == ["rank-0.jsonl", "rank-1.jsonl"]
+    # Each shard was mined once, by the process it belongs to (shard s -> process s % 2): the finished shard says
+    # who mined it, and no process judged a pair for a shard of the other.
+    shards = sorted((tmp_path / "two" / "shards").glob("shard-*.json"))
+    assert len(shards) == 4
+    for path in shards:
+        shard = int(path.stem.split("-")[1])
+        assert json.loads(path.read_text())["mined_by"] == {"process_index": shard % 2, "num_processes": 2}, path
+    for rank, log in enumerate(logs):
+        judged_shards = {json.loads(line)["shard"] for line in log.read_text().splitlines()}
+        assert judged_shards and {shard % 2 for shard in judged_shards} == {rank}, (log, judged_shards)
+    summary = (tmp_path / "two" / "summary.txt").read_text()
+    assert "shards mined per process: process 0: 2 (0, 2); process 1: 2 (1, 3)" in summary
+    # The merged summary is the sum of the shards' counts, over both processes' shards.
+    assert_summary_sums_the_shards(tmp_path / "two", queries=12)
     single = load_from_disk(str(tmp_path / "one" / "dataset")).to_list()
     double = load_from_disk(str(tmp_path / "two" / "dataset")).to_list()
     assert len(single) == 12

@@ -304,6 +304,54 @@ def test_selection_stats_edge_cases():
         ns.SelectionStats(num_negatives=10).merge(ns.SelectionStats(num_negatives=8))
 
 
+def healthy(**changes) -> ns.SelectionStats:
+    """1,000 queries x 50 candidates, a judge that puts the positive above 90% of them, 0.5% fallback."""
+    counts = dict(queries=1_000, candidates_retrieved=50_000, removed_as_false_negative=5_000,
+                  queries_used_fallback=5, candidates_judged=50_000, candidates_below_positive=45_000,
+                  score_gap_sum=20_000.0)
+    return ns.SelectionStats(**{**counts, **changes})
+
+
+def test_a_healthy_selection_has_no_warning():
+    stats = healthy()
+    assert stats.degenerate_warnings(beta=0.01) == [] and stats.warning_block(0.01) == ""
+    assert "WARNING" not in stats.summary(beta=0.01)
+    assert stats.mean_score_gap == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("changes, flagged", [
+    (dict(queries_used_fallback=100), False),                      # exactly 10%: not above the line
+    (dict(queries_used_fallback=101), True),
+    (dict(queries_used_fallback=60, queries_dropped=41), True),    # dropped queries count too
+    (dict(removed_as_false_negative=45_000), False),               # exactly 90%
+    (dict(removed_as_false_negative=45_001), True),
+    (dict(candidates_below_positive=30_000), False),               # exactly 60%
+    (dict(candidates_below_positive=29_999), True),
+    (dict(candidates_judged=49, candidates_below_positive=0), False),  # too few judged pairs to tell
+])
+def test_degenerate_run_thresholds(changes, flagged):
+    stats = healthy(**changes)
+    assert bool(stats.degenerate_warnings(beta=0.01)) is flagged
+    assert ("WARNING: degenerate mining run" in stats.summary(beta=0.01)) is flagged
+
+
+def test_degenerate_warning_names_causes_and_fixes():
+    stats = healthy(queries_used_fallback=854, removed_as_false_negative=49_000, candidates_below_positive=19_000,
+                    score_gap_sum=190.0)
+    block = stats.warning_block(beta=0.01)
+    assert block.startswith("WARNING: degenerate mining run")
+    assert all(line.startswith("WARNING:") for line in block.splitlines())
+    for fact in ("85.4% of queries (854 of 1000)", "98.0% of the retrieved candidates", "above only 38.0%",
+                 "0.0038 (below beta = 0.01)", "a judge at chance", "lower beta below that gap", "raise top_k",
+                 "empty_fallback: drop"):
+        assert fact in block, fact
+    # The summary ends with the block; with beta 0 it does not advise lowering beta.
+    assert stats.summary(beta=0.01).endswith(block)
+    assert "lower beta" not in healthy(queries_used_fallback=854).warning_block(beta=0.0)
+    merged = stats.merge(healthy())
+    assert merged.score_gap_sum == pytest.approx(20_190.0) and merged.candidates_judged == 100_000
+
+
 def test_docstring_examples_run():
     result = doctest.testmod(ns, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
