@@ -10,13 +10,27 @@ HERE = Path(__file__).parent
 
 
 class BuildPyWithModelCard(build_py):
-    """Ship the top-level model_card.md template inside the modeling_unime package of a wheel."""
+    """Ship the top-level model_card.md template inside the modeling_unime package of a wheel (MANIFEST.in puts it in
+    the sdist, so a wheel built from the sdist has it too)."""
 
     def run(self):
         super().run()
         target = Path(self.build_lib) / "modeling_unime" / "model_card.md"
         if target.parent.is_dir():
             shutil.copyfile(HERE / "model_card.md", target)
+
+
+# Every file the package reads at run time must be in the wheel (.ci/run installs the wheel into a clean environment
+# and runs tests/test_packaging.py's smoke test from outside the checkout):
+# - the metric scripts evaluation/metrics/<name>/<name>.py, which `evaluation.metrics.load_metric` hands to
+#   `evaluate.load` by folder. Their folders have no __init__.py (evaluate imports each script on its own), so
+#   find_packages misses them: they are listed here as (namespace) packages, whose modules build_py copies;
+# - model_card.md, the template of `modeling_unime.card` (BuildPyWithModelCard above).
+METRIC_PACKAGES = sorted(
+    f"evaluation.metrics.{folder.name}"
+    for folder in (HERE / "evaluation" / "metrics").iterdir()
+    if (folder / f"{folder.name}.py").is_file()
+)
 
 
 setup(
@@ -28,7 +42,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_unime", "modeling_unime.*", "trainers", "trainers.*",
-                                    "evaluation", "evaluation.*"]),
+                                    "evaluation", "evaluation.*"]) + METRIC_PACKAGES,
     cmdclass={"build_py": BuildPyWithModelCard},
     # torch: install the build you need first (CPU: pip install torch==2.13.0); a bare "torch" may pull CUDA.
     install_requires=[
@@ -48,12 +62,12 @@ setup(
         "easy-vqa>=1.0",  # the demo world of the main job (3 MB of 64x64 images)
     ],
     extras_require={
-        "dev": ["pytest>=8", "faiss-cpu>=1.8"],
+        # setuptools: tests/test_packaging.py builds the wheel offline (no build isolation; 70.1+ has bdist_wheel).
+        "dev": ["pytest>=8", "faiss-cpu>=1.8", "setuptools>=70.1"],
         "faiss": ["faiss-cpu>=1.8"],
     },
-    classifiers=[
+    classifiers=[  # the licence is the SPDX expression above (setuptools deprecates licence classifiers)
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: MIT License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )

@@ -56,6 +56,21 @@ def assert_bit_identical(values, expected):
     assert [float(v).hex() for v in values] == [float(e).hex() for e in expected]
 
 
+def test_vendored_files_are_the_recorded_upstream_bytes(shared_data):
+    """tests/data/README.md records the sha256 of each vendored file (copied from the upstream repositories)."""
+    import hashlib
+
+    readme = (shared_data / "README.md").read_text(encoding="utf-8")
+    recorded = dict(
+        (name, digest) for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+)$", readme, flags=re.MULTILINE)
+    )
+    assert len(recorded) == 8 and OFFICIAL_SAMPLE in recorded
+    for name, digest in recorded.items():
+        assert hashlib.sha256((shared_data / name).read_bytes()).hexdigest() == digest, name
+    for licence in ("unime_v2_official_LICENSE", "sugar-crepe/LICENSE"):
+        assert (shared_data / licence).read_text().startswith("MIT License")
+
+
 def test_real_sample_round_trip_is_byte_identical(shared_data, tmp_path):
     original = shared_data / OFFICIAL_SAMPLE
     dataset = load_official_json(original)

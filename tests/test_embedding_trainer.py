@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 from peft import PeftModel
+from transformers import TrainerCallback
 
 from conftest import REPO_ROOT
 from modeling_unime.testing import build_tiny_processor, build_tiny_unime, synthetic_judge_dataset
@@ -59,6 +60,62 @@ def test_collator_first_random_and_cycling():
         first([dict(ROW, judge_scores=[0.9, 0.5])])
     with pytest.raises(ValueError, match="negative_selection"):
         UniMEV2Collator(processor, negative_selection="hardest")
+
+
+BAD_ROWS = {
+    # Before: the soft-label loss returned NaN.
+    "nan judge score": (dict(judge_scores=[0.9, 0.5, float("nan"), 0.3, 0.2, 0.1]),
+                        r"judge_scores\[2\] = nan \(negative 1, 'n1'\) is not a finite number.*drop the row"),
+    "infinite judge score": (dict(judge_scores=[float("inf"), 0.5, 0.4, 0.3, 0.2, 0.1]),
+                             r"judge_scores\[0\] = inf \(the positive\) is not a finite number"),
+    "string judge score": (dict(judge_scores=[0.9, "0.5", 0.4, 0.3, 0.2, 0.1]), r"judge_scores\[1\] = '0.5'"),
+    # Before: accepted, loss about 1154.
+    "0-100 scale": (dict(judge_scores=[90.0, 50.0, 40.0, 30.0, 20.0, 10.0]),
+                    r"judge_scores\[0\] = 90.0 \(the positive\) is outside \[0, 1\].*divided by 100"),
+    "negative judge score": (dict(judge_scores=[0.9, 0.5, 0.4, 0.3, 0.2, -0.1]),
+                             r"judge_scores\[5\] = -0.1 \(negative 4, 'n4'\) is outside \[0, 1\]"),
+    "too few judge scores": (dict(judge_scores=[0.9, 0.5]), r"judge_scores has 2 values for 1 positive \+ 5 negatives"),
+    # Before: a bare IndexError.
+    "neg_images shorter": (dict(neg_images=[None] * 3), "5 neg_texts but 3 neg_images.*one neg_images entry per"),
+    "neg_images longer": (dict(neg_images=[None] * 6), "5 neg_texts but 6 neg_images"),
+    "neg_images empty": (dict(neg_images=[]), "5 neg_texts but 0 neg_images"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_collator_names_the_bad_row_and_the_fix(case):
+    changes, message = BAD_ROWS[case]
+    collate = UniMEV2Collator(build_tiny_processor("qwen2_vl"), num_negatives=3)
+    bad = dict(ROW, query_text="a blue square", **changes)
+    with pytest.raises(ValueError, match=r"^Row with query 'a blue square' \(row 1 of the batch\): .*" + message):
+        collate([ROW, bad])
+
+
+def test_collator_accepts_bounds_missing_neg_images_and_numpy_scores():
+    import numpy
+
+    collate = UniMEV2Collator(build_tiny_processor("qwen2_vl"), num_negatives=3)
+    rows = [dict(ROW, judge_scores=[1.0, 0.0, 1.0, 0.5, 0.0, 0.25]), dict(ROW, neg_images=None),
+            {key: value for key, value in ROW.items() if key != "neg_images"},
+            dict(ROW, judge_scores=list(numpy.asarray(ROW["judge_scores"], dtype=numpy.float32)))]
+    batch = collate(rows)
+    assert batch["judge_scores"].shape == (4, 4) and batch["judge_scores"][0].tolist() == [1.0, 0.0, 1.0, 0.5]
+
+
+def test_training_on_a_nan_judge_score_stops_with_the_row(tmp_path):
+    model, processor = build_tiny_unime("qwen2_vl")
+    root = tmp_path / "images"
+    rows = synthetic_judge_dataset(4, root, num_negatives=4).to_list()
+    rows[2]["query_text"], rows[2]["judge_scores"][3] = "the broken row", float("nan")
+    from datasets import Dataset
+
+    trainer = UniMEV2Trainer(model=model, args=training_args(tmp_path, max_steps=1),
+                             train_dataset=Dataset.from_list(rows), processing_class=processor, image_root=root)
+    with pytest.raises(ValueError, match=r"Row with query 'the broken row' .*judge_scores\[3\] = nan"):
+        trainer.train()
+    # The loss refuses it too, for batches that reach it some other way.
+    with pytest.raises(ValueError, match=r"judge_scores\[0, 1\] = nan"):
+        trainer.objective(torch.eye(2)[:1], torch.eye(2)[[0, 1, 1]], torch.tensor([[0.5, float("nan"), 0.1]]))
 
 
 # ------------------------------------------------------------------------------------------------------- GradCache
@@ -109,6 +166,57 @@ def test_gradcache_refuses_deepspeed_and_fsdp(tmp_path):
     trainer.is_fsdp_enabled = True
     with pytest.raises(ValueError, match="gradcache=True does not work with DeepSpeed or FSDP"):
         trainer.check_gradcache_support()
+
+
+# ------------------------------------------------------------------------------------------ gradient accumulation
+
+
+class GradientsBeforeTheOptimizerStep(TrainerCallback):
+    """Records every trainable parameter's accumulated gradient just before each optimizer step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({name: parameter.grad.detach().clone() for name, parameter in model.named_parameters()
+                           if parameter.grad is not None})
+
+
+def _one_optimizer_step(tmp_path, rows, root, batch, accumulation, gradcache):
+    model, processor = build_tiny_unime("qwen2_vl")
+    recorder = GradientsBeforeTheOptimizerStep()
+    # max_grad_norm=0: no clipping, which would rescale a wrongly scaled gradient back to the same norm.
+    args = training_args(tmp_path, output_dir=str(tmp_path / f"batch{batch}-accumulation{accumulation}"),
+                         per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
+                         max_grad_norm=0.0, logging_steps=1, learning_rate=1e-3, gradcache=gradcache,
+                         gradcache_chunk_size=3)
+    trainer = UniMEV2Trainer(model=model, args=args, train_dataset=rows, processing_class=processor, image_root=root,
+                             callbacks=[recorder])
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(recorder.steps) == 1 and len(logged) == 1
+    return recorder.steps[0], logged[0]
+
+
+@pytest.mark.parametrize("gradcache", [False, True])
+def test_gradient_accumulation_gives_the_full_batch_gradients_and_loss(tmp_path, gradcache):
+    """Batch 4 x accumulation 1 and batch 2 x accumulation 2 over the same 4 rows: one optimizer step each, with the
+    same accumulated gradients and the same logged loss (the soft-label loss is a mean over queries, so each
+    micro-batch's loss must be divided by the accumulation steps)."""
+    root = tmp_path / "images"
+    rows = synthetic_judge_dataset(4, root, num_negatives=4)
+    full, full_log = _one_optimizer_step(tmp_path, rows, root, batch=4, accumulation=1, gradcache=gradcache)
+    accumulated, accumulated_log = _one_optimizer_step(tmp_path, rows, root, batch=2, accumulation=2,
+                                                       gradcache=gradcache)
+    assert full.keys() == accumulated.keys() and len(full) > 10
+    largest = max(float(gradient.abs().max()) for gradient in full.values())
+    assert largest > 1e-2
+    # Float noise (other padding and chunking) measured at 1e-7 x the largest gradient; a gradient twice too large
+    # (the loss not divided by the accumulation steps) is off by the gradient itself.
+    for name in full:
+        torch.testing.assert_close(accumulated[name], full[name], atol=1e-6 * largest, rtol=1e-4, msg=name)
+    assert accumulated_log["loss"] == pytest.approx(full_log["loss"], rel=1e-5, abs=1e-6)
+    assert accumulated_log["grad_norm"] == pytest.approx(full_log["grad_norm"], rel=1e-5)
 
 
 # -------------------------------------------------------------------------------------------------------- learning
@@ -226,25 +334,51 @@ training:
 """
 
 
+ONE_STEP_CONFIG = """
+model: tiny:qwen2_vl
+data:
+  train: synthetic-judge:48
+finetuning: full
+training:
+  output_dir: {output_dir}
+  loss: hybrid  # the soft-label loss plus in-batch InfoNCE, whose positives are gathered across processes
+  infonce_weight: 1.0
+  num_negatives: 4
+  per_device_train_batch_size: {batch}
+  optim: sgd  # plain SGD, lr 1, no clipping: weights after one step = initial weights - the gradient
+  learning_rate: 1.0
+  lr_scheduler_type: constant
+  max_grad_norm: 0.0
+  weight_decay: 0.0
+  max_steps: 1
+  logging_steps: 1
+  save_steps: 1
+  seed: 3
+  disable_tqdm: true
+  gradcache: {gradcache}
+  gradcache_chunk_size: 3
+"""
+
+
 def _free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def _losses(output_dir):
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    history = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
-    return [entry["loss"] for entry in history if "loss" in entry]
-
-
 @pytest.mark.parametrize("gradcache", [False, True])
-def test_one_and_two_processes_give_the_same_losses(tmp_path, gradcache):
+def test_one_and_two_processes_give_the_same_first_step(tmp_path, gradcache):
+    """The global batch of 4 queries on 1 process (batch 4) and on 2 processes (batch 2 each): after one step of plain
+    SGD (lr 1) the weights, hence the gradients, are the same, and so are the logged loss and gradient norm. Summed
+    instead of averaged gradients across processes (or a wrong factor in the gathered InfoNCE positives) change
+    every weight by about the gradient itself."""
+    from safetensors.torch import load_file
+
     script = str(REPO_ROOT / "recipes" / "train_embedding.py")
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     one_config, two_config = tmp_path / "one.yaml", tmp_path / "two.yaml"
-    one_config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "one", batch=4, steps=4, gradcache=gradcache))
-    two_config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "two", batch=2, steps=4, gradcache=gradcache))
+    one_config.write_text(ONE_STEP_CONFIG.format(output_dir=tmp_path / "one", batch=4, gradcache=gradcache))
+    two_config.write_text(ONE_STEP_CONFIG.format(output_dir=tmp_path / "two", batch=2, gradcache=gradcache))
     one = subprocess.run([sys.executable, script, "--config", str(one_config)], env=environment,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -252,31 +386,116 @@ def test_one_and_two_processes_give_the_same_losses(tmp_path, gradcache):
                           "--main_process_port", str(_free_port()), script, "--config", str(two_config)],
                          env=environment, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    single, double = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(single) == len(double) == 4
-    # Chunking and padding differ between the runs, so float noise grows over the steps; a desynchronised DDP
-    # (the bug this guards against) differs by whole units.
-    torch.testing.assert_close(torch.tensor(double), torch.tensor(single), atol=1e-2, rtol=1e-2)
-    assert (tmp_path / "two" / "final" / "modeling_unime.py").is_file()
+    assert "batch 2 x 2 processes" in (tmp_path / "two" / "final" / "README.md").read_text()
+
+    initial = build_tiny_unime("qwen2_vl")[0].state_dict()  # the recipe's "tiny:qwen2_vl" (seed 0)
+    single = load_file(tmp_path / "one" / "checkpoint-1" / "model.safetensors")
+    double = load_file(tmp_path / "two" / "checkpoint-1" / "model.safetensors")
+    assert single.keys() == double.keys() and set(single) <= set(initial)
+    steps = {name: initial[name] - single[name] for name in single}  # = lr x gradient
+    largest = max(float(step.abs().max()) for step in steps.values())
+    assert largest > 1e-2 and sum(int(step.ne(0).any()) for step in steps.values()) > 10
+    # Float noise (other padding and chunking) measured at 2e-7 x the largest step; a gradient off by a factor of the
+    # world size is off by about the step itself.
+    for name in single:
+        torch.testing.assert_close(initial[name] - double[name], steps[name], atol=1e-5 * largest, rtol=1e-4,
+                                   msg=name)
+
+    def first_step(folder):
+        history = json.loads((folder / "checkpoint-1" / "trainer_state.json").read_text())["log_history"]
+        return next(entry for entry in history if "loss" in entry)
+
+    single_log, double_log = first_step(tmp_path / "one"), first_step(tmp_path / "two")
+    assert double_log["grad_norm"] == pytest.approx(single_log["grad_norm"], rel=1e-5)
+    assert double_log["loss"] == pytest.approx(single_log["loss"], rel=1e-5)
+    assert double_log["loss_infonce"] == pytest.approx(single_log["loss_infonce"], rel=1e-5)
 
 
-def test_recipe_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "run", batch=4, steps=2, gradcache=False))
-    script = str(REPO_ROOT / "recipes" / "train_embedding.py")
-    monkeypatch.setattr(sys, "argv", ["train", "--config", str(config)])
-    runpy.run_path(script, run_name="__main__")
-    assert (tmp_path / "run" / "checkpoint-2").is_dir()
-    monkeypatch.setattr(sys, "argv", ["train", "--config", str(config), "--max_steps", "4"])
-    runpy.run_path(script, run_name="__main__")
-    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    # The resumed run logged steps 3 and 4 only: steps 1-2 came from checkpoint-2.
-    resumed_steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
-    assert resumed_steps == [1, 2, 3, 4]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["after_training"]["eval_loss"] > 0
-    assert "final checkpoint" in capsys.readouterr().out
+RESUME_CONFIG = """
+model: tiny:qwen2_vl
+data:
+  train: synthetic-judge:48
+  eval: synthetic-judge:8
+finetuning: full
+training:
+  output_dir: {output_dir}
+  num_negatives: 4
+  per_device_train_batch_size: 4
+  learning_rate: 0.001
+  lr_scheduler_type: constant  # the schedule must not depend on max_steps, which the interrupted run changes
+  max_steps: {steps}
+  logging_steps: 1
+  save_steps: 2
+  seed: 3
+  disable_tqdm: true
+"""
+
+RUN_DEPENDENT = ("_runtime", "_per_second")  # wall-clock entries of the log, which no two runs share
+
+
+def _run_recipe(monkeypatch, config, *extra):
+    monkeypatch.setattr(sys, "argv", ["train", "--config", str(config), *extra])
+    runpy.run_path(str(REPO_ROOT / "recipes" / "train_embedding.py"), run_name="__main__")
+
+
+def _trainer_state(checkpoint):
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["log_history"] = [{key: value for key, value in entry.items() if not key.endswith(RUN_DEPENDENT)}
+                            for entry in state["log_history"]]
+    return state
+
+
+def test_recipe_resume_continues_from_the_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                                       capsys):
+    from safetensors.torch import load_file
+
+    straight_config, resumed_config = tmp_path / "straight.yaml", tmp_path / "resumed.yaml"
+    straight_config.write_text(RESUME_CONFIG.format(output_dir=tmp_path / "straight", steps=4))
+    resumed_config.write_text(RESUME_CONFIG.format(output_dir=tmp_path / "resumed", steps=2))
+    _run_recipe(monkeypatch, straight_config)
+    _run_recipe(monkeypatch, resumed_config)  # "interrupted" after step 2, its last checkpoint
+    assert (tmp_path / "resumed" / "checkpoint-2").is_dir() and not (tmp_path / "resumed" / "checkpoint-4").exists()
+
+    logged = []  # (global step, log keys) of every log call of the resumed run
+    original_log = UniMEV2Trainer.log
+
+    def recording_log(self, logs, start_time=None):
+        logged.append((self.state.global_step, set(logs)))
+        return original_log(self, logs, start_time)
+
+    monkeypatch.setattr(UniMEV2Trainer, "log", recording_log)
+    capsys.readouterr()
+    _run_recipe(monkeypatch, resumed_config, "--max_steps", "4")
+    assert "resuming from" in capsys.readouterr().out
+    training_steps = [step for step, keys in logged if "loss" in keys]
+    assert training_steps == [3, 4], f"the resumed run logged training steps {training_steps}, not 3 and 4"
+    assert all(step > 2 for step, _ in logged), logged  # nothing before the checkpoint, no second "before" eval
+
+    straight, resumed = tmp_path / "straight" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4"
+    # Weights (the checkpoint's and the final merged save), optimizer, scheduler and trainer state all equal.
+    for folder in ("checkpoint-4", "final"):
+        expected = load_file(tmp_path / "straight" / folder / "model.safetensors")
+        actual = load_file(tmp_path / "resumed" / folder / "model.safetensors")
+        assert expected.keys() == actual.keys()
+        for name in expected:
+            torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0, msg=f"{folder}: {name}")
+    expected_optimizer, actual_optimizer = (torch.load(folder / "optimizer.pt") for folder in (straight, resumed))
+    assert expected_optimizer["state"].keys() == actual_optimizer["state"].keys()
+    for index, expected_state in expected_optimizer["state"].items():
+        assert float(expected_state["step"]) == float(actual_optimizer["state"][index]["step"]) == 4.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(actual_optimizer["state"][index][key], expected_state[key], atol=1e-9, rtol=0)
+    assert torch.load(resumed / "scheduler.pt") == torch.load(straight / "scheduler.pt")
+    expected_state, actual_state = _trainer_state(straight), _trainer_state(resumed)
+    assert actual_state["global_step"] == expected_state["global_step"] == 4
+    assert actual_state == expected_state
+
+    results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("straight", "resumed")}
+    assert results["resumed"]["before_training"]["step"] == 0  # the evaluation before training, from the checkpoint
+    for moment in ("before_training", "after_training"):
+        for key, value in results["straight"][moment].items():
+            if not key.endswith(RUN_DEPENDENT):
+                assert results["resumed"][moment][key] == pytest.approx(value, rel=1e-6), (moment, key)
 
 
 def test_recipe_pushes_the_final_checkpoint_with_its_card(tmp_path, monkeypatch, capsys):

@@ -111,17 +111,18 @@ def test_soft_label_extreme_inputs_are_finite():
 
 
 def test_soft_label_is_zero_when_distributions_match():
-    similarities, _ = _random_scores()
+    _, judge_scores = _random_scores()
     loss_fn = SoftLabelAlignmentLoss(temperature=0.02)
-    assert loss_fn(similarities, similarities.clone()).item() == 0.0
-    # softmax is shift-invariant: a per-row offset leaves P == Q.
-    shifted = similarities + torch.linspace(-0.5, 0.5, similarities.shape[0], dtype=torch.float64)[:, None]
-    assert abs(loss_fn(similarities, shifted).item()) < 1e-9
-    assert loss_fn.parts(similarities, shifted)["judge_agreement"].item() == 1.0
+    assert loss_fn(judge_scores.clone(), judge_scores).item() == 0.0
+    # softmax is shift-invariant: a per-row offset of the similarities leaves P == Q.
+    shifted = judge_scores + torch.linspace(-0.5, 0.5, judge_scores.shape[0], dtype=torch.float64)[:, None]
+    assert abs(loss_fn(shifted, judge_scores).item()) < 1e-9
+    assert loss_fn.parts(shifted, judge_scores)["judge_agreement"].item() == 1.0
 
 
 def test_soft_label_is_symmetric():
     similarities, judge_scores = _random_scores(seed=3)
+    similarities = (similarities + 1) / 2  # in [0, 1], so that it is a valid judge score when the roles swap
     loss_fn = SoftLabelAlignmentLoss(temperature=0.02)
     forward, backward = loss_fn.parts(similarities, judge_scores), loss_fn.parts(judge_scores, similarities)
     torch.testing.assert_close(forward["loss"], backward["loss"])
@@ -159,6 +160,31 @@ def test_soft_label_validates_inputs():
         loss_fn(torch.zeros(2, 1), torch.zeros(2, 1))
     with pytest.raises(ValueError, match="temperature"):
         SoftLabelAlignmentLoss(temperature=0.0)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (float("nan"), r"judge_scores\[1, 2\] = nan \(batch row 1, candidate 2\) is not a finite number"),
+        (float("inf"), r"judge_scores\[1, 2\] = inf .* is not a finite number"),
+        (-0.25, r"judge_scores\[1, 2\] = -0.25 .* is outside \[0, 1\]"),
+        (87.5, r"judge_scores\[1, 2\] = 87.5 .* is outside \[0, 1\].*divided by 100"),
+    ],
+)
+def test_soft_label_refuses_judge_scores_that_are_not_probabilities(bad, message):
+    # Before: a NaN judge score gave a NaN loss, and a 0-100 scale a loss of about 1154 -- both silently.
+    similarities, judge_scores = _random_scores(batch=3, candidates=4, seed=8)
+    judge_scores[1, 2] = bad
+    loss_fn = SoftLabelAlignmentLoss(temperature=0.02)
+    with pytest.raises(ValueError, match=message):
+        loss_fn(similarities, judge_scores)
+    with pytest.raises(ValueError, match=message):
+        loss_fn.parts(similarities, judge_scores)
+    judge_scores[1, 2] = 1.0  # the bounds themselves are fine
+    judge_scores[0, 0], judge_scores[2, 3] = 1.0, 0.0
+    assert torch.isfinite(loss_fn(similarities, judge_scores))
+    with pytest.raises(ValueError, match=r"judge_scores\[0, 0\] = 100.0 \(batch row 0, candidate 0 = the positive\)"):
+        loss_fn(similarities, judge_scores * 100)
 
 
 # ---------------------------------------------------------------------------------------------------------

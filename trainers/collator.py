@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -35,6 +36,16 @@ def training_image_resize(processor: Any, image_resize: str | None, image_size: 
     return canonical_image_resize(image_resize)
 
 
+def _as_float(value: Any) -> float | None:
+    """A judge score as a float (Python, numpy or 0-d torch number), or None for anything else (str, bool, None)."""
+    if value is None or isinstance(value, (str, bytes, bool)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 @dataclass
 class UniMEV2Collator:
     """Turns rows of the judge dataset (``query_text``, ``query_image``, ``pos_text``, ``pos_image``, ``neg_texts``,
@@ -51,6 +62,10 @@ class UniMEV2Collator:
     candidates of query_B], of at most ``chunk_size`` rows each so that GradCache can run them one at a time (one
     chunk without it: one forward per step, which DDP needs when some parameters serve only some rows);
     ``num_queries`` (B); and ``judge_scores`` (B, 1 + k).
+
+    Every row is checked first (`check_row`): judge scores must be finite probabilities in [0, 1], one for the
+    positive and one per negative, and ``neg_images`` one per negative text (or None); a bad row raises
+    ``ValueError`` naming its query text, its position in the batch and the fix.
 
     Example:
         >>> from modeling_unime.testing import build_tiny_processor
@@ -118,19 +133,67 @@ class UniMEV2Collator:
             for start in range(0, len(items), size)
         ]
 
+    @staticmethod
+    def check_row(row: dict[str, Any], index: int | None = None) -> list[Any]:
+        """Check one row of the judge dataset; returns its ``neg_images`` (one per negative text, None for a
+        text-only one). Raises ``ValueError`` naming the row (query text, position in the batch) and the fix when
+        ``judge_scores`` is not [positive, one per negative] of finite probabilities in [0, 1], or ``neg_images`` is
+        not one per negative text.
+
+        Example:
+            >>> row = dict(query_text="red?", neg_texts=["blue"], neg_images=None, judge_scores=[0.9, 0.2])
+            >>> UniMEV2Collator.check_row(row)
+            [None]
+            >>> UniMEV2Collator.check_row(dict(row, judge_scores=[90.0, 20.0]), 3)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: Row with query 'red?' (row 3 of the batch): judge_scores[0] = 90.0 (the positive) is outside ...
+        """
+        where = f"Row with query {row.get('query_text')!r}"
+        where += f" (row {index} of the batch)" if index is not None else ""
+        negatives = len(row["neg_texts"])
+        scores = row["judge_scores"]
+        if scores is None or len(scores) != 1 + negatives:
+            raise ValueError(
+                f"{where}: judge_scores has {0 if scores is None else len(scores)} values for 1 positive + "
+                f"{negatives} negatives. judge_scores must be [the positive's score, one per negative, in the "
+                "order of neg_texts]: fix or drop the row."
+            )
+        for position, score in enumerate(scores):
+            value = _as_float(score)
+            if value is not None and math.isfinite(value) and 0.0 <= value <= 1.0:
+                continue
+            which = "the positive" if position == 0 else f"negative {position - 1}, {row['neg_texts'][position - 1]!r}"
+            if value is None or not math.isfinite(value):
+                raise ValueError(
+                    f"{where}: judge_scores[{position}] = {score!r} ({which}) is not a finite number. Judge scores "
+                    "are the judge's P(Yes) / (P(Yes) + P(No)) in [0, 1]: score this pair again (a NaN often comes "
+                    "from a judge run in fp16) or drop the row."
+                )
+            raise ValueError(
+                f"{where}: judge_scores[{position}] = {score!r} ({which}) is outside [0, 1]. Judge scores are "
+                "probabilities, P(Yes) / (P(Yes) + P(No)); scores on a 0-100 scale must be divided by 100 first, e.g. "
+                "dataset.map(lambda row: {'judge_scores': [s / 100 for s in row['judge_scores']]})."
+            )
+        neg_images = row.get("neg_images")
+        if neg_images is None:
+            return [None] * negatives
+        if len(neg_images) != negatives:
+            raise ValueError(
+                f"{where}: {negatives} neg_texts but {len(neg_images)} neg_images. Give one neg_images entry per "
+                "negative text, in the same order (None for a text-only negative), or leave neg_images out (None) "
+                "when no negative has an image."
+            )
+        return list(neg_images)
+
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         queries, candidates, scores = [], [], []
-        for row in rows:
+        for index, row in enumerate(rows):
+            neg_images = self.check_row(row, index)
             chosen = self.choose_negatives(row)
-            if len(row["judge_scores"]) != 1 + len(row["neg_texts"]):
-                raise ValueError(
-                    f"Row with query {row['query_text']!r}: judge_scores has {len(row['judge_scores'])} values for "
-                    f"1 positive + {len(row['neg_texts'])} negatives."
-                )
             where = f"query {row['query_text']!r}"
             queries.append((row["query_text"] or None, self._image(row["query_image"], where)))
             candidates.append((row["pos_text"] or None, self._image(row["pos_image"], where + " positive")))
-            neg_images = row.get("neg_images") or [None] * len(row["neg_texts"])
             for position in chosen:
                 candidates.append(
                     (row["neg_texts"][position] or None, self._image(neg_images[position], where + f" negative {position}"))

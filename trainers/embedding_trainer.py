@@ -111,6 +111,12 @@ class UniMEV2Trainer(LoggedMetricsMixin, Trainer):
         2
     """
 
+    # The loss of a micro-batch is a mean over its own queries, not yet divided by the gradient accumulation steps:
+    # Trainer.training_step divides it (GradCache: ``gradcache_step(scale=1 / steps)``), so that batch 4 x 1 step and
+    # batch 2 x 2 steps give the same gradients (tests/test_embedding_trainer.py, gradient accumulation). Said
+    # explicitly rather than left to the Trainer's guess from ``num_items_in_batch``.
+    loss_is_scaled_for_ga = False
+
     def __init__(
         self, *args: Any, image_root: Any = None, image_size: int | None = None, image_resize: str | None = None,
         **kwargs: Any,

@@ -11,6 +11,7 @@ precision.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-__all__ = ["SoftLabelAlignmentLoss", "InfoNCELoss"]
+__all__ = ["SoftLabelAlignmentLoss", "InfoNCELoss", "check_judge_scores"]
 
 
 def _check_temperature(temperature: float) -> float:
@@ -32,6 +33,37 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def check_judge_scores(judge_scores: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the first bad entry (batch row, candidate column) unless every judge score is a
+    finite probability in [0, 1] (``judge_scores``: (batch, 1 + k), the positive first). A NaN target makes the
+    soft-label loss NaN, and scores on another scale (0-100) give a softmax(score / 0.02) that is one-hot and a loss
+    in the thousands, silently: both stop here.
+
+    One host-device synchronisation per call (negligible next to a forward pass of the embedder).
+
+    Example:
+        >>> check_judge_scores(torch.tensor([[0.9, 0.1], [1.0, 0.0]]))
+        >>> check_judge_scores(torch.tensor([[0.9, 0.1], [87.5, 12.0]]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: judge_scores[1, 0] = 87.5 (batch row 1, candidate 0 = the positive) is outside [0, 1]: ...
+    """
+    scores = judge_scores.detach().reshape(-1, judge_scores.shape[-1]) if judge_scores.dim() else judge_scores
+    bad = ~(torch.isfinite(scores) & (scores >= 0) & (scores <= 1))
+    if not bool(bad.any()):
+        return
+    row, column = (int(index) for index in bad.nonzero()[0])
+    value = float(scores[row, column])
+    where = (f"judge_scores[{row}, {column}] = {value!r} (batch row {row}, candidate {column}"
+             f"{' = the positive' if column == 0 else ''})")
+    problem = "is not a finite number" if not math.isfinite(value) else "is outside [0, 1]"
+    raise ValueError(
+        f"{where} {problem}: judge scores are the judge's P(Yes) / (P(Yes) + P(No)), probabilities in [0, 1]. "
+        "Re-score or drop the row; scores on a 0-100 scale must be divided by 100. (UniMEV2Collator names the "
+        "dataset row by its query text.)"
+    )
+
+
 class SoftLabelAlignmentLoss(nn.Module):
     r"""Judgment-based distribution alignment (UniME-V2, method (e)): the symmetric KL divergence between
     the embedder's and the judge's distributions over each query's own candidates.
@@ -39,8 +71,9 @@ class SoftLabelAlignmentLoss(nn.Module):
     Inputs:
         similarities: (batch, 1 + k) cosine similarities between each query and its candidates
             ``[positive, negative_1, ..., negative_k]``; the positive is column 0.
-        judge_scores: (batch, 1 + k) MLLM-judge scores of the same pairs, in the same order. They are the
-            target: detached, so no gradient reaches them.
+        judge_scores: (batch, 1 + k) MLLM-judge scores of the same pairs, in the same order, probabilities in
+            [0, 1] (anything else, NaN included, raises ``ValueError`` naming the entry: `check_judge_scores`).
+            They are the target: detached, so no gradient reaches them.
 
     Labels:
         Soft labels only: ``judge_scores`` define the target distribution. Column 0 being the positive
@@ -107,6 +140,7 @@ class SoftLabelAlignmentLoss(nn.Module):
                 "need at least 2 candidates per query (the positive and one negative), "
                 f"got shape {tuple(similarities.shape)}"
             )
+        check_judge_scores(judge_scores)
 
     def _log_distributions(self, similarities: torch.Tensor, judge_scores: torch.Tensor):
         self._validate(similarities, judge_scores)

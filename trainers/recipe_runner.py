@@ -103,7 +103,7 @@ RERANKER = RecipeKind(
     load_pretrained=UniMEV2Reranker.from_pretrained,
     default_finetuning="lora",
     default_adapter=RERANKER_ADAPTER,
-    reported_metrics=("eval_loss", "eval_loss_pairwise", "eval_loss_listwise", "eval_yes_margin"),
+    reported_metrics=("eval_loss", "eval_loss_pairwise", "eval_loss_listwise", "eval_loss_listwise_index", "eval_yes_margin"),
     describe=_describe_reranker,
 )
 
@@ -175,14 +175,24 @@ def run_training_recipe(kind: RecipeKind, cli: argparse.Namespace) -> dict[str, 
     if cli.max_steps is not None:
         training["max_steps"] = cli.max_steps
     training.setdefault("report_to", [])
-    if (settings.get("data") or {}).get("eval"):
+    evaluate_on_start = "eval_on_start" not in training and bool((settings.get("data") or {}).get("eval"))
+    if evaluate_on_start:
         # Evaluate inside train(): a trainer.evaluate() before train() leaves DDP gradients unsynchronised
         # (measured on CPU/gloo: per-process gradients differed after it).
-        training.setdefault("eval_on_start", True)
+        training["eval_on_start"] = True
     apply_device_defaults(training)
     torch.set_num_threads(int(settings.get("threads", 1)))
     args = kind.arguments_class(**training)
     output_dir = Path(args.output_dir)
+    # A re-run of the same command resumes from the last checkpoint: weights, optimizer, scheduler, random states,
+    # the data position and the log history (tests/test_embedding_trainer.py checks the result equals an
+    # uninterrupted run). The evaluation before training is in that history already: not repeated mid-run.
+    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last_checkpoint is not None:
+        if args.process_index == 0:
+            print(f"resuming from {last_checkpoint}", flush=True)
+        if evaluate_on_start:
+            args.eval_on_start = False
 
     data = settings["data"]
     image_root = data.get("image_root") or str(output_dir / "images")
@@ -205,7 +215,6 @@ def run_training_recipe(kind: RecipeKind, cli: argparse.Namespace) -> dict[str, 
     precision = mixed_precision_of(args) or "no"
     print(f"placement: process {args.process_index}: {describe(trainer.model, 'model')} (mixed precision: {precision})",
           flush=True)
-    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     trainer.train(resume_from_checkpoint=last_checkpoint)
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     before = evaluations[0] if evaluations else {}
