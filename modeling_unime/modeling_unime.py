@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_unime import MROPE_BACKBONES, SUPPORTED_BACKBONES, UniMEV2Config, UniMEV2RerankerConfig
 from .processing_unime import ImageInput, UniMEV2Processor
-from .scoring_unime import MultimodalScorer
+from .scoring_unime import MultimodalScorer, as_item
 
 logger = logging.get_logger(__name__)
 
@@ -129,6 +129,8 @@ def vision_start_position_ids(
 def truncate_and_normalize(embeddings: torch.Tensor, dim: int | None, normalize: bool = True) -> torch.Tensor:
     """Keep the first ``dim`` dimensions (Matryoshka) and L2-normalise again."""
     if dim is not None:
+        if dim < 1:
+            raise ValueError(f"truncate_dim must be a positive integer, got {dim}.")
         if dim > embeddings.shape[-1]:
             raise ValueError(f"truncate_dim={dim} is larger than the embedding size {embeddings.shape[-1]}.")
         embeddings = embeddings[..., :dim]
@@ -311,6 +313,14 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
         Returns:
             A float32 CPU tensor of shape (rows, dim), L2-normalised when ``config.normalize``.
         """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if truncate_dim is not None and (not isinstance(truncate_dim, int) or truncate_dim < 1):
+            raise ValueError(f"truncate_dim must be a positive integer or None, got {truncate_dim!r}.")
+        if truncate_dim is not None and truncate_dim > self.config.hidden_size:
+            raise ValueError(
+                f"truncate_dim={truncate_dim} is larger than the embedding size {self.config.hidden_size}."
+            )
         processor = processor or self.processor
         texts, images = processor._rows(texts, images)
         order = sorted(
@@ -361,17 +371,6 @@ class UniMEV2RerankerOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
 
 
-def _as_item(value: Any) -> tuple[str | None, ImageInput]:
-    """A query or candidate as (text, image): a string is a text, a (text, image) pair or a dict with text/image."""
-    if isinstance(value, str):
-        return value, None
-    if isinstance(value, dict):
-        return value.get("text"), value.get("image")
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return value[0], value[1]
-    return None, value
-
-
 class UniMEV2Reranker(UniMEV2PreTrainedModel):
     """UniME-V2 reranker: an image-text-to-text backbone with its LM head (Qwen2.5-VL in the paper).
 
@@ -382,7 +381,9 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
       candidate index after ``Ans: (`` from ONE forward over the whole list, so every candidate gets a score and the
       list a full order; ``"pairwise"`` uses ``score``.
 
-    Queries and candidates are texts, images (PIL, path) or (text, image) pairs, as for the embedder.
+    Queries and candidates follow `modeling_unime.scoring_unime.as_item`: a string is a text (never a path), a PIL
+    image is an image, ``(text, image)`` or ``{"text": ..., "image": ...}`` is both (an image there may be a path).
+    A None, an empty query or an empty candidate raises a ValueError naming it.
 
     Example:
         >>> from modeling_unime.testing import build_tiny_reranker
@@ -457,9 +458,9 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
         was_training = self.training
         self.eval()
         try:
-            query_text, query_image = _as_item(query)
+            query_text, query_image = as_item(query, "the query")
             scorer = self.scorer(processor, batch_size=batch_size, image_root=image_root)
-            return scorer.score(query_text, query_image, [_as_item(candidate) for candidate in candidates])
+            return scorer.score(query_text, query_image, candidates)
         finally:
             self.train(was_training)
 
@@ -497,9 +498,9 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
             was_training = self.training
             self.eval()
             try:
-                query_text, query_image = _as_item(query)
+                query_text, query_image = as_item(query, "the query")
                 scorer = self.scorer(processor, batch_size=batch_size, image_root=image_root)
-                scores = scorer.score_listwise(query_text, query_image, [_as_item(candidate) for candidate in candidates])
+                scores = scorer.score_listwise(query_text, query_image, candidates)
             finally:
                 self.train(was_training)
         order = sorted(range(len(candidates)), key=lambda index: (-float(scores[index]), index))

@@ -13,11 +13,13 @@ are continued exactly as in the unshared sequence.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import DynamicCache
 
 from .processing_unime import ImageInput, canonical_image_resize, load_image
@@ -45,6 +47,62 @@ def listwise_answer(position: int) -> str:
 CANDIDATE_MARKER = "Candidate"
 IMAGE_PLACEHOLDERS = ("<|image_1|>\n", "<|image_1|>", "<|image_pad|>\n", "<|image_pad|>", "<image>\n", "<image>")
 Item = tuple[str | None, ImageInput]
+
+
+IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def as_item(value: Any, what: str = "item") -> Item:
+    """One query or candidate as ``(text, image)``: the input convention of the reranker and the judge.
+
+    - a string is a TEXT (never a path: ``"photo.jpg"`` is the text "photo.jpg"; a warning is given when such a
+      string names an existing image file);
+    - a PIL image, or an ``os.PathLike``, is an IMAGE;
+    - ``(text, image)`` (tuple or list of two) or ``{"text": ..., "image": ...}`` is both; either may be None, and an
+      image given as a string there is a path (or a ``datasets`` image dict).
+
+    A None, an empty text with no image, or anything else raises a ValueError naming ``what``.
+
+    Example:
+        >>> as_item("a red car"), as_item(("What is shown?", "photo.jpg")), as_item({"image": "photo.jpg"})
+        (('a red car', None), ('What is shown?', 'photo.jpg'), (None, 'photo.jpg'))
+        >>> as_item(None, "candidate 2")
+        Traceback (most recent call last):
+        ...
+        ValueError: candidate 2 is None: give a text, an image (PIL) or a (text, image) pair.
+    """
+    if value is None:
+        raise ValueError(f"{what} is None: give a text, an image (PIL) or a (text, image) pair.")
+    if isinstance(value, str):
+        text, image = value, None
+        if value.lower().endswith(IMAGE_FILE_SUFFIXES) and os.path.isfile(value):
+            warnings.warn(
+                f"{what} {value!r} is taken as a text, though it names an image file: pass (None, {value!r}) or "
+                f"{{'image': {value!r}}} for the image.",
+                stacklevel=3,
+            )
+    elif isinstance(value, dict):
+        unknown = set(value) - {"text", "image"}
+        if unknown:
+            raise ValueError(f"{what}: unknown keys {sorted(unknown)}; a dict item has 'text' and/or 'image'.")
+        text, image = value.get("text"), value.get("image")
+    elif isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{what}: a sequence item must be (text, image), got {len(value)} elements.")
+        text, image = value
+    elif isinstance(value, (Image.Image, os.PathLike)):
+        text, image = None, value
+    else:
+        raise ValueError(
+            f"{what}: unsupported type {type(value).__name__}; give a text, an image (PIL) or a (text, image) pair."
+        )
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"{what}: the text must be a string or None, got {type(text).__name__}.")
+    if image is not None and isinstance(image, str) and image == "":
+        image = None
+    if not text and image is None:
+        raise ValueError(f"{what} has neither text nor image.")
+    return (text or None), image
 
 
 def strip_image_placeholders(text: str | None) -> str | None:
@@ -237,6 +295,8 @@ class MultimodalScorer(PromptBuilder):
     @torch.inference_mode()
     def score_pairs(self, pairs: Sequence[tuple[Item, Item]]) -> torch.Tensor:
         """Plain path: whole prompts, left-padded, batched; one forward per batch, last position only."""
+        pairs = [(as_item(query, f"pair {index} query"), as_item(candidate, f"pair {index} candidate"))
+                 for index, (query, candidate) in enumerate(pairs)]
         scores = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
@@ -257,9 +317,14 @@ class MultimodalScorer(PromptBuilder):
         return torch.cat(scores) if scores else torch.empty(0)
 
     @torch.inference_mode()
-    def score(self, query_text: str | None, query_image: ImageInput, candidates: Sequence[Item]) -> torch.Tensor:
-        """P(Yes) of every candidate for one query; the query prefix is encoded once when prefix sharing is on."""
-        query = (query_text, query_image)
+    def score(self, query_text: str | None, query_image: ImageInput, candidates: Sequence[Any]) -> torch.Tensor:
+        """P(Yes) of every candidate for one query; the query prefix is encoded once when prefix sharing is on.
+
+        Candidates follow `as_item`: a string is a text, a PIL image an image, ``(text, image)`` or a dict both.
+        """
+        query = as_item((query_text, query_image), "the query")
+        query_text, query_image = query
+        candidates = [as_item(candidate, f"candidate {index}") for index, candidate in enumerate(candidates)]
         if not candidates:
             return torch.empty(0)
         if not self.prefix_sharing:
@@ -311,6 +376,8 @@ class MultimodalScorer(PromptBuilder):
         to valid indices. For lists of 10 or more, one extra token per possible first digit (a batch of at most 9
         one-token rows on the cached list) gives the distribution over ")" and the second digit. The scores sum to 1.
         """
+        query_text, query_image = as_item((query_text, query_image), "the query")
+        candidates = [as_item(candidate, f"candidate {index}") for index, candidate in enumerate(candidates)]
         count = len(candidates)
         if count == 0:
             return torch.empty(0)
@@ -418,6 +485,7 @@ class MultimodalScorer(PromptBuilder):
 
 
 __all__ = [
+    "as_item",
     "JUDGE_INSTRUCTION",
     "LISTWISE_INSTRUCTION",
     "LISTWISE_ANSWER_PREFIX",

@@ -193,7 +193,7 @@ URBAN1K = {1: ("orange", "A tram passes a row of shops.\n"), 2: ("purple", "Neon
 
 
 def sugarcrepe_rows() -> dict[str, dict]:
-    """The first two rows of each real annotation file when ../shared/data is there, else rows of the same form."""
+    """The first two rows of each real annotation file (vendored in tests/data), else rows of the same form."""
     rows = {}
     for index, subset in enumerate(SUGARCREPE_SUBSETS):
         real = SHARED_DATA / "sugar-crepe" / f"{subset}.json"

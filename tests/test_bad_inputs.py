@@ -1,0 +1,94 @@
+"""Bad input to the embedder, the reranker and the judge: a clear error naming what is wrong, never a silent result."""
+
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from modeling_unime.judge import MLLMJudge
+from modeling_unime.scoring_unime import as_item
+from modeling_unime.testing import build_tiny_judge, build_tiny_reranker, build_tiny_unime
+
+RED = Image.new("RGB", (56, 56), (220, 20, 20))
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    model, processor = build_tiny_unime("qwen2_vl")
+    model.processor = processor
+    return model
+
+
+@pytest.fixture(scope="module")
+def reranker():
+    model, processor = build_tiny_reranker("qwen2_5_vl")
+    model.processor = processor
+    return model
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+        (dict(batch_size=-2), "batch_size must be a positive integer"),
+        (dict(truncate_dim=0), "truncate_dim must be a positive integer or None, got 0"),
+        (dict(truncate_dim=65), "truncate_dim=65 is larger than the embedding size 64"),
+    ],
+)
+def test_encode_refuses_bad_sizes(embedder, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        embedder.encode(texts=["a red car"], **arguments)
+
+
+def test_forward_refuses_a_zero_truncation(embedder):
+    batch = embedder.processor(texts=["a red car"])
+    with pytest.raises(ValueError, match="truncate_dim must be a positive integer"):
+        embedder(**batch, truncate_dim=0)
+
+
+@pytest.mark.parametrize(
+    ("query", "candidates", "message"),
+    [
+        ("What colour?", ["red", None], "candidate 1 is None"),
+        ("What colour?", ["red", ""], "candidate 1 has neither text nor image"),
+        ("What colour?", ["red", (None, None)], "candidate 1 has neither text nor image"),
+        ("What colour?", ["red", ("a", "b", "c")], "candidate 1: a sequence item must be"),
+        ("What colour?", ["red", {"txt": "blue"}], r"candidate 1: unknown keys \['txt'\]"),
+        ("What colour?", ["red", 3], "candidate 1: unsupported type int"),
+        ("", ["red"], "the query has neither text nor image"),
+        (None, ["red"], "the query is None"),
+        ((None, None), ["red"], "the query has neither text nor image"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["pairwise", "listwise"])
+def test_reranker_refuses_empty_or_missing_items(reranker, query, candidates, message, mode):
+    with pytest.raises(ValueError, match=message):
+        reranker.rerank(query, candidates, mode=mode)
+
+
+def test_judge_and_reranker_share_one_input_convention(reranker):
+    """A bare string is a text candidate for both (the judge used to fail with 'too many values to unpack')."""
+    judge = MLLMJudge(*build_tiny_judge("qwen2_5_vl"))
+    strings = judge.score("What colour?", None, ["red", "blue"])
+    pairs = judge.score("What colour?", None, [("red", None), ("blue", None)])
+    dicts = judge.score("What colour?", None, [{"text": "red"}, {"text": "blue"}])
+    assert torch.equal(strings, pairs) and torch.equal(strings, dicts)
+    with pytest.raises(ValueError, match="candidate 0 is None"):
+        judge.score("What colour?", None, [None])
+    with pytest.raises(ValueError, match="the query has neither text nor image"):
+        judge.score(None, None, ["red"])
+    image_scores = reranker.score("What is shown?", [RED, (None, RED), {"image": RED}])
+    assert torch.allclose(image_scores, image_scores[0].expand(3))
+
+
+def test_a_text_that_names_an_image_file_is_a_text_with_a_warning(tmp_path):
+    path = tmp_path / "photo.jpg"
+    RED.save(path)
+    with pytest.warns(UserWarning, match=r"taken as a text, though it names an image file: pass \(None, "):
+        assert as_item(str(path), "the query") == (str(path), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert as_item(("", str(path))) == (None, str(path))      # the documented way to pass an image path
+        assert as_item("photo.jpg") == ("photo.jpg", None)         # no such file: no warning
+        assert as_item(path) == (None, path)                       # a PathLike is an image
