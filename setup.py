@@ -63,8 +63,12 @@ setup(
     ],
     extras_require={
         # setuptools: tests/test_packaging.py builds the wheel offline (no build isolation; 70.1+ has bdist_wheel).
-        "dev": ["pytest>=8", "faiss-cpu>=1.8", "setuptools>=70.1"],
+        "dev": ["pytest>=8", "faiss-cpu>=1.8", "setuptools>=70.1", "sentence-transformers>=6.2,<7", "mteb>=2.26,<3"],
         "faiss": ["faiss-cpu>=1.8"],
+        # SentenceTransformer(checkpoint, trust_remote_code=True) and trainers.sentence_losses
+        "sentence-transformers": ["sentence-transformers>=6.2,<7"],
+        # evaluation.mteb_models: mteb.evaluate on UniME-V2 checkpoints
+        "mteb": ["mteb>=2.26,<3"],
     },
     classifiers=[  # the licence is the SPDX expression above (setuptools deprecates licence classifiers)
         "Programming Language :: Python :: 3",

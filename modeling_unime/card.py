@@ -8,10 +8,24 @@ from string import Template
 from typing import Any
 
 TEMPLATE_NAME = "model_card.md"
-DEFAULT_TAGS = ("unime-v2", "multimodal-embedding", "sentence-similarity", "image-text-retrieval")
+DEFAULT_TAGS = (
+    "unime-v2", "multimodal-embedding", "sentence-similarity", "sentence-transformers", "image-text-retrieval"
+)
 RERANKER_TAGS = ("unime-v2", "reranker", "multimodal-reranking", "image-text-retrieval")
 
 EMBEDDER_USAGE = """```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("$repo_id", trust_remote_code=True)
+captions = model.encode(["A man is crossing the street with a red car parked nearby."])
+images = model.encode(["demo.png"], prompt_name="image")      # "Find an image caption describing the given image."
+fused = model.encode([{"image": "demo.png", "text": "What is in the image?"}])
+print(model.similarity(images, captions))
+```
+
+With transformers alone:
+
+```python
 from transformers import AutoModel
 
 model = AutoModel.from_pretrained("$repo_id", trust_remote_code=True)

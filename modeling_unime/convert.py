@@ -5,7 +5,8 @@
 SRC is a folder or Hub repo id of a plain Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision checkpoint (e.g. the authors'
 TianchengGu/UniME-V2-Qwen2VL-2B). DST receives the config with ``auto_map``, the model code, the weights, the
 processor files and a model card, so that ``AutoModel.from_pretrained(DST, trust_remote_code=True)`` works without
-this package.
+this package, and the sentence-transformers files, so that ``SentenceTransformer(DST, trust_remote_code=True)`` does
+too (`modeling_unime.sentence_unime`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw
 from . import UniMEV2Model, UniMEV2Processor
 from .card import write_model_card
 from .configuration_unime import MROPE_BACKBONES
+from .sentence_unime import add_sentence_transformers_files
 
 PROBE_TEXTS = ["A man is crossing the street with a red car parked nearby.", "a photo of a dog"]
 PROBE_INSTRUCTION = "Find an image caption describing the given image."
@@ -116,6 +118,7 @@ def convert_checkpoint(
     destination = Path(destination)
     model.save_pretrained(destination)
     processor.save_pretrained(destination)
+    add_sentence_transformers_files(destination)
     name = os.fspath(source).rstrip("/")
     write_model_card(
         destination,

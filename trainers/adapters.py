@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from modeling_unime.card import write_model_card
+from modeling_unime.sentence_unime import add_sentence_transformers_files
 
 # method.md (e): q/k/v/o/down_proj of the language model only; the vision tower stays frozen.
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
@@ -66,7 +67,8 @@ def save_checkpoint(
 ) -> Path:
     """Save a trained embedder or reranker: merged into a UniME-V2 checkpoint that carries its code (``merge=True``), or the
     adapter alone (``merge=False``, load it with ``peft.PeftModel.from_pretrained``); with the processor and a model
-    card made from ``model_card.md``."""
+    card made from ``model_card.md``. A merged embedder also gets the sentence-transformers files
+    (`modeling_unime.sentence_unime.add_sentence_transformers_files`)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
@@ -78,6 +80,8 @@ def save_checkpoint(
         model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if base.config.model_type == "unime_v2" and not isinstance(model, PeftModel):
+        add_sentence_transformers_files(output_dir)
     fields = dict(
         kind="reranker" if base.config.model_type == "unime_v2_reranker" else "embedder",
         model_name=output_dir.name,
