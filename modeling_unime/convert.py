@@ -1,6 +1,6 @@
 """Convert a checkpoint in the authors' layout into a self-contained UniME-V2 checkpoint.
 
-    python -m modeling_unime.convert SRC DST [--base-model ID] [--repo-id ORG/NAME] [--verify]
+    python -m modeling_unime.convert SRC DST [--base-model ID] [--repo-id ORG/NAME] [--verify] [--vllm DIR]
 
 SRC is a folder or Hub repo id of a plain Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision checkpoint (e.g. the authors'
 TianchengGu/UniME-V2-Qwen2VL-2B). DST receives the config with ``auto_map``, the model code, the weights, the
@@ -172,12 +172,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verify", action="store_true",
                         help="reload the output; its probe embeddings (texts, image, image+text) must equal the "
                              "authors' recipe on SOURCE")
+    parser.add_argument("--vllm", metavar="DIR", default=None,
+                        help="also write a folder vLLM serves as an embedder (stock architecture and key names, a "
+                             "chat template rendering the embedding prompt, unime_vllm.json with the server command; "
+                             "see modeling_unime.vllm_export)")
     args = parser.parse_args(argv)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     path = convert_checkpoint(
         args.source, args.destination, base_model=args.base_model, repo_id=args.repo_id, verify=args.verify, dtype=dtype
     )
     print(f"UniME-V2 checkpoint written to {path}")
+    if args.vllm:
+        from .vllm_export import export_for_vllm
+
+        # From the converted folder, so that the export records the checkpoint's image rule.
+        print(f"vLLM embedder folder written to {export_for_vllm(path, args.vllm, dtype=dtype)}")
 
 
 if __name__ == "__main__":

@@ -247,7 +247,11 @@ def judge_settings(judge: Any) -> dict[str, Any]:
 
 def judge_fingerprint(judge: Any) -> str:
     """Cache key of a judge's scores: its weights (every byte, `model_fingerprint`) and every setting that changes a
-    score (`judge_settings`). A judge without a ``model`` is keyed by its class name."""
+    score (`judge_settings`). A judge that computes its own key (``fingerprint()``: `judge_server.ServerJudge`, whose
+    weights live on a server) gives it; a judge without a ``model`` is keyed by its class name."""
+    own_fingerprint = getattr(judge, "fingerprint", None)
+    if callable(own_fingerprint):
+        return own_fingerprint()
     if not hasattr(judge, "model"):
         return type(judge).__name__
     return model_fingerprint(judge.model, judge_settings(judge))

@@ -149,6 +149,16 @@ class PromptBuilder:
         self.tokenizer = processor.tokenizer
         self.instruction = instruction
 
+    def _single_token_id(self, word: str) -> int:
+        """The id of an answer word (Yes, No) that the tokenizer keeps as one token; a clear error otherwise."""
+        ids = self.tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(
+                f"The judge's tokenizer splits {word!r} into {len(ids)} tokens ({ids}); the score needs the answer "
+                "word as one token. Pass yes_token=/no_token= with words that are single tokens for this tokenizer."
+            )
+        return ids[0]
+
     def messages(self, query: Item, candidate: Item) -> list[dict[str, Any]]:
         """One user turn: instruction, "Query:", query image, query text, "Candidate:", candidate image and text."""
         content: list[dict[str, Any]] = [{"type": "text", "text": self.instruction}]
@@ -242,17 +252,6 @@ class MultimodalScorer(PromptBuilder):
         self.answer_token_ids = [self._single_token_id(yes_token), self._single_token_id(no_token)]
         self.stats = JudgeStats()
         self._uses_mrope = hasattr(self.model.base_model, "get_rope_index")
-
-    # ------------------------------------------------------------------------------------------------ prompts
-
-    def _single_token_id(self, word: str) -> int:
-        ids = self.tokenizer.encode(word, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(
-                f"The judge's tokenizer splits {word!r} into {len(ids)} tokens ({ids}); the score needs the answer "
-                "word as one token. Pass yes_token=/no_token= with words that are single tokens for this tokenizer."
-            )
-        return ids[0]
 
     # ------------------------------------------------------------------------------------------------ scores
 

@@ -41,6 +41,7 @@ from modeling_unime import UniMEV2Model  # noqa: E402
 from modeling_unime.card import render_dataset_card  # noqa: E402
 from modeling_unime.data import load_official_json  # noqa: E402
 from modeling_unime.judge import MLLMJudge  # noqa: E402
+from modeling_unime.judge_server import ServerJudge  # noqa: E402
 from modeling_unime.mining import MiningConfig, distributed_state, push_mined_dataset, run_mining  # noqa: E402
 from modeling_unime.placement import (  # noqa: E402
     ATTN_IMPLEMENTATIONS,
@@ -163,6 +164,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="overrides mining.seed")
     parser.add_argument("--judge", default=None,
                         help="overrides judge: a folder / repo id, tiny:<family>, or oracle (synthetic data only)")
+    parser.add_argument("--judge_server", default=None,
+                        help="score on an OpenAI-compatible server (vLLM) at this URL, serving the model named by "
+                             "judge (its processor is loaded from there); overrides judge_server")
     parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="overrides dtype (default auto)")
     parser.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS,
                         help="overrides attn_implementation (default auto)")
@@ -185,9 +189,21 @@ def main() -> None:
     if judge_spec == "oracle" and not settings["data"].startswith("synthetic:"):
         raise ValueError(f"judge: oracle knows only the synthetic:N data, not data: {settings['data']!r}; name a "
                          "judge model (a folder or repo id) instead.")
-    judge = load_judge(judge_spec, where, official_compat=bool(settings.get("official_compat", False)),
-                       batch_size=int(settings.get("judge_batch_size", 16)))
-    judge_place = describe(judge.model, "judge") if hasattr(judge, "model") else "judge: oracle (no model)"
+    judge_server = args.judge_server or settings.get("judge_server")
+    if judge_server:
+        if judge_spec == "oracle" or judge_spec.startswith("tiny:"):
+            raise ValueError(f"judge_server needs judge to name the served model's folder or repo id, not {judge_spec!r}.")
+        judge = ServerJudge.from_pretrained(
+            judge_server, judge_spec, official_compat=bool(settings.get("official_compat", False)),
+            max_concurrency=int(settings.get("judge_concurrency", 16)),
+            logprobs_mode=settings.get("judge_logprobs_mode", "raw_logprobs"),
+            server_tag=settings.get("judge_server_tag"),
+        )
+        judge_place = f"judge: {judge!r}"
+    else:
+        judge = load_judge(judge_spec, where, official_compat=bool(settings.get("official_compat", False)),
+                           batch_size=int(settings.get("judge_batch_size", 16)))
+        judge_place = describe(judge.model, "judge") if hasattr(judge, "model") else "judge: oracle (no model)"
     print(f"placement: process {state.process_index}: {describe(embedder, 'embedder')}; {judge_place}", flush=True)
     mined = run_mining(dataset, embedder, judge, output_dir, config, image_root=image_root, state=state)
     if not state.is_main_process:
