@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evaluation.metrics import load_metric
+from modeling_unime.util.retrieval import chunked_top_k
 
 Item = tuple[str | None, str | None]
 
@@ -59,88 +60,6 @@ HUB_REPOS = {
 }
 
 # --------------------------------------------------------------------------------------------- ranking
-
-
-def chunked_topk(
-    query_embeddings: torch.Tensor, candidate_embeddings: torch.Tensor, k: int, chunk_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k candidates of every query by dot product, without forming the full (queries, candidates) matrix.
-
-    Queries and candidates are both cut into chunks of ``chunk_size`` rows, so the largest score block is
-    ``chunk_size x chunk_size`` (COCO's 25K captions x 5K images is never materialised). Half-precision inputs are
-    scored in float32. Exact ties are broken deterministically: the lower candidate index ranks first.
-
-    Args:
-        query_embeddings: (Q, D).
-        candidate_embeddings: (C, D).
-        k: how many to keep; clipped to C.
-        chunk_size: rows per chunk, for queries and for candidates.
-
-    Returns:
-        ``(scores, indices)``, both (Q, min(k, C)), best first; indices are int64 candidate positions.
-
-    >>> queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    >>> candidates = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    >>> scores, indices = chunked_topk(queries, candidates, k=2, chunk_size=1)
-    >>> indices.tolist()                       # query 0 ties candidates 1 and 2: the lower index first
-    [[1, 2], [0, 1]]
-    """
-    if query_embeddings.dim() != 2 or candidate_embeddings.dim() != 2:
-        raise ValueError(
-            f"Expected 2-D embeddings; got queries {tuple(query_embeddings.shape)} and candidates "
-            f"{tuple(candidate_embeddings.shape)}."
-        )
-    if query_embeddings.shape[1] != candidate_embeddings.shape[1]:
-        raise ValueError(
-            f"Embedding sizes differ: queries have {query_embeddings.shape[1]}, candidates "
-            f"{candidate_embeddings.shape[1]}."
-        )
-    if candidate_embeddings.shape[0] == 0:
-        raise ValueError("No candidates to rank.")
-    if k < 1 or chunk_size < 1:
-        raise ValueError(f"k and chunk_size must be >= 1; got k={k}, chunk_size={chunk_size}.")
-    k = min(k, candidate_embeddings.shape[0])
-    queries, candidates = _at_least_float32(query_embeddings), _at_least_float32(candidate_embeddings)
-    all_scores, all_indices = [], []
-    for query_start in range(0, queries.shape[0], chunk_size):
-        query_chunk = queries[query_start : query_start + chunk_size]
-        best_scores = query_chunk.new_empty((query_chunk.shape[0], 0))
-        best_indices = torch.empty((query_chunk.shape[0], 0), dtype=torch.long, device=query_chunk.device)
-        for candidate_start in range(0, candidates.shape[0], chunk_size):
-            block = torch.matmul(query_chunk, candidates[candidate_start : candidate_start + chunk_size].T)
-            block_scores, block_indices = _topk_lowest_index_first(block, k)
-            # Every kept index is lower than every index of this block, so a stable merge keeps ties index-ordered.
-            merged_scores = torch.cat([best_scores, block_scores], dim=1)
-            merged_indices = torch.cat([best_indices, block_indices + candidate_start], dim=1)
-            merged_scores, order = torch.sort(merged_scores, dim=1, descending=True, stable=True)
-            best_scores, best_indices = merged_scores[:, :k], merged_indices.gather(1, order[:, :k])
-        all_scores.append(best_scores)
-        all_indices.append(best_indices)
-    return torch.cat(all_scores), torch.cat(all_indices)
-
-
-def _topk_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk along dim 1 with ties broken towards the lower column, which torch.topk does not promise.
-
-    A full stable sort is exact but several times slower than topk; ties are rare, so topk is used and only the rows
-    where a tie straddles the k-th place (the choice among equal scores matters) are sorted in full.
-    """
-    k = min(k, scores.shape[1])
-    values, columns = torch.topk(scores, k, dim=1)
-    # Inside the selection: order by column, then stably by score, so equal scores come out lowest column first.
-    columns, by_column = columns.sort(dim=1)
-    values, by_score = values.gather(1, by_column).sort(dim=1, descending=True, stable=True)
-    columns = columns.gather(1, by_score)
-    kth = values[:, -1:]
-    straddling = ((scores == kth).sum(dim=1) != (values == kth).sum(dim=1)).nonzero().flatten()
-    if len(straddling):
-        exact_values, exact_columns = torch.sort(scores[straddling], dim=1, descending=True, stable=True)
-        values[straddling], columns[straddling] = exact_values[:, :k], exact_columns[:, :k]
-    return values, columns
-
-
-def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def recall_from_rankings(
@@ -175,7 +94,7 @@ def recall_at_k(
         candidate_embeddings: (C, D).
         relevant: for each query, the indices of its relevant candidates (at least one).
         ks: the cut-offs.
-        chunk_size: see `chunked_topk`.
+        chunk_size: rows per chunk of queries and of candidates (`modeling_unime.util.retrieval.chunked_top_k`).
 
     Returns:
         ``{"recall@1": ..., "recall@5": ..., "recall@10": ...}`` (one key per k), fractions in [0, 1].
@@ -192,7 +111,9 @@ def recall_at_k(
         bad = [index for index in items if not 0 <= index < candidate_count]
         if bad:
             raise ValueError(f"relevant[{query}] has indices {bad} outside the {candidate_count} candidates.")
-    _, indices = chunked_topk(query_embeddings, candidate_embeddings, max(ks), chunk_size)
+    if candidate_count == 0:
+        raise ValueError("No candidates to rank.")
+    _, indices = chunked_top_k(query_embeddings, candidate_embeddings, min(max(ks), candidate_count), chunk_size)
     return recall_from_rankings(indices.tolist(), relevant, ks)
 
 
@@ -1029,7 +950,7 @@ def evaluate_retrieval(
         batch_size: rows per embedding batch.
         cache_dir: when given, embeddings go through `modeling_unime.mining.cached_embeddings` (on-disk, keyed by
             model and content), so a rerun embeds nothing again.
-        chunk_size: see `chunked_topk`.
+        chunk_size: rows per chunk of queries and of candidates (`modeling_unime.util.retrieval.chunked_top_k`).
         rerank_mode: passed to ``reranker.rerank``.
 
     Returns:
@@ -1048,7 +969,7 @@ def evaluate_retrieval(
     }
     results = {}
     for direction, (queries, candidates, query_items, candidate_items, relevant) in directions.items():
-        _, indices = chunked_topk(queries, candidates, depth, chunk_size)
+        _, indices = chunked_top_k(queries, candidates, min(depth, candidates.shape[0]), chunk_size)
         rankings = indices.tolist()
         if reranker is not None:
             rankings = rerank_rankings(rankings, query_items, candidate_items, reranker, rerank_top_k,
@@ -1065,7 +986,6 @@ __all__ = [
     "LAYOUT_SHAREGPT4V",
     "LAYOUT_URBAN1K",
     "check_not_lfs_pointers",
-    "chunked_topk",
     "detect_caption_layout",
     "find_split_parquet_files",
     "is_lfs_pointer",

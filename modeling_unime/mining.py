@@ -23,31 +23,30 @@ or a judge at chance); runs that print nothing raise a `DegenerateMiningWarning`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .data import UNIME_FEATURES, task_from_image_path
+from .util.embedding_cache import EmbeddingCache, cached_embeddings, embed_items, item_key, root_key
+from .util.files import DamagedCacheWarning, atomic_write, warn_damaged
+from .util.fingerprint import model_fingerprint, processor_settings
 from .negative_selection import (
     SelectionStats,
     cyclical_sample,
     faiss_top_k,
     false_negative_filter,
-    streaming_top_k,
+    chunked_top_k,
 )
 
 Item = tuple[str | None, str | None]
@@ -156,73 +155,9 @@ def exclusions(pool: Sequence[Item], positives: Sequence[Item]) -> list[list[int
     return [positions.get(positive, []) for positive in positives]
 
 
-def embed_items(embedder: Any, items: Sequence[Item], image_root: Any, batch_size: int) -> torch.Tensor:
-    return embedder.encode(
-        texts=[text for text, _ in items], images=[image for _, image in items], image_root=image_root,
-        batch_size=batch_size,
-    )
-
-
 def count_duplicate_rows(queries: Sequence[Item], positives: Sequence[Item]) -> int:
     """Rows whose (query, positive) pair appeared earlier: kept as given (their judge pairs are scored once)."""
     return len(queries) - len(set(zip(queries, positives)))
-
-
-def cached_embeddings(
-    embedder: Any, items: Sequence[Item], cache_dir: str | os.PathLike, image_root: Any, batch_size: int,
-    state: Any = None,
-) -> torch.Tensor:
-    """Embeddings of ``items`` through the on-disk `EmbeddingCache`: only missing items are embedded, split over the
-    processes of ``state`` (when given), saved part by part, then read back by every process."""
-    if isinstance(embedder, torch.nn.Module):
-        # The processor (image rule, image sizes, tokenizer) changes embeddings without touching the weights.
-        try:
-            processor = embedder.processor
-        except (AttributeError, ValueError):  # no processor of its own: the caller passes one to encode()
-            processor = None
-        fingerprint = model_fingerprint(embedder, processor_settings(processor))
-    else:
-        fingerprint = type(embedder).__name__
-    cache = EmbeddingCache(cache_dir, fingerprint, image_root)
-    missing = cache.missing(items)
-    if state is not None:
-        # Every process must split the same list: nobody writes a part before all have read the folder.
-        state.wait_for_everyone()
-        missing = missing[state.process_index :: state.num_processes]
-    flush_every = max(batch_size * 8, 1)
-    for start in range(0, len(missing), flush_every):
-        part = missing[start : start + flush_every]
-        cache.add(part, embed_items(embedder, part, image_root, batch_size))
-    if state is not None:
-        state.wait_for_everyone()
-        cache.reload()
-    return cache.lookup(items)
-
-
-def processor_settings(processor: Any, tokenizer: Any = None) -> dict[str, Any]:
-    """What a processor contributes to a model's outputs: its saved settings (``to_dict``: image processor, image
-    rule...), its chat template and a hash of its tokenizer (vocabulary, merges, special tokens)."""
-    settings: dict[str, Any] = {}
-    if processor is None:
-        return settings
-    tokenizer = tokenizer or getattr(processor, "tokenizer", None)
-    try:
-        settings["processor"] = processor.to_dict()
-    except Exception:  # noqa: BLE001 - a processor that cannot describe itself: fall back to its parts
-        image_processor = getattr(processor, "image_processor", None)
-        if image_processor is not None and hasattr(image_processor, "to_dict"):
-            settings["image_processor"] = image_processor.to_dict()
-    settings["chat_template"] = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        for transient in ("padding", "truncation"):  # set by each call (padding=True...), not by the tokenizer
-            state.pop(transient, None)
-        settings["tokenizer"] = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
-    elif tokenizer is not None and hasattr(tokenizer, "get_vocab"):
-        vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-        settings["tokenizer"] = hashlib.sha256(vocabulary.encode()).hexdigest()
-    return settings
 
 
 def judge_settings(judge: Any) -> dict[str, Any]:
@@ -333,7 +268,7 @@ def mine_rows(
     if config.retrieval == "faiss":
         _, indices = faiss_top_k(shard_queries, pool_embeddings, config.top_k, **search)
     else:
-        _, indices = streaming_top_k(shard_queries, pool_embeddings, config.top_k, config.chunk_size, **search)
+        _, indices = chunked_top_k(shard_queries, pool_embeddings, config.top_k, config.chunk_size, **search)
     indices = indices.cpu()
     mined = []
     for position, row_index in enumerate(row_indices):
@@ -453,165 +388,9 @@ def mining_report(
 # -------------------------------------------------------------------------------------------------- caches
 
 
-FINGERPRINT_CHUNK_BYTES = 64 * 2**20
-"""Bytes hashed per step by `model_fingerprint`: the most it copies at once (from a GPU, or of a non-contiguous
-tensor)."""
-
-
-def _hash_tensor(tensor: torch.Tensor, chunk_bytes: int | None = None) -> str:
-    """SHA-256 of every byte of ``tensor`` in row-major order (the same for any memory layout and chunk size), read
-    ``chunk_bytes`` (default `FINGERPRINT_CHUNK_BYTES`) at a time: a contiguous tensor is hashed in place on the CPU,
-    a GPU tensor is copied to the CPU one chunk at a time, a non-contiguous one made contiguous one block of rows at
-    a time."""
-    chunk_bytes = chunk_bytes or FINGERPRINT_CHUNK_BYTES
-    if tensor.device.type == "meta":
-        raise ValueError("a weight is on the meta device (offloaded or not loaded): its values cannot be "
-                         "fingerprinted; load the model fully onto a device before mining.")
-    digest = hashlib.sha256()
-    tensor = tensor.detach()
-    if tensor.dim() == 0:
-        tensor = tensor.reshape(1)
-    if tensor.numel() == 0:
-        return digest.hexdigest()
-    if tensor.is_contiguous():
-        blocks = tensor.reshape(-1)
-        step = max(1, chunk_bytes // tensor.element_size())
-    else:
-        blocks = tensor
-        step = max(1, chunk_bytes // max(1, tensor[0].numel() * tensor.element_size()))
-    for start in range(0, blocks.shape[0], step):
-        chunk = blocks[start : start + step].contiguous().to("cpu").reshape(-1)
-        digest.update(chunk.view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def model_fingerprint(model: torch.nn.Module, *extra: Any, workers: int | None = None) -> str:
-    """A short hash of a model's config, attention kernel, every byte of every weight and buffer (with its name,
-    dtype and shape), plus any extra settings that change its outputs.
-
-    Two checkpoints of one architecture that differ in a single value get different fingerprints. Tensors are hashed
-    in chunks of `FINGERPRINT_CHUNK_BYTES` (no second copy of the model in memory; GPU tensors are copied to the CPU
-    chunk by chunk), on ``workers`` threads (hashlib releases the GIL; default: up to 8, one per CPU core); a tied
-    weight is hashed once. Cost: one pass over the weights at SHA-256 speed, measured at 2.3 GB/s per thread on an
-    AMD EPYC core with SHA extensions (1.96 GB of Qwen2-VL-2B-shaped bf16 tensors in 0.86 s, no extra memory): about
-    2 s for a 2B bf16 model and 7 s for a 7B one on one thread, once per run and process.
-    """
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    digest.update((config.to_json_string() if config is not None else type(model).__name__).encode())
-    digest.update(str(getattr(config, "_attn_implementation", None)).encode())
-    state = sorted(model.state_dict().items())
-    first_name: dict[tuple, str] = {}
-    to_hash: list[tuple[str, torch.Tensor]] = []
-    aliases: dict[str, str] = {}
-    for name, tensor in state:
-        if tensor.device.type != "meta":
-            identity = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-                        tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-            if identity in first_name:
-                aliases[name] = first_name[identity]
-                continue
-            first_name[identity] = name
-        to_hash.append((name, tensor))
-    workers = workers or min(8, os.cpu_count() or 1)
-    if workers > 1 and len(to_hash) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(workers) as pool:
-            hashes = dict(zip((name for name, _ in to_hash), pool.map(lambda item: _hash_tensor(item[1]), to_hash)))
-    else:
-        hashes = {name: _hash_tensor(tensor) for name, tensor in to_hash}
-    for name, tensor in state:
-        value = f"same as {aliases[name]}" if name in aliases else hashes[name]
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{value}\n".encode())
-    digest.update(json.dumps(extra, default=str, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
-def _item_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
-
-
-def _root_key(image_root: str | os.PathLike | None) -> str | None:
-    """The image root as it enters cache keys: absolute, so that one relative root seen from two working folders, or
-    two roots holding files under the same relative paths, never share an entry."""
-    return None if image_root is None or os.fspath(image_root) == "" else os.path.abspath(os.fspath(image_root))
-
-
 class DegenerateMiningWarning(UserWarning):
     """The selection is degenerate (`SelectionStats.degenerate_warnings`): raised as a warning by runs that print no
     report (``verbose=False``); a printed report ends with a WARNING block instead."""
-
-
-class DamagedCacheWarning(UserWarning):
-    """A cache or finished-shard file could not be read (cut by a full disk, a kill or an interrupted copy); it is
-    ignored and what it held is computed again."""
-
-
-def _warn_damaged(path: Path, what: str, error: BaseException | str, action: str) -> None:
-    message = (
-        f"{path}: damaged {what} ({error}); {action} Caches are disposable: deleting the folder "
-        f"{path.parent} only costs recomputation. If this repeats, check the disk (full?) and the copy of output_dir."
-    )
-    warnings.warn(message, DamagedCacheWarning, stacklevel=3)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder and rename it: a killed run leaves no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-class EmbeddingCache:
-    """Embeddings on disk, keyed by the embedder's fingerprint and each item's content (text, image path, absolute
-    image root).
-
-    Files are ``<folder>/<fingerprint>/part-*.safetensors``, each written atomically, so an interrupted run keeps
-    every part it finished. A part that cannot be read (cut in half by a full disk or an interrupted copy) is
-    reported with a `DamagedCacheWarning` naming it, deleted, and its embeddings are computed again.
-    """
-
-    def __init__(self, folder: str | os.PathLike, fingerprint: str, image_root: Any = None) -> None:
-        self.folder = Path(folder) / fingerprint
-        self.image_root = _root_key(image_root)
-        self.vectors: dict[str, torch.Tensor] = {}
-        self.reload()
-
-    def reload(self) -> None:
-        """Read every part of the folder; damaged parts are reported, removed and left to be recomputed."""
-        for part in sorted(self.folder.glob("part-*.safetensors")):
-            try:
-                vectors = load_file(part)
-            except FileNotFoundError:  # another process removed it as damaged
-                continue
-            except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-                _warn_damaged(part, "embedding cache part", error,
-                              "it was removed and the embeddings it held are computed again.")
-                part.unlink(missing_ok=True)
-                continue
-            self.vectors.update(vectors)
-
-    def key(self, item: Item) -> str:
-        return _item_key(item[0], item[1], self.image_root)
-
-    def missing(self, items: Sequence[Item]) -> list[Item]:
-        return list(dict.fromkeys(item for item in items if self.key(item) not in self.vectors))
-
-    def add(self, items: Sequence[Item], embeddings: torch.Tensor) -> None:
-        tensors = {self.key(item): vector.contiguous().clone() for item, vector in zip(items, embeddings)}
-        part = self.folder / f"part-{uuid.uuid4().hex}.safetensors"
-        _atomic_write(part, lambda path: save_file(tensors, str(path)))
-        self.vectors.update(tensors)
-
-    def lookup(self, items: Sequence[Item]) -> torch.Tensor:
-        return torch.stack([self.vectors[self.key(item)] for item in items])
 
 
 class CachedJudge:
@@ -636,7 +415,7 @@ class CachedJudge:
         self.pairs_scored = 0
         self.pairs_from_cache = 0
         self.context: dict[str, Any] = {}
-        self._image_root = _root_key(getattr(judge, "image_root", None))
+        self._image_root = root_key(getattr(judge, "image_root", None))
         self.reload()
         self._repair_own_log()
 
@@ -647,7 +426,7 @@ class CachedJudge:
     @image_root.setter
     def image_root(self, value: Any) -> None:
         self.judge.image_root = value
-        self._image_root = _root_key(value)
+        self._image_root = root_key(value)
 
     @staticmethod
     def _read_log(log: Path) -> tuple[list[tuple[str, float, str]], list[tuple[int, str]]]:
@@ -672,7 +451,7 @@ class CachedJudge:
             except FileNotFoundError:
                 continue
             for number, problem in damaged:
-                _warn_damaged(log, f"judge log line {number}", problem,
+                warn_damaged(log, f"judge log line {number}", problem,
                               "the line is ignored and its pair is scored again.")
             self.scores.update((key, score) for key, score, _ in entries)
 
@@ -687,11 +466,11 @@ class CachedJudge:
         entries, damaged = self._read_log(self.log)
         if damaged or not ends_a_line:
             text = "".join(line + "\n" for _, _, line in entries)
-            _atomic_write(self.log, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+            atomic_write(self.log, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
     def key(self, query_text: str | None, query_image: str | None, candidate: Item) -> str:
         """Cache key of one pair: the query, the candidate and the absolute image root their paths are under."""
-        return _item_key(query_text, query_image, candidate[0], candidate[1], self._image_root)
+        return item_key(query_text, query_image, candidate[0], candidate[1], self._image_root)
 
     def score(self, query_text: str | None, query_image: str | None, candidates: Sequence[Item]) -> torch.Tensor:
         keys = [self.key(query_text, query_image, candidate) for candidate in candidates]
@@ -805,7 +584,7 @@ def run_mining(
             "judge_pairs": {"scored": cached_judge.pairs_scored - scored_before,
                             "from_cache": cached_judge.pairs_from_cache - cached_before},
         }, ensure_ascii=False)
-        _atomic_write(path, lambda temporary: temporary.write_text(payload, encoding="utf-8"))
+        atomic_write(path, lambda temporary: temporary.write_text(payload, encoding="utf-8"))
     cached_judge.context = {}
     timings["retrieval, judge and selection"] = time.perf_counter() - start
     state.wait_for_everyone()
@@ -856,7 +635,7 @@ def run_mining(
     summary = {"rows_written": len(result), "stats": asdict(stats),
                "degenerate": stats.degenerate_warnings(config.beta), "config": asdict(config),
                "shards": shard_records, "seconds": timings}
-    _atomic_write(output_dir / "summary.json",
+    atomic_write(output_dir / "summary.json",
                   lambda temporary: temporary.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8"))
     if verbose:
         print(report)
@@ -895,7 +674,7 @@ def read_shard(path: Path, expected_queries: int) -> dict[str, Any] | None:
         problem = _shard_problem(content, expected_queries)
     if problem is None:
         return content
-    _warn_damaged(path, "finished-shard file", problem, "it was removed and its shard is mined again.")
+    warn_damaged(path, "finished-shard file", problem, "it was removed and its shard is mined again.")
     path.unlink(missing_ok=True)
     return None
 

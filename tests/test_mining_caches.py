@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 
 import modeling_unime.mining as mining
+from modeling_unime.util import fingerprint
 from modeling_unime.judge import MLLMJudge
 from modeling_unime.mining import (
     DamagedCacheWarning,
@@ -166,7 +167,7 @@ def test_a_changed_repetition_penalty_rescores_instead_of_reusing(tmp_path):
 @pytest.mark.parametrize("chunk_bytes", [None, 64, 1000])
 def test_model_fingerprint_sees_every_value(monkeypatch, chunk_bytes):
     if chunk_bytes:
-        monkeypatch.setattr(mining, "FINGERPRINT_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(fingerprint, "FINGERPRINT_CHUNK_BYTES", chunk_bytes)
     model, _ = build_tiny_unime("qwen2_vl")
     reference = model_fingerprint(model)
     name, tensor = max(model.state_dict().items(), key=lambda item: item[1].numel())
@@ -185,15 +186,15 @@ def test_model_fingerprint_sees_every_value(monkeypatch, chunk_bytes):
 
 def test_tensor_hash_reads_values_not_layout_or_chunking():
     values = torch.randn(37, 53)
-    reference = mining._hash_tensor(values.T.contiguous())
+    reference = fingerprint._hash_tensor(values.T.contiguous())
     for chunk_bytes in (1, 7, 64, 4096, None):
-        assert mining._hash_tensor(values.T, chunk_bytes) == reference  # non-contiguous: made contiguous by blocks
-        assert mining._hash_tensor(values.T.contiguous(), chunk_bytes) == reference
-    assert mining._hash_tensor(values.T.to(torch.bfloat16)) != mining._hash_tensor(values.T.to(torch.float16))
-    assert mining._hash_tensor(torch.tensor(3.0)) != mining._hash_tensor(torch.tensor(4.0))
-    assert mining._hash_tensor(torch.empty(0, 5)) == mining._hash_tensor(torch.empty(0))
+        assert fingerprint._hash_tensor(values.T, chunk_bytes) == reference  # non-contiguous: made contiguous by blocks
+        assert fingerprint._hash_tensor(values.T.contiguous(), chunk_bytes) == reference
+    assert fingerprint._hash_tensor(values.T.to(torch.bfloat16)) != fingerprint._hash_tensor(values.T.to(torch.float16))
+    assert fingerprint._hash_tensor(torch.tensor(3.0)) != fingerprint._hash_tensor(torch.tensor(4.0))
+    assert fingerprint._hash_tensor(torch.empty(0, 5)) == fingerprint._hash_tensor(torch.empty(0))
     with pytest.raises(ValueError, match="meta device"):
-        mining._hash_tensor(torch.empty(3, device="meta"))
+        fingerprint._hash_tensor(torch.empty(3, device="meta"))
 
 
 # -------------------------------------------------------------------------------------------------- damaged files

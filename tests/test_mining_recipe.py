@@ -254,13 +254,13 @@ def test_retrieval_runs_on_the_embedder_device(tiny_world, monkeypatch):
 
     dataset, embedder, image_root = tiny_world
     devices = []
-    top_k = mining.streaming_top_k
+    top_k = mining.chunked_top_k
 
     def recording(queries, pool, *args, **kwargs):
         devices.append((queries.device, pool.device))
         return top_k(queries, pool, *args, **kwargs)
 
-    monkeypatch.setattr(mining, "streaming_top_k", recording)
+    monkeypatch.setattr(mining, "chunked_top_k", recording)
     mining.mine_hard_negatives(dataset, embedder, MLLMJudge(*build_tiny_judge()), config=CONFIG,
                                image_root=image_root, verbose=False)
     assert devices and set(devices) == {(retrieval_device(embedder), retrieval_device(embedder))}

@@ -37,7 +37,7 @@ def brute_force_top_k(queries, pool, k, exclude=None, threshold=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# streaming_top_k
+# chunked_top_k
 # ---------------------------------------------------------------------------------------------------------------------
 
 NUM_QUERIES, NUM_POOL, DIM = 37, 53, 16
@@ -55,19 +55,19 @@ EXCLUDE[2] = [7, 7, 3]
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 16, 37, 53, 64, 1024])
 @pytest.mark.parametrize("k", [1, 10, 50])
-def test_streaming_top_k_equals_brute_force(chunk_size, k):
+def test_chunked_top_k_equals_brute_force(chunk_size, k):
     expected_scores, expected_indices = brute_force_top_k(QUERIES, POOL, k)
-    scores, indices = ns.streaming_top_k(QUERIES, POOL, k, chunk_size=chunk_size)
+    scores, indices = ns.chunked_top_k(QUERIES, POOL, k, chunk_size=chunk_size)
     assert torch.equal(indices, expected_indices)
     torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk_size, query_chunk_size", [(1, None), (5, 3), (11, 37), (53, 1), (100, 8)])
 @pytest.mark.parametrize("threshold", [None, 0.3])
-def test_streaming_top_k_with_exclusions_and_threshold_equals_brute_force(chunk_size, query_chunk_size, threshold):
+def test_chunked_top_k_with_exclusions_and_threshold_equals_brute_force(chunk_size, query_chunk_size, threshold):
     k = 20
     expected_scores, expected_indices = brute_force_top_k(QUERIES, POOL, k, EXCLUDE, threshold)
-    scores, indices = ns.streaming_top_k(
+    scores, indices = ns.chunked_top_k(
         QUERIES, POOL, k, chunk_size=chunk_size, exclude=EXCLUDE, similarity_threshold=threshold,
         query_chunk_size=query_chunk_size,
     )
@@ -83,42 +83,42 @@ def test_streaming_top_k_with_exclusions_and_threshold_equals_brute_force(chunk_
         assert (brute_force_top_k(QUERIES, POOL, k, EXCLUDE)[0] >= threshold).any()
 
 
-def test_streaming_top_k_pads_with_minus_one_and_minus_inf_when_pool_is_small():
+def test_chunked_top_k_pads_with_minus_one_and_minus_inf_when_pool_is_small():
     queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     pool = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
-    scores, indices = ns.streaming_top_k(queries, pool, k=5, chunk_size=2, exclude=[[0], None])
+    scores, indices = ns.chunked_top_k(queries, pool, k=5, chunk_size=2, exclude=[[0], None])
     assert indices.tolist() == [[1, 2, -1, -1, -1], [2, 1, 0, -1, -1]]
     torch.testing.assert_close(scores[0, :2], torch.tensor([0.6, 0.0]))
     torch.testing.assert_close(scores[1, :3], torch.tensor([1.0, 0.8, 0.0]))
     assert scores[0, 2:].tolist() == [-INF] * 3 and scores[1, 3:].tolist() == [-INF] * 2
 
     # A threshold below every similarity leaves nothing at all.
-    scores, indices = ns.streaming_top_k(queries, pool, k=2, similarity_threshold=-1.0)
+    scores, indices = ns.chunked_top_k(queries, pool, k=2, similarity_threshold=-1.0)
     assert indices.tolist() == [[-1, -1], [-1, -1]]
     assert scores.tolist() == [[-INF, -INF], [-INF, -INF]]
 
-    scores, indices = ns.streaming_top_k(queries, pool[:0], k=2)
+    scores, indices = ns.chunked_top_k(queries, pool[:0], k=2)
     assert indices.tolist() == [[-1, -1], [-1, -1]]
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 4, 5, 6, 7])
-def test_streaming_top_k_breaks_ties_by_lower_pool_index(chunk_size):
+def test_chunked_top_k_breaks_ties_by_lower_pool_index(chunk_size):
     # Exactly representable vectors: every duplicate gets a bit-identical similarity, whatever the BLAS kernel.
     e0, e1, e2, half = [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0.5, 0.5, 0.5, 0.5]
     pool = torch.tensor([e1, e0, e0, e2, e0, half, e0])
     queries = torch.tensor([e0, half, e2])
-    scores, indices = ns.streaming_top_k(queries, pool, k=7, chunk_size=chunk_size)
+    scores, indices = ns.chunked_top_k(queries, pool, k=7, chunk_size=chunk_size)
     assert indices.tolist() == [
         [1, 2, 4, 6, 5, 0, 3],  # 1.0 x4 by index, then 0.5, then 0.0 x2 by index
         [5, 0, 1, 2, 3, 4, 6],  # 1.0, then 0.5 x6 by index
         [3, 5, 0, 1, 2, 4, 6],
     ]
-    scores, indices = ns.streaming_top_k(queries, pool, k=3, chunk_size=chunk_size, exclude=[[2, 4], [5], [3]])
+    scores, indices = ns.chunked_top_k(queries, pool, k=3, chunk_size=chunk_size, exclude=[[2, 4], [5], [3]])
     assert indices.tolist() == [[1, 6, 5], [0, 1, 2], [5, 0, 1]]
     assert scores.tolist() == [[1.0, 1.0, 0.5], [0.5, 0.5, 0.5], [0.5, 0.0, 0.0]]
 
 
-def test_streaming_top_k_never_forms_a_block_larger_than_query_chunk_by_pool_chunk(monkeypatch):
+def test_chunked_top_k_never_forms_a_block_larger_than_query_chunk_by_pool_chunk(monkeypatch):
     num_queries, num_pool, k, query_chunk, pool_chunk = 40, 50, 6, 8, 16
     queries, pool = random_unit_vectors(num_queries, 8, seed=3), random_unit_vectors(num_pool, 8, seed=4)
     similarity_shapes, sort_shapes = [], []
@@ -136,7 +136,7 @@ def test_streaming_top_k_never_forms_a_block_larger_than_query_chunk_by_pool_chu
     monkeypatch.setattr(torch, "matmul", recording_matmul)
     monkeypatch.setattr(torch, "sort", recording_sort)
     monkeypatch.setattr(torch.Tensor, "__matmul__", lambda *_: pytest.fail("use torch.matmul, which is monitored"))
-    scores, _ = ns.streaming_top_k(queries, pool, k, chunk_size=pool_chunk, query_chunk_size=query_chunk)
+    scores, _ = ns.chunked_top_k(queries, pool, k, chunk_size=pool_chunk, query_chunk_size=query_chunk)
     monkeypatch.undo()
 
     assert len(similarity_shapes) == math.ceil(num_queries / query_chunk) * math.ceil(num_pool / pool_chunk)
@@ -147,32 +147,39 @@ def test_streaming_top_k_never_forms_a_block_larger_than_query_chunk_by_pool_chu
     torch.testing.assert_close(scores, brute_force_top_k(queries, pool, k)[0])
 
 
-def test_streaming_top_k_records_stats():
+def test_chunked_top_k_scores_half_precision_in_float32():
+    queries, pool = torch.randn(3, 4).bfloat16(), torch.randn(2, 4).bfloat16()
+    scores, indices = ns.chunked_top_k(queries, pool, 2, chunk_size=1)
+    assert scores.dtype == torch.float32
+    assert torch.equal(indices, torch.topk(queries.float() @ pool.float().T, 2).indices)
+
+
+def test_chunked_top_k_records_stats():
     queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     pool = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
     stats = ns.SelectionStats()
-    ns.streaming_top_k(queries, pool, k=3, chunk_size=3, exclude=[[0], {2, 2}], similarity_threshold=0.7, stats=stats)
+    ns.chunked_top_k(queries, pool, k=3, chunk_size=3, exclude=[[0], {2, 2}], similarity_threshold=0.7, stats=stats)
     # query 0: pool 0 excluded, pool 3 (0.8) over delta -> {1, 2}; query 1: pool 2 excluded, pool 1 (0.8) over -> {0, 3}
     assert (stats.candidates_retrieved, stats.removed_by_threshold, stats.removed_as_positive) == (4, 2, 2)
     assert stats.queries == 0  # counted by the caller, once per selected query
 
 
-def test_streaming_top_k_rejects_bad_inputs():
+def test_chunked_top_k_rejects_bad_inputs():
     pool = random_unit_vectors(5, 4, seed=5).float()
     queries = pool[:2].clone()
     with pytest.raises(ValueError, match="outside"):
-        ns.streaming_top_k(queries, pool, 2, exclude=[[5], None])
+        ns.chunked_top_k(queries, pool, 2, exclude=[[5], None])
     with pytest.raises(ValueError, match="2 queries"):
-        ns.streaming_top_k(queries, pool, 2, exclude=[[1]])
+        ns.chunked_top_k(queries, pool, 2, exclude=[[1]])
     with pytest.raises(ValueError, match="row 1"):
-        ns.streaming_top_k(torch.tensor([[1.0, 0, 0, 0], [math.nan, 0, 0, 0]]), pool, 2)
+        ns.chunked_top_k(torch.tensor([[1.0, 0, 0, 0], [math.nan, 0, 0, 0]]), pool, 2)
     with pytest.raises(ValueError, match="sizes differ"):
-        ns.streaming_top_k(queries[:, :3], pool, 2)
+        ns.chunked_top_k(queries[:, :3], pool, 2)
     with pytest.raises(ValueError, match="chunk_size"):
-        ns.streaming_top_k(queries, pool, 2, chunk_size=0)
+        ns.chunked_top_k(queries, pool, 2, chunk_size=0)
     with pytest.raises(ValueError, match="similarity_threshold"):
-        ns.streaming_top_k(queries, pool, 2, similarity_threshold=math.nan)
-    assert ns.streaming_top_k(queries, pool, 0)[1].shape == (2, 0)
+        ns.chunked_top_k(queries, pool, 2, similarity_threshold=math.nan)
+    assert ns.chunked_top_k(queries, pool, 0)[1].shape == (2, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -358,12 +365,12 @@ def test_docstring_examples_run():
 
 
 @pytest.mark.parametrize("threshold", [None, 0.3])
-def test_faiss_top_k_equals_streaming_top_k(threshold):
+def test_faiss_top_k_equals_chunked_top_k(threshold):
     pytest.importorskip("faiss")
     queries, pool = random_unit_vectors(23, 16, seed=5).float(), random_unit_vectors(97, 16, seed=6).float()
     exclude = [[row % 97, (row * 7) % 97] for row in range(23)]
     exact_stats, faiss_stats = ns.SelectionStats(), ns.SelectionStats()
-    exact = ns.streaming_top_k(queries, pool, 12, chunk_size=10, exclude=exclude, similarity_threshold=threshold,
+    exact = ns.chunked_top_k(queries, pool, 12, chunk_size=10, exclude=exclude, similarity_threshold=threshold,
                                stats=exact_stats)
     fast = ns.faiss_top_k(queries, pool, 12, exclude=exclude, similarity_threshold=threshold, stats=faiss_stats)
     assert torch.equal(fast[1], exact[1])

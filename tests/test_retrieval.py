@@ -1,4 +1,4 @@
-"""Zero-shot image-text retrieval: chunked top-k, loaders on tiny fixtures in the public formats, end-to-end recalls
+"""Zero-shot image-text retrieval: loaders on tiny fixtures in the public formats, end-to-end recalls
 with a hand-designed embedder (known values in both directions) and the rerank stage."""
 
 import doctest
@@ -15,7 +15,6 @@ import evaluation.retrieval as retrieval
 from evaluation.retrieval import (
     IMAGE_QUERY_INSTRUCTION,
     ImageTextRetrievalSet,
-    chunked_topk,
     evaluate_retrieval,
     load_coco5k,
     load_flickr30k,
@@ -26,69 +25,6 @@ from evaluation.retrieval import (
     recall_at_k,
     rerank_rankings,
 )
-
-# ----------------------------------------------------------------------------------------------- chunked_topk
-
-
-@pytest.mark.parametrize("chunk_size", [1, 3, 7, 16, 53, 1024])
-@pytest.mark.parametrize("k", [1, 5, 53])
-def test_chunked_topk_equals_full_topk(chunk_size, k):
-    generator = torch.Generator().manual_seed(0)
-    queries, candidates = torch.randn(37, 8, generator=generator), torch.randn(53, 8, generator=generator)
-    scores, indices = chunked_topk(queries, candidates, k, chunk_size)
-    expected = torch.topk(queries @ candidates.T, k, dim=1)
-    assert torch.equal(indices, expected.indices)
-    assert torch.allclose(scores, expected.values, atol=1e-6)
-
-
-def test_chunked_topk_ties_lower_index_first_across_chunks():
-    # Candidates 0, 2, 5 and 6 are the same vector: every chunking must list them in index order.
-    candidates = torch.tensor([[1.0, 0], [0, 1], [1, 0], [0.6, 0.8], [0, 1], [1, 0], [1, 0]])
-    queries = torch.tensor([[1.0, 0], [0, 1]])
-    for chunk_size in (1, 2, 3, 4, 7):
-        _, indices = chunked_topk(queries, candidates, 7, chunk_size)
-        assert indices.tolist() == [[0, 2, 5, 6, 3, 1, 4], [1, 4, 3, 0, 2, 5, 6]], chunk_size
-
-
-@pytest.mark.parametrize("chunk_size", [1, 4, 7, 45])
-def test_chunked_topk_many_ties_match_a_stable_full_sort(chunk_size):
-    generator = torch.Generator().manual_seed(1)
-    queries = torch.randint(0, 3, (60, 3), generator=generator).float()
-    candidates = torch.randint(0, 3, (45, 3), generator=generator).float()
-    expected_scores, expected_indices = torch.sort(queries @ candidates.T, dim=1, descending=True, stable=True)
-    for k in (1, 6, 45):
-        scores, indices = chunked_topk(queries, candidates, k, chunk_size)
-        assert torch.equal(indices, expected_indices[:, :k]) and torch.equal(scores, expected_scores[:, :k])
-
-
-def test_chunked_topk_never_forms_a_block_larger_than_chunk(monkeypatch):
-    shapes, matmul = [], torch.matmul
-
-    def recording_matmul(left, right, *args, **kwargs):
-        out = matmul(left, right, *args, **kwargs)
-        shapes.append(tuple(out.shape))
-        return out
-
-    monkeypatch.setattr(torch, "matmul", recording_matmul)
-    queries, candidates = torch.randn(25, 4), torch.randn(11, 4)
-    chunked_topk(queries, candidates, 5, chunk_size=4)
-    assert shapes and all(rows <= 4 and columns <= 4 for rows, columns in shapes)
-    assert sum(rows * columns for rows, columns in shapes) == 25 * 11   # every pair scored exactly once
-
-
-def test_chunked_topk_k_above_candidates_and_half_precision():
-    queries, candidates = torch.randn(3, 4).bfloat16(), torch.randn(2, 4).bfloat16()
-    scores, indices = chunked_topk(queries, candidates, 10, chunk_size=1)
-    assert indices.shape == (3, 2) and scores.dtype == torch.float32
-    assert torch.equal(indices, torch.topk(queries.float() @ candidates.float().T, 2).indices)
-
-
-def test_chunked_topk_bad_inputs():
-    with pytest.raises(ValueError, match="sizes differ"):
-        chunked_topk(torch.zeros(2, 3), torch.zeros(2, 4), 1)
-    with pytest.raises(ValueError, match="k and chunk_size"):
-        chunked_topk(torch.zeros(2, 3), torch.zeros(2, 3), 1, chunk_size=0)
-
 
 def test_recall_at_k_by_hand():
     images = torch.eye(2)

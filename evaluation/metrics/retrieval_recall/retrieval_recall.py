@@ -13,7 +13,7 @@ The metric takes rankings, not a similarity matrix, because `evaluate` stores in
 one query's ranked candidate indices (best first), truncated to at least max(k) items, or to all the candidates when
 there are fewer (a k larger than the list then counts the whole list). Each reference is the list of that query's
 relevant candidate indices; duplicates in it change nothing. Ties between scores are broken by whoever ranks
-(`evaluation.retrieval.chunked_topk` puts the lower candidate index first).
+(`modeling_unime.util.retrieval.chunked_top_k` puts the lower candidate index first).
 """
 
 _KWARGS_DESCRIPTION = """

@@ -1,0 +1,116 @@
+"""The embedding cache: embeddings on disk keyed by the embedder's fingerprint and each item's content, used by
+mining and by every evaluation ("embed what the cache lacks, read the rest")."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .files import atomic_write, warn_damaged
+from .fingerprint import model_fingerprint, processor_settings
+
+Item = tuple[str | None, str | None]
+
+__all__ = ["EmbeddingCache", "cached_embeddings", "embed_items", "item_key", "root_key"]
+
+
+def item_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
+
+
+def root_key(image_root: str | os.PathLike | None) -> str | None:
+    """The image root as it enters cache keys: absolute, so that one relative root seen from two working folders, or
+    two roots holding files under the same relative paths, never share an entry."""
+    return None if image_root is None or os.fspath(image_root) == "" else os.path.abspath(os.fspath(image_root))
+
+
+class EmbeddingCache:
+    """Embeddings on disk, keyed by the embedder's fingerprint and each item's content (text, image path, absolute
+    image root).
+
+    Files are ``<folder>/<fingerprint>/part-*.safetensors``, each written atomically, so an interrupted run keeps
+    every part it finished. A part that cannot be read (cut in half by a full disk or an interrupted copy) is
+    reported with a `DamagedCacheWarning` naming it, deleted, and its embeddings are computed again.
+    """
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str, image_root: Any = None) -> None:
+        self.folder = Path(folder) / fingerprint
+        self.image_root = root_key(image_root)
+        self.vectors: dict[str, torch.Tensor] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Read every part of the folder; damaged parts are reported, removed and left to be recomputed."""
+        for part in sorted(self.folder.glob("part-*.safetensors")):
+            try:
+                vectors = load_file(part)
+            except FileNotFoundError:  # another process removed it as damaged
+                continue
+            except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+                warn_damaged(part, "embedding cache part", error,
+                              "it was removed and the embeddings it held are computed again.")
+                part.unlink(missing_ok=True)
+                continue
+            self.vectors.update(vectors)
+
+    def key(self, item: Item) -> str:
+        return item_key(item[0], item[1], self.image_root)
+
+    def missing(self, items: Sequence[Item]) -> list[Item]:
+        return list(dict.fromkeys(item for item in items if self.key(item) not in self.vectors))
+
+    def add(self, items: Sequence[Item], embeddings: torch.Tensor) -> None:
+        tensors = {self.key(item): vector.contiguous().clone() for item, vector in zip(items, embeddings)}
+        part = self.folder / f"part-{uuid.uuid4().hex}.safetensors"
+        atomic_write(part, lambda path: save_file(tensors, str(path)))
+        self.vectors.update(tensors)
+
+    def lookup(self, items: Sequence[Item]) -> torch.Tensor:
+        return torch.stack([self.vectors[self.key(item)] for item in items])
+
+
+def embed_items(embedder: Any, items: Sequence[Item], image_root: Any, batch_size: int) -> torch.Tensor:
+    return embedder.encode(
+        texts=[text for text, _ in items], images=[image for _, image in items], image_root=image_root,
+        batch_size=batch_size,
+    )
+
+
+def cached_embeddings(
+    embedder: Any, items: Sequence[Item], cache_dir: str | os.PathLike, image_root: Any, batch_size: int,
+    state: Any = None,
+) -> torch.Tensor:
+    """Embeddings of ``items`` through the on-disk `EmbeddingCache`: only missing items are embedded, split over the
+    processes of ``state`` (when given), saved part by part, then read back by every process."""
+    if isinstance(embedder, torch.nn.Module):
+        # The processor (image rule, image sizes, tokenizer) changes embeddings without touching the weights.
+        try:
+            processor = embedder.processor
+        except (AttributeError, ValueError):  # no processor of its own: the caller passes one to encode()
+            processor = None
+        fingerprint = model_fingerprint(embedder, processor_settings(processor))
+    else:
+        fingerprint = type(embedder).__name__
+    cache = EmbeddingCache(cache_dir, fingerprint, image_root)
+    missing = cache.missing(items)
+    if state is not None:
+        # Every process must split the same list: nobody writes a part before all have read the folder.
+        state.wait_for_everyone()
+        missing = missing[state.process_index :: state.num_processes]
+    flush_every = max(batch_size * 8, 1)
+    for start in range(0, len(missing), flush_every):
+        part = missing[start : start + flush_every]
+        cache.add(part, embed_items(embedder, part, image_root, batch_size))
+    if state is not None:
+        state.wait_for_everyone()
+        cache.reload()
+    return cache.lookup(items)
