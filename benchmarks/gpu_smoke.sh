@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke test of the recipes' placement (issue 11, "use the accelerator"). Run from anywhere on a GPU machine:
+# GPU smoke test of the recipes' placement (every model on the process's accelerator, bf16 there). Run from anywhere on a GPU machine:
 #
 #   bash benchmarks/gpu_smoke.sh            # every visible GPU (1 process per GPU)
 #   NUM_PROCESSES=1 bash benchmarks/gpu_smoke.sh

@@ -21,6 +21,14 @@ MROPE_BACKBONES = ("qwen2_vl", "qwen2_5_vl")
 IMAGE_POSITION_RULES = ("vision_start_only", "all_images")
 
 
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+"""``from_pretrained`` keyword arguments that say where files come from, passed on when a loader reads other files of
+the same checkpoint (its config, its processor)."""
+
+MAX_LISTWISE_CANDIDATES = 99
+"""Listwise reranking numbers the candidates with at most two digits (the authors' prompt, "Ans: (k)")."""
+
+
 def check_backbone_type(model_type: str | None) -> str:
     """Return ``model_type`` if it is a supported backbone family, else raise a ValueError that says what to do."""
     if model_type not in SUPPORTED_BACKBONES:
@@ -129,12 +137,14 @@ class UniMEV2RerankerConfig(_BackboneProperties, PretrainedConfig):
     def __init__(
         self,
         backbone_config: PretrainedConfig | dict[str, Any] | None = None,
-        max_listwise_candidates: int = 99,
+        max_listwise_candidates: int = MAX_LISTWISE_CANDIDATES,
         **kwargs: Any,
     ) -> None:
         backbone_config = backbone_config_from(backbone_config)
-        if not 1 <= max_listwise_candidates <= 99:
-            raise ValueError("max_listwise_candidates must be between 1 and 99 (indices of at most two digits).")
+        if not 1 <= max_listwise_candidates <= MAX_LISTWISE_CANDIDATES:
+            raise ValueError(
+                f"max_listwise_candidates must be between 1 and {MAX_LISTWISE_CANDIDATES} (indices of at most two digits)."
+            )
         self.backbone_config = backbone_config
         self.max_listwise_candidates = max_listwise_candidates
         if backbone_config is not None:

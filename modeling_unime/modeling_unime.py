@@ -6,7 +6,9 @@ sibling traveling files).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -15,8 +17,14 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .configuration_unime import MROPE_BACKBONES, SUPPORTED_BACKBONES, UniMEV2Config, UniMEV2RerankerConfig
-from .processing_unime import ImageInput, UniMEV2Processor
+from .configuration_unime import (
+    HUB_KWARGS,
+    MROPE_BACKBONES,
+    SUPPORTED_BACKBONES,
+    UniMEV2Config,
+    UniMEV2RerankerConfig,
+)
+from .processing_unime import ImageInput, UniMEV2Processor, align_rows
 from .scoring_unime import MultimodalScorer, as_item
 
 logger = logging.get_logger(__name__)
@@ -39,7 +47,6 @@ BACKBONE_KEY_MAPPINGS: dict[str, dict[str, str]] = {
 }
 BACKBONE_KEY_MAPPINGS["qwen2_5_vl"] = BACKBONE_KEY_MAPPINGS["qwen2_vl"]
 
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
 @dataclass
@@ -135,6 +142,18 @@ def truncate_and_normalize(embeddings: torch.Tensor, dim: int | None, normalize:
             raise ValueError(f"truncate_dim={dim} is larger than the embedding size {embeddings.shape[-1]}.")
         embeddings = embeddings[..., :dim]
     return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Dropout off inside the block (the same input always gets the same output); the caller's train or eval mode
+    comes back after it, also on an error: a Trainer's model must still be training after an evaluation call."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class UniMEV2PreTrainedModel(PreTrainedModel):
@@ -322,7 +341,7 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
                 f"truncate_dim={truncate_dim} is larger than the embedding size {self.config.hidden_size}."
             )
         processor = processor or self.processor
-        texts, images = processor._rows(texts, images)
+        texts, images = align_rows(texts, images)
         order = sorted(
             range(len(texts)),
             key=lambda row: (images[row] is not None, len(texts[row] or "")),
@@ -334,10 +353,8 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
         progress = logging.tqdm(starts, desc="Encoding", disable=not show_progress_bar, unit="batch")
         dim = truncate_dim if truncate_dim is not None else self.config.matryoshka_dim
         device, dtype = self.device, self.dtype
-        was_training = self.training
-        self.eval()  # dropout off: the same input always gets the same embedding
         pieces = []
-        try:
+        with evaluation_mode(self):
             for start in progress:
                 rows = order[start : start + batch_size]
                 batch = processor(
@@ -352,8 +369,6 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
                     for key, value in batch.items()
                 }
                 pieces.append(self(**batch, truncate_dim=dim).embeddings.cpu())
-        finally:
-            self.train(was_training)
         if not pieces:
             return torch.empty(0, dim or self.config.hidden_size)
         stacked = torch.cat(pieces)
@@ -440,10 +455,8 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
         processor = processor or self.processor
         backbone_processor = getattr(processor, "_backbone_processor", processor)
         scorer_kwargs.setdefault("image_resize", getattr(processor, "image_resize", None))
-        was_training = self.training
-        scorer = MultimodalScorer(self, backbone_processor, **scorer_kwargs)
-        self.train(was_training)
-        return scorer
+        with evaluation_mode(self):  # the scorer switches the model to eval; a training caller keeps training
+            return MultimodalScorer(self, backbone_processor, **scorer_kwargs)
 
     @torch.inference_mode()
     def score(
@@ -455,14 +468,10 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
         image_root: str | os.PathLike | None = None,
     ) -> torch.Tensor:
         """P(Yes) of each candidate for the query (pairwise prompt), in the candidates' order."""
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluation_mode(self):
             query_text, query_image = as_item(query, "the query")
             scorer = self.scorer(processor, batch_size=batch_size, image_root=image_root)
             return scorer.score(query_text, query_image, candidates)
-        finally:
-            self.train(was_training)
 
     @torch.inference_mode()
     def rerank(
@@ -495,14 +504,10 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
                     f"{self.config.max_listwise_candidates} (two-digit indices); rerank the embedder's top-k, or use "
                     "mode='pairwise'."
                 )
-            was_training = self.training
-            self.eval()
-            try:
+            with evaluation_mode(self):
                 query_text, query_image = as_item(query, "the query")
                 scorer = self.scorer(processor, batch_size=batch_size, image_root=image_root)
                 scores = scorer.score_listwise(query_text, query_image, candidates)
-            finally:
-                self.train(was_training)
         order = sorted(range(len(candidates)), key=lambda index: (-float(scores[index]), index))
         return (order[:top_k] if top_k is not None else order), scores
 
@@ -515,5 +520,6 @@ __all__ = [
     "UniMEV2RerankerOutput",
     "pool_last_token",
     "vision_start_position_ids",
+    "evaluation_mode",
     "BACKBONE_KEY_MAPPINGS",
 ]

@@ -21,7 +21,7 @@ from transformers.models.llava_onevision.processing_llava_onevision import Llava
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
-from .configuration_unime import SUPPORTED_BACKBONES, check_backbone_type
+from .configuration_unime import HUB_KWARGS, SUPPORTED_BACKBONES, check_backbone_type
 
 ImageInput = Union[Image.Image, str, os.PathLike, dict, None]
 
@@ -100,7 +100,6 @@ BACKBONE_PROCESSOR_CLASSES = {
     "qwen2_5_vl": Qwen2_5_VLImageTextProcessor,
     "llava_onevision": LlavaOnevisionImageTextProcessor,
 }
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 LLAVA_ONEVISION_SETTINGS = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
 ANYRES_PADDINGS = ("transformers-4.49", "centered")
 
@@ -281,6 +280,33 @@ def load_image(
     raise ValueError(
         f"Row {row}: unsupported image input of type {type(image).__name__}; use a PIL image, a path or None."
     )
+
+
+def align_rows(
+    texts: Any, images: Any, row_ids: Sequence[int] | None = None
+) -> tuple[list[str | None], list[ImageInput]]:
+    """The texts and images of a batch as two lists of one entry per row (a single text or image becomes a list; None
+    fills the side a row lacks); a row with neither, or lists of different lengths, raise ValueError naming the row."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if images is not None and not isinstance(images, (list, tuple)):
+        images = [images]
+    if texts is None and images is None:
+        raise ValueError("Give texts, images or both.")
+    texts = list(texts) if texts is not None else [None] * len(images)
+    images = list(images) if images is not None else [None] * len(texts)
+    if len(texts) != len(images):
+        raise ValueError(
+            f"texts has {len(texts)} rows but images has {len(images)}; use None for a missing text or image so "
+            "that both lists have one entry per row."
+        )
+    for index, (text, image) in enumerate(zip(texts, images)):
+        row = row_ids[index] if row_ids is not None else index
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"Row {row}: text must be a string or None, got {type(text).__name__}.")
+        if not text and (image is None or (isinstance(image, str) and image == "")):
+            raise ValueError(f"Row {row}: the row has neither text nor image; give at least one.")
+    return texts, images
 
 
 def _read_backbone_type(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> str | None:
@@ -478,7 +504,7 @@ class UniMEV2Processor(ProcessorMixin):
         """
         if "text" in kwargs and texts is None:
             texts = kwargs.pop("text")
-        texts, images = self._rows(texts, images, row_ids)
+        texts, images = align_rows(texts, images, row_ids)
         row_ids = list(row_ids) if row_ids is not None else list(range(len(texts)))
         image_resize = self.image_resize if image_resize is None else image_resize
         pil_images = [load_image(image, row, image_root, image_resize) for row, image in zip(row_ids, images)]
@@ -496,32 +522,6 @@ class UniMEV2Processor(ProcessorMixin):
             **kwargs,
         )
 
-    @staticmethod
-    def _rows(
-        texts: Any, images: Any, row_ids: Sequence[int] | None = None
-    ) -> tuple[list[str | None], list[ImageInput]]:
-        """Validate and align the texts and images lists (one entry per row)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if images is not None and not isinstance(images, (list, tuple)):
-            images = [images]
-        if texts is None and images is None:
-            raise ValueError("Give texts, images or both.")
-        texts = list(texts) if texts is not None else [None] * len(images)
-        images = list(images) if images is not None else [None] * len(texts)
-        if len(texts) != len(images):
-            raise ValueError(
-                f"texts has {len(texts)} rows but images has {len(images)}; use None for a missing text or image so "
-                "that both lists have one entry per row."
-            )
-        for index, (text, image) in enumerate(zip(texts, images)):
-            row = row_ids[index] if row_ids is not None else index
-            if text is not None and not isinstance(text, str):
-                raise ValueError(f"Row {row}: text must be a string or None, got {type(text).__name__}.")
-            if not text and (image is None or (isinstance(image, str) and image == "")):
-                raise ValueError(f"Row {row}: the row has neither text nor image; give at least one.")
-        return texts, images
-
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
@@ -531,6 +531,7 @@ class UniMEV2Processor(ProcessorMixin):
 
 __all__ = [
     "IMAGE_RESIZE_PRESETS",
+    "align_rows",
     "UniMEV2Processor",
     "canonical_image_resize",
     "resize_image",

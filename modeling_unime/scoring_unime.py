@@ -4,7 +4,8 @@ This file travels with reranker checkpoints (``auto_map``): it imports only ``to
 sibling processing file. The judge of the mining pipeline (`modeling_unime.judge.MLLMJudge`) and
 `UniMEV2Reranker.score` both run on it.
 
-s(q, c) = P(Yes) / (P(Yes) + P(No)) at the answer position, from ONE forward pass (method.md (b)). Prefix sharing:
+s(q, c) = P(Yes) / (P(Yes) + P(No)) at the answer position, from ONE forward pass: the paper's soft semantic matching
+score (arXiv 2510.13515, MLLM-as-a-Judge), which the authors never released code for. Prefix sharing:
 everything before the candidate (template, instruction, query image, query text) is encoded once per query and its
 key/value cache is reused for all of the query's candidates, text or image; Qwen2-VL/Qwen2.5-VL 3-D rotary positions
 are continued exactly as in the unshared sequence.
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from .configuration_unime import MAX_LISTWISE_CANDIDATES
 from .processing_unime import ImageInput, canonical_image_resize, load_image
 
 JUDGE_INSTRUCTION = (
@@ -34,7 +36,6 @@ LISTWISE_INSTRUCTION = (
     "corresponding to the candidate that best meets the requirements of the query."
 )
 LISTWISE_ANSWER_PREFIX = "Ans: ("
-MAX_LISTWISE_CANDIDATES = 99
 
 
 def listwise_answer(position: int) -> str:
@@ -118,7 +119,8 @@ def official_repetition_penalty(logits: torch.Tensor, penalty: float = 1.05) -> 
     """HF's repetition-penalty rule on logits of tokens present in the prompt: positive / penalty, negative * penalty.
 
     The released judge scores were made by ``generate`` with Qwen's default ``repetition_penalty=1.05``; "Yes" and
-    "No" both occur in the instruction, so both answer logits were penalised (method.md (b)).
+    "No" both occur in the instruction, so both answer logits were penalised: every score of the authors' released
+    training file (TianchengGu/UniME-V2-Training-Datasets) equals sigmoid(k * 0.125 / 1.05) for an integer k.
     """
     return torch.where(logits > 0, logits / penalty, logits * penalty)
 

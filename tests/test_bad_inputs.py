@@ -92,3 +92,23 @@ def test_a_text_that_names_an_image_file_is_a_text_with_a_warning(tmp_path):
         assert as_item(("", str(path))) == (None, str(path))      # the documented way to pass an image path
         assert as_item("photo.jpg") == ("photo.jpg", None)         # no such file: no warning
         assert as_item(path) == (None, path)                       # a PathLike is an image
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_inference_calls_leave_the_callers_mode_also_on_errors(mode):
+    """encode / score / rerank switch dropout off for themselves only (`modeling_unime.modeling_unime.evaluation_mode`):
+    a Trainer's model is still training after an evaluation call, even one that failed."""
+    model, processor = build_tiny_unime("qwen2_vl")
+    reranker, reranker_processor = build_tiny_reranker("qwen2_5_vl")
+    for module in (model, reranker):
+        module.train(mode == "train")
+    model.encode(texts=["a red car"], processor=processor)
+    with pytest.raises(ValueError, match="neither text nor image"):
+        model.encode(texts=[""], processor=processor)
+    reranker.score("a red car", ["red", "blue"], processor=reranker_processor)
+    reranker.rerank("a red car", ["red", "blue"], processor=reranker_processor)
+    with pytest.raises(ValueError):
+        reranker.rerank("a red car", [None], processor=reranker_processor)
+    for module in (model, reranker):
+        assert module.training is (mode == "train")
+        assert all(child.training is (mode == "train") for child in module.modules())
