@@ -59,12 +59,13 @@ setup(
         "pillow>=10",
         "pyyaml>=6",
         "tqdm>=4.66",
-        "easy-vqa>=1.0",  # the demo world of the main job (3 MB of 64x64 images)
     ],
     extras_require={
         # setuptools: tests/test_packaging.py builds the wheel offline (no build isolation; 70.1+ has bdist_wheel).
         "dev": ["pytest>=8", "faiss-cpu>=1.8", "setuptools>=70.1", "sentence-transformers>=6.2,<7", "mteb>=2.26,<3"],
         "faiss": ["faiss-cpu>=1.8"],
+        # The main job (recipes/pipeline.py): the easy-vqa demo world (3 MB of 64x64 images) and its summary.png.
+        "demo": ["easy-vqa>=1.0", "matplotlib>=3.8"],
         # SentenceTransformer(checkpoint, trust_remote_code=True) and trainers.sentence_losses
         "sentence-transformers": ["sentence-transformers>=6.2,<7"],
         # evaluation.mteb_models: mteb.evaluate on UniME-V2 checkpoints
