@@ -21,7 +21,7 @@ import json
 import math
 import os
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypedDict
 
 from datasets import Dataset, DatasetInfo, Features, List, Value
 
@@ -42,6 +42,24 @@ UNIME_FEATURES = Features(
         "source": Value("string"),
     }
 )
+
+
+
+class JudgeRow(TypedDict):
+    """One row of a judge dataset: the columns of `UNIME_FEATURES`, as `datasets` gives a row back (``row = ds[i]``)
+    and as mining writes it. ``judge_scores`` is ``[positive, negative_1, ..., negative_n]``, aligned with
+    ``neg_texts`` and ``neg_images`` (one entry per negative; ``None`` for no image)."""
+
+    query_text: str
+    query_image: str | None
+    pos_text: str
+    pos_image: str | None
+    neg_texts: list[str]
+    neg_images: list[str | None]
+    judge_scores: list[float]
+    task: str
+    source: str
+
 
 OFFICIAL_FIELDS = (
     "query_text",

@@ -52,10 +52,10 @@ Example:
     >>> judge.score("What colour is the car?", None, ["red", "blue"])  # doctest: +SKIP
     tensor([0.9..., 0.0...])
 
-Cache key (`fingerprint`, used by `modeling_unime.mining.judge_fingerprint`): the served model as the server
+Cache key (`fingerprint`, used by `modeling_unime.judge.judge_fingerprint`): the served model as the server
 reports it (``/v1/models``: id and root), a hash of the weight and config files when the judge's folder is local, the
 ``server_tag`` (anything else that changes the server's numbers: dtype, quantisation, a revision), and every scoring
-setting `MLLMJudge` is keyed by (`modeling_unime.mining.judge_settings`: answer rule, prompt, tokenizer, images). The
+setting `MLLMJudge` is keyed by (`modeling_unime.judge.judge_settings`: answer rule, prompt, tokenizer, images). The
 server's address is not part of it: the same model moved to another host keeps its cache.
 """
 
@@ -80,6 +80,7 @@ from typing import Any
 
 import torch
 
+from .judge import judge_settings
 from .processing_unime import ImageInput, canonical_image_resize, load_image
 from .scoring_unime import JUDGE_INSTRUCTION, Item, JudgeStats, PromptBuilder, as_item, official_repetition_penalty
 
@@ -604,10 +605,8 @@ class ServerJudge(PromptBuilder):
 
     def fingerprint(self) -> str:
         """Cache key of this judge's scores (computed once): the served model (``/v1/models`` id and root), the
-        weights digest, ``server_tag`` and every scoring setting of `modeling_unime.mining.judge_settings`."""
+        weights digest, ``server_tag`` and every scoring setting of `modeling_unime.judge.judge_settings`."""
         if self._fingerprint is None:
-            from .mining import judge_settings
-
             served = self.served_model()
             identity = {
                 "backend": "openai-server",

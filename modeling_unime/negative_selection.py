@@ -1,10 +1,10 @@
 """Hard-negative selection for UniME-V2: global retrieval, false-negative filter, cyclical sampling.
 
-These are the pure, model-free steps (a), (c) and (d) of the mining pipeline (see ``method.md``):
+These are the pure, model-free steps of the mining pipeline (arXiv 2510.13515, Sec. 3.2) around the judge:
 
-1. :func:`chunked_top_k` retrieves, for every query, the ``top_k`` most similar pool items, never forming the
-   full queries x pool similarity matrix, excluding the query's own positive and its duplicates and, optionally,
-   anything at or above a similarity threshold delta (Eq. 1 of the paper).
+1. :func:`chunked_top_k` (`modeling_unime.util.retrieval`, re-exported here) retrieves, for every query, the
+   ``top_k`` most similar pool items, never forming the full queries x pool similarity matrix, excluding the query's
+   own positive and its duplicates and, optionally, anything at or above a similarity threshold delta (Eq. 1).
 2. :func:`false_negative_filter` drops candidates the judge scores too close to the positive
    (``s > s_pos - beta``): those are likely unlabelled positives.
 3. :func:`cyclical_sample` picks ``num_negatives`` of the survivors with a strided walk over their ranking, so
@@ -88,12 +88,7 @@ ScoreArray = Union[Sequence[float], np.ndarray, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# (a) global retrieval
-# --------------------------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# (c) false-negative filter
+# false-negative filter
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -170,7 +165,7 @@ def false_negative_filter(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# (d) cyclical sampling
+# cyclical sampling
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -521,22 +516,21 @@ class SelectionStats:
         queries = self.queries
         if queries == 0:
             return ["no query was recorded: call update(queries=...) once per selected query."]
+
+        def share(count: int) -> str:
+            return f"{100 * count / queries:.1f}% of queries"
+
         if self.queries_short_of_negatives:
-            share = 100 * self.queries_short_of_negatives / queries
-            hints.append(
-                f"{share:.1f}% of queries had fewer than {self.num_negatives} unique negatives: "
-                "raise top_k or lower beta."
-            )
+            hints.append(f"{share(self.queries_short_of_negatives)} had fewer than {self.num_negatives} unique "
+                         "negatives: raise top_k or lower beta.")
         if self.queries_used_fallback:
-            share = 100 * self.queries_used_fallback / queries
             hints.append(
-                f"{share:.1f}% of queries used the paper's fallback (random top-k candidates scored 1.0, which puts "
-                "more target mass on negatives than on the positive): lower beta, raise top_k, or use "
+                f"{share(self.queries_used_fallback)} used the paper's fallback (random top-k candidates scored 1.0, "
+                "which puts more target mass on negatives than on the positive): lower beta, raise top_k, or use "
                 "empty_fallback='drop'."
             )
         if self.queries_dropped:
-            share = 100 * self.queries_dropped / queries
-            hints.append(f"{share:.1f}% of queries were dropped: raise top_k or lower beta to keep them.")
+            hints.append(f"{share(self.queries_dropped)} were dropped: raise top_k or lower beta to keep them.")
         if self.candidates_retrieved and self.removed_as_false_negative > 0.5 * self.candidates_retrieved:
             hints.append(
                 "the false-negative filter removed over half of the retrieved candidates: check that the judge "
@@ -548,10 +542,9 @@ class SelectionStats:
                 "if these are not near-duplicates of the queries, raise similarity_threshold (delta)."
             )
         if self.queries_positive_below_all:
-            share = 100 * self.queries_positive_below_all / queries
             hints.append(
-                f"{share:.1f}% of queries: the judge scored the positive below every candidate (a noisy pair or a "
-                "weak judge); inspect these rows or use a stronger judge."
+                f"{share(self.queries_positive_below_all)}: the judge scored the positive below every candidate (a "
+                "noisy pair or a weak judge); inspect these rows or use a stronger judge."
             )
         if self.removed_as_positive > 2 * queries:
             hints.append(

@@ -1,4 +1,5 @@
-"""Mine judge-scored hard negatives (UniME-V2's MLLM-as-a-Judge pipeline) into a `datasets` dataset.
+"""Mine judge-scored hard negatives (UniME-V2's MLLM-as-a-Judge pipeline, arXiv 2510.13515 Sec. 3.2) into a
+`datasets` dataset.
 
     accelerate launch recipes/mine_hard_negatives.py --config recipes/configs/mine-tiny-cpu.yaml
     accelerate launch --multi_gpu --num_processes 2 recipes/mine_hard_negatives.py --config ... [--push_to_hub ORG/NAME]
@@ -6,12 +7,9 @@
 Queries are split into shards over the processes; finished shards, embeddings and judge scores are kept under
 ``output_dir``, so re-running a killed command with the same arguments resumes and gives the same dataset.
 
-Config (YAML): ``data`` (``synthetic:N``, the authors' judge-scored JSON, a JSON/JSONL list of rows with
-query_text/query_image/pos_text/pos_image, or a folder written by ``save_to_disk``), ``image_root``, ``embedder``
-(a UniME-V2 / backbone folder or repo id, or ``tiny:<family>``), ``judge`` (an image-text-to-text folder or repo id,
-``tiny:<family>``, or ``oracle``: the ground truth of ``synthetic:N`` data, a stand-in for a strong judge; ``--judge``
-overrides it), ``official_compat``, ``judge_batch_size``, ``dtype``, ``attn_implementation``, ``output_dir``,
-``push_to_hub``, ``threads``, and ``mining`` (the fields of `MiningConfig`).
+Arguments: the fields of `MiningScriptArguments` (data, models, placement, output) and of
+`modeling_unime.mining.MiningConfig` (the ``mining:`` section of the YAML file), from ``--config FILE.yaml`` and the
+command line (a flag overrides the file; a key that names no field is an error); ``--help`` lists them all.
 
 The output folder gets ``summary.txt`` (the printed report; a degenerate run ends with WARNING lines saying why and what
 to do) and ``summary.json`` (the merged statistics, the degenerate-run reasons, and per shard its query count and the
@@ -25,47 +23,90 @@ Each process prints where its models are (``placement: ...``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from datasets import Dataset, load_from_disk  # noqa: E402
 
 from modeling_unime import UniMEV2Model  # noqa: E402
 from modeling_unime.card import render_dataset_card  # noqa: E402
 from modeling_unime.data import load_official_json  # noqa: E402
-from modeling_unime.judge import MLLMJudge  # noqa: E402
-from modeling_unime.judge_server import ServerJudge  # noqa: E402
-from modeling_unime.mining import MiningConfig, distributed_state, push_mined_dataset, run_mining  # noqa: E402
+from modeling_unime.judge import Judge, MLLMJudge  # noqa: E402
+from modeling_unime.judge_server import LOGPROBS_MODES, ServerJudge  # noqa: E402
+from modeling_unime.mining import MiningConfig, push_mined_dataset, run_mining  # noqa: E402
 from modeling_unime.placement import (  # noqa: E402
     ATTN_IMPLEMENTATIONS,
     DTYPE_NAMES,
     Placement,
     describe,
-    place,
     placement,
-    pretrained_kwargs,
+    process_state,
 )
-from modeling_unime.testing import (  # noqa: E402
-    SYNTHETIC_COLOURS,
-    SYNTHETIC_SHAPES,
-    build_tiny_judge,
-    build_tiny_unime,
-    synthetic_pairs,
-)
+from modeling_unime.testing import SYNTHETIC_COLOURS, SYNTHETIC_SHAPES, synthetic_pairs  # noqa: E402
+from modeling_unime.util.arguments import parse_recipe_arguments  # noqa: E402
+from modeling_unime.util.models import load_model_spec  # noqa: E402
+
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+@dataclass
+class MiningScriptArguments:
+    """What to mine, with which models, where the output goes (the mining knobs are `MiningConfig`'s)."""
+
+    data: str = field(metadata={
+        "help": "synthetic:N (coloured shapes drawn under image_root), the authors' judge-scored JSON (its pairs are "
+                "re-mined), a JSON/JSONL list of rows with query_text/query_image/pos_text/pos_image, or a "
+                "save_to_disk folder"})
+    embedder: str = field(metadata={
+        "help": "the retrieval embedder: a UniME-V2 / backbone folder or repo id, or tiny:<family>"})
+    judge: str = field(metadata={
+        "help": "an image-text-to-text folder or repo id, tiny:<family>, or oracle (the ground truth of synthetic:N "
+                "data, a stand-in for a strong judge)"})
+    image_root: str | None = field(default=None, metadata={
+        "help": "folder the image paths of data are relative to (synthetic:N default: output_dir/images)"})
+    judge_server: str | None = field(default=None, metadata={
+        "help": "score on an OpenAI-compatible server (vLLM) at this URL, serving the model named by judge (its "
+                "processor is loaded from there)"})
+    judge_concurrency: int = field(default=16, metadata={"help": "judge_server: requests in flight at once"})
+    judge_logprobs_mode: str = field(default="raw_logprobs", metadata={
+        "choices": LOGPROBS_MODES, "help": "judge_server: what the server's --logprobs-mode makes it return"})
+    judge_server_tag: str | None = field(default=None, metadata={
+        "help": "judge_server: anything else that changes the server's numbers (dtype, quantisation, revision); "
+                "enters the judge cache key"})
+    official_compat: bool = field(default=False, metadata={
+        "help": "reproduce the released labels: the repetition penalty (1.05) on the Yes/No logits, as the "
+                "authors' scoring code"})
+    judge_batch_size: int = field(default=16, metadata={"help": "pairs (or candidates) per judge forward pass"})
+    dtype: str = field(default="auto", metadata={
+        "choices": DTYPE_NAMES, "help": "model dtype; auto: bfloat16 on a GPU, float32 on CPU"})
+    attn_implementation: str = field(default="auto", metadata={
+        "choices": ATTN_IMPLEMENTATIONS,
+        "help": "attention kernel; auto: flash_attention_2 where installed on a GPU in half precision, else sdpa"})
+    output_dir: str = field(default="runs/mine", metadata={
+        "help": "shards, caches, the dataset, summary.txt and summary.json go here"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "dataset repo id to push the mined dataset to"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads per process"})
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> tuple[MiningScriptArguments, MiningConfig]:
+    """The script arguments and the mining settings, from ``--config`` and the flags of ``argv``."""
+    return parse_recipe_arguments([MiningScriptArguments, MiningConfig], argv, sections={"mining": ""},
+                                  description=__doc__)
 
 
 def load_pairs(spec: str, image_root: str | None, state) -> tuple[Dataset, str | None]:
     """The (query, positive) rows to mine, and the image root their paths are relative to."""
-    if spec.startswith("synthetic:"):
+    if spec.startswith(SYNTHETIC_PREFIX):
         with state.main_process_first():  # the main process draws the images, the others only read them
-            return synthetic_pairs(int(spec.split(":", 1)[1]), image_root, write_images=state.is_main_process), image_root
+            count = int(spec[len(SYNTHETIC_PREFIX):])
+            return synthetic_pairs(count, image_root, write_images=state.is_main_process), image_root
     path = Path(spec)
     if path.is_dir():
         return load_from_disk(str(path)), image_root
@@ -82,26 +123,16 @@ def load_pairs(spec: str, image_root: str | None, state) -> tuple[Dataset, str |
 
 def load_embedder(spec: str, where: Placement) -> UniMEV2Model:
     """The embedder (a folder / repo id, or ``tiny:<family>``) on ``where``'s device, dtype and attention."""
-    if spec.startswith("tiny:"):
-        model, processor = build_tiny_unime(spec.split(":", 1)[1])
-        model.processor = processor
-        return place(model, where["device"], where["dtype"], where["attn_implementation"]).eval()
-    return UniMEV2Model.from_pretrained(spec, **pretrained_kwargs(where)).eval()
+    model, _ = load_model_spec(spec, "embedder", where)
+    return model.eval()
 
 
-def load_judge(spec: str, where: Placement, **judge_kwargs: Any) -> MLLMJudge | SyntheticOracleJudge:
+def load_judge(spec: str, where: Placement, **judge_kwargs: Any) -> Judge:
     """The judge (an image-text-to-text folder / repo id, ``tiny:<family>``, or ``oracle``: the ground truth of the
     ``synthetic:N`` data, no model) on ``where``'s device and dtype."""
     if spec == "oracle":
         return SyntheticOracleJudge()
-    if spec.startswith("tiny:"):
-        model, processor = build_tiny_judge(spec.split(":", 1)[1])
-        model = place(model, where["device"], where["dtype"], where["attn_implementation"])
-        return MLLMJudge(model, processor, **judge_kwargs)
-    return MLLMJudge.from_pretrained(
-        spec, dtype=where["dtype"], device=where["device"], attn_implementation=where["attn_implementation"],
-        **judge_kwargs,
-    )
+    return MLLMJudge(*load_model_spec(spec, "judge", where), **judge_kwargs)
 
 
 class SyntheticOracleJudge:
@@ -124,9 +155,6 @@ class SyntheticOracleJudge:
     """
 
     MATCH, PARTIAL, MISS = 0.95, 0.5, 0.05
-
-    def __init__(self) -> None:
-        self.image_root = None
 
     @staticmethod
     def _from_path(path: str) -> tuple[str | None, str | None]:
@@ -152,74 +180,54 @@ class SyntheticOracleJudge:
         shared = sum(a == b and a is not None for a, b in zip(wanted, offered))
         return self.MATCH if shared == 2 else self.PARTIAL if shared == 1 else self.MISS
 
-    def score(self, query_text: str | None, query_image: str | None, candidates) -> torch.Tensor:
+    def score(self, query_text: str | None, query_image: str | None,
+              candidates: Sequence[tuple[str | None, str | None]]) -> torch.Tensor:
         return torch.tensor([self._score(query_text, query_image, tuple(c)) for c in candidates], dtype=torch.float64)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file (see recipes/configs/mine-*.yaml)")
-    parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
-    parser.add_argument("--push_to_hub", default=None, help="dataset repo id to push to (overrides the config)")
-    parser.add_argument("--seed", type=int, default=None, help="overrides mining.seed")
-    parser.add_argument("--judge", default=None,
-                        help="overrides judge: a folder / repo id, tiny:<family>, or oracle (synthetic data only)")
-    parser.add_argument("--judge_server", default=None,
-                        help="score on an OpenAI-compatible server (vLLM) at this URL, serving the model named by "
-                             "judge (its processor is loaded from there); overrides judge_server")
-    parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="overrides dtype (default auto)")
-    parser.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS,
-                        help="overrides attn_implementation (default auto)")
-    args = parser.parse_args()
-    settings = yaml.safe_load(Path(args.config).read_text())
-    output_dir = Path(args.output_dir or settings.get("output_dir", "runs/mine"))
-    mining_settings = dict(settings.get("mining") or {})
-    if args.seed is not None:
-        mining_settings["seed"] = args.seed
-    config = MiningConfig(**mining_settings)
-    torch.set_num_threads(int(settings.get("threads", 1)))
-    state = distributed_state()
+def main(argv: Sequence[str] | None = None) -> None:
+    script, config = parse_arguments(argv)
+    output_dir = Path(script.output_dir)
+    torch.set_num_threads(script.threads)
+    state = process_state()
 
-    image_root = settings.get("image_root") or (str(output_dir / "images") if settings["data"].startswith("synthetic:") else None)
-    dataset, image_root = load_pairs(settings["data"], image_root, state)
-    where = placement(args.dtype or settings.get("dtype", "auto"),
-                      args.attn_implementation or settings.get("attn_implementation", "auto"), state.device)
-    embedder = load_embedder(settings["embedder"], where)
-    judge_spec = args.judge or settings["judge"]
-    if judge_spec == "oracle" and not settings["data"].startswith("synthetic:"):
-        raise ValueError(f"judge: oracle knows only the synthetic:N data, not data: {settings['data']!r}; name a "
+    synthetic = script.data.startswith(SYNTHETIC_PREFIX)
+    image_root = script.image_root or (str(output_dir / "images") if synthetic else None)
+    dataset, image_root = load_pairs(script.data, image_root, state)
+    where = placement(script.dtype, script.attn_implementation, state.device)
+    embedder = load_embedder(script.embedder, where)
+    if script.judge == "oracle" and not synthetic:
+        raise ValueError(f"judge: oracle knows only the synthetic:N data, not data: {script.data!r}; name a "
                          "judge model (a folder or repo id) instead.")
-    judge_server = args.judge_server or settings.get("judge_server")
-    if judge_server:
-        if judge_spec == "oracle" or judge_spec.startswith("tiny:"):
-            raise ValueError(f"judge_server needs judge to name the served model's folder or repo id, not {judge_spec!r}.")
+    if script.judge_server:
+        if script.judge == "oracle" or script.judge.startswith("tiny:"):
+            raise ValueError(f"judge_server needs judge to name the served model's folder or repo id, not "
+                             f"{script.judge!r}.")
         judge = ServerJudge.from_pretrained(
-            judge_server, judge_spec, official_compat=bool(settings.get("official_compat", False)),
-            max_concurrency=int(settings.get("judge_concurrency", 16)),
-            logprobs_mode=settings.get("judge_logprobs_mode", "raw_logprobs"),
-            server_tag=settings.get("judge_server_tag"),
+            script.judge_server, script.judge, official_compat=script.official_compat,
+            max_concurrency=script.judge_concurrency, logprobs_mode=script.judge_logprobs_mode,
+            server_tag=script.judge_server_tag,
         )
         judge_place = f"judge: {judge!r}"
     else:
-        judge = load_judge(judge_spec, where, official_compat=bool(settings.get("official_compat", False)),
-                           batch_size=int(settings.get("judge_batch_size", 16)))
+        judge = load_judge(script.judge, where, official_compat=script.official_compat,
+                           batch_size=script.judge_batch_size)
         judge_place = describe(judge.model, "judge") if hasattr(judge, "model") else "judge: oracle (no model)"
     print(f"placement: process {state.process_index}: {describe(embedder, 'embedder')}; {judge_place}", flush=True)
     mined = run_mining(dataset, embedder, judge, output_dir, config, image_root=image_root, state=state)
     if not state.is_main_process:
         return
     card = render_dataset_card(
-        name=args.push_to_hub or settings.get("push_to_hub") or output_dir.name, rows=len(mined),
-        embedder=settings["embedder"], judge=judge_spec, official_compat=getattr(judge, "official_compat", False),
+        name=script.push_to_hub or output_dir.name, rows=len(mined),
+        embedder=script.embedder, judge=script.judge, official_compat=getattr(judge, "official_compat", False),
         config=vars(config),
         instruction=getattr(judge, "instruction", "(none: the synthetic oracle reads the ground truth)"),
         report=(output_dir / "summary.txt").read_text(encoding="utf-8").strip(),
     )
     (output_dir / "dataset" / "README.md").write_text(card, encoding="utf-8")
     print(f"dataset saved to {output_dir / 'dataset'} ({len(mined)} rows)")
-    repo_id = args.push_to_hub or settings.get("push_to_hub")
-    if repo_id:
-        url = push_mined_dataset(mined, card, repo_id, output_dir / "hub")
+    if script.push_to_hub:
+        url = push_mined_dataset(mined, card, script.push_to_hub, output_dir / "hub")
         print(f"pushed to {url}")
 
 

@@ -209,3 +209,11 @@ def test_save_to_disk_round_trip_keeps_values_exactly(tmp_path):
 def test_docstring_examples_run():
     results = doctest.testmod(data_module, raise_on_error=False)
     assert results.attempted > 0 and results.failed == 0
+
+
+def test_judge_row_declares_the_dataset_columns():
+    from typing import get_type_hints
+
+    from modeling_unime.data import UNIME_FEATURES, JudgeRow
+
+    assert list(get_type_hints(JudgeRow)) == list(UNIME_FEATURES)

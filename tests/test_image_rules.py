@@ -278,7 +278,8 @@ def test_training_collator_resizes_under_the_training_rule_only_once():
 
 def test_a_changed_image_rule_never_reuses_cached_embeddings_or_scores(tmp_path):
     from modeling_unime.judge import MLLMJudge
-    from modeling_unime.mining import cached_embeddings, judge_fingerprint
+    from modeling_unime.judge import judge_fingerprint
+    from modeling_unime.util.embedding_cache import cached_embeddings
     from modeling_unime.testing import build_tiny_judge, build_tiny_unime
 
     model, processor = build_tiny_unime("qwen2_vl")

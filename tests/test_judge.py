@@ -149,3 +149,27 @@ def test_from_pretrained_places_the_judge_on_the_process_device(tmp_path):
     assert scores.dtype == torch.float32 and bool(((scores > 0) & (scores < 1)).all())
     with pytest.raises(ValueError, match="flash-attn"):
         MLLMJudge.from_pretrained(tmp_path, device="cpu", attn_implementation="flash_attention_2")
+
+
+def test_every_judge_mining_calls_is_a_judge(tmp_path):
+    """One interface (`modeling_unime.judge.Judge`) for everything mining scores with."""
+    import runpy
+
+    from conftest import REPO_ROOT
+    from modeling_unime.judge import FingerprintedJudge, Judge
+    from modeling_unime.judge_server import ServerJudge
+    from modeling_unime.mining import CachedJudge, RootedJudge
+    from modeling_unime.scoring_unime import MultimodalScorer
+    from modeling_unime.testing import build_tiny_reranker
+
+    model, processor = tiny_judge()
+    judge = MLLMJudge(model, processor)
+    reranker, reranker_processor = build_tiny_reranker()
+    oracle = runpy.run_path(str(REPO_ROOT / "recipes" / "mine_hard_negatives.py"), run_name="recipe")
+    server = ServerJudge("http://127.0.0.1:9", processor)  # no request is made
+    judges = [judge, MultimodalScorer(model, processor), server, CachedJudge(judge, tmp_path, "key"),
+              RootedJudge(judge, tmp_path), oracle["SyntheticOracleJudge"](), reranker.scorer(reranker_processor)]
+    for each in judges:
+        assert isinstance(each, Judge), type(each).__name__
+    assert [isinstance(each, FingerprintedJudge) for each in judges] == [False, False, True] + [False] * 4
+    assert not isinstance(object(), Judge)

@@ -122,7 +122,8 @@ def test_missing_image_is_named_before_any_model_runs(tmp_path):
         {"query_text": "q0", "query_image": None, "pos_text": "a", "pos_image": None},
         {"query_text": "q1", "query_image": "shapes/missing.png", "pos_text": "b", "pos_image": None},
     ])
-    with pytest.raises(ValueError, match=r"1 image file\(s\) not found .*row 1 query_image 'shapes/missing.png'"):
+    with pytest.raises(ValueError, match=r"1 of 1 query/positive image file\(s\) not found .*row 1 query_image "
+                                         r"'shapes/missing.png'"):
         mine_hard_negatives(data, AngleEmbedder(), TableJudge({}), image_root=tmp_path, verbose=False)
 
 
@@ -161,3 +162,30 @@ def test_cache_dir_makes_a_repeated_call_free(tmp_path):
     judge.score = lambda *args, **kwargs: pytest.fail("judge scores should come from the cache")
     again, _ = mine_hard_negatives(data, embedder, judge, top_k=3, num_negatives=2, cache_dir=tmp_path, verbose=False)
     assert again.to_list() == first.to_list()
+
+
+@pytest.mark.filterwarnings("ignore::modeling_unime.mining.DegenerateMiningWarning")
+def test_the_callers_judge_is_left_as_it_was_and_gets_paths_under_the_image_root(tmp_path):
+    """The run's image root reaches the judge through the paths it is given (resolved), not through its attributes."""
+    (tmp_path / "shapes").mkdir()
+    for name in ("q0", "q1", "p0", "p1"):
+        (tmp_path / "shapes" / f"{name}.png").write_bytes(b"")
+    data = Dataset.from_list([{"query_text": f"query {i}", "query_image": f"shapes/q{i}.png", "pos_text": f"p{i}",
+                               "pos_image": f"shapes/p{i}.png"} for i in range(2)])
+
+    class RecordingJudge:
+        def __init__(self):
+            self.image_root, self.seen = "/somewhere/else", []
+
+        def score(self, query_text, query_image, candidates):
+            self.seen += [query_image, *(image for _, image in candidates)]
+            return torch.tensor([0.9 if text.startswith("p") else 0.1 for text, _ in candidates])
+
+    for cache_dir in (None, tmp_path / "cache"):
+        judge = RecordingJudge()
+        before = dict(vars(judge))
+        mine_hard_negatives(data, AngleEmbedder(), judge, image_root=tmp_path, cache_dir=cache_dir, top_k=2,
+                            verbose=False)
+        assert vars(judge) == {**before, "seen": judge.seen}
+        assert judge.seen and {str(tmp_path / "shapes" / f"{name}.png") for name in ("q0", "q1", "p0", "p1")} == set(
+            judge.seen)

@@ -1,4 +1,4 @@
-"""Mining caches (issue 12): every setting that changes a score or an embedding changes its cache key, and a damaged
+"""Mining caches: every setting that changes a score or an embedding changes its cache key, and a damaged
 cache or finished-shard file is reported by name and recomputed, giving the clean run's dataset."""
 
 from __future__ import annotations
@@ -14,16 +14,11 @@ import torch
 from datasets import Dataset
 
 import modeling_unime.mining as mining
+from modeling_unime.judge import MLLMJudge, judge_fingerprint
+from modeling_unime.mining import MiningConfig, mine_hard_negatives, run_mining
 from modeling_unime.util import fingerprint
-from modeling_unime.judge import MLLMJudge
-from modeling_unime.mining import (
-    DamagedCacheWarning,
-    MiningConfig,
-    judge_fingerprint,
-    mine_hard_negatives,
-    model_fingerprint,
-    run_mining,
-)
+from modeling_unime.util.files import DamagedCacheWarning
+from modeling_unime.util.fingerprint import model_fingerprint
 from modeling_unime.testing import build_tiny_judge, build_tiny_unime, draw_shape, synthetic_pairs
 from test_mining_recipe import counting  # counts the pairs the judge really scores (judge.pairs)
 

@@ -16,9 +16,9 @@ from datasets import load_dataset, load_from_disk
 
 from conftest import REPO_ROOT
 from modeling_unime.judge import JUDGE_INSTRUCTION, MLLMJudge
-from modeling_unime.mining import MiningConfig, distributed_state, retrieval_device, run_mining
+from modeling_unime.mining import MiningConfig, retrieval_device, run_mining
 from modeling_unime.negative_selection import SelectionStats
-from modeling_unime.placement import attention_kernels, placement
+from modeling_unime.placement import attention_kernels, placement, process_state
 from modeling_unime.testing import build_tiny_judge, build_tiny_unime, synthetic_pairs
 
 CONFIG = MiningConfig(top_k=8, beta=0.0, num_negatives=4, shard_size=3, seed=1)
@@ -217,7 +217,7 @@ def _recipe_functions():
 @pytest.mark.parametrize("dtype, attn", [("auto", "auto"), ("bfloat16", "eager")])
 def test_recipe_models_are_on_the_process_device(dtype, attn):
     recipe = _recipe_functions()
-    where = placement(dtype, attn, distributed_state().device)
+    where = placement(dtype, attn, process_state().device)
     expected_dtype = torch.float32 if dtype == "auto" and where["device"].type == "cpu" else torch.bfloat16
     embedder = recipe["load_embedder"]("tiny:qwen2_vl", where)
     judge = recipe["load_judge"]("tiny:qwen2_5_vl", where, batch_size=4)
@@ -238,7 +238,7 @@ def test_recipe_loads_saved_models_on_the_process_device(tmp_path):
     judge_model, judge_processor = build_tiny_judge()
     judge_model.save_pretrained(tmp_path / "judge")
     judge_processor.save_pretrained(tmp_path / "judge")
-    where = placement("bfloat16", "eager", distributed_state().device)
+    where = placement("bfloat16", "eager", process_state().device)
     loaded_embedder = recipe["load_embedder"](str(tmp_path / "embedder"), where)
     loaded_judge = recipe["load_judge"](str(tmp_path / "judge"), where, official_compat=True)
     for model in (loaded_embedder, loaded_judge.model):
@@ -251,18 +251,58 @@ def test_retrieval_runs_on_the_embedder_device(tiny_world, monkeypatch):
     """The pool and the shard's queries go to the embedder's device before the top-k (CPU here: the same code path
     puts them on the GPU there)."""
     import modeling_unime.mining as mining
+    import modeling_unime.mining.selection as selection
 
     dataset, embedder, image_root = tiny_world
     devices = []
-    top_k = mining.chunked_top_k
+    top_k = selection.chunked_top_k
 
     def recording(queries, pool, *args, **kwargs):
         devices.append((queries.device, pool.device))
         return top_k(queries, pool, *args, **kwargs)
 
-    monkeypatch.setattr(mining, "chunked_top_k", recording)
+    monkeypatch.setattr(selection, "chunked_top_k", recording)
     mining.mine_hard_negatives(dataset, embedder, MLLMJudge(*build_tiny_judge()), config=CONFIG,
                                image_root=image_root, verbose=False)
     assert devices and set(devices) == {(retrieval_device(embedder), retrieval_device(embedder))}
     assert retrieval_device(embedder) == next(embedder.parameters()).device
     assert retrieval_device(object()) == torch.device("cpu")
+
+
+def test_help_lists_every_field_of_the_recipe(capsys):
+    import dataclasses
+
+    recipe = _recipe_functions()
+    with pytest.raises(SystemExit):
+        recipe["parse_arguments"](["--help"])
+    out = "".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    for kind in (recipe["MiningScriptArguments"], MiningConfig):
+        for item in dataclasses.fields(kind):
+            assert f"--{item.name}" in out and "".join(item.metadata["help"].split()) in out, item.name
+    assert "--config" in out
+
+
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "recipes" / "configs").glob("mine-*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses_with_flags_over_it(config):
+    import yaml
+
+    recipe = _recipe_functions()
+    settings = yaml.safe_load(config.read_text())
+    script, mining = recipe["parse_arguments"](["--config", str(config), "--judge", "oracle", "--seed", "5",
+                                                "--output_dir", "elsewhere", "--dtype", "float32"])
+    assert (script.data, script.embedder, script.judge, script.output_dir) == (
+        settings["data"], settings["embedder"], "oracle", "elsewhere")
+    assert (script.dtype, script.official_compat, script.threads) == ("float32", settings["official_compat"],
+                                                                     settings["threads"])
+    assert mining == MiningConfig(**{**settings["mining"], "seed": 5})
+
+
+@pytest.mark.parametrize("text, key", [
+    ("data: synthetic:4\nembedder: tiny:qwen2_vl\njudge: oracle\njudge_batchsize: 4\n", "'judge_batchsize'"),
+    ("data: synthetic:4\nembedder: tiny:qwen2_vl\njudge: oracle\nmining: {top_kk: 5}\n", "'top_kk'"),
+])
+def test_a_misspelt_config_key_is_an_error_naming_it(tmp_path, text, key):
+    config = tmp_path / "mine.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=f"unknown key {key}"):
+        _recipe_functions()["parse_arguments"](["--config", str(config)])

@@ -1,4 +1,5 @@
-"""Hard-negative selection (method.md (a), (c), (d)) against brute force and hand-computed expectations."""
+"""Hard-negative selection (arXiv 2510.13515, Sec. 3.2: retrieval, false-negative filter, cyclical sampling) against
+brute force and hand-computed expectations."""
 
 import doctest
 import math

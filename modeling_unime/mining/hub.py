@@ -1,0 +1,36 @@
+"""The mined dataset on the Hugging Face Hub: the folder a dataset repo receives, and the upload."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from datasets import Dataset
+
+__all__ = ["push_mined_dataset", "write_hub_folder"]
+
+
+def write_hub_folder(dataset: Dataset, card: str, folder: str | os.PathLike) -> Path:
+    """The folder a Hub dataset repo receives: ``README.md`` (the card) and ``data/train-00000-of-00001.parquet``."""
+    folder = Path(folder)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    dataset.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    return folder
+
+
+def push_mined_dataset(
+    dataset: Dataset, card: str, repo_id: str, folder: str | os.PathLike, *, token: str | None = None,
+    private: bool = False,
+) -> str:
+    """Write the Hub folder, create the dataset repo if needed and upload the folder; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    folder = write_hub_folder(dataset, card, folder)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
+        commit_message=f"Hard negatives mined with unime-v2 ({len(dataset)} rows)",
+    )
+    return str(getattr(commit, "commit_url", commit))
