@@ -59,6 +59,7 @@ setup(
         "pillow>=10",
         "pyyaml>=6",
         "tqdm>=4.66",
+        "jinja2>=3.1",  # huggingface_hub.ModelCard.from_template (modeling_unime.card)
     ],
     extras_require={
         # setuptools: tests/test_packaging.py builds the wheel offline (no build isolation; 70.1+ has bdist_wheel).

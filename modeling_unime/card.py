@@ -1,22 +1,37 @@
-"""Model cards made from the ``model_card.md`` template (Hub metadata, usage, training, evaluation, citation)."""
+"""Model and dataset cards: `huggingface_hub.ModelCard` / `DatasetCard` with validated card data.
+
+A model card is the ``model_card.md`` template (a Jinja template, as ``ModelCard.from_template`` reads) filled with
+the checkpoint's usage, inputs, training and evaluation; its metadata is a `huggingface_hub.ModelCardData`
+(library_name, pipeline_tag, base_model, license, tags). ``base_model`` is set only to a Hub repo id: a local folder or
+a ``tiny:`` model is named in the text instead, since the Hub reads ``base_model`` as a link to a repo. The dataset card
+of a mined judge dataset lists its columns from `modeling_unime.data.JudgeRow` and `UNIME_FEATURES`.
+"""
 
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
-from string import Template
 from typing import Any
+
+from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .data import UNIME_FEATURES, JudgeRow
 
 TEMPLATE_NAME = "model_card.md"
 DEFAULT_TAGS = (
     "unime-v2", "multimodal-embedding", "sentence-similarity", "sentence-transformers", "image-text-retrieval"
 )
 RERANKER_TAGS = ("unime-v2", "reranker", "multimodal-reranking", "image-text-retrieval")
+PIPELINE_TAGS = {"embedder": "feature-extraction", "reranker": "text-ranking"}
+# The metadata keys in the order the card shows them.
+METADATA_ORDER = ["library_name", "pipeline_tag", "base_model", "license", "tags"]
 
 EMBEDDER_USAGE = """```python
 from sentence_transformers import SentenceTransformer
 
-model = SentenceTransformer("$repo_id", trust_remote_code=True)
+model = SentenceTransformer("{{ repo_id }}", trust_remote_code=True)
 captions = model.encode(["A man is crossing the street with a red car parked nearby."])
 images = model.encode(["demo.png"], prompt_name="image")      # "Find an image caption describing the given image."
 fused = model.encode([{"image": "demo.png", "text": "What is in the image?"}])
@@ -28,7 +43,7 @@ With transformers alone:
 ```python
 from transformers import AutoModel
 
-model = AutoModel.from_pretrained("$repo_id", trust_remote_code=True)
+model = AutoModel.from_pretrained("{{ repo_id }}", trust_remote_code=True)
 text_embeddings = model.encode(texts=["A man is crossing the street with a red car parked nearby."])
 image_embeddings = model.encode(images=["demo.png"], instruction="Find an image caption describing the given image.")
 print(image_embeddings @ text_embeddings.T)
@@ -40,7 +55,7 @@ Texts from MMEB may keep their `<|image_1|>` placeholder: it is converted to the
 RERANKER_USAGE = """```python
 from transformers import AutoModel
 
-reranker = AutoModel.from_pretrained("$repo_id", trust_remote_code=True)
+reranker = AutoModel.from_pretrained("{{ repo_id }}", trust_remote_code=True)
 query = ("What is shown in the image?", "demo.png")            # text, image, or (text, image)
 candidates = ["A man is crossing the street.", "A dog on a beach.", "A red car parked nearby."]
 order, scores = reranker.rerank(query, candidates, top_k=2)        # listwise: one forward over the list
@@ -49,9 +64,9 @@ yes_probabilities = reranker.score(query, candidates)              # pairwise P(
 
 DESCRIPTIONS = {
     "embedder": "A [UniME-V2](https://arxiv.org/abs/2510.13515) universal multimodal embedding model: a "
-    "`$backbone_type` backbone whose final hidden state at the last token, L2-normalised, embeds a text, an image or "
-    "both ($embedding_dim dimensions).",
-    "reranker": "A [UniME-V2](https://arxiv.org/abs/2510.13515) reranker: a `$backbone_type` model that scores a "
+    "`{{ backbone_type }}` backbone whose final hidden state at the last token, L2-normalised, embeds a text, an "
+    "image or both ({{ embedding_dim }} dimensions).",
+    "reranker": "A [UniME-V2](https://arxiv.org/abs/2510.13515) reranker: a `{{ backbone_type }}` model that scores a "
     "(query, candidate) pair by P(Yes) and a list of candidates by the probability of each candidate's index.",
 }
 
@@ -108,11 +123,39 @@ def find_card_template() -> Path:
     )
 
 
-def render_model_card(
+def hub_repo_id(spec: str | os.PathLike | None) -> str | None:
+    """``spec`` when it names a Hub repo (``owner/name`` or ``name``), else None: a local folder, a ``tiny:`` model
+    or nothing.
+
+    Example:
+        >>> hub_repo_id("Qwen/Qwen2-VL-2B-Instruct"), hub_repo_id("/data/UniME-V2-Qwen2VL-2B")
+        ('Qwen/Qwen2-VL-2B-Instruct', None)
+        >>> hub_repo_id("tiny:qwen2_vl") is None
+        True
+    """
+    if not spec:
+        return None
+    text = os.fspath(spec)
+    if os.path.exists(text):
+        return None
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
+
+
+def _render(template: str, **fields: Any) -> str:
+    import jinja2
+
+    return jinja2.Template(template, undefined=jinja2.StrictUndefined, keep_trailing_newline=True).render(**fields)
+
+
+def build_model_card(
     *,
     model_name: str,
     repo_id: str | None = None,
-    base_model: str | None = None,
+    base_model: str | os.PathLike | None = None,
     backbone_type: str = "qwen2_vl",
     embedding_dim: int | str = "?",
     license: str = "mit",
@@ -122,110 +165,199 @@ def render_model_card(
     kind: str = "embedder",
     image_resize: str = "native",
     image_position_rule: str | None = None,
-) -> str:
-    """Fill the model card template (``kind``: "embedder" or "reranker").
+) -> ModelCard:
+    """The `huggingface_hub.ModelCard` of a checkpoint (``kind``: "embedder" or "reranker").
+
+    Example:
+        >>> card = build_model_card(model_name="my-unime", base_model="Qwen/Qwen2-VL-2B-Instruct", embedding_dim=1536)
+        >>> card.data.base_model, card.data.pipeline_tag, str(card).splitlines()[1]
+        ('Qwen/Qwen2-VL-2B-Instruct', 'feature-extraction', 'library_name: transformers')
+        >>> build_model_card(model_name="m", base_model="/data/my-folder").data.base_model is None
+        True
+    """
+    if kind not in DESCRIPTIONS:
+        raise ValueError(f"kind={kind!r}: use one of {sorted(DESCRIPTIONS)}.")
+    base_repo = hub_repo_id(base_model)
+    tags = [*(RERANKER_TAGS if kind == "reranker" else DEFAULT_TAGS), backbone_type, *(extra_tags or [])]
+    data = ModelCardData(library_name="transformers", pipeline_tag=PIPELINE_TAGS[kind], base_model=base_repo,
+                         license=license, tags=tags)
+    snippet_fields = dict(repo_id=repo_id or model_name, backbone_type=backbone_type, embedding_dim=embedding_dim)
+    base_model_note = None
+    if base_model and base_repo is None:
+        base_model_note = (f"Base model: `{os.fspath(base_model)}`, a local folder rather than a Hub repo, so the "
+                           "card's metadata names no `base_model`.")
+    return ModelCard.from_template(
+        data,
+        template_path=str(find_card_template()),
+        metadata=data.to_yaml(original_order=METADATA_ORDER),
+        model_name=model_name,
+        description=_render(DESCRIPTIONS[kind], **snippet_fields),
+        base_model_note=base_model_note,
+        usage=_render(RERANKER_USAGE if kind == "reranker" else EMBEDDER_USAGE, **snippet_fields),
+        inputs=describe_inputs(kind, backbone_type, image_resize, image_position_rule),
+        training=training or "Not recorded for this checkpoint.",
+        evaluation=evaluation or "Not recorded for this checkpoint.",
+    )
+
+
+def render_model_card(**fields: Any) -> str:
+    """The model card as text (`build_model_card`'s arguments).
 
     Example:
         >>> card = render_model_card(model_name="my-unime", base_model="Qwen/Qwen2-VL-2B-Instruct", embedding_dim=1536)
         >>> card.splitlines()[1]
         'library_name: transformers'
     """
-    if kind not in DESCRIPTIONS:
-        raise ValueError(f"kind={kind!r}: use 'embedder' or 'reranker'.")
-    fields: dict[str, Any] = {
-        "model_name": model_name,
-        "repo_id": repo_id or model_name,
-        "base_model": base_model or "unknown",
-        "backbone_type": backbone_type,
-        "embedding_dim": embedding_dim,
-        "license": license,
-        "training": training or "Not recorded for this checkpoint.",
-        "evaluation": evaluation or "Not recorded for this checkpoint.",
-    }
-    tags = RERANKER_TAGS if kind == "reranker" else DEFAULT_TAGS
-    fields["tags"] = "\n".join(f"- {tag}" for tag in [*tags, backbone_type, *(extra_tags or [])])
-    fields["pipeline_tag"] = "text-ranking" if kind == "reranker" else "feature-extraction"
-    fields["usage"] = Template(RERANKER_USAGE if kind == "reranker" else EMBEDDER_USAGE).substitute(fields)
-    fields["description"] = Template(DESCRIPTIONS[kind]).substitute(fields)
-    fields["inputs"] = describe_inputs(kind, backbone_type, image_resize, image_position_rule)
-    return Template(find_card_template().read_text(encoding="utf-8")).substitute(fields)
+    return str(build_model_card(**fields))
 
 
 def write_model_card(directory: str | os.PathLike, **fields: Any) -> Path:
     """Write ``README.md`` (the Hub model card) into ``directory``."""
     path = Path(directory) / "README.md"
-    path.write_text(render_model_card(**fields), encoding="utf-8")
+    build_model_card(**fields).save(path)
     return path
 
 
+# ------------------------------------------------------------------------------------------------- dataset cards
+
+COLUMN_MEANINGS = {
+    "query_text": "instruction + query text (`<|image_1|>` where the query image goes)",
+    "query_image": "query image path, relative to the image root",
+    "pos_text": "the positive target's text",
+    "pos_image": "the positive target's image path",
+    "neg_texts": "mined hard negatives, in sampled order (duplicates possible when fewer were left)",
+    "neg_images": "the negatives' image paths, one per negative (null for a text-only one)",
+    "judge_scores": "judge scores of [positive, negative_1, ..., negative_n]: index 0 is the positive; 1.0 marks the "
+    "paper's empty-set fallback",
+    "task": "the task the row came from",
+    "source": "the file or dataset the row came from",
+}
+
+
+def _column_type(feature: Any, hint: Any) -> str:
+    """A column's type as stored (the `UNIME_FEATURES` dtype), with ``/ null`` where `JudgeRow` allows None."""
+    arguments = typing.get_args(hint)
+    nullable = type(None) in arguments
+    if nullable:
+        hint = next(argument for argument in arguments if argument is not type(None))
+    if hasattr(feature, "dtype"):
+        text = feature.dtype
+    else:
+        text = f"list[{_column_type(feature.feature, typing.get_args(hint)[0])}]"
+    return f"{text} / null" if nullable else text
+
+
+def judge_dataset_columns() -> str:
+    """The markdown table of a judge dataset's columns: every `JudgeRow` field, its stored type and its meaning.
+
+    Example:
+        >>> print(judge_dataset_columns().splitlines()[3])
+        | query_image | string / null | query image path, relative to the image root |
+    """
+    hints = typing.get_type_hints(JudgeRow)
+    lines = ["| column | type | meaning |", "|---|---|---|"]
+    for column, hint in hints.items():
+        lines.append(f"| {column} | {_column_type(UNIME_FEATURES[column], hint)} | {COLUMN_MEANINGS[column]} |")
+    return "\n".join(lines)
+
+
+SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
+
+
+def size_category(rows: int) -> str:
+    """The Hub's ``size_categories`` value for a dataset of ``rows`` rows.
+
+    Example:
+        >>> size_category(48), size_category(662_000)
+        ('n<1K', '100K<n<1M')
+    """
+    return next((name for bound, name in SIZE_CATEGORIES if rows < bound), "n>1B")
+
+
 DATASET_CARD_TEMPLATE = """---
-task_categories:
-- feature-extraction
-- image-text-to-text
-tags:
-- unime-v2
-- hard-negatives
-- mllm-as-a-judge
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/*.parquet
+{{ card_data }}
 ---
 
-# $name
+# {{ name }}
 
-Hard negatives mined with UniME-V2's MLLM-as-a-Judge pipeline (the `unime-v2` package): global retrieval with an
-embedder, judge scores for every (query, candidate) pair, false-negative filter, cyclical sampling.
+Hard negatives mined with UniME-V2's MLLM-as-a-Judge pipeline (arXiv 2510.13515, Sec. 3.2; the `unime-v2` package):
+global retrieval with an embedder, judge scores for every (query, candidate) pair, false-negative filter, cyclical
+sampling.
 
-- rows: $rows
-- embedder (global retrieval): `$embedder`
-- judge: `$judge` (score = P(Yes) / (P(Yes) + P(No)) at the answer position; official_compat=$official_compat)
-- top_k = $top_k, similarity threshold delta = $delta, beta = $beta, negatives = $num_negatives,
-  interval = $interval, empty-set fallback = $empty_fallback, seed = $seed
+- rows: {{ rows }}
+- embedder (global retrieval): `{{ embedder }}`
+- judge: `{{ judge }}` (score = P(Yes) / (P(Yes) + P(No)) at the answer position; official_compat={{ official_compat }})
+- top_k = {{ top_k }}, similarity threshold delta = {{ delta }}, beta = {{ beta }}, negatives = {{ num_negatives }},
+  interval = {{ interval }}, empty-set fallback = {{ empty_fallback }}, seed = {{ seed }}
 
 ## Columns
 
-| column | type | meaning |
-|---|---|---|
-| query_text | string | instruction + query text (`<|image_1|>` where the query image goes) |
-| query_image | string / null | query image path, relative to the image root |
-| pos_text, pos_image | string, string / null | the positive target |
-| neg_texts, neg_images | list[string], list[string / null] | mined hard negatives, in sampled order (duplicates possible when fewer were left) |
-| judge_scores | list[float64] | judge scores of [positive, negative_1, ..., negative_n]: index 0 is the positive; 1.0 marks the paper's empty-set fallback |
-| task, source | string | where the row came from |
+{{ columns }}
 
 ## Judge prompt
 
 One user turn of the judge's chat template: the instruction, `Query:` (query image, query text), `Candidate:`
 (candidate image, candidate text), then the generation prompt. The instruction:
 
-> $instruction
+> {{ instruction }}
 
 ## Mining report
 
 ```
-$report
+{{ report }}
 ```
 """
+
+
+def build_dataset_card(
+    *, name: str, rows: int, embedder: str, judge: str, official_compat: bool, config: dict[str, Any],
+    instruction: str, report: str,
+) -> DatasetCard:
+    """The `huggingface_hub.DatasetCard` of a mined judge dataset: columns, judge, prompt and every mining setting
+    (``config``: top_k, similarity_threshold, beta, num_negatives, interval, empty_fallback, seed)."""
+    data = DatasetCardData(
+        task_categories=["feature-extraction", "image-text-to-text"],
+        size_categories=[size_category(rows)],
+        tags=["unime-v2", "hard-negatives", "mllm-as-a-judge"],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
+    )
+    return DatasetCard.from_template(
+        data, template_str=DATASET_CARD_TEMPLATE, name=name, rows=rows, embedder=embedder, judge=judge,
+        official_compat=official_compat, top_k=config["top_k"], delta=config["similarity_threshold"],
+        beta=config["beta"], num_negatives=config["num_negatives"], interval=config["interval"],
+        empty_fallback=config["empty_fallback"], seed=config["seed"], columns=judge_dataset_columns(),
+        instruction=instruction, report=report,
+    )
 
 
 def render_dataset_card(
     *, name: str, rows: int, embedder: str, judge: str, official_compat: bool, config: dict[str, Any],
     instruction: str, report: str,
 ) -> str:
-    """The README pushed with a mined dataset: columns, judge, prompt and every mining setting.
+    """The README pushed with a mined dataset, as text (see `build_dataset_card`).
 
     Example:
         >>> card = render_dataset_card(name="d", rows=2, embedder="e", judge="j", official_compat=False,
         ...     config=dict(top_k=50, similarity_threshold=None, beta=0.01, num_negatives=10, interval=5,
         ...                 empty_fallback="paper", seed=0), instruction="I will provide...", report="...")
-        >>> "beta = 0.01" in card
-        True
+        >>> "beta = 0.01" in card, DatasetCard(card).data.size_categories
+        (True, ['n<1K'])
     """
-    return Template(DATASET_CARD_TEMPLATE).substitute(
-        name=name, rows=rows, embedder=embedder, judge=judge, official_compat=official_compat,
-        top_k=config["top_k"], delta=config["similarity_threshold"], beta=config["beta"],
-        num_negatives=config["num_negatives"], interval=config["interval"], empty_fallback=config["empty_fallback"],
-        seed=config["seed"], instruction=instruction, report=report,
-    )
+    return str(build_dataset_card(name=name, rows=rows, embedder=embedder, judge=judge,
+                                  official_compat=official_compat, config=config, instruction=instruction,
+                                  report=report))
+
+
+__all__ = [
+    "build_dataset_card",
+    "build_model_card",
+    "describe_inputs",
+    "find_card_template",
+    "hub_repo_id",
+    "judge_dataset_columns",
+    "render_dataset_card",
+    "render_model_card",
+    "size_category",
+    "write_model_card",
+]

@@ -453,7 +453,7 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
     def scorer(self, processor: UniMEV2Processor | None = None, **scorer_kwargs: Any) -> MultimodalScorer:
         """The scoring engine over this model and the backbone processor (shared with the mining judge)."""
         processor = processor or self.processor
-        backbone_processor = getattr(processor, "_backbone_processor", processor)
+        backbone_processor = getattr(processor, "backbone_processor", processor)
         scorer_kwargs.setdefault("image_resize", getattr(processor, "image_resize", None))
         with evaluation_mode(self):  # the scorer switches the model to eval; a training caller keeps training
             return MultimodalScorer(self, backbone_processor, **scorer_kwargs)

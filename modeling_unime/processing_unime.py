@@ -238,15 +238,17 @@ def resize_image(image: Image.Image, image_resize: str | None) -> Image.Image:
 
 
 def load_image(
-    image: ImageInput, row: int, image_root: str | os.PathLike | None = None, image_resize: str | None = None
+    image: ImageInput, row: int | str, image_root: str | os.PathLike | None = None, image_resize: str | None = None
 ) -> Image.Image | None:
     """Open one image input as an RGB PIL image, resized under ``image_resize`` (default: native size).
 
     Accepts a PIL image, a path (relative paths are resolved against ``image_root``), a ``datasets`` image dict
-    (``{"bytes": ..., "path": ...}``) or None. A missing or unreadable file raises a ValueError naming the row.
+    (``{"bytes": ..., "path": ...}``) or None. A missing or unreadable file raises a ValueError naming the row
+    (``row``: a row number, or a label such as ``"query 'a red car' positive"``).
     """
     if image is None:
         return None
+    where = f"Row {row}" if isinstance(row, int) else str(row)
     if isinstance(image, Image.Image):
         return resize_image(image, image_resize)
     if isinstance(image, dict):
@@ -255,7 +257,7 @@ def load_image(
                 opened = Image.open(io.BytesIO(image["bytes"]))
                 opened.load()
             except Exception as error:
-                raise ValueError(f"Row {row}: the image bytes could not be decoded ({error}).") from error
+                raise ValueError(f"{where}: the image bytes could not be decoded ({error}).") from error
             return resize_image(opened, image_resize)
         image = image.get("path")
         if not image:
@@ -268,7 +270,7 @@ def load_image(
             path = os.path.join(os.fspath(image_root), path)
         if not os.path.isfile(path):
             hint = "pass image_root=" if image_root is None else f"check image_root={os.fspath(image_root)!r}"
-            raise ValueError(f"Row {row}: image file not found: {path!r} ({hint} or fix the path).")
+            raise ValueError(f"{where}: image file not found: {path!r} ({hint} or fix the path).")
         try:
             with Image.open(path) as opened:
                 opened.load()
@@ -276,9 +278,9 @@ def load_image(
                 # Closing the file would invalidate an image returned as opened.
                 return loaded.copy() if loaded is opened else loaded
         except Exception as error:
-            raise ValueError(f"Row {row}: image file {path!r} is not a readable image ({error}).") from error
+            raise ValueError(f"{where}: image file {path!r} is not a readable image ({error}).") from error
     raise ValueError(
-        f"Row {row}: unsupported image input of type {type(image).__name__}; use a PIL image, a path or None."
+        f"{where}: unsupported image input of type {type(image).__name__}; use a PIL image, a path or None."
     )
 
 
@@ -400,6 +402,12 @@ class UniMEV2Processor(ProcessorMixin):
         if name == "image_resize":
             value = canonical_image_resize(value)  # a bad policy fails where it is set, not at the first image
         super().__setattr__(name, value)
+
+    @property
+    def backbone_processor(self) -> ProcessorMixin:
+        """The backbone family's own processor (Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision) that this one drives: the
+        judge and reranker prompts are rendered with its chat template."""
+        return self._backbone_processor
 
     @property
     def image_token(self) -> str:

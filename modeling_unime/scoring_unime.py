@@ -141,7 +141,7 @@ class PromptBuilder:
 
     Example:
         >>> from modeling_unime.testing import build_tiny_processor
-        >>> prompts = PromptBuilder(build_tiny_processor("qwen2_5_vl")._backbone_processor)
+        >>> prompts = PromptBuilder(build_tiny_processor("qwen2_5_vl").backbone_processor)
         >>> "Query:What colour?Candidate:red<|im_end|>" in prompts.render(("What colour?", None), ("red", None))
         True
     """

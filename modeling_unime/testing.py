@@ -315,7 +315,7 @@ def build_tiny_judge(
         for name, parameter in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 parameter.mul_(sharpen)
-    return model, build_tiny_processor(backbone_type, tokenizer, max_pixels=max_pixels)._backbone_processor
+    return model, build_tiny_processor(backbone_type, tokenizer, max_pixels=max_pixels).backbone_processor
 
 
 def build_tiny_reranker(
@@ -464,7 +464,7 @@ def save_in_authors_layout(
     if model.generation_config is not None:
         model.generation_config.save_pretrained(directory)
     save_file(authors_state_dict(model), directory / "model.safetensors", metadata={"format": "pt"})
-    backbone_processor = processor._backbone_processor
+    backbone_processor = processor.backbone_processor
     BACKBONE_PROCESSOR_CLASSES[processor.backbone_type].save_pretrained(backbone_processor, directory)
     return directory
 

@@ -213,7 +213,7 @@ def _write_processor_files(processor: Any, destination: Path) -> str:
     """Save the backbone processor and tokenizer; the chat template becomes the embedding template. Returns it."""
     from .processing_unime import BACKBONE_PROCESSOR_CLASSES
 
-    backbone_processor = processor._backbone_processor
+    backbone_processor = processor.backbone_processor
     template = embedding_chat_template(processor.backbone_type, backbone_processor.chat_template)
     BACKBONE_PROCESSOR_CLASSES[processor.backbone_type].save_pretrained(backbone_processor, destination)
     # One chat template in the folder, the embedding one: older files or keys would shadow it in some loaders. No

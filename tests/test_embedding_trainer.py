@@ -18,7 +18,8 @@ from conftest import REPO_ROOT
 from modeling_unime.testing import build_tiny_processor, build_tiny_unime, synthetic_judge_dataset
 from trainers import UniMEV2Collator, UniMEV2Trainer, UniMEV2TrainingArguments
 from trainers.adapters import LANGUAGE_MODEL_TARGETS, adapter_config, prepare_for_training, save_checkpoint
-from trainers.embedding_trainer import RandomState
+from modeling_unime.util.seeding import row_rng
+from trainers.embedding_trainer import Loss, RandomState
 
 ROW = dict(query_text="a red circle", query_image=None, pos_text="red", pos_image=None,
            neg_texts=["n0", "n1", "n2", "n3", "n4"], neg_images=[None] * 5, judge_scores=[0.9, 0.5, 0.4, 0.3, 0.2, 0.1])
@@ -60,6 +61,42 @@ def test_collator_first_random_and_cycling():
         first([dict(ROW, judge_scores=[0.9, 0.5])])
     with pytest.raises(ValueError, match="negative_selection"):
         UniMEV2Collator(processor, negative_selection="hardest")
+
+
+def test_random_negatives_are_the_rows_own_draw_and_first_is_the_authors():
+    """"random" draws from `row_rng` (seed, epoch, the row's query and positive): the same row in any batch, worker or
+    process draws the same; "first" is the authors' first k, in order, every epoch."""
+    processor = build_tiny_processor("qwen2_vl")
+    drawn = UniMEV2Collator(processor, num_negatives=3, negative_selection="random", seed=5)
+    for epoch in (0, 1, 7):
+        drawn.set_epoch(epoch)
+        assert drawn.choose_negatives(ROW) == row_rng(5, epoch, ROW, "negatives").sample(range(5), 3)
+        assert drawn.choose_negatives(dict(ROW, neg_texts=list(ROW["neg_texts"]))) == drawn.choose_negatives(ROW)
+    assert len({tuple(drawn.choose_negatives(dict(ROW, pos_text=f"p{i}"))) for i in range(8)}) > 1  # per row
+    first = UniMEV2Collator(processor, num_negatives=4, negative_selection="first", seed=5)
+    for epoch in (0, 3):
+        first.set_epoch(epoch)
+        assert first.choose_negatives(ROW) == [0, 1, 2, 3]
+
+
+def test_negative_selection_and_loss_are_enums_that_read_as_strings(tmp_path):
+    processor = build_tiny_processor("qwen2_vl")
+    assert UniMEV2Collator(processor, negative_selection="random").negative_selection == "random"
+    with pytest.raises(ValueError, match=r"negative_selection='hardest': use one of \['first', 'random'\]"):
+        UniMEV2Collator(processor, negative_selection="hardest")
+    args = training_args(tmp_path, loss="infonce", negative_selection="random")
+    assert args.loss is Loss.INFONCE and args.loss == "infonce" and f"{args.loss}" == "infonce"
+    assert args.to_dict()["loss"] == "infonce" and args.to_dict()["negative_selection"] == "random"
+    with pytest.raises(ValueError, match=r"loss='soft-label': use one of \['soft_label', 'infonce', 'hybrid'\]"):
+        training_args(tmp_path, loss="soft-label")
+
+
+def test_a_missing_training_image_names_the_candidate(tmp_path):
+    collate = UniMEV2Collator(build_tiny_processor("qwen2_vl"), num_negatives=2, image_root=tmp_path)
+    with pytest.raises(ValueError, match=r"^query 'a red circle' positive: image file not found: .*gone\.png"):
+        collate([dict(ROW, pos_image="gone.png")])
+    with pytest.raises(ValueError, match=r"^query 'a red circle' negative 1: image file not found: .*n1\.png"):
+        collate([dict(ROW, neg_images=[None, "n1.png", None, None, None])])
 
 
 BAD_ROWS = {
@@ -515,3 +552,78 @@ def test_recipe_pushes_the_final_checkpoint_with_its_card(tmp_path, monkeypatch,
     assert "held-out judge_agreement" in card and "2 steps" in card
     assert os.path.isfile(os.path.join(folder, "modeling_unime.py"))
     assert "pushed to org/tiny-unime" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ recipe arguments
+
+
+def _recipe_fields():
+    import dataclasses
+
+    from trainers.recipe_runner import AdapterArguments, DataArguments, ScriptArguments
+
+    return [field for kind in (ScriptArguments, DataArguments, AdapterArguments, UniMEV2TrainingArguments)
+            for field in dataclasses.fields(kind) if field.init]
+
+
+def test_recipe_help_lists_every_field_with_its_help():
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    shown = subprocess.run([sys.executable, str(REPO_ROOT / "recipes" / "train_embedding.py"), "--help"],
+                           env=environment, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    missing = [field.name for field in _recipe_fields()
+               if field.name != "push_to_hub" and f"--{field.name} " not in shown.stdout
+               and f"--{field.name}\n" not in shown.stdout and f"--{field.name}," not in shown.stdout]
+    assert missing == []
+    assert "--config FILE.yaml" in shown.stdout and "model repo id to push the final checkpoint to" in shown.stdout
+    assert "--loss {soft_label,infonce,hybrid}" in shown.stdout and "--negative_selection {first,random}" in shown.stdout
+    # Every field of ours carries its help (TrainingArguments' own fields have theirs).
+    from trainers.recipe_runner import AdapterArguments, DataArguments, ScriptArguments
+
+    ours = {name for kind in (ScriptArguments, DataArguments, AdapterArguments, UniMEV2TrainingArguments)
+            for name in kind.__annotations__}
+    assert [field.name for field in _recipe_fields() if field.name in ours and not field.metadata.get("help")] == []
+
+
+def test_recipe_arguments_come_from_the_yaml_sections_and_the_flags(tmp_path):
+    from trainers.recipe_runner import EMBEDDER, parse_training_recipe
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "run", batch=4, steps=2, gradcache=True)
+                      + "adapter: {r: 8}\nimage_resize: authors-eval\n")
+    parsed = parse_training_recipe(EMBEDDER, ["--config", str(config), "--max_steps", "5", "--push_to_hub", "org/m",
+                                              "--negative_selection", "random", "--data_eval", "synthetic-judge:4"])
+    script, data, training = parsed.script, parsed.data, parsed.training
+    assert (script.model, script.finetuning, script.image_resize, script.push_to_hub) == (
+        "tiny:qwen2_vl", "full", "authors-eval", "org/m")
+    assert (data.data_train, data.data_eval) == ("synthetic-judge:48", "synthetic-judge:4")
+    assert parsed.adapter.settings({}) == {"r": 8}
+    assert training.max_steps == 5 and training.gradcache is True and training.gradcache_chunk_size == 3
+    assert training.negative_selection == "random" and training.output_dir == str(tmp_path / "run")
+    assert training.push_to_hub is False  # the Trainer never pushes: the script does, once, with the card
+    # The recipe's own defaults apply where the config and the flags are silent: held-out data -> eval_on_start, a
+    # run without an accelerator -> use_cpu, no reporting.
+    assert training.eval_on_start is True and parsed.evaluate_on_start is True and training.report_to == []
+    kept = parse_training_recipe(EMBEDDER, ["--config", str(config), "--eval_on_start", "false"])
+    assert kept.training.eval_on_start is False and kept.evaluate_on_start is False
+
+
+@pytest.mark.parametrize("text, message", [
+    ("training: {num_negative: 4}", r"unknown key 'num_negative' \(did you mean 'num_negatives'"),
+    ("data: {train: synthetic-judge:4, evl: x}", r"unknown key 'data.evl' \(did you mean 'data_eval'"),
+    ("adaptr: {r: 4}", r"unknown key 'adaptr'"),
+    ("training: {loss: soft-label}", r"loss='soft-label': use one of"),
+])
+def test_a_misspelt_recipe_key_is_an_error(tmp_path, text, message):
+    from trainers.recipe_runner import EMBEDDER, parse_training_recipe
+
+    config = tmp_path / "recipe.yaml"
+    base = {"model": "tiny:qwen2_vl", "data": {"train": "synthetic-judge:4"}, "training": {"output_dir": "out"}}
+    import yaml
+
+    extra = yaml.safe_load(text)
+    for key, value in extra.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(base.get(key), dict) else value
+    config.write_text(yaml.safe_dump(base))
+    with pytest.raises(ValueError, match=message):
+        parse_training_recipe(EMBEDDER, ["--config", str(config)])

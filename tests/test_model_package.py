@@ -10,6 +10,7 @@ from functools import lru_cache
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub import DatasetCard, ModelCard
 from PIL import Image
 from safetensors import safe_open
 
@@ -291,6 +292,42 @@ def test_authors_layout_loads_every_weight_and_matches_their_recipe(family, tmp_
     torch.testing.assert_close(ours, authors_recipe(causal_lm, batch), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind, pipeline_tag", [("embedder", "feature-extraction"), ("reranker", "text-ranking")])
+def test_model_cards_carry_validated_card_data(tmp_path, kind, pipeline_tag):
+    from modeling_unime.card import render_model_card, write_model_card
+
+    card = ModelCard(render_model_card(model_name="m", base_model="Qwen/Qwen2-VL-2B-Instruct", kind=kind,
+                                       extra_tags=["demo"], repo_id="org/m"))
+    assert card.data.base_model == "Qwen/Qwen2-VL-2B-Instruct" and card.data.pipeline_tag == pipeline_tag
+    assert card.data.library_name == "transformers" and card.data.license == "mit"
+    assert {"unime-v2", "qwen2_vl", "demo"} <= set(card.data.tags)
+    assert str(card).startswith("---\nlibrary_name: transformers\npipeline_tag: ")  # the order METADATA_ORDER gives
+    # Neither a tiny model, a local folder nor nothing becomes metadata; "unknown" never appears.
+    for base_model in (None, "tiny:qwen2_vl", str(tmp_path)):
+        text = render_model_card(model_name="m", base_model=base_model, kind=kind)
+        assert ModelCard(text).data.base_model is None and "unknown" not in text
+    path = write_model_card(tmp_path, model_name="m", base_model=str(tmp_path), kind=kind, training="3 steps")
+    assert ModelCard.load(path).data.base_model is None and "3 steps" in path.read_text()
+    with pytest.raises(ValueError, match="kind='ranker'"):
+        render_model_card(model_name="m", kind="ranker")
+
+
+def test_dataset_card_lists_the_judge_row_columns():
+    from modeling_unime.card import render_dataset_card
+    from modeling_unime.data import JudgeRow
+
+    card = DatasetCard(render_dataset_card(
+        name="d", rows=1500, embedder="e", judge="j", official_compat=True, report="done", instruction="Judge it.",
+        config=dict(top_k=50, similarity_threshold=0.9, beta=0.01, num_negatives=10, interval=5,
+                    empty_fallback="paper", seed=3)))
+    assert card.data.size_categories == ["1K<n<10K"] and "mllm-as-a-judge" in card.data.tags
+    assert card.data.configs[0]["data_files"][0]["path"] == "data/*.parquet"
+    rows = [line for line in card.text.splitlines() if line.startswith("| ") and not line.startswith("| column")]
+    assert [line.split(" | ")[0].removeprefix("| ") for line in rows] == list(JudgeRow.__annotations__)
+    assert "| neg_images | list[string / null] |" in card.text and "| judge_scores | list[float64] |" in card.text
+    assert "delta = 0.9, beta = 0.01" in card.text and "official_compat=True" in card.text
+
+
 def test_converter_writes_a_self_contained_checkpoint(tmp_path):
     causal_lm, _, processor = tiny("qwen2_vl")
     source = save_in_authors_layout(causal_lm, processor, tmp_path / "UniME-V2-Qwen2VL-tiny")
@@ -307,8 +344,13 @@ def test_converter_writes_a_self_contained_checkpoint(tmp_path):
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_unime.UniMEV2Processor"
     card = (destination / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: feature-extraction\n")
-    assert f"base_model: {source}" in card and 'AutoModel.from_pretrained("org/unime-tiny"' in card
+    assert 'AutoModel.from_pretrained("org/unime-tiny"' in card
     assert "- qwen2_vl" in card and "$" not in card.split("```bibtex")[0]
+    # A local folder is no Hub repo: the card names it in the text, never in the metadata (and never "unknown").
+    metadata = ModelCard(card).data
+    assert metadata.base_model is None and "base_model" not in card.split("\n---\n", 1)[0]
+    assert f"Base model: `{source}`, a local folder" in card
+    assert (metadata.library_name, metadata.pipeline_tag, metadata.license) == ("transformers", "feature-extraction", "mit")
     converted = UniMEV2Model.from_pretrained(destination)
     assert converted.processor.image_resize == "square:1344"
     assert converted.config.image_position_rule == "vision_start_only"

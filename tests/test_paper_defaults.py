@@ -2,9 +2,10 @@
 
 References (each assertion names its own):
 - [paper] Gu et al., "UniME-V2: MLLM-as-a-Judge for Universal Multimodal Embedding Learning" (arXiv 2510.13515),
-  as summarised in shared/method.md section (e) ("tau = 0.02, k = 8 negatives", ablations k = 4/6/8/10 and
-  tau = 0.01/0.02/0.03, 2,000 steps, lr 1e-4 for Qwen2-VL and 2e-5 for LLaVA-OV, warmup 200, bf16, GradCache chunk 2,
-  672x672 / 336x336 training images, global batch 1024) and (f) (reranker LoRA r 128, alpha 256, dropout 0.05).
+  Sec. 3.3, Eq. 6-7 (the soft-label alignment, the same tau on both distributions) and Sec. 4.1 (tau = 0.02,
+  k = 8 negatives, 2,000 steps, lr 1e-4 for Qwen2-VL and 2e-5 for LLaVA-OV, warmup 200, bf16, GradCache chunk 2,
+  672x672 / 336x336 training images, global batch 1024; the reranker's LoRA r 128, alpha 256, dropout 0.05) and its
+  ablations (k = 4/6/8/10, tau = 0.01/0.02/0.03).
 - [code] github.com/GaryGuTC/UniME-v2 at e3deb7343984f15df45469ae201f4f53dea121a2:
   Embedding/src/arguments.py (temperature 0.02, lora_r 16, lora_alpha 64, lora_dropout 0.1,
   select_hard_negative_num 8), Embedding/src/model.py (LoraConfig(..., init_lora_weights="gaussian", use_dora=True)),
@@ -26,16 +27,16 @@ from modeling_unime.processing_unime import canonical_image_resize
 from modeling_unime.testing import build_tiny_processor, build_tiny_unime, synthetic_judge_dataset
 from trainers import InfoNCELoss, SoftLabelAlignmentLoss, UniMEV2Collator, UniMEV2Trainer, UniMEV2TrainingArguments
 from trainers.adapters import LANGUAGE_MODEL_TARGETS, RERANKER_ADAPTER, adapter_config
-from trainers.recipe_runner import EMBEDDER, RERANKER
+from trainers.recipe_runner import EMBEDDER, RERANKER, parse_training_recipe
 
-PAPER_TEMPERATURE = 0.02  # [paper] (e) tau = 0.02 on both P and Q; [code] arguments.py temperature=0.02
-PAPER_NUM_NEGATIVES = 8  # [paper] (e) k = 8 of the 10 mined; [code] select_hard_negative_num(_4_training)=8
+PAPER_TEMPERATURE = 0.02  # [paper] Sec. 4.1 tau = 0.02 on both P and Q; [code] arguments.py temperature=0.02
+PAPER_NUM_NEGATIVES = 8  # [paper] Sec. 4.1 k = 8 of the 10 mined; [code] select_hard_negative_num(_4_training)=8
 PAPER_CHUNK = 2  # [code] train_qwen2vl.sh --gc_q_chunk_size 2 --gc_p_chunk_size 2
 
 
 def test_training_arguments_defaults_are_the_papers(tmp_path):
     args = UniMEV2TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
-    assert args.loss == "soft_label"  # [paper] (e): the judgment-based soft-label alignment is the method's loss
+    assert args.loss == "soft_label"  # [paper] Sec. 3.3: the judgment-based soft-label alignment is the method's loss
     assert args.contrastive_temperature == PAPER_TEMPERATURE
     assert args.num_negatives == PAPER_NUM_NEGATIVES
     assert args.negative_selection == "first"  # [code] collator.py: the first k negatives, the same every epoch
@@ -76,7 +77,7 @@ def test_adapter_defaults_are_the_authors_dora():
     assert (config.r, config.lora_alpha, config.lora_dropout) == (16, 64, 0.1)
     assert config.init_lora_weights == "gaussian"
     assert config.bias == "none"
-    # [paper]/method.md (e): q/k/v/o/down_proj of the language model only; the vision tower stays frozen.
+    # [code] model.py: q/k/v/o/down_proj of the language model only; the vision tower stays frozen.
     assert config.target_modules == LANGUAGE_MODEL_TARGETS
     targeted = {
         "model.language_model.layers.0.self_attn.q_proj": True,
@@ -97,14 +98,14 @@ def test_adapter_defaults_are_the_authors_dora():
 
 
 def test_reranker_adapter_defaults_are_the_papers():
-    # [paper]/method.md (f): LoRA r=128, alpha 256, dropout 0.05, language model only, vision tower frozen.
+    # [paper] Sec. 4.1: LoRA r=128, alpha 256, dropout 0.05, language model only, vision tower frozen.
     assert RERANKER.default_finetuning == "lora"
     assert (RERANKER_ADAPTER["r"], RERANKER_ADAPTER["alpha"], RERANKER_ADAPTER["dropout"]) == (128, 256, 0.05)
     assert re.fullmatch(RERANKER_ADAPTER["target_modules"], "model.visual.blocks.0.attn.qkv") is None
 
 
 PAPER_CONFIGS = {
-    # config: (learning rate, training image rule). [paper] (e): lr 1e-4 for Qwen2-VL (= [code] train_qwen2vl.sh),
+    # config: (learning rate, training image rule). [paper] Sec. 4.1: lr 1e-4 for Qwen2-VL (= [code] train_qwen2vl.sh),
     # 2e-5 for LLaVA-OV (the paper's value; the authors' train_llavaOV.sh uses 1e-4); images 672x672 / 336x336.
     "qwen2vl-2b.yaml": (1e-4, "authors-train-qwen2vl"),
     "qwen2vl-7b.yaml": (1e-4, "authors-train-qwen2vl"),
@@ -133,7 +134,7 @@ def test_paper_recipe_configs_carry_the_papers_settings(name):
 
 
 def test_training_image_presets_are_the_authors_sizes():
-    # [paper]/method.md (e) and (4): 672x672 (Qwen2-VL) and 336x336 (LLaVA-OV) in training, 1344x1344 at evaluation.
+    # [paper] Sec. 4.1: 672x672 (Qwen2-VL) and 336x336 (LLaVA-OV) in training, 1344x1344 at evaluation.
     assert canonical_image_resize("authors-train-qwen2vl") == "square:672"
     assert canonical_image_resize("authors-train-llava-ov") == "square:336"
     assert canonical_image_resize("authors-eval") == "square:1344"
@@ -143,3 +144,24 @@ def test_the_readme_states_the_same_defaults():
     readme = Path(REPO_ROOT / "README.md").read_text()
     assert "DoRA r16/a64, tau 0.02, k=8, 2,000 steps, GradCache chunk 2" in readme
     assert "tau 0.02" in readme and "`negative_selection` (`first` as the authors" in readme
+
+
+SHIPPED_TRAINING_CONFIGS = {
+    "tiny-cpu.yaml": EMBEDDER, "qwen2vl-2b.yaml": EMBEDDER, "qwen2vl-7b.yaml": EMBEDDER, "llava-ov-7b.yaml": EMBEDDER,
+    "reranker-tiny-cpu.yaml": RERANKER, "reranker-qwen25vl-7b.yaml": RERANKER,
+}
+
+
+@pytest.mark.parametrize("name", list(SHIPPED_TRAINING_CONFIGS))
+def test_every_shipped_training_config_parses_into_the_recipe_arguments(name):
+    """The recipe reads each shipped YAML unchanged: every key names a field and every value reaches it."""
+    path = REPO_ROOT / "recipes" / "configs" / name
+    settings = yaml.safe_load(path.read_text())
+    parsed = parse_training_recipe(SHIPPED_TRAINING_CONFIGS[name], ["--config", str(path)])
+    assert parsed.script.model == settings["model"] and parsed.data.data_train == settings["data"]["train"]
+    for key, value in settings["training"].items():
+        assert getattr(parsed.training, key) == value, key
+    for key, value in (settings.get("adapter") or {}).items():
+        assert getattr(parsed.adapter, f"adapter_{key}") == value, key
+    if name in PAPER_CONFIGS:
+        assert parsed.adapter.settings(EMBEDDER.default_adapter) == {"r": 16, "alpha": 64, "dropout": 0.1}

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from modeling_unime import UniMEV2Reranker
 from modeling_unime.scoring_unime import JUDGE_INSTRUCTION, LISTWISE_INSTRUCTION
+from modeling_unime.util.seeding import row_rng
 from modeling_unime.testing import (
     build_tiny_causal_lm,
     build_tiny_reranker,
@@ -148,6 +149,22 @@ def test_listed_negatives_are_the_top_x_by_judge_score_ties_at_random():
     collator = RerankerCollator(processor, listwise_negatives=3, seed=0)
     assert sorted(collator.listwise_candidates(row)[0]) == [1, 4, 5]
     assert collator.hardest_negative(row) == 5
+
+
+def test_reranker_draws_come_from_the_rows_own_generator():
+    """Tie-breaks, the list order and the positive's slot are `row_rng(seed, epoch, row, purpose)` draws, in that
+    order: the same row draws the same in any batch, worker or process."""
+    collator = RerankerCollator(build_tiny_processor("qwen2_5_vl"), listwise_negatives=3, seed=4)
+    collator.set_epoch(2)
+    scores = ROW["judge_scores"][1:]
+    rng = row_rng(4, 2, ROW, "listwise")
+    ties = {position: rng.random() for position in range(5)}
+    negatives = sorted(range(5), key=lambda position: (-scores[position], ties[position]))[:3]
+    rng.shuffle(negatives)
+    assert collator.listwise_candidates(dict(ROW)) == (negatives, rng.randrange(4))
+    rng = row_rng(4, 2, ROW, "pairwise")
+    ties = {position: rng.random() for position in range(5)}
+    assert collator.hardest_negative(ROW) == min(range(5), key=lambda position: (-scores[position], ties[position]))
 
 
 def test_listed_negatives_prefer_the_positive_kind():

@@ -1,11 +1,13 @@
 """Training UniME-V2 models: losses, collators and Trainer subclasses."""
 
-from .collator import UniMEV2Collator
-from .embedding_trainer import UniMEV2Trainer, UniMEV2TrainingArguments
+from .collator import NegativeSelection, UniMEV2Collator
+from .embedding_trainer import Loss, UniMEV2Trainer, UniMEV2TrainingArguments
 from .losses import InfoNCELoss, SoftLabelAlignmentLoss
 
 __all__ = [
     "InfoNCELoss",
+    "Loss",
+    "NegativeSelection",
     "SoftLabelAlignmentLoss",
     "UniMEV2Collator",
     "UniMEV2Trainer",

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from modeling_unime.data import JudgeRow
 from modeling_unime.processing_unime import UniMEV2Processor, canonical_image_resize, load_image
+from modeling_unime.util.seeding import row_rng
 
-NEGATIVE_SELECTIONS = ("first", "random")
+from .common import Choice
+
+
+class NegativeSelection(Choice):
+    """Which of a row's mined negatives a query trains on (`UniMEV2Collator.negative_selection`)."""
+
+    FIRST = "first"
+    RANDOM = "random"
+
+
+NEGATIVE_SELECTIONS = tuple(member.value for member in NegativeSelection)
 
 
 def load_training_image(image: Any, image_root: Any, image_resize: str | None, where: str):
     """One training image as RGB PIL (or None), resized under ``image_resize`` (see
-    `modeling_unime.processing_unime.canonical_image_resize`); errors name ``where``."""
-    try:
-        return load_image(image, 0, image_root, image_resize)
-    except ValueError as error:
-        raise ValueError(f"{where}: {str(error).removeprefix('Row 0: ')}") from error
+    `modeling_unime.processing_unime.canonical_image_resize`); a missing or unreadable image raises a ValueError
+    that names ``where`` (e.g. "query 'a red circle' negative 3")."""
+    return load_image(image, where, image_root, image_resize)
 
 
 def training_image_resize(processor: Any, image_resize: str | None, image_size: int | None) -> str:
@@ -48,12 +56,13 @@ def _as_float(value: Any) -> float | None:
 
 @dataclass
 class UniMEV2Collator:
-    """Turns rows of the judge dataset (``query_text``, ``query_image``, ``pos_text``, ``pos_image``, ``neg_texts``,
-    ``neg_images``, ``judge_scores``) into model inputs.
+    """Turns rows of the judge dataset (`modeling_unime.data.JudgeRow`: ``query_text``, ``query_image``, ``pos_text``,
+    ``pos_image``, ``neg_texts``, ``neg_images``, ``judge_scores``) into model inputs.
 
     Each query gets 1 + ``num_negatives`` candidates, the positive first. The negatives are the row's first ``k``
-    (``negative_selection="first"``, as the authors' runs) or ``k`` drawn without replacement per epoch
-    (``"random"``, seeded by ``seed``, the epoch and the row's content). A row with fewer than ``k`` negatives
+    (``negative_selection="first"``, as the authors' ``Embedding/src/collator.py``) or ``k`` drawn without
+    replacement per epoch (``"random"``, from `modeling_unime.util.seeding.row_rng`: the seed, the epoch and the row's
+    query and positive). A row with fewer than ``k`` negatives
     repeats them in order. Images are resized under ``image_resize`` (the paper trains at ``"authors-train-qwen2vl"``,
     672x672, for Qwen2-VL and ``"authors-train-llava-ov"``, 336x336, for LLaVA-OneVision); by default under the
     processor's own rule. ``image_size=N`` is the older spelling of ``image_resize="square:N"``.
@@ -80,7 +89,7 @@ class UniMEV2Collator:
 
     processor: UniMEV2Processor
     num_negatives: int = 8
-    negative_selection: str = "first"
+    negative_selection: NegativeSelection | str = NegativeSelection.FIRST
     seed: int = 0
     image_root: str | os.PathLike | None = None
     image_size: int | None = None
@@ -90,8 +99,7 @@ class UniMEV2Collator:
     epoch: int = 0
 
     def __post_init__(self) -> None:
-        if self.negative_selection not in NEGATIVE_SELECTIONS:
-            raise ValueError(f"negative_selection={self.negative_selection!r}: use one of {NEGATIVE_SELECTIONS}.")
+        self.negative_selection = NegativeSelection(self.negative_selection)
         if self.num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}.")
         self.training_image_resize = training_image_resize(self.processor, self.image_resize, self.image_size)
@@ -100,7 +108,7 @@ class UniMEV2Collator:
         """Called at each epoch start (by `UniMEV2Trainer`): a new draw for ``negative_selection="random"``."""
         self.epoch = int(epoch)
 
-    def choose_negatives(self, row: dict[str, Any]) -> list[int]:
+    def choose_negatives(self, row: JudgeRow) -> list[int]:
         """Positions of the row's negatives to train on."""
         available = len(row["neg_texts"])
         k = self.num_negatives
@@ -111,12 +119,9 @@ class UniMEV2Collator:
                 f"A row has no negatives but num_negatives={k} (query {row['query_text']!r}); mine it again or set "
                 "num_negatives=0."
             )
-        if self.negative_selection == "first" or available <= k:
+        if self.negative_selection == NegativeSelection.FIRST or available <= k:
             return [position % available for position in range(k)]
-        digest = hashlib.sha256(
-            repr((self.seed, self.epoch, row["query_text"], row["query_image"], row["pos_text"], row["pos_image"])).encode()
-        ).digest()
-        return random.Random(digest).sample(range(available), k)
+        return row_rng(self.seed, self.epoch, row, "negatives").sample(range(available), k)
 
     def _image(self, image: Any, where: str):
         return load_training_image(image, self.image_root, self.training_image_resize, where)
@@ -134,7 +139,7 @@ class UniMEV2Collator:
         ]
 
     @staticmethod
-    def check_row(row: dict[str, Any], index: int | None = None) -> list[Any]:
+    def check_row(row: JudgeRow, index: int | None = None) -> list[Any]:
         """Check one row of the judge dataset; returns its ``neg_images`` (one per negative text, None for a
         text-only one). Raises ``ValueError`` naming the row (query text, position in the batch) and the fix when
         ``judge_scores`` is not [positive, one per negative] of finite probabilities in [0, 1], or ``neg_images`` is
@@ -186,7 +191,7 @@ class UniMEV2Collator:
             )
         return list(neg_images)
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, rows: Sequence[JudgeRow]) -> dict[str, Any]:
         queries, candidates, scores = [], [], []
         for index, row in enumerate(rows):
             neg_images = self.check_row(row, index)
@@ -206,4 +211,6 @@ class UniMEV2Collator:
         }
 
 
-__all__ = ["UniMEV2Collator", "NEGATIVE_SELECTIONS", "load_training_image", "training_image_resize"]
+__all__ = [
+    "NEGATIVE_SELECTIONS", "NegativeSelection", "UniMEV2Collator", "load_training_image", "training_image_resize"
+]

@@ -1,11 +1,27 @@
-"""Pieces both trainers share: metric logging, loss-only evaluation, epoch-aware collators."""
+"""Pieces both trainers share: string options, the judge-dataset collator, metric logging, loss-only evaluation."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
+from enum import Enum
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+
+class Choice(str, Enum):
+    """A string option with a fixed set of values: equal to its value, printed as it, and built from it with an error
+    that lists the values (``NegativeSelection("hardest")`` -> "negative_selection='hardest': use one of [...]")."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def _missing_(cls, value: object):
+        option = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+        raise ValueError(f"{option}={value!r}: use one of {[member.value for member in cls]}.")
 
 
 class EpochToCollator(TrainerCallback):
@@ -16,6 +32,29 @@ class EpochToCollator(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.collator.set_epoch(int(state.epoch or 0))
+
+
+class JudgeDatasetMixin:
+    """For `transformers.Trainer` subclasses trained on the judge dataset: without a ``data_collator``, the one
+    `make_collator` builds from the arguments, the processor and the image settings (``image_root``, ``image_size``,
+    ``image_resize``); a collator with ``set_epoch`` is told each epoch start."""
+
+    def __init__(
+        self, *args: Any, image_root: Any = None, image_size: int | None = None, image_resize: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        training_args = kwargs.get("args") or args[1]
+        processor = kwargs.get("processing_class")
+        if kwargs.get("data_collator") is None and processor is not None:
+            kwargs["data_collator"] = self.make_collator(
+                training_args, processor, image_root=image_root, image_size=image_size, image_resize=image_resize
+            )
+        super().__init__(*args, **kwargs)
+        if hasattr(self.data_collator, "set_epoch"):
+            self.add_callback(EpochToCollator(self.data_collator))
+
+    def make_collator(self, args: Any, processor: Any, **images: Any) -> Any:
+        raise NotImplementedError
 
 
 class LoggedMetricsMixin:

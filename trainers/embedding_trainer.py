@@ -1,4 +1,5 @@
-"""UniMEV2Trainer: soft-label distribution alignment (method.md (e)) as a `transformers.Trainer` subclass.
+"""UniMEV2Trainer: judgment-based soft-label distribution alignment (arXiv 2510.13515, Sec. 3.3, Eq. 6-7) as a
+`transformers.Trainer` subclass.
 
 Losses: ``soft_label`` (the paper: per query, softmax over [positive, k negatives] of cos/tau aligned with softmax of
 judge/tau by symmetric KL), ``infonce`` (in-batch negatives + optional hard negatives with hard labels: the VLM2Vec
@@ -20,34 +21,88 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .collator import UniMEV2Collator
-from .common import EpochToCollator, LoggedMetricsMixin
+from .collator import NegativeSelection, UniMEV2Collator
+from .common import Choice, JudgeDatasetMixin, LoggedMetricsMixin
 from .losses import InfoNCELoss, SoftLabelAlignmentLoss
 
-LOSSES = ("soft_label", "infonce", "hybrid")
+
+class Loss(Choice):
+    """The training objective (`UniMEV2TrainingArguments.loss`)."""
+
+    SOFT_LABEL = "soft_label"
+    INFONCE = "infonce"
+    HYBRID = "hybrid"
+
+
+LOSSES = tuple(member.value for member in Loss)
 
 
 @dataclass
 class UniMEV2TrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the UniME-V2 objective. Defaults follow the paper (method.md (e))."""
+    r"""`TrainingArguments` plus the UniME-V2 objective. The defaults are the paper's (arXiv 2510.13515, Sec. 4.1) and
+    the authors' code's (``Embedding/src/arguments.py``, ``Embedding/shells/training/train_qwen2vl.sh``).
 
-    loss: str = field(default="soft_label", metadata={"help": "soft_label | infonce | hybrid"})
-    contrastive_temperature: float = field(default=0.02, metadata={"help": "tau on both P and Q (paper: 0.02)"})
+    Parameters:
+        > Objective
+
+        loss (`Loss` or `str`, *optional*, defaults to `"soft_label"`):
+            ``soft_label``: the symmetric KL between the embedder's and the judge's distributions over each query's
+            1 + k candidates (Sec. 3.3, Eq. 6-7). ``infonce``: hard labels, in-batch negatives (plus the mined ones,
+            see ``infonce_hard_negatives``): the VLM2Vec baseline. ``hybrid``: soft label + ``infonce_weight`` x
+            in-batch InfoNCE.
+        contrastive_temperature (`float`, *optional*, defaults to `0.02`):
+            tau, on both distributions (Sec. 4.1; ``--temperature 0.02`` in the authors' script).
+        infonce_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the in-batch InfoNCE term of ``hybrid``.
+        infonce_hard_negatives (`bool`, *optional*, defaults to `True`):
+            ``infonce`` also uses the mined negatives.
+        infonce_in_batch (`bool`, *optional*, defaults to `True`):
+            In-batch negatives for ``infonce``; False is the paper's "hard negatives only" ablation.
+
+        > Negatives
+
+        num_negatives (`int`, *optional*, defaults to `8`):
+            k mined negatives per query (of the 10 mined; Sec. 4.1, ``select_hard_negative_num 8`` in the code).
+        negative_selection (`NegativeSelection` or `str`, *optional*, defaults to `"first"`):
+            ``first``: the row's first k, the same every epoch (the authors' ``Embedding/src/collator.py``);
+            ``random``: k drawn anew each epoch.
+
+        > GradCache
+
+        gradcache (`bool`, *optional*, defaults to `False`):
+            Embed in chunks without keeping activations, then replay each chunk for its gradients.
+        gradcache_chunk_size (`int`, *optional*, defaults to `2`):
+            Rows per chunk (``--gc_q_chunk_size 2 --gc_p_chunk_size 2`` in the authors' script).
+
+        > Data
+
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            The collator reads every column of the judge dataset: keep them.
+    """
+
+    loss: Loss = field(
+        default=Loss.SOFT_LABEL,
+        metadata={"help": "soft_label (the paper's symmetric-KL alignment to the judge) | infonce | hybrid"},
+    )
+    contrastive_temperature: float = field(default=0.02, metadata={"help": "tau on both distributions (paper: 0.02)"})
     infonce_weight: float = field(default=0.0, metadata={"help": "weight of the in-batch InfoNCE term of 'hybrid'"})
     infonce_hard_negatives: bool = field(default=True, metadata={"help": "'infonce' also uses the mined negatives"})
     infonce_in_batch: bool = field(
         default=True, metadata={"help": "in-batch negatives; False = the paper's 'hard negatives only' ablation"}
     )
     num_negatives: int = field(default=8, metadata={"help": "k negatives per query of the 10 mined (paper: 8)"})
-    negative_selection: str = field(default="first", metadata={"help": "first (as released) | random per epoch"})
+    negative_selection: NegativeSelection = field(
+        default=NegativeSelection.FIRST,
+        metadata={"help": "first (the row's first k, as the authors trained) | random (a new draw per epoch)"},
+    )
     gradcache: bool = field(default=False, metadata={"help": "embed in chunks without activations kept"})
-    gradcache_chunk_size: int = field(default=2, metadata={"help": "rows per GradCache chunk (paper code: 2)"})
+    gradcache_chunk_size: int = field(default=2, metadata={"help": "rows per GradCache chunk (authors' code: 2)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "the collator needs every column"})
 
     def __post_init__(self) -> None:
+        self.loss = Loss(self.loss)
+        self.negative_selection = NegativeSelection(self.negative_selection)
         super().__post_init__()
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r}: use one of {LOSSES}.")
         if self.gradcache and self.gradcache_chunk_size < 1:
             raise ValueError("gradcache_chunk_size must be >= 1.")
 
@@ -88,7 +143,7 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
             gradient.copy_(averaged)
 
 
-class UniMEV2Trainer(LoggedMetricsMixin, Trainer):
+class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
     """`Trainer` for UniME-V2 embedders on the judge dataset (see the module docstring for the objectives).
 
     Logged: ``loss_soft_label`` (with ``kl_pq`` and ``kl_qp``) and ``loss_infonce`` (the parts), ``p_positive``
@@ -117,30 +172,18 @@ class UniMEV2Trainer(LoggedMetricsMixin, Trainer):
     # explicitly rather than left to the Trainer's guess from ``num_items_in_batch``.
     loss_is_scaled_for_ga = False
 
-    def __init__(
-        self, *args: Any, image_root: Any = None, image_size: int | None = None, image_resize: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        training_args: UniMEV2TrainingArguments = kwargs.get("args") or args[1]
-        processor = kwargs.get("processing_class")
-        if kwargs.get("data_collator") is None and processor is not None:
-            kwargs["data_collator"] = UniMEV2Collator(
-                processor,
-                num_negatives=training_args.num_negatives,
-                negative_selection=training_args.negative_selection,
-                seed=training_args.seed,
-                image_root=image_root,
-                image_size=image_size,
-                image_resize=image_resize,
-                chunk_size=training_args.gradcache_chunk_size if training_args.gradcache else None,
-            )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if isinstance(self.data_collator, UniMEV2Collator):
-            self.add_callback(EpochToCollator(self.data_collator))
         self.check_gradcache_support()
-        self.soft_label_loss = SoftLabelAlignmentLoss(training_args.contrastive_temperature)
+        self.soft_label_loss = SoftLabelAlignmentLoss(self.args.contrastive_temperature)
         self.infonce_loss = InfoNCELoss(
-            training_args.contrastive_temperature, hard_negatives_only=not training_args.infonce_in_batch
+            self.args.contrastive_temperature, hard_negatives_only=not self.args.infonce_in_batch
+        )
+
+    def make_collator(self, args: UniMEV2TrainingArguments, processor: Any, **images: Any) -> UniMEV2Collator:
+        return UniMEV2Collator(
+            processor, num_negatives=args.num_negatives, negative_selection=args.negative_selection, seed=args.seed,
+            chunk_size=args.gradcache_chunk_size if args.gradcache else None, **images,
         )
 
     def check_gradcache_support(self) -> None:
@@ -161,7 +204,7 @@ class UniMEV2Trainer(LoggedMetricsMixin, Trainer):
         batch, width = judge_scores.shape
         candidates = candidate_embeddings.view(batch, width, -1)
         similarities = torch.einsum("bd,bkd->bk", query_embeddings, candidates)
-        loss_name = self.args.loss
+        loss_name = Loss(self.args.loss)
         metrics: dict[str, torch.Tensor] = {}
         loss = similarities.new_zeros(())
         if width > 1:
@@ -170,15 +213,15 @@ class UniMEV2Trainer(LoggedMetricsMixin, Trainer):
                 p_positive=soft["p_positive_mean"], judge_agreement=soft["judge_agreement"], kl_pq=soft["kl_pq"],
                 kl_qp=soft["kl_qp"], loss_soft_label=soft["loss"].detach(),
             )
-            if loss_name in ("soft_label", "hybrid"):
+            if loss_name in (Loss.SOFT_LABEL, Loss.HYBRID):
                 loss = soft["loss"]
-        elif loss_name != "infonce":
-            raise ValueError(f"loss={loss_name!r} needs at least one negative per query (num_negatives >= 1).")
-        if loss_name in ("infonce", "hybrid"):
-            use_hard = loss_name == "infonce" and self.args.infonce_hard_negatives and width > 1
+        elif loss_name != Loss.INFONCE:
+            raise ValueError(f"loss={loss_name.value!r} needs at least one negative per query (num_negatives >= 1).")
+        if loss_name in (Loss.INFONCE, Loss.HYBRID):
+            use_hard = loss_name == Loss.INFONCE and self.args.infonce_hard_negatives and width > 1
             contrastive = self.infonce_loss(query_embeddings, candidates[:, 0], candidates[:, 1:] if use_hard else None)
             metrics["loss_infonce"] = contrastive.detach()
-            loss = contrastive if loss_name == "infonce" else loss + self.args.infonce_weight * contrastive
+            loss = contrastive if loss_name == Loss.INFONCE else loss + self.args.infonce_weight * contrastive
         return loss, metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -224,4 +267,4 @@ class UniMEV2Trainer(LoggedMetricsMixin, Trainer):
         return loss.detach() * scale
 
 
-__all__ = ["UniMEV2Trainer", "UniMEV2TrainingArguments", "RandomState", "average_gradients", "LOSSES"]
+__all__ = ["LOSSES", "Loss", "RandomState", "UniMEV2Trainer", "UniMEV2TrainingArguments", "average_gradients"]

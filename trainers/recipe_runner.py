@@ -1,5 +1,11 @@
-"""The shared body of the training recipes (embedder and reranker): YAML config -> data, model, adapter, trainer,
+"""The shared body of the training recipes (embedder and reranker): arguments -> data, model, adapter, trainer,
 resumable training, held-out evaluation before and after, a checkpoint with its card, an optional push.
+
+Arguments are dataclasses, as in TRL's scripts (`modeling_unime.util.arguments.parse_recipe_arguments`): a
+``--config`` YAML file and any field as a flag (the flag wins), ``--help`` listing every field. The YAML sections map
+to field prefixes: ``training:`` to the fields of the trainer's arguments class (no prefix), ``data:`` to
+`DataArguments` (``data_``), ``adapter:`` to `AdapterArguments` (``adapter_``); the top-level keys are
+`ScriptArguments`. A key that names no field is an error.
 
 Precision and placement (`modeling_unime.placement`): the Trainer puts the model on the process's device (or
 DeepSpeed / FSDP shard it), so the model is loaded without a device map. ``use_cpu`` is set only where there is no
@@ -14,10 +20,10 @@ full fine-tuning** (bf16 weights would round most AdamW updates away), float32 o
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,29 +32,33 @@ import yaml
 from datasets import load_from_disk
 from transformers.trainer_utils import get_last_checkpoint
 
-from modeling_unime import UniMEV2Model, UniMEV2Processor, UniMEV2Reranker
 from modeling_unime.data import image_root_of, load_official_json
 from modeling_unime.placement import (
     accelerator_available,
     default_mixed_precision,
     describe,
-    place,
     placement,
-    pretrained_kwargs,
     training_dtype,
 )
-from modeling_unime.testing import build_tiny_reranker, build_tiny_unime, synthetic_judge_dataset
+from modeling_unime.util.arguments import flatten_config, parse_recipe_arguments
+from modeling_unime.util.models import load_model_spec
 
-from .adapters import RERANKER_ADAPTER, prepare_for_training, save_checkpoint
+from .adapters import FINETUNING_METHODS, RERANKER_ADAPTER, prepare_for_training, save_checkpoint
 from .embedding_trainer import UniMEV2Trainer, UniMEV2TrainingArguments
 from .reranker_trainer import UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments
+
+SYNTHETIC_JUDGE_PREFIX = "synthetic-judge:"
+SECTIONS = {"training": "", "data": "data_", "adapter": "adapter_"}
 
 
 def load_judge_rows(spec: str, image_root: str | None, seed: int, num_negatives: int = 8):
     """A judge dataset from ``synthetic-judge:N``, a save_to_disk folder or the authors' JSON; and its image root."""
-    if spec.startswith("synthetic-judge:"):
-        rows = synthetic_judge_dataset(int(spec.split(":", 1)[1]), image_root, num_negatives=max(num_negatives, 1),
-                                       seed=seed)
+    if spec.startswith(SYNTHETIC_JUDGE_PREFIX):
+        # The synthetic world lives with the test helpers; only a synthetic-judge: spec ever reaches it.
+        from modeling_unime.testing import synthetic_judge_dataset
+
+        rows = synthetic_judge_dataset(int(spec[len(SYNTHETIC_JUDGE_PREFIX):]), image_root,
+                                       num_negatives=max(num_negatives, 1), seed=seed)
         return rows, image_root
     path = Path(spec)
     if path.is_dir():
@@ -59,37 +69,119 @@ def load_judge_rows(spec: str, image_root: str | None, seed: int, num_negatives:
     raise FileNotFoundError(f"data: {spec!r} is neither synthetic-judge:N, a save_to_disk folder nor a .json file.")
 
 
+# ------------------------------------------------------------------------------------------------------ arguments
+
+
+@dataclass
+class ScriptArguments:
+    """The top-level keys of a training config: the model, how it is loaded and trained, what is saved and pushed."""
+
+    model: str = field(metadata={"help": "a UniME-V2 or backbone folder or Hub repo id, or tiny:<family> (a tiny "
+                                         "random model, for smoke runs)"})
+    dtype: str = field(default="auto", metadata={"help": "weights dtype: auto (bf16 under an adapter on a GPU, "
+                                                         "float32 for full fine-tuning and on CPU) | float32 | "
+                                                         "bfloat16 | float16"})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto (flash_attention_2 where installed on "
+                                                                       "a GPU, else sdpa) | sdpa | eager | "
+                                                                       "flash_attention_2"})
+    finetuning: str | None = field(default=None, metadata={"help": f"{' | '.join(FINETUNING_METHODS)} (default: "
+                                                                   "dora for the embedder, lora for the reranker)"})
+    merge: bool = field(default=True, metadata={"help": "save the adapter merged into the weights (else the adapter "
+                                                        "alone)"})
+    image_resize: str | None = field(default=None, metadata={"help": "the image rule saved with the checkpoint's "
+                                                                     "processor, for inference (e.g. authors-eval)"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "model repo id to push the final checkpoint to"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads per process"})
+
+
+@dataclass
+class DataArguments:
+    """The ``data:`` section: the judge datasets and their images."""
+
+    data_train: str = field(metadata={"help": "training rows: synthetic-judge:N, the mining recipe's save_to_disk "
+                                              "folder, or the authors' judge-scored JSON"})
+    data_eval: str | None = field(default=None, metadata={"help": "held-out rows (same forms), evaluated before and "
+                                                                  "after training"})
+    data_image_root: str | None = field(default=None, metadata={"help": "folder the rows' image paths are relative "
+                                                                        "to (default: <output_dir>/images)"})
+    data_image_resize: str | None = field(default=None, metadata={"help": "training image rule, e.g. "
+                                                                          "authors-train-qwen2vl (672x672)"})
+    data_image_size: int | None = field(default=None, metadata={"help": "older spelling of data_image_resize "
+                                                                        "square:N"})
+
+
+@dataclass
+class AdapterArguments:
+    """The ``adapter:`` section (lora / dora only). Unset fields take the recipe's defaults: the authors' DoRA for the
+    embedder (r 16, alpha 64, dropout 0.1, gaussian init; `trainers.adapters.adapter_config`), their LoRA for the
+    reranker (r 128, alpha 256, dropout 0.05; `trainers.adapters.RERANKER_ADAPTER`)."""
+
+    adapter_r: int | None = field(default=None, metadata={"help": "rank (embedder 16, reranker 128)"})
+    adapter_alpha: int | None = field(default=None, metadata={"help": "alpha (embedder 64, reranker 256)"})
+    adapter_dropout: float | None = field(default=None, metadata={"help": "dropout (embedder 0.1, reranker 0.05)"})
+    adapter_target_modules: str | None = field(default=None, metadata={"help": "regex of the adapted modules "
+                                                                               "(default: the language model's "
+                                                                               "projections)"})
+    adapter_init_lora_weights: str | None = field(default=None, metadata={"help": "gaussian (embedder) | true "
+                                                                                  "(reranker: peft's default)"})
+
+    def settings(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of `trainers.adapters.adapter_config`: ``defaults`` overridden by the fields set."""
+        given = {name: getattr(self, f"adapter_{name}")
+                 for name in ("r", "alpha", "dropout", "target_modules", "init_lora_weights")}
+        init = given["init_lora_weights"]
+        if isinstance(init, str) and init.lower() in ("true", "false"):
+            given["init_lora_weights"] = init.lower() == "true"
+        return {**defaults, **{name: value for name, value in given.items() if value is not None}}
+
+
+@dataclass
+class _PushedByTheScript:
+    """The script owns ``push_to_hub`` (a repo id, pushed once with the final checkpoint and its card): the recipes'
+    arguments classes take the Trainer's boolean out of the parser (init=False), so the Trainer never pushes."""
+
+    push_to_hub: bool = field(default=False, init=False, metadata={"help": "set by the script: see --push_to_hub"})
+
+
+@dataclass
+class EmbeddingRecipeArguments(_PushedByTheScript, UniMEV2TrainingArguments):
+    """`UniMEV2TrainingArguments` as the embedding recipe parses them."""
+
+
+@dataclass
+class RerankerRecipeArguments(_PushedByTheScript, UniMEV2RerankerTrainingArguments):
+    """`UniMEV2RerankerTrainingArguments` as the reranker recipe parses them."""
+
+
 @dataclass
 class RecipeKind:
     """What differs between the embedder and the reranker recipes."""
 
-    name: str
+    name: str  # a `modeling_unime.util.models.MODEL_KINDS` entry
+    script: str
     arguments_class: type
     trainer_class: type
-    load_tiny: Callable[[str], tuple[Any, Any]]
-    load_pretrained: Callable[..., Any]  # (spec, **from_pretrained keyword arguments) -> model
     default_finetuning: str
     default_adapter: dict[str, Any]
     reported_metrics: tuple[str, ...]
-    describe: Callable[[Any, dict[str, Any]], str]
+    describe: Callable[[Any], str]
 
 
-def _describe_embedder(args: UniMEV2TrainingArguments, settings: dict[str, Any]) -> str:
+def _describe_embedder(args: UniMEV2TrainingArguments) -> str:
     return (f"loss `{args.loss}`, tau {args.contrastive_temperature}, {args.num_negatives} negatives "
             f"({args.negative_selection})")
 
 
-def _describe_reranker(args: UniMEV2RerankerTrainingArguments, settings: dict[str, Any]) -> str:
+def _describe_reranker(args: UniMEV2RerankerTrainingArguments) -> str:
     return (f"pairwise (weight {args.pairwise_weight}) + listwise (weight {args.listwise_weight}, lists of "
             f"{args.listwise_negatives} negatives + the positive)")
 
 
 EMBEDDER = RecipeKind(
     name="embedder",
-    arguments_class=UniMEV2TrainingArguments,
+    script="recipes/train_embedding.py",
+    arguments_class=EmbeddingRecipeArguments,
     trainer_class=UniMEV2Trainer,
-    load_tiny=build_tiny_unime,
-    load_pretrained=UniMEV2Model.from_pretrained,
     default_finetuning="dora",
     default_adapter={},
     reported_metrics=("eval_loss", "eval_judge_agreement", "eval_p_positive"),
@@ -97,15 +189,26 @@ EMBEDDER = RecipeKind(
 )
 RERANKER = RecipeKind(
     name="reranker",
-    arguments_class=UniMEV2RerankerTrainingArguments,
+    script="recipes/train_reranker.py",
+    arguments_class=RerankerRecipeArguments,
     trainer_class=UniMEV2RerankerTrainer,
-    load_tiny=build_tiny_reranker,
-    load_pretrained=UniMEV2Reranker.from_pretrained,
     default_finetuning="lora",
     default_adapter=RERANKER_ADAPTER,
     reported_metrics=("eval_loss", "eval_loss_pairwise", "eval_loss_listwise", "eval_loss_listwise_index", "eval_yes_margin"),
     describe=_describe_reranker,
 )
+
+
+@dataclass
+class TrainingRecipeArguments:
+    """One run's parsed arguments. ``evaluate_on_start`` is true when the recipe (not the config) turned
+    ``eval_on_start`` on, which a resumed run turns off again."""
+
+    script: ScriptArguments
+    data: DataArguments
+    adapter: AdapterArguments
+    training: Any
+    evaluate_on_start: bool = False
 
 
 def apply_device_defaults(training: dict[str, Any]) -> dict[str, Any]:
@@ -139,9 +242,10 @@ def mixed_precision_of(args: Any) -> str | None:
 
 
 def load_training_model(
-    kind: RecipeKind, model_spec: str, settings: dict[str, Any], args: Any, finetuning: str
+    kind: RecipeKind, model_spec: str, settings: Mapping[str, Any], args: Any, finetuning: str
 ) -> tuple[torch.nn.Module, Any]:
-    """The model to train (in the dtype and with the attention kernel of the rules above) and its processor.
+    """The model to train (in the dtype and with the attention kernel of the rules above, from the ``dtype`` and
+    ``attn_implementation`` of ``settings``) and its processor, through `modeling_unime.util.models.load_model_spec`.
 
     The model stays where it was loaded (CPU): the Trainer moves it to ``args.device``.
     """
@@ -150,39 +254,74 @@ def load_training_model(
     weights = training_dtype(settings.get("dtype", "auto"), device, mixed_precision, finetuning)
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, weights)
     where = placement(weights, settings.get("attn_implementation", "auto"), device, compute_dtype=compute)
-    if model_spec.startswith("tiny:"):
-        model, processor = kind.load_tiny(model_spec.split(":", 1)[1])
-        return place(model, "cpu", where["dtype"], where["attn_implementation"]), processor
-    model = kind.load_pretrained(model_spec, **pretrained_kwargs(where, device_map=False))
-    return model, UniMEV2Processor.from_pretrained(model_spec)
+    return load_model_spec(model_spec, kind.name, where, device_map=False, tiny_device="cpu")
 
 
-def parse_recipe_arguments(description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file (see recipes/configs/)")
-    parser.add_argument("--output_dir", default=None, help="overrides training.output_dir")
-    parser.add_argument("--push_to_hub", default=None, help="model repo id to push the final checkpoint to")
-    parser.add_argument("--max_steps", type=int, default=None, help="overrides training.max_steps")
-    return parser.parse_args()
+def _command_line_values(argv: Sequence[str]) -> dict[str, Any]:
+    """The fields the command line names, with their values as written (``--no_x`` is x = False)."""
+    values: dict[str, Any] = {}
+    for position, token in enumerate(argv):
+        if not token.startswith("--"):
+            continue
+        name, has_value, value = token[2:].partition("=")
+        name = name.replace("-", "_")
+        if has_value:
+            values[name] = value
+        elif name.startswith("no_"):
+            values[name[3:]] = False
+        else:
+            following = argv[position + 1] if position + 1 < len(argv) else None
+            values[name] = following if following is not None and not following.startswith("--") else True
+    words = {"true": True, "yes": True, "false": False, "no": False}
+    return {name: words.get(value.lower(), value) if isinstance(value, str) else value
+            for name, value in values.items()}
 
 
-def run_training_recipe(kind: RecipeKind, cli: argparse.Namespace) -> dict[str, Any] | None:
-    """Run one training recipe; returns the held-out results on the main process."""
-    settings = yaml.safe_load(Path(cli.config).read_text())
-    training = dict(settings.get("training") or {})
-    if cli.output_dir:
-        training["output_dir"] = cli.output_dir
-    if cli.max_steps is not None:
-        training["max_steps"] = cli.max_steps
-    training.setdefault("report_to", [])
-    evaluate_on_start = "eval_on_start" not in training and bool((settings.get("data") or {}).get("eval"))
+def _recipe_defaults(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """Flags for the recipe's own defaults, which apply only where neither the config file nor the command line
+    chose: the device defaults (`apply_device_defaults`), ``report_to: none``, and ``eval_on_start`` when there is
+    held-out data. Returns (the flags, whether eval_on_start is among them)."""
+    explicit: dict[str, Any] = {}
+    config = _command_line_values(argv).get("config")
+    if isinstance(config, str) and Path(config).is_file():
+        loaded = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        if isinstance(loaded, Mapping):  # anything else: parse_recipe_arguments reports it
+            explicit.update(flatten_config(loaded, SECTIONS, where=config))
+    explicit.update(_command_line_values(argv))
+    chosen = dict(explicit)
+    apply_device_defaults(chosen)
+    flags = [item for name in ("use_cpu", "bf16") if name in chosen and name not in explicit
+             for item in (f"--{name}", str(chosen[name]).lower())]
+    if "report_to" not in explicit:
+        flags += ["--report_to", "none"]
+    # Evaluate inside train(): a trainer.evaluate() before train() leaves DDP gradients unsynchronised
+    # (measured on CPU/gloo: per-process gradients differed after it).
+    evaluate_on_start = "eval_on_start" not in explicit and bool(explicit.get("data_eval"))
     if evaluate_on_start:
-        # Evaluate inside train(): a trainer.evaluate() before train() leaves DDP gradients unsynchronised
-        # (measured on CPU/gloo: per-process gradients differed after it).
-        training["eval_on_start"] = True
-    apply_device_defaults(training)
-    torch.set_num_threads(int(settings.get("threads", 1)))
-    args = kind.arguments_class(**training)
+        flags += ["--eval_on_start", "true"]
+    return flags, evaluate_on_start
+
+
+def parse_training_recipe(
+    kind: RecipeKind, argv: Sequence[str] | None = None, description: str | None = None
+) -> TrainingRecipeArguments:
+    """The arguments of one run of ``kind``'s recipe, from ``--config`` and the flags of ``argv`` (default
+    ``sys.argv[1:]``), with the recipe's defaults where neither chose (see `_recipe_defaults`)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults, evaluate_on_start = _recipe_defaults(argv)
+    script, data, adapter, training = parse_recipe_arguments(
+        [ScriptArguments, DataArguments, AdapterArguments, kind.arguments_class], [*defaults, *argv],
+        sections=SECTIONS, description=description,
+    )
+    return TrainingRecipeArguments(script, data, adapter, training, evaluate_on_start)
+
+
+def run_training_recipe(kind: RecipeKind, arguments: TrainingRecipeArguments) -> dict[str, Any] | None:
+    """Run one training recipe; returns the held-out results on the main process."""
+    script, data, args = arguments.script, arguments.data, arguments.training
+    torch.set_num_threads(script.threads)
     output_dir = Path(args.output_dir)
     # A re-run of the same command resumes from the last checkpoint: weights, optimizer, scheduler, random states,
     # the data position and the log history (tests/test_embedding_trainer.py checks the result equals an
@@ -191,26 +330,25 @@ def run_training_recipe(kind: RecipeKind, cli: argparse.Namespace) -> dict[str, 
     if last_checkpoint is not None:
         if args.process_index == 0:
             print(f"resuming from {last_checkpoint}", flush=True)
-        if evaluate_on_start:
+        if arguments.evaluate_on_start:
             args.eval_on_start = False
 
-    data = settings["data"]
-    image_root = data.get("image_root") or str(output_dir / "images")
+    image_root = data.data_image_root or str(output_dir / "images")
     negatives = getattr(args, "num_negatives", 8)
     with args.main_process_first(desc="building the datasets"):
-        train_rows, image_root = load_judge_rows(data["train"], image_root, args.seed, negatives)
-        eval_rows = load_judge_rows(data["eval"], image_root, args.seed + 1, negatives)[0] if data.get("eval") else None
+        train_rows, image_root = load_judge_rows(data.data_train, image_root, args.seed, negatives)
+        eval_rows = load_judge_rows(data.data_eval, image_root, args.seed + 1, negatives)[0] if data.data_eval else None
 
-    model_spec = settings["model"]
-    finetuning = settings.get("finetuning", kind.default_finetuning)
-    model, processor = load_training_model(kind, model_spec, settings, args, finetuning)
-    if settings.get("image_resize"):  # the rule saved with the checkpoint, for inference (data.image_resize: training)
-        processor.image_resize = settings["image_resize"]
-    adapter = {**kind.default_adapter, **(settings.get("adapter") or {})}
-    model = prepare_for_training(model, finetuning, **(adapter if finetuning != "full" else {}))
+    finetuning = script.finetuning or kind.default_finetuning
+    settings = {"dtype": script.dtype, "attn_implementation": script.attn_implementation}
+    model, processor = load_training_model(kind, script.model, settings, args, finetuning)
+    if script.image_resize:  # the rule saved with the checkpoint, for inference (data_image_resize: training)
+        processor.image_resize = script.image_resize
+    adapter = arguments.adapter.settings(kind.default_adapter) if finetuning != "full" else {}
+    model = prepare_for_training(model, finetuning, **adapter)
     trainer = kind.trainer_class(
         model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=processor,
-        image_root=image_root, image_size=data.get("image_size"), image_resize=data.get("image_resize"),
+        image_root=image_root, image_size=data.data_image_size, image_resize=data.data_image_resize,
     )
     precision = mixed_precision_of(args) or "no"
     print(f"placement: process {args.process_index}: {describe(trainer.model, 'model')} (mixed precision: {precision})",
@@ -229,15 +367,15 @@ def run_training_recipe(kind: RecipeKind, cli: argparse.Namespace) -> dict[str, 
         for key in kind.reported_metrics if key in after
     )
     training_text = (
-        f"Trained with `recipes/train_{kind.name}.py` (unime-v2): {kind.describe(args, settings)}, finetuning "
-        f"`{finetuning}`, {trainer.state.global_step} steps, learning rate {args.learning_rate}, batch "
-        f"{args.per_device_train_batch_size} x {args.world_size} processes, data `{data['train']}`."
+        f"Trained with `{kind.script}` (unime-v2): {kind.describe(args)}, finetuning `{finetuning}`, "
+        f"{trainer.state.global_step} steps, learning rate {args.learning_rate}, batch "
+        f"{args.per_device_train_batch_size} x {args.world_size} processes, data `{data.data_train}`."
     )
-    repo_id = cli.push_to_hub or settings.get("push_to_hub")
+    repo_id = script.push_to_hub
     final = save_checkpoint(
-        trainer.model, processor, output_dir / "final", merge=settings.get("merge", True),
+        trainer.model, processor, output_dir / "final", merge=script.merge,
         card=dict(training=training_text, evaluation=evaluation or None, repo_id=repo_id,
-                  base_model=None if model_spec.startswith("tiny:") else model_spec),
+                  base_model=None if script.model.startswith("tiny:") else script.model),
     )
     print(f"final checkpoint: {final}")
     print(json.dumps({key: round(value, 4) for key, value in after.items() if isinstance(value, float)}))
@@ -254,11 +392,18 @@ def run_training_recipe(kind: RecipeKind, cli: argparse.Namespace) -> dict[str, 
 __all__ = [
     "EMBEDDER",
     "RERANKER",
+    "SECTIONS",
+    "AdapterArguments",
+    "DataArguments",
+    "EmbeddingRecipeArguments",
     "RecipeKind",
+    "RerankerRecipeArguments",
+    "ScriptArguments",
+    "TrainingRecipeArguments",
     "apply_device_defaults",
     "load_judge_rows",
     "load_training_model",
     "mixed_precision_of",
-    "parse_recipe_arguments",
+    "parse_training_recipe",
     "run_training_recipe",
 ]

@@ -1,4 +1,5 @@
-"""UniMEV2RerankerTrainer: pairwise + listwise training of the UniME-V2 reranker (method.md (f)).
+"""UniMEV2RerankerTrainer: the joint pairwise + listwise training of UniME-V2-Reranker (arXiv 2510.13515, Sec. 3,
+"UniME-V2-Reranker"; the authors' ``Reranker/`` code).
 
 From each row of the judge dataset up to three examples are built:
 
@@ -9,8 +10,9 @@ From each row of the judge dataset up to three examples are built:
   the positive at a uniformly random slot among them; target ``Ans: (k)`` (1-based), of which only the index tokens
   are labelled (see `listwise_answer_segments`).
 
-Random draws (tie-breaks, the order of the listed negatives, the positive's slot) are seeded by ``seed``, the epoch
-and the row, so a run is reproducible and each epoch draws anew. With ``pairwise_weight=0`` (or
+Random draws (tie-breaks, the order of the listed negatives, the positive's slot) come from
+`modeling_unime.util.seeding.row_rng` (``seed``, the epoch and the row), so a run is reproducible and each epoch draws
+anew. With ``pairwise_weight=0`` (or
 ``listwise_weight=0``) the examples of that kind are neither built nor forwarded.
 
 Loss = ``pairwise_weight`` x L_pair + ``listwise_weight`` x L_list. L_pair is the cross-entropy of the answer token
@@ -32,7 +34,6 @@ SFTTrainer expects one text/conversation example per row and would tokenise it i
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import random
@@ -43,10 +44,12 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from modeling_unime.data import JudgeRow
 from modeling_unime.scoring_unime import LISTWISE_ANSWER_PREFIX, PromptBuilder, listwise_answer
+from modeling_unime.util.seeding import row_rng
 
 from .collator import load_training_image, training_image_resize
-from .common import EpochToCollator, LoggedMetricsMixin
+from .common import JudgeDatasetMixin, LoggedMetricsMixin
 
 
 PAIRWISE, LISTWISE = 0, 1
@@ -55,7 +58,28 @@ KIND_NAMES = {PAIRWISE: "pairwise", LISTWISE: "listwise"}
 
 @dataclass
 class UniMEV2RerankerTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the reranker objective (paper: lr 2e-5, batch 64, 1 epoch)."""
+    r"""`TrainingArguments` plus the reranker objective. The paper trains with lr 2e-5, batch 64, 1 epoch
+    (``recipes/configs/reranker-qwen25vl-7b.yaml``).
+
+    Parameters:
+        > Objective (L = pairwise_weight x L_pair + listwise_weight x L_list; the paper weighs both 1)
+
+        pairwise_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of L_pair, the cross-entropy of ``Yes`` for the positive and ``No`` for the hardest negative.
+            0 builds no pairwise examples.
+        listwise_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of L_list, the cross-entropy of the positive's index in a list. 0 builds no listwise examples.
+
+        > Lists
+
+        listwise_negatives (`int`, *optional*, defaults to `4`):
+            The top-x negatives by judge score listed with the positive.
+
+        > Data
+
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            The collator reads every column of the judge dataset: keep them.
+    """
 
     pairwise_weight: float = field(default=1.0, metadata={"help": "weight of L_pair (0: no pairwise examples)"})
     listwise_weight: float = field(default=1.0, metadata={"help": "weight of L_list (0: no listwise examples)"})
@@ -104,23 +128,9 @@ def candidate_kind(text: Any, image: Any) -> str:
     return "image" if has_image else "text"
 
 
-def _stable_key(value: Any) -> str:
-    """A run-independent key for a row value (image paths as they are; image bytes or pixels hashed), for seeding."""
-    if value is None or isinstance(value, (str, int, float)):
-        return repr(value)
-    if isinstance(value, dict):
-        if value.get("path"):
-            return repr(value["path"])
-        if value.get("bytes") is not None:
-            return hashlib.sha256(value["bytes"]).hexdigest()
-    if hasattr(value, "tobytes") and hasattr(value, "size"):  # a PIL image: its repr holds a memory address
-        return hashlib.sha256(repr((value.mode, value.size)).encode() + value.tobytes()).hexdigest()
-    return repr(value)
-
-
 @dataclass
 class RerankerCollator:
-    """Rows of the judge dataset -> one batch: 2 pairwise rows per query (positive, hardest negative), then 1
+    """Rows of the judge dataset (`modeling_unime.data.JudgeRow`) -> one batch: 2 pairwise rows per query (positive, hardest negative), then 1
     listwise row per query; ``labels`` on the answer tokens that carry the decision only (-100 elsewhere),
     ``example_kind`` and ``list_length`` (0 for pairwise rows) per row. ``pairwise=False`` / ``listwise=False``
     leave that kind out entirely.
@@ -152,7 +162,7 @@ class RerankerCollator:
         if not (self.pairwise or self.listwise):
             raise ValueError("RerankerCollator: pairwise and listwise are both off; there is nothing to build.")
         self.training_image_resize = training_image_resize(self.processor, self.image_resize, self.image_size)
-        backbone_processor = getattr(self.processor, "_backbone_processor", self.processor)
+        backbone_processor = getattr(self.processor, "backbone_processor", self.processor)
         self.prompts = PromptBuilder(backbone_processor)
         self.backbone_processor = backbone_processor
 
@@ -162,7 +172,7 @@ class RerankerCollator:
     # ------------------------------------------------------------------------------------------------ checks
 
     @staticmethod
-    def row_name(row: dict[str, Any]) -> str:
+    def row_name(row: JudgeRow) -> str:
         """How errors name a row: its query text (and its query image when the text is empty)."""
         text = row.get("query_text")
         if text:
@@ -170,7 +180,7 @@ class RerankerCollator:
         return f"query image {row.get('query_image')!r}" if row.get("query_image") is not None else "query ''"
 
     @classmethod
-    def negative_scores(cls, row: dict[str, Any]) -> list[float]:
+    def negative_scores(cls, row: JudgeRow) -> list[float]:
         """The negatives' judge scores (``judge_scores[1:]``) after checking the row: a ValueError names the row and
         says what is wrong (a count that does not match ``neg_texts``, a missing / NaN / infinite score, a score
         outside [0, 1], no negatives)."""
@@ -216,25 +226,19 @@ class RerankerCollator:
 
     # ------------------------------------------------------------------------------------------------ draws
 
-    def _rng(self, row: dict[str, Any], purpose: str) -> random.Random:
-        """A generator seeded by ``seed``, the epoch, the row's query and positive, and what it is drawn for."""
-        columns = ("query_text", "query_image", "pos_text", "pos_image")
-        key = repr((self.seed, self.epoch, purpose, *(_stable_key(row.get(column)) for column in columns)))
-        return random.Random(hashlib.sha256(key.encode()).digest())
-
     @staticmethod
     def _ranked(scores: Sequence[float], positions: Sequence[int], rng: random.Random) -> list[int]:
         """``positions`` by judge score, highest first; equal scores in random order."""
         tie_breaks = {position: rng.random() for position in positions}
         return sorted(positions, key=lambda position: (-scores[position], tie_breaks[position]))
 
-    def hardest_negative(self, row: dict[str, Any]) -> int:
+    def hardest_negative(self, row: JudgeRow) -> int:
         """Position (in ``neg_texts``) of the negative with the highest judge score; among equals, one at random
         (seeded per row and epoch)."""
         scores = self.negative_scores(row)
-        return self._ranked(scores, range(len(scores)), self._rng(row, "pairwise"))[0]
+        return self._ranked(scores, range(len(scores)), row_rng(self.seed, self.epoch, row, "pairwise"))[0]
 
-    def listwise_candidates(self, row: dict[str, Any]) -> tuple[list[int], int]:
+    def listwise_candidates(self, row: JudgeRow) -> tuple[list[int], int]:
         """(the listed negatives' positions in ``neg_texts``, in the order listed; the positive's 0-based slot).
 
         The negatives are the top ``listwise_negatives`` by judge score (ties broken at random), taken first among
@@ -242,7 +246,7 @@ class RerankerCollator:
         listed in random order. The positive's slot is uniform over the list's ``len(negatives) + 1`` slots.
         """
         scores = self.negative_scores(row)
-        rng = self._rng(row, "listwise")
+        rng = row_rng(self.seed, self.epoch, row, "listwise")
         ranked = self._ranked(scores, range(len(scores)), rng)
         neg_images = row.get("neg_images") or [None] * len(scores)
         kind = candidate_kind(row.get("pos_text"), row.get("pos_image"))
@@ -260,7 +264,7 @@ class RerankerCollator:
     def _item(self, text: Any, image: Any, where: str) -> tuple[str | None, Any]:
         return (text or None, load_training_image(image, self.image_root, self.training_image_resize, where))
 
-    def examples(self, row: dict[str, Any]) -> dict[str, Any]:
+    def examples(self, row: JudgeRow) -> dict[str, Any]:
         """The training examples of one row: ``pairwise`` and ``listwise`` lists of (prompt, answer segments,
         images), where the answer segments are (text, labelled) pieces; and the listwise ``listwise_position``
         (1-based) and ``list_length`` (None when listwise is off)."""
@@ -318,7 +322,7 @@ class RerankerCollator:
         batch["labels"] = labels
         return batch
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, rows: Sequence[JudgeRow]) -> dict[str, Any]:
         built = [self.examples(row) for row in rows]
         pairwise = [example for item in built for example in item["pairwise"]]
         listwise = [example for item in built for example in item["listwise"]]
@@ -394,7 +398,7 @@ def listwise_index_cross_entropy(
     return total / lists if lists else None
 
 
-class UniMEV2RerankerTrainer(LoggedMetricsMixin, Trainer):
+class UniMEV2RerankerTrainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
     """`Trainer` for `UniMEV2Reranker` on the judge dataset (see the module docstring).
 
     Logged: ``loss_pairwise``, ``loss_listwise`` (per list, -log P(index) over the vocabulary: what is trained),
@@ -414,25 +418,19 @@ class UniMEV2RerankerTrainer(LoggedMetricsMixin, Trainer):
     # not divide by the accumulation steps again (nor rely on model_accepts_loss_kwargs, which the labels trigger).
     loss_is_scaled_for_ga = True
 
-    def __init__(
-        self, *args: Any, image_root: Any = None, image_size: int | None = None, image_resize: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        training_args: UniMEV2RerankerTrainingArguments = kwargs.get("args") or args[1]
-        processor = kwargs.get("processing_class")
-        if kwargs.get("data_collator") is None and processor is not None:
-            kwargs["data_collator"] = RerankerCollator(
-                processor, listwise_negatives=training_args.listwise_negatives, seed=training_args.seed,
-                image_root=image_root, image_size=image_size, image_resize=image_resize,
-                pairwise=training_args.pairwise_weight > 0, listwise=training_args.listwise_weight > 0,
-            )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if isinstance(self.data_collator, RerankerCollator):
-            self.add_callback(EpochToCollator(self.data_collator))
+        processor = kwargs.get("processing_class")
         tokenizer = getattr(processor, "tokenizer", None)
         self.answer_ids = [tokenizer.convert_tokens_to_ids(word) for word in ("Yes", "No")] if tokenizer else None
         self.digit_ids = [tokenizer.convert_tokens_to_ids(str(digit)) for digit in range(10)] if tokenizer else None
         self.close_id = tokenizer.convert_tokens_to_ids(")") if tokenizer else None
+
+    def make_collator(self, args: UniMEV2RerankerTrainingArguments, processor: Any, **images: Any) -> RerankerCollator:
+        return RerankerCollator(
+            processor, listwise_negatives=args.listwise_negatives, seed=args.seed,
+            pairwise=args.pairwise_weight > 0, listwise=args.listwise_weight > 0, **images,
+        )
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Examples per kind ([pairwise, listwise]) over the micro-batches of one optimizer step, summed over
