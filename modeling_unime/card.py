@@ -281,7 +281,7 @@ DATASET_CARD_TEMPLATE = """---
 
 # {{ name }}
 
-Hard negatives mined with UniME-V2's MLLM-as-a-Judge pipeline (arXiv 2510.13515, Sec. 3.2; the `unime-v2` package):
+Hard negatives mined with UniME-V2's MLLM-as-a-Judge pipeline (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining"; the `unime-v2` package):
 global retrieval with an embedder, judge scores for every (query, candidate) pair, false-negative filter, cyclical
 sampling.
 

@@ -1,6 +1,6 @@
 """The judge of hard-negative mining: the `Judge` interface, `MLLMJudge`, and the cache key of a judge's scores.
 
-`MLLMJudge` gives soft semantic matching scores s(q, c) = P(Yes) / (P(Yes) + P(No)) (arXiv 2510.13515, Sec. 3.2,
+`MLLMJudge` gives soft semantic matching scores s(q, c) = P(Yes) / (P(Yes) + P(No)) (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining",
 "MLLM-as-a-Judge"): the judge sees the paper's instruction, the query (image, text) and one candidate (image, text)
 in one user turn of its chat template, then the generation prompt; the score is the two-way softmax of the "Yes" and
 "No" logits at the answer position, from ONE forward pass. The scoring engine, with prefix sharing, is

@@ -1,6 +1,6 @@
 """Hard-negative selection for UniME-V2: global retrieval, false-negative filter, cyclical sampling.
 
-These are the pure, model-free steps of the mining pipeline (arXiv 2510.13515, Sec. 3.2) around the judge:
+These are the pure, model-free steps of the mining pipeline (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining") around the judge:
 
 1. :func:`chunked_top_k` (`modeling_unime.util.retrieval`, re-exported here) retrieves, for every query, the
    ``top_k`` most similar pool items, never forming the full queries x pool similarity matrix, excluding the query's

@@ -1,4 +1,4 @@
-"""Mine judge-scored hard negatives (UniME-V2's MLLM-as-a-Judge pipeline, arXiv 2510.13515 Sec. 3.2) into a
+"""Mine judge-scored hard negatives (UniME-V2's MLLM-as-a-Judge pipeline, arXiv 2510.13515 "MLLM-as-a-Judge for Hard Negatives Mining") into a
 `datasets` dataset.
 
     accelerate launch recipes/mine_hard_negatives.py --config recipes/configs/mine-tiny-cpu.yaml

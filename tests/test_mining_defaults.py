@@ -1,4 +1,4 @@
-"""The documented mining defaults are the paper's (arXiv 2510.13515, Sec. 3.2): top-50 retrieval, no similarity threshold
+"""The documented mining defaults are the paper's (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining"): top-50 retrieval, no similarity threshold
 (delta is unpublished), beta 0.01, 10 negatives, cyclical interval 5, the paper's empty-set fallback scored 1.0."""
 
 from __future__ import annotations

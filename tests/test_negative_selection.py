@@ -1,4 +1,4 @@
-"""Hard-negative selection (arXiv 2510.13515, Sec. 3.2: retrieval, false-negative filter, cyclical sampling) against
+"""Hard-negative selection (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining": retrieval, false-negative filter, cyclical sampling) against
 brute force and hand-computed expectations."""
 
 import doctest

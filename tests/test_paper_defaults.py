@@ -2,7 +2,7 @@
 
 References (each assertion names its own):
 - [paper] Gu et al., "UniME-V2: MLLM-as-a-Judge for Universal Multimodal Embedding Learning" (arXiv 2510.13515),
-  Sec. 3.3, Eq. 6-7 (the soft-label alignment, the same tau on both distributions) and Sec. 4.1 (tau = 0.02,
+  "MLLM Judgment Based Training Framework" (the soft-label alignment, the same tau on both distributions) and implementation details (tau = 0.02,
   k = 8 negatives, 2,000 steps, lr 1e-4 for Qwen2-VL and 2e-5 for LLaVA-OV, warmup 200, bf16, GradCache chunk 2,
   672x672 / 336x336 training images, global batch 1024; the reranker's LoRA r 128, alpha 256, dropout 0.05) and its
   ablations (k = 4/6/8/10, tau = 0.01/0.02/0.03).
@@ -29,14 +29,14 @@ from trainers import InfoNCELoss, SoftLabelAlignmentLoss, UniMEV2Collator, UniME
 from trainers.adapters import LANGUAGE_MODEL_TARGETS, RERANKER_ADAPTER, adapter_config
 from trainers.recipe_runner import EMBEDDER, RERANKER, parse_training_recipe
 
-PAPER_TEMPERATURE = 0.02  # [paper] Sec. 4.1 tau = 0.02 on both P and Q; [code] arguments.py temperature=0.02
-PAPER_NUM_NEGATIVES = 8  # [paper] Sec. 4.1 k = 8 of the 10 mined; [code] select_hard_negative_num(_4_training)=8
+PAPER_TEMPERATURE = 0.02  # [paper] implementation details tau = 0.02 on both P and Q; [code] arguments.py temperature=0.02
+PAPER_NUM_NEGATIVES = 8  # [paper] implementation details k = 8 of the 10 mined; [code] select_hard_negative_num(_4_training)=8
 PAPER_CHUNK = 2  # [code] train_qwen2vl.sh --gc_q_chunk_size 2 --gc_p_chunk_size 2
 
 
 def test_training_arguments_defaults_are_the_papers(tmp_path):
     args = UniMEV2TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
-    assert args.loss == "soft_label"  # [paper] Sec. 3.3: the judgment-based soft-label alignment is the method's loss
+    assert args.loss == "soft_label"  # [paper] "MLLM Judgment Based Training Framework": the judgment-based soft-label alignment is the method's loss
     assert args.contrastive_temperature == PAPER_TEMPERATURE
     assert args.num_negatives == PAPER_NUM_NEGATIVES
     assert args.negative_selection == "first"  # [code] collator.py: the first k negatives, the same every epoch
@@ -98,14 +98,14 @@ def test_adapter_defaults_are_the_authors_dora():
 
 
 def test_reranker_adapter_defaults_are_the_papers():
-    # [paper] Sec. 4.1: LoRA r=128, alpha 256, dropout 0.05, language model only, vision tower frozen.
+    # [paper] implementation details: LoRA r=128, alpha 256, dropout 0.05, language model only, vision tower frozen.
     assert RERANKER.default_finetuning == "lora"
     assert (RERANKER_ADAPTER["r"], RERANKER_ADAPTER["alpha"], RERANKER_ADAPTER["dropout"]) == (128, 256, 0.05)
     assert re.fullmatch(RERANKER_ADAPTER["target_modules"], "model.visual.blocks.0.attn.qkv") is None
 
 
 PAPER_CONFIGS = {
-    # config: (learning rate, training image rule). [paper] Sec. 4.1: lr 1e-4 for Qwen2-VL (= [code] train_qwen2vl.sh),
+    # config: (learning rate, training image rule). [paper] implementation details: lr 1e-4 for Qwen2-VL (= [code] train_qwen2vl.sh),
     # 2e-5 for LLaVA-OV (the paper's value; the authors' train_llavaOV.sh uses 1e-4); images 672x672 / 336x336.
     "qwen2vl-2b.yaml": (1e-4, "authors-train-qwen2vl"),
     "qwen2vl-7b.yaml": (1e-4, "authors-train-qwen2vl"),
@@ -134,7 +134,7 @@ def test_paper_recipe_configs_carry_the_papers_settings(name):
 
 
 def test_training_image_presets_are_the_authors_sizes():
-    # [paper] Sec. 4.1: 672x672 (Qwen2-VL) and 336x336 (LLaVA-OV) in training, 1344x1344 at evaluation.
+    # [paper] implementation details: 672x672 (Qwen2-VL) and 336x336 (LLaVA-OV) in training, 1344x1344 at evaluation.
     assert canonical_image_resize("authors-train-qwen2vl") == "square:672"
     assert canonical_image_resize("authors-train-llava-ov") == "square:336"
     assert canonical_image_resize("authors-eval") == "square:1344"

@@ -264,7 +264,7 @@ def test_cached_soft_label_loss_gives_our_trainers_loss_and_gradients(tmp_path, 
 def test_loss_refuses_mismatched_labels(tmp_path):
     model, processor = build_tiny_unime("qwen2_vl")
     st_model = SentenceTransformer(modules=[UniMEV2SentenceEmbedder(model, processor)], device="cpu")
-    assert CachedSoftLabelAlignmentLoss(st_model).temperature == 0.02  # the paper's tau (Sec. 4.1)
+    assert CachedSoftLabelAlignmentLoss(st_model).temperature == 0.02  # the paper's tau (implementation details)
     features = [st_model.preprocess(["q1", "q2"]), st_model.preprocess(["p1", "p2"]), st_model.preprocess(["n1", "n2"])]
     loss = CachedSoftLabelAlignmentLoss(st_model)
     with pytest.raises(ValueError, match="one judge score per candidate column"):

@@ -13,10 +13,10 @@ from modeling_unime.card import write_model_card
 from modeling_unime.sentence_unime import add_sentence_transformers_files
 
 # The authors' Embedding/src/model.py: DoRA on q/k/v/o/down_proj of the language model only; the vision tower stays
-# frozen (arXiv 2510.13515, Sec. 4.1: LoRA rank 16).
+# frozen (arXiv 2510.13515, implementation details: LoRA rank 16).
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
 FINETUNING_METHODS = ("dora", "lora", "full")
-# The reranker's LoRA (arXiv 2510.13515, Sec. 4.1: r 128, alpha 256, dropout 0.05) on the language model; the vision
+# The reranker's LoRA (arXiv 2510.13515, implementation details: r 128, alpha 256, dropout 0.05) on the language model; the vision
 # tower stays frozen.
 RERANKER_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 RERANKER_ADAPTER = dict(r=128, alpha=256, dropout=0.05, target_modules=RERANKER_TARGETS, init_lora_weights=True)

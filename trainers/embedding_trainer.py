@@ -1,4 +1,4 @@
-"""UniMEV2Trainer: judgment-based soft-label distribution alignment (arXiv 2510.13515, Sec. 3.3, Eq. 6-7) as a
+"""UniMEV2Trainer: judgment-based soft-label distribution alignment (arXiv 2510.13515, "MLLM Judgment Based Training Framework") as a
 `transformers.Trainer` subclass.
 
 Losses: ``soft_label`` (the paper: per query, softmax over [positive, k negatives] of cos/tau aligned with softmax of
@@ -39,7 +39,7 @@ LOSSES = tuple(member.value for member in Loss)
 
 @dataclass
 class UniMEV2TrainingArguments(TrainingArguments):
-    r"""`TrainingArguments` plus the UniME-V2 objective. The defaults are the paper's (arXiv 2510.13515, Sec. 4.1) and
+    r"""`TrainingArguments` plus the UniME-V2 objective. The defaults are the paper's (arXiv 2510.13515, implementation details) and
     the authors' code's (``Embedding/src/arguments.py``, ``Embedding/shells/training/train_qwen2vl.sh``).
 
     Parameters:
@@ -47,11 +47,11 @@ class UniMEV2TrainingArguments(TrainingArguments):
 
         loss (`Loss` or `str`, *optional*, defaults to `"soft_label"`):
             ``soft_label``: the symmetric KL between the embedder's and the judge's distributions over each query's
-            1 + k candidates (Sec. 3.3, Eq. 6-7). ``infonce``: hard labels, in-batch negatives (plus the mined ones,
+            1 + k candidates ("MLLM Judgment Based Training Framework"). ``infonce``: hard labels, in-batch negatives (plus the mined ones,
             see ``infonce_hard_negatives``): the VLM2Vec baseline. ``hybrid``: soft label + ``infonce_weight`` x
             in-batch InfoNCE.
         contrastive_temperature (`float`, *optional*, defaults to `0.02`):
-            tau, on both distributions (Sec. 4.1; ``--temperature 0.02`` in the authors' script).
+            tau, on both distributions (implementation details; ``--temperature 0.02`` in the authors' script).
         infonce_weight (`float`, *optional*, defaults to `0.0`):
             Weight of the in-batch InfoNCE term of ``hybrid``.
         infonce_hard_negatives (`bool`, *optional*, defaults to `True`):
@@ -62,7 +62,7 @@ class UniMEV2TrainingArguments(TrainingArguments):
         > Negatives
 
         num_negatives (`int`, *optional*, defaults to `8`):
-            k mined negatives per query (of the 10 mined; Sec. 4.1, ``select_hard_negative_num 8`` in the code).
+            k mined negatives per query (of the 10 mined; implementation details, ``select_hard_negative_num 8`` in the code).
         negative_selection (`NegativeSelection` or `str`, *optional*, defaults to `"first"`):
             ``first``: the row's first k, the same every epoch (the authors' ``Embedding/src/collator.py``);
             ``random``: k drawn anew each epoch.

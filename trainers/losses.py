@@ -65,7 +65,7 @@ def check_judge_scores(judge_scores: torch.Tensor) -> None:
 
 
 class SoftLabelAlignmentLoss(nn.Module):
-    r"""Judgment-based distribution alignment (arXiv 2510.13515, Sec. 3.3, Eq. 6-7): the symmetric KL divergence between
+    r"""Judgment-based distribution alignment (arXiv 2510.13515, "MLLM Judgment Based Training Framework"): the symmetric KL divergence between
     the embedder's and the judge's distributions over each query's own candidates.
 
     Inputs:

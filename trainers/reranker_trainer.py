@@ -1,4 +1,4 @@
-"""UniMEV2RerankerTrainer: the joint pairwise + listwise training of UniME-V2-Reranker (arXiv 2510.13515, Sec. 3,
+"""UniMEV2RerankerTrainer: the joint pairwise + listwise training of UniME-V2-Reranker (arXiv 2510.13515,
 "UniME-V2-Reranker"; the authors' ``Reranker/`` code).
 
 From each row of the judge dataset up to three examples are built:

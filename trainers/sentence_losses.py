@@ -1,7 +1,7 @@
 """UniME-V2's soft-label objective as a sentence-transformers loss, for ``SentenceTransformerTrainer`` users.
 
 `CachedSoftLabelAlignmentLoss` is `trainers.losses.SoftLabelAlignmentLoss` (the symmetric KL between the embedder's
-and the judge's distributions over each query's 1 + k candidates, paper Sec. 3.3, Eq. 6-7, tau 0.02) in
+and the judge's distributions over each query's 1 + k candidates, paper "MLLM Judgment Based Training Framework", tau 0.02) in
 sentence-transformers' GradCache form (`sentence_transformers.base.losses.CachedLossMixin`): every column is embedded
 in mini-batches of ``mini_batch_size`` rows without activations kept, the loss is back-propagated to the embeddings,
 and each mini-batch is embedded again with gradients. Its gradients equal `UniMEV2Trainer`'s on the same rows

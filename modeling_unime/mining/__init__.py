@@ -1,4 +1,4 @@
-"""MLLM-as-a-Judge hard-negative mining (arXiv 2510.13515, Sec. 3.2).
+"""MLLM-as-a-Judge hard-negative mining (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining").
 
 global retrieval with an embedder -> judge scores of (query, positive) and every (query, candidate) -> false-negative
 filter -> cyclical sampling -> a ``datasets.Dataset`` of `modeling_unime.data.JudgeRow` rows with ``judge_scores``

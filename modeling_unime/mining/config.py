@@ -1,4 +1,4 @@
-"""`MiningConfig`: every knob of the mining, its defaults the paper's (arXiv 2510.13515, Sec. 3.2)."""
+"""`MiningConfig`: every knob of the mining, its defaults the paper's (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining")."""
 
 from __future__ import annotations
 

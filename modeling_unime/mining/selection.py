@@ -1,4 +1,4 @@
-"""Judging and selection (arXiv 2510.13515, Sec. 3.2): global top-k retrieval, judge scores of the positive and
+"""Judging and selection (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining"): global top-k retrieval, judge scores of the positive and
 every candidate, the false-negative filter, cyclical sampling; the in-memory entry point `mine_hard_negatives` and
 the report of a run."""
 
