@@ -98,7 +98,7 @@ from pathlib import Path
 from test_eval_layouts import build_authors_data
 build_authors_data(Path(sys.argv[1]))
 EOF
-run_step eval-tiny "${LAUNCH[@]}" recipes/evaluate.py --config recipes/configs/eval-unime-v2-2b.yaml \
+run_step eval-tiny "${LAUNCH[@]}" recipes/run_evaluation.py --config recipes/configs/eval-unime-v2-2b.yaml \
   --data_root "$SMOKE_DIR/eval-data" --model tiny:qwen2_vl --reranker tiny:qwen2_5_vl --output_dir "$SMOKE_DIR/eval-tiny"
 if grep -q "^placement:" "$SMOKE_DIR/eval-tiny.log"; then
   expect_on_gpu eval-tiny embedder "$EXPECTED_DTYPE"

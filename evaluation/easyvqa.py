@@ -43,7 +43,7 @@ def _require_easy_vqa():
     try:
         import easy_vqa
     except ImportError as error:
-        raise ImportError("The demo world needs the easy-vqa package: pip install easy-vqa") from error
+        raise ImportError('The demo world needs the easy-vqa package: pip install "unime-v2[demo]"') from error
     return easy_vqa
 
 

@@ -1,17 +1,20 @@
-"""The evaluation recipe's engine: config -> models (on this process's device) -> MMEB / retrieval / SugarCrepe ->
+"""The evaluation recipe's engine: arguments -> models (on this process's device) -> MMEB / retrieval / SugarCrepe ->
 ``results.json``, ``results.md``, predictions.
 
-Config (YAML); the keys marked (flag) can also be given on the command line, which wins:
+The recipe's arguments are the fields of `EvaluationArguments`, set by a YAML ``--config`` file and / or flags (a flag
+wins; `modeling_unime.util.arguments.parse_recipe_arguments`). The YAML sections ``mmeb:``, ``retrieval:`` and
+``sugarcrepe:`` set the fields with those prefixes (``mmeb: {root: x}`` is ``--mmeb_root x``); a benchmark runs when
+any of its fields is set.
 
-- ``model`` (flag), ``reranker`` (flag, optional): a folder, a Hub repo id or ``tiny:<family>`` (random weights).
-- ``data_root`` (flag): every relative data path below is resolved against it (default: the working directory). The
+- ``model``, ``reranker`` (optional): a folder, a Hub repo id or ``tiny:<family>`` (random weights).
+- ``data_root``: every relative data path below is resolved against it (default: the working directory). The
   shipped configs name the folders as the authors' ``data/`` folder holds them, so pointing ``--data_root`` at such a
   folder is the only change a user makes.
-- ``output_dir`` (flag), ``batch_size``, ``threads``.
-- ``dtype`` (flag; ``auto`` = bf16 on a GPU, float32 on CPU), ``attn_implementation`` (flag; ``auto`` =
-  ``flash_attention_2`` when installed and on a GPU, else ``sdpa``): see `modeling_unime.placement`.
-- ``image_resize`` / ``reranker_image_resize`` (flags): the resize policy set on the embedder's / reranker's
-  processor (``native``, ``square:1344``, ``max_side:1344``, ``max_pixels:235200`` or a preset: ``authors-eval``,
+- ``output_dir``, ``batch_size``, ``threads``.
+- ``dtype`` (``auto`` = bf16 on a GPU, float32 on CPU), ``attn_implementation`` (``auto`` = ``flash_attention_2``
+  when installed and on a GPU, else ``sdpa``): see `modeling_unime.placement`.
+- ``image_resize`` / ``reranker_image_resize``: the resize policy set on the embedder's / reranker's processor
+  (``native``, ``square:1344``, ``max_side:1344``, ``max_pixels:235200`` or a preset: ``authors-eval``,
   ``authors-train-qwen2vl``, ``authors-train-llava-ov``, ``authors-default``, ``authors-reranker``,
   ``authors-reranker-eval``; see `modeling_unime.processing_unime.canonical_image_resize`). The released checkpoints
   were evaluated with ``authors-eval`` (every image 1344x1344) and the reranker with ``authors-reranker-eval`` (that
@@ -27,29 +30,28 @@ Config (YAML); the keys marked (flag) can also be given on the command line, whi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
-import yaml
 
-from modeling_unime import UniMEV2Model, UniMEV2Reranker
-from modeling_unime.mining import distributed_state
-from modeling_unime.placement import place, placement, pretrained_kwargs
+from modeling_unime.placement import placement, process_state
 from modeling_unime.processing_unime import canonical_image_resize
-from modeling_unime.testing import build_tiny_reranker, build_tiny_unime
+from modeling_unime.util.arguments import parse_recipe_arguments
+from modeling_unime.util.models import load_model_spec
 
 from .mmeb import MMEB_CATEGORIES, PUBLISHED_MMEB, TIE_RULES, evaluate_mmeb, write_predictions
 
 MMEB_COLUMNS = [*MMEB_CATEGORIES, "IND", "OOD", "Overall"]
 RETRIEVAL_TITLES = {"flickr30k": "Flickr30K", "coco": "COCO 5K", "sharegpt4v": "ShareGPT4V", "urban1k": "Urban1K"}
 
-# method.md section 3: UniME-V2 (Qwen2-VL-2B) zero-shot R@1 under the paper's own column labels (Table 2), and
+# arXiv 2510.13515: UniME-V2 (Qwen2-VL-2B) zero-shot R@1 under the paper's own column labels (Table 2), and
 # SugarCrepe. The paper's "qi->ct" / "qt->ci" labels are most likely swapped (see RETRIEVAL_COLUMN_NOTE).
 PUBLISHED_ZERO_SHOT: dict[str, dict[str, Any]] = {
     "TianchengGu/UniME-V2-Qwen2VL-2B": {
@@ -70,12 +72,7 @@ RETRIEVAL_COLUMN_NOTE = (
     "and its \"qi->ct\" value beside our text->image. Our columns are labelled by what they measure."
 )
 
-TOP_LEVEL_KEYS = {
-    "model", "reranker", "data_root", "output_dir", "batch_size", "threads", "dtype", "attn_implementation",
-    "image_resize", "reranker_image_resize", "mmeb", "retrieval", "sugarcrepe",
-}
-FLAG_KEYS = ("model", "reranker", "data_root", "output_dir", "dtype", "attn_implementation", "image_resize",
-             "reranker_image_resize")
+RETRIEVAL_SETS = tuple(RETRIEVAL_TITLES)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -115,19 +112,10 @@ def apply_image_resize(model: Any, policy: str | None, key: str = "image_resize"
     processor.image_resize = policy
 
 
-def _load(
-    model_class: type, builder: Any, spec: str, dtype: str | torch.dtype | None, attn_implementation: str | None,
-    device: torch.device | str | None,
-) -> Any:
-    where = placement(dtype, attn_implementation, device=device)
-    if spec.startswith("tiny:"):
-        family = spec.split(":", 1)[1]
-        model, processor = builder(family)
-        model.processor = processor
-        model = place(model, where["device"], where["dtype"], where["attn_implementation"])
-    else:
-        # Read straight onto the process's device: 8 processes do not each hold a 7B model in host memory first.
-        model = model_class.from_pretrained(spec, **pretrained_kwargs(where))
+def _load(kind: str, spec: str, dtype: str | torch.dtype | None, attn_implementation: str | None,
+          device: torch.device | str | None) -> Any:
+    # Read straight onto the process's device: 8 processes do not each hold a 7B model in host memory first.
+    model, _ = load_model_spec(spec, kind, placement(dtype, attn_implementation, device=device))
     return model.eval()
 
 
@@ -149,7 +137,7 @@ def load_embedder(
     >>> model.device.type, model.dtype
     ('cpu', torch.float32)
     """
-    model = _load(UniMEV2Model, build_tiny_unime, spec, dtype, attn_implementation, device)
+    model = _load("embedder", spec, dtype, attn_implementation, device)
     apply_image_resize(model, image_resize, "image_resize")
     return model
 
@@ -165,7 +153,7 @@ def load_reranker(
     one); None when ``spec`` is None. ``image_resize`` is set on its processor (``reranker_image_resize``)."""
     if spec is None:
         return None
-    model = _load(UniMEV2Reranker, build_tiny_reranker, spec, dtype, attn_implementation, device)
+    model = _load("reranker", spec, dtype, attn_implementation, device)
     apply_image_resize(model, image_resize, "reranker_image_resize")
     return model
 
@@ -246,40 +234,103 @@ def sugarcrepe_table(result: dict[str, Any], model_name: str) -> str:
 # ------------------------------------------------------------------------------------------------ config
 
 
-def parse_evaluation_arguments(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """``--config`` plus one flag per key of `FLAG_KEYS` (a flag given overrides the config's value)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file (see recipes/configs/eval-*.yaml)")
-    parser.add_argument("--data_root", default=None,
-                        help="folder every relative data path of the config is resolved against (e.g. the authors' "
-                             "data/ folder holding MMEB-eval/, flickr30k_test/, coco_test/, ...)")
-    parser.add_argument("--output_dir", default=None, help="overrides output_dir")
-    parser.add_argument("--model", default=None, help="overrides model (folder, repo id or tiny:<family>)")
-    parser.add_argument("--reranker", default=None,
-                        help="overrides reranker (folder, repo id or tiny:<family>; 'none' for no rerank stage)")
-    parser.add_argument("--dtype", default=None, help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16")
-    parser.add_argument("--attn_implementation", default=None, help="auto, sdpa, eager or flash_attention_2")
-    parser.add_argument("--image_resize", default=None, help="embedder images: native, authors-eval, square:N, ...")
-    parser.add_argument("--reranker_image_resize", default=None, help="reranker images: native, authors-reranker-eval, ...")
-    return parser.parse_args(argv)
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
 
 
-def load_settings(cli: argparse.Namespace) -> dict[str, Any]:
-    """The config file with the command-line flags applied; unknown top-level keys are an error (a typo such as
-    ``image_size`` would otherwise be ignored silently)."""
-    path = Path(cli.config)
-    if not path.is_file():
-        raise FileNotFoundError(f"Evaluation config not found: {path.resolve()} (see recipes/configs/eval-*.yaml).")
-    settings = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(settings) - TOP_LEVEL_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; known keys: {', '.join(sorted(TOP_LEVEL_KEYS))}.")
-    for key in FLAG_KEYS:
-        value = getattr(cli, key, None)
-        if value is not None:
-            settings[key] = None if key == "reranker" and value.lower() == "none" else value
-    if not settings.get("model"):
-        raise ValueError(f"{path}: no 'model' (a folder, a Hub repo id or tiny:<family>); pass --model.")
+@dataclass
+class EvaluationArguments:
+    """The evaluation recipe's arguments (``recipes/run_evaluation.py --help`` lists them); the YAML sections
+    ``mmeb:``, ``retrieval:`` and ``sugarcrepe:`` set the fields with those prefixes.
+
+    A ``retrieval_*`` field is a mapping in the YAML file and JSON (or a bare folder) on the command line; either way
+    it holds a dict once parsed.
+    """
+
+    model: Optional[str] = field(default=None, metadata=_help("embedder: a folder, a Hub repo id or tiny:<family>"))
+    reranker: Optional[str] = field(
+        default=None, metadata=_help("reranker: a folder, a Hub repo id or tiny:<family>; 'none' for no rerank stage"))
+    data_root: Optional[str] = field(
+        default=None, metadata=_help("folder every relative data path is resolved against (e.g. the authors' data/ "
+                                     "folder holding MMEB-eval/, flickr30k_test/, coco_test/, ...)"))
+    output_dir: str = field(default="runs/eval", metadata=_help("results, predictions and the embedding cache"))
+    batch_size: int = field(default=32, metadata=_help("rows per embedding batch"))
+    threads: int = field(default=1, metadata=_help("torch threads"))
+    dtype: str = field(default="auto",
+                       metadata=_help("auto (bf16 on GPU, float32 on CPU), float32, bfloat16 or float16"))
+    attn_implementation: str = field(default="auto", metadata=_help("auto, sdpa, eager or flash_attention_2"))
+    image_resize: Optional[str] = field(
+        default=None, metadata=_help("embedder images: native, authors-eval (the published numbers), square:N, ..."))
+    reranker_image_resize: Optional[str] = field(
+        default=None, metadata=_help("reranker images: native, authors-reranker-eval, ..."))
+    mmeb_root: Optional[str] = field(
+        default=None, metadata=_help("MMEB: a clone of TIGER-Lab/MMEB-eval (the Hub when unset)"))
+    mmeb_image_root: Optional[str] = field(
+        default=None, metadata=_help("MMEB: the image folder (default: found under mmeb_root, e.g. eval_images/)"))
+    mmeb_datasets: Optional[list[str]] = field(default=None, metadata=_help("MMEB: dataset names (default: all 36)"))
+    mmeb_tie_rule: Optional[str] = field(
+        default=None, metadata=_help("MMEB: argmax (VLM2Vec's scorer, the default) or strict"))
+    mmeb_rerank_top_k: Optional[int] = field(
+        default=None, metadata=_help("MMEB: candidates the reranker sees per query (default 10)"))
+    retrieval_flickr30k: Optional[str] = field(
+        default=None, metadata=_help("Flickr30K: {folder, image_root?, rerank_top_k?, limit?} (JSON on the command "
+                                     "line)"))
+    retrieval_coco: Optional[str] = field(
+        default=None, metadata=_help("COCO 5K: {folder, image_root?, rerank_top_k?, limit?}"))
+    retrieval_sharegpt4v: Optional[str] = field(
+        default=None, metadata=_help("ShareGPT4V: {folder, image_root?, rerank_top_k?, limit?}"))
+    retrieval_urban1k: Optional[str] = field(
+        default=None, metadata=_help("Urban1K: {folder, image_root?, rerank_top_k?, limit?}"))
+    sugarcrepe_annotations: Optional[str] = field(
+        default=None, metadata=_help("SugarCrepe: the sugar-crepe clone or its data/ folder"))
+    sugarcrepe_image_root: Optional[str] = field(default=None, metadata=_help("SugarCrepe: COCO val2017 images"))
+    sugarcrepe_subsets: Optional[list[str]] = field(
+        default=None, metadata=_help("SugarCrepe: subsets (default: all seven)"))
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("No 'model' (a folder, a Hub repo id or tiny:<family>): set it in the config or pass "
+                             "--model.")
+        if self.reranker is not None and self.reranker.lower() == "none":
+            self.reranker = None
+        for name in RETRIEVAL_SETS:
+            value = getattr(self, f"retrieval_{name}")
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    value = {"folder": value}   # a bare folder
+                setattr(self, f"retrieval_{name}", value)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"retrieval.{name}: a mapping such as {{folder: ...}}, got {value!r}.")
+
+    def section(self, prefix: str) -> dict[str, Any]:
+        """The fields of one YAML section that are set (not None), without the prefix: ``section("mmeb")`` ->
+        ``{"root": ...}``."""
+        return {item.name[len(prefix) + 1:]: getattr(self, item.name) for item in fields(self)
+                if item.name.startswith(prefix + "_") and getattr(self, item.name) is not None}
+
+
+EVALUATION_SECTIONS = {"mmeb": "mmeb_", "retrieval": "retrieval_", "sugarcrepe": "sugarcrepe_"}
+
+
+def parse_evaluation_arguments(description: str | None = None,
+                               argv: Sequence[str] | None = None) -> EvaluationArguments:
+    """`EvaluationArguments` from ``--config`` (YAML, sections as `EVALUATION_SECTIONS`) and the flags in ``argv``; a
+    flag wins, a key of the file that names no field is an error."""
+    (arguments,) = parse_recipe_arguments([EvaluationArguments], argv, EVALUATION_SECTIONS, description)
+    return arguments
+
+
+def load_settings(arguments: EvaluationArguments) -> dict[str, Any]:
+    """The arguments in the shape of the YAML config (``{"model": ..., "mmeb": {...}, "retrieval": {name: {...}},
+    "sugarcrepe": {...}}``); a benchmark section is there only when one of its fields is set."""
+    settings: dict[str, Any] = {item.name: getattr(arguments, item.name) for item in fields(arguments)
+                                if not item.name.startswith(tuple(EVALUATION_SECTIONS.values()))}
+    for section in EVALUATION_SECTIONS:
+        values = arguments.section(section)
+        if values:
+            settings[section] = values
     return settings
 
 
@@ -356,30 +407,30 @@ def prepare_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     return prepared
 
 
-def run_evaluation(cli: argparse.Namespace) -> dict[str, Any] | None:
+def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
     """Run every benchmark named in the config; returns the results on the main process (None on the others).
 
     The data of every benchmark is loaded and checked first (`prepare_data`), then the models are loaded, then the
     benchmarks run in the order MMEB, retrieval, SugarCrepe.
     """
-    settings = load_settings(cli)
-    output_dir = Path(settings.get("output_dir") or "runs/eval")
-    torch.set_num_threads(int(settings.get("threads", 1)))
-    state = distributed_state()
+    settings = load_settings(arguments)
+    output_dir = Path(settings["output_dir"])
+    torch.set_num_threads(int(settings["threads"]))
+    state = process_state()
     data = prepare_data(settings, output_dir)
-    dtype, attn = settings.get("dtype", "auto"), settings.get("attn_implementation", "auto")
+    dtype, attn = settings["dtype"], settings["attn_implementation"]
     where = placement(dtype, attn, device=state.device)
     embedder = load_embedder(settings["model"], dtype, attn, state.device, settings.get("image_resize"))
     reranker = load_reranker(settings.get("reranker"), dtype, attn, state.device,
                              settings.get("reranker_image_resize"))
-    batch_size = int(settings.get("batch_size", 32))
+    batch_size = int(settings["batch_size"])
     # What the processors will really do (their canonical form, e.g. square:1344 for authors-eval); a processor
     # without resize policies works at native size.
     image_resize = getattr(embedder.processor, "image_resize", "native")
     cache_dir = output_dir / "cache" / _settings_tag(str(where["dtype"]).replace("torch.", ""),
                                                      where["attn_implementation"], image_resize)
     mmeb_options = settings.get("mmeb") or {}
-    tie_rule = mmeb_options.get("tie_rule", "argmax")
+    tie_rule = mmeb_options.get("tie_rule") or "argmax"
     run_settings = {
         "device": str(where["device"]), "dtype": str(where["dtype"]).replace("torch.", ""),
         "attn_implementation": where["attn_implementation"], "image_resize": image_resize,
@@ -463,6 +514,8 @@ def run_evaluation(cli: argparse.Namespace) -> dict[str, Any] | None:
 __all__ = [
     "PUBLISHED_ZERO_SHOT",
     "RETRIEVAL_COLUMN_NOTE",
+    "EVALUATION_SECTIONS",
+    "EvaluationArguments",
     "apply_image_resize",
     "check_image_resize",
     "load_embedder",

@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
-from modeling_unime.mining import cached_embeddings
+from modeling_unime.util.images import require_image_files
+from modeling_unime.util.rerank import rerank_head
 
+from .embeddings import Item, embed_benchmark_items
 from .metrics import load_metric
 
 MMEB_HUB_ID = "TIGER-Lab/MMEB-eval"
@@ -69,7 +71,8 @@ MMEB_DATASETS = [name for split in MMEB_CATEGORIES.values() for names in split.v
 IND_DATASETS = [name for split in MMEB_CATEGORIES.values() for name in split["IND"]]
 OOD_DATASETS = [name for split in MMEB_CATEGORIES.values() for name in split["OOD"]]
 
-# method.md section 3: published MMEB overall scores.
+# Published MMEB overall scores, as arXiv 2510.13515 reports them (its MMEB table, the VLM2Vec baselines included;
+# the rerank rows from its reranker results) and the authors' README.
 PUBLISHED_MMEB = {
     "TianchengGu/UniME-V2-Qwen2VL-2B": {"Overall": 63.6, "Overall (rerank)": 67.6},
     "TianchengGu/UniME-V2-Qwen2VL-7B": {"Overall": 68.0, "Overall (rerank)": 69.6},
@@ -77,9 +80,6 @@ PUBLISHED_MMEB = {
     "TIGER-Lab/VLM2Vec-Qwen2VL-2B": {"Overall": 60.1},
     "TIGER-Lab/VLM2Vec-Qwen2VL-7B": {"Overall": 65.8},
 }
-
-Item = tuple[str | None, str | None]
-
 
 @dataclass
 class MMEBDataset:
@@ -218,16 +218,13 @@ def resolve_mmeb_image_root(
 
 
 def check_images(dataset: MMEBDataset, image_root: str | os.PathLike | None) -> None:
-    """Every image of a dataset must exist before any embedding starts; the error names what is missing."""
-    paths = {image for item in dataset.queries for image in [item[1]] if image}
-    paths |= {image for items in dataset.candidates for _, image in items if image}
-    missing = sorted(path for path in paths if not os.path.isfile(os.path.join(os.fspath(image_root or ""), path)))
-    if missing:
-        raise FileNotFoundError(
-            f"MMEB dataset {dataset.name!r}: {len(missing)} image(s) not found under image_root="
-            f"{None if image_root is None else os.fspath(image_root)!r} (first: {missing[:3]}). MMEB images come from "
-            f"the images.zip of {MMEB_HUB_ID}, unpacked into the image root."
-        )
+    """Every image of a dataset must exist before any embedding starts; the error (`MissingImagesError`, a
+    FileNotFoundError) names what is missing."""
+    paths = [image for _, image in dataset.queries] + [image for items in dataset.candidates for _, image in items]
+    require_image_files(
+        paths, image_root, f"MMEB dataset {dataset.name!r}",
+        f"MMEB images come from the images.zip of {MMEB_HUB_ID}, unpacked into the image root.",
+    )
 
 
 def predictions_from_scores(scores: Sequence[torch.Tensor], tie_rule: str = "argmax") -> list[int]:
@@ -262,6 +259,20 @@ def _check_tie_rule(tie_rule: str) -> None:
 
 
 @dataclass
+class MMEBTaskResult:
+    """What `evaluate_task` measured on one dataset: precision@1 (%), the rows where another candidate ties the
+    positive for the top score, per-row predictions and, with a reranker, the same after the rerank stage."""
+
+    name: str
+    score: float
+    ties: int
+    predictions: list[dict[str, Any]]
+    tie_rule: str = "argmax"
+    reranked_score: float | None = None
+    reranked_predictions: list[dict[str, Any]] | None = None
+
+
+@dataclass
 class MMEBResult:
     """Per-dataset precision@1 (%), predictions, and the means over the datasets that ran.
 
@@ -274,6 +285,22 @@ class MMEBResult:
     tie_rule: str = "argmax"
     ties: dict[str, int] = field(default_factory=dict)
     data: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_tasks(cls, tasks: Sequence[MMEBTaskResult], tie_rule: str = "argmax", reranked: bool = False
+                   ) -> "MMEBResult":
+        """The embedder's results of ``tasks`` as one result; ``reranked=True``: those after the rerank stage (the
+        embedder's ties are not repeated there)."""
+        result = cls(tie_rule=tie_rule)
+        for task in tasks:
+            if not reranked:
+                result.scores[task.name], result.predictions[task.name] = task.score, task.predictions
+                result.ties[task.name] = task.ties
+            elif task.reranked_score is None:
+                raise ValueError(f"MMEB dataset {task.name!r} was evaluated without a reranker.")
+            else:
+                result.scores[task.name], result.predictions[task.name] = task.reranked_score, task.reranked_predictions
+        return result
 
     def summary(self) -> dict[str, Any]:
         """Category, IND, OOD and overall means (%); a mean over a partial set is listed under ``incomplete``."""
@@ -290,6 +317,34 @@ class MMEBResult:
                 incomplete[group] = sorted(set(names) - set(present))
         return {"datasets": dict(self.scores), "means": means, "incomplete": incomplete, "tie_rule": self.tie_rule,
                 "ties": dict(self.ties)}
+
+
+@dataclass(frozen=True)
+class MMEBOptions:
+    """How `evaluate_task` embeds and scores a dataset.
+
+    Attributes:
+        batch_size: rows per embedding batch.
+        cache_dir: on-disk embedding cache (keyed by model and content; ``<cache_dir>/mmeb``), so an interrupted run
+            resumes; None embeds without a cache.
+        state: an ``accelerate`` state: encoding is split over its processes.
+        tie_rule: ``"argmax"`` (VLM2Vec's scorer, the default) or ``"strict"``; see `TIE_RULES`.
+        reranker: optional; the embedder's top ``rerank_top_k`` candidates of each query are re-ordered by
+            ``reranker.rerank(query, candidates, mode=rerank_mode)`` and the new first candidate is the prediction.
+        rerank_top_k: how many of the embedder's candidates the reranker sees.
+        rerank_mode: ``"listwise"`` or ``"pairwise"``, passed to ``reranker.rerank``.
+    """
+
+    batch_size: int = 32
+    cache_dir: str | os.PathLike | None = None
+    state: Any = None
+    tie_rule: str = "argmax"
+    reranker: Any = None
+    rerank_top_k: int = 10
+    rerank_mode: str = "listwise"
+
+    def __post_init__(self) -> None:
+        _check_tie_rule(self.tie_rule)
 
 
 def evaluate_mmeb(
@@ -313,27 +368,20 @@ def evaluate_mmeb(
         datasets: names from `MMEB_DATASETS`; all 36 when None.
         root: a local copy of the Hub repo (see `load_mmeb_dataset`); the Hub when None.
         image_root: the folder image paths are relative to; found by `resolve_mmeb_image_root` when None.
-        cache_dir: on-disk embedding cache (keyed by model and content), so an interrupted run resumes.
-        batch_size: rows per embedding batch.
-        reranker: optional; the embedder's top ``rerank_top_k`` candidates of each query are re-ordered by
-            ``reranker.rerank(query, candidates, mode=rerank_mode)`` and the new first candidate is the prediction.
-        state: an ``accelerate`` state: encoding is split over its processes.
-        tie_rule: ``"argmax"`` (VLM2Vec's scorer, the default) or ``"strict"``; see `TIE_RULES`.
         prepared: the output of `prepare_mmeb` (datasets already loaded and checked); ``datasets``, ``root`` and
             ``image_root`` are then not used.
+        cache_dir, batch_size, reranker, rerank_top_k, rerank_mode, state, tie_rule: see `MMEBOptions`.
     """
-    _check_tie_rule(tie_rule)
-    result = MMEBResult(tie_rule=tie_rule)
-    reranked = MMEBResult(tie_rule=tie_rule) if reranker is not None else None
+    options = MMEBOptions(batch_size=batch_size, cache_dir=cache_dir, state=state, tie_rule=tie_rule,
+                          reranker=reranker, rerank_top_k=rerank_top_k, rerank_mode=rerank_mode)
+    tasks, data = [], {}
     for dataset, dataset_image_root in prepared if prepared is not None else prepare_mmeb(datasets, root, image_root):
-        result.data[dataset.name] = {"source": dataset.source or f"{MMEB_HUB_ID} (Hub)",
-                                     "image_root": dataset_image_root, "rows": len(dataset)}
-        evaluate_task(
-            embedder, dataset, result, reranked, image_root=dataset_image_root,
-            cache_dir=cache_dir, batch_size=batch_size, reranker=reranker, rerank_top_k=rerank_top_k,
-            rerank_mode=rerank_mode, state=state, tie_rule=tie_rule,
-        )
-    return result, reranked
+        data[dataset.name] = {"source": dataset.source or f"{MMEB_HUB_ID} (Hub)", "image_root": dataset_image_root,
+                              "rows": len(dataset)}
+        tasks.append(evaluate_task(embedder, dataset, dataset_image_root, options))
+    result = MMEBResult.from_tasks(tasks, tie_rule)
+    result.data = data
+    return result, MMEBResult.from_tasks(tasks, tie_rule, reranked=True) if reranker is not None else None
 
 
 def prepare_mmeb(
@@ -361,35 +409,37 @@ def candidate_scores(embeddings: torch.Tensor, query: int, candidates: Sequence[
     return torch.stack([lookup[index] for index in candidates])
 
 
+def ranking_from_scores(row_scores: torch.Tensor, tie_rule: str = "argmax") -> list[int]:
+    """Candidate indices best first. Equal scores keep candidate order under ``"argmax"`` (so a tie with the
+    positive, candidate 0, puts it first) and put the positive after the candidates it ties under ``"strict"``.
+
+    >>> ranking_from_scores(torch.tensor([0.5, 0.9, 0.5])), ranking_from_scores(torch.tensor([0.5, 0.9, 0.5]), "strict")
+    ([1, 0, 2], [1, 2, 0])
+    """
+    _check_tie_rule(tie_rule)
+    strict = tie_rule == "strict"
+    return sorted(range(len(row_scores)),
+                  key=lambda index: (-float(row_scores[index]), strict and index == 0, index))
+
+
 def evaluate_task(
     embedder: Any,
     dataset: MMEBDataset,
-    result: MMEBResult,
-    reranked: MMEBResult | None = None,
     image_root: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 32,
-    reranker: Any = None,
-    rerank_top_k: int = 10,
-    rerank_mode: str = "listwise",
-    state: Any = None,
-    tie_rule: str = "argmax",
-) -> None:
-    """The MMEB protocol on one dataset in the MMEB shape (any task: MMEB's own or one built elsewhere): adds its
-    precision@1 (%) and predictions to ``result`` (and, with a reranker, to ``reranked``), scored with ``tie_rule``.
+    options: MMEBOptions = MMEBOptions(),
+) -> MMEBTaskResult:
+    """The MMEB protocol on one dataset in the MMEB shape (any task: MMEB's own or one built elsewhere): its
+    precision@1 (%), ties and predictions, scored with ``options.tie_rule`` (and, with ``options.reranker``, the same
+    after the rerank stage).
 
-    With a reranker, the candidates handed to it are the embedder's top ``rerank_top_k`` in the order ``tie_rule``
-    gives (a tie with the positive puts the positive first under ``"argmax"``, last under ``"strict"``)."""
-    _check_tie_rule(tie_rule)
+    With a reranker, the candidates handed to it are the embedder's top ``options.rerank_top_k`` in the order
+    `ranking_from_scores` gives (a tie with the positive puts the positive first under ``"argmax"``, last under
+    ``"strict"``); the reranker's order is checked (`modeling_unime.util.rerank.rerank_head`)."""
     metric = load_metric("precision_at_1")
-    name = dataset.name
     check_images(dataset, image_root)
     items = list(dict.fromkeys([*dataset.queries, *(item for items in dataset.candidates for item in items)]))
-    if cache_dir is None:
-        embeddings = embedder.encode(texts=[text for text, _ in items], images=[image for _, image in items],
-                                     image_root=image_root, batch_size=batch_size)
-    else:
-        embeddings = cached_embeddings(embedder, items, Path(cache_dir) / "mmeb", image_root, batch_size, state)
+    cache_dir = None if options.cache_dir is None else Path(options.cache_dir) / "mmeb"
+    embeddings = embed_benchmark_items(embedder, items, image_root, options.batch_size, cache_dir, options.state)
     # Cosine, as VLM2Vec's scorer: embedders that do not normalise are scored the same way.
     embeddings = torch.nn.functional.normalize(torch.as_tensor(embeddings).float(), dim=-1)
     position = {item: index for index, item in enumerate(items)}
@@ -397,37 +447,31 @@ def evaluate_task(
         candidate_scores(embeddings, position[query], [position[item] for item in candidates])
         for query, candidates in zip(dataset.queries, dataset.candidates)
     ]
-    predictions = predictions_from_scores(scores, tie_rule)
+    predictions = predictions_from_scores(scores, options.tie_rule)
     tied = [len(row) > 1 and bool(row[0] == row[1:].max()) for row in scores]
-    result.tie_rule = tie_rule
-    result.ties[name] = sum(tied)
-    result.scores[name] = 100 * metric.compute(predictions=predictions, references=[0] * len(predictions))[
-        "precision_at_1"
+    result = MMEBTaskResult(
+        name=dataset.name,
+        score=100 * metric.compute(predictions=predictions, references=[0] * len(predictions))["precision_at_1"],
+        ties=sum(tied),
+        predictions=[
+            {"row": row, "prediction": prediction, "correct": prediction == 0, "positive_tied": tie,
+             "positive_score": float(row_scores[0]), "top_score": float(row_scores.max())}
+            for row, (prediction, row_scores, tie) in enumerate(zip(predictions, scores, tied))
+        ],
+        tie_rule=options.tie_rule,
+    )
+    if options.reranker is None:
+        return result
+    reranked = [
+        rerank_head(ranking_from_scores(row_scores, options.tie_rule), query, candidates, options.reranker,
+                    options.rerank_top_k, image_root, options.rerank_mode, query_index=row)[0]
+        for row, (query, candidates, row_scores) in enumerate(zip(dataset.queries, dataset.candidates, scores))
     ]
-    result.predictions[name] = [
-        {"row": row, "prediction": prediction, "correct": prediction == 0, "positive_tied": tie,
-         "positive_score": float(row_scores[0]), "top_score": float(row_scores.max())}
-        for row, (prediction, row_scores, tie) in enumerate(zip(predictions, scores, tied))
-    ]
-    if reranker is None or reranked is None:
-        return
-    reranked.tie_rule = tie_rule
-    reranked_predictions = []
-    for query, candidates, row_scores in zip(dataset.queries, dataset.candidates, scores):
-        if tie_rule == "argmax":
-            ranking = sorted(range(len(candidates)), key=lambda index: (-float(row_scores[index]), index))
-        else:
-            ranking = sorted(range(len(candidates)), key=lambda index: (-float(row_scores[index]), index == 0, index))
-        top = ranking[:rerank_top_k]
-        order, _ = reranker.rerank(query, [candidates[index] for index in top], mode=rerank_mode, image_root=image_root)
-        reranked_predictions.append(top[order[0]])
-    reranked.scores[name] = 100 * metric.compute(
-        predictions=reranked_predictions, references=[0] * len(reranked_predictions)
-    )["precision_at_1"]
-    reranked.predictions[name] = [
-        {"row": row, "prediction": prediction, "correct": prediction == 0}
-        for row, prediction in enumerate(reranked_predictions)
-    ]
+    result.reranked_score = 100 * metric.compute(predictions=reranked, references=[0] * len(reranked))[
+        "precision_at_1"]
+    result.reranked_predictions = [{"row": row, "prediction": prediction, "correct": prediction == 0}
+                                   for row, prediction in enumerate(reranked)]
+    return result
 
 
 def write_predictions(result: MMEBResult, folder: str | os.PathLike) -> None:
@@ -447,7 +491,9 @@ __all__ = [
     "TIE_RULES",
     "UNUSED_CONFIGS",
     "MMEBDataset",
+    "MMEBOptions",
     "MMEBResult",
+    "MMEBTaskResult",
     "candidate_scores",
     "check_images",
     "load_mmeb_dataset",
@@ -457,5 +503,6 @@ __all__ = [
     "evaluate_mmeb",
     "evaluate_task",
     "predictions_from_scores",
+    "ranking_from_scores",
     "write_predictions",
 ]

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +41,25 @@ from datasets import Dataset, load_from_disk
 from modeling_unime import UniMEV2Config, UniMEV2Model, UniMEV2Reranker, UniMEV2RerankerConfig
 from modeling_unime.mining import MiningConfig, mine_hard_negatives
 from modeling_unime.placement import accelerator_available, process_device
+# The demo trains a tiny model from scratch on purpose: its tokenizer, processor and backbone come from the builders.
 from modeling_unime.testing import build_tiny_backbone_config, build_tiny_processor, build_tiny_tokenizer
 from trainers import UniMEV2Trainer, UniMEV2TrainingArguments
 from trainers.reranker_trainer import UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments
 
 from .easyvqa import TASKS, EasyVQASplit, blind_baseline, build_tasks, load_easyvqa, oracle_for, training_pairs
-from .mmeb import MMEBDataset, MMEBResult, candidate_scores, evaluate_task
+from .embeddings import embed_benchmark_items
+from .mmeb import MMEBDataset, MMEBOptions, MMEBResult, candidate_scores, evaluate_task, ranking_from_scores
 
 
 @dataclass
 class PipelineConfig:
     """Sizes and budgets of the main job; ``quick()`` gives the CI smoke-test sliver.
 
-    The defaults come from the measurements in the issue-7 closing note: a baseline long enough to see shape at all
-    (1,500 steps), judges and rerankers trained with the vision tower frozen (the paper's reranker recipe; a tiny
-    judge fine-tuned whole at lr 1e-3 forgets the image and falls to chance), and the UniME-V2 continuation at
-    lr 1e-4 (at 1e-3 the soft-label loss, whose targets are near one-hot at tau 0.02, wrecks the features).
+    The defaults come from measurements on this demo: a baseline long enough to see shape at all (1,500 steps),
+    judges and rerankers trained with the vision tower frozen (the paper's reranker recipe, arXiv 2510.13515: see
+    recipes/configs/reranker-qwen25vl-7b.yaml; a tiny judge fine-tuned whole at lr 1e-3 forgets the image and falls
+    to chance), and the UniME-V2 continuation at lr 1e-4 (the paper's rate, arXiv 2510.13515 implementation details; at 1e-3 the soft-label loss,
+    whose targets are near one-hot at tau 0.02, wrecks the features).
     The reranker trains on lists of ``rerank_top_k`` candidates (every slot the rerank stage reads is a target);
     ``listwise_eval_rows`` held-out rows per task measure listwise reranking (about 1 minute for 500).
     """
@@ -182,25 +184,43 @@ def freeze_vision_tower(model) -> None:
     tower.requires_grad_(False)
 
 
-def _train(trainer_class, args_class, model_class, build_model, processor, rows, output_dir, config, stages, steps,
-           learning_rate, **arguments):
-    """Train ``build_model()`` (called only when no saved stage matches) and save it with its loss curve."""
-    recipe = json.dumps({"steps": steps, "learning_rate": learning_rate, **arguments}, sort_keys=True)
-    stage = SavedStage(Path(output_dir), config.fingerprint(*stages) + recipe)
+@dataclass
+class TrainingRun:
+    """One model the job trains: with which trainer and arguments class, from what (``build_model`` is called only
+    when no saved stage matches), into which folder, and the settings it depends on (``stages``, see
+    `PipelineConfig.fingerprint`, plus its steps, learning rate and trainer ``arguments``)."""
+
+    trainer_class: type
+    args_class: type
+    model_class: type
+    build_model: Callable[[], Any]
+    folder: Path
+    stages: tuple[str, ...]
+    steps: int
+    learning_rate: float
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+def _train(run: TrainingRun, rows: Dataset, processor: Any, config: PipelineConfig):
+    """Train ``run.build_model()`` on ``rows`` and save it with its loss curve; a saved stage with the same settings
+    is loaded instead. Returns (model, curve)."""
+    recipe = json.dumps({"steps": run.steps, "learning_rate": run.learning_rate, **run.arguments}, sort_keys=True)
+    stage = SavedStage(Path(run.folder), config.fingerprint(*run.stages) + recipe)
     saved = stage.saved()
     if saved is not None:
-        print(f"[resume] {output_dir} was trained by a run with the same settings: loaded", flush=True)
-        return model_class.from_pretrained(str(output_dir)).to(process_device()), saved["curve"]
-    model = build_model()
-    args = args_class(
-        str(output_dir), report_to=[], use_cpu=not accelerator_available(), save_strategy="no", per_device_train_batch_size=config.batch_size,
-        learning_rate=learning_rate, warmup_steps=max(1, steps // 10), max_steps=steps,
-        logging_steps=max(1, steps // 20), seed=config.seed, disable_tqdm=False, **arguments,
+        print(f"[resume] {run.folder} was trained by a run with the same settings: loaded", flush=True)
+        return run.model_class.from_pretrained(str(run.folder)).to(process_device()), saved["curve"]
+    model = run.build_model()
+    args = run.args_class(
+        str(run.folder), report_to=[], use_cpu=not accelerator_available(), save_strategy="no",
+        per_device_train_batch_size=config.batch_size, learning_rate=run.learning_rate,
+        warmup_steps=max(1, run.steps // 10), max_steps=run.steps, logging_steps=max(1, run.steps // 20),
+        seed=config.seed, disable_tqdm=False, **run.arguments,
     )
-    trainer = trainer_class(model=model, args=args, train_dataset=rows, processing_class=processor)
+    trainer = run.trainer_class(model=model, args=args, train_dataset=rows, processing_class=processor)
     trainer.train()
     curve = [{"step": entry["step"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry]
-    trainer.model.save_pretrained(str(output_dir))
+    trainer.model.save_pretrained(str(run.folder))
     stage.mark({"curve": curve})
     return trainer.model, curve
 
@@ -258,9 +278,10 @@ def judge_pairwise_accuracy(judge, test_tasks, rows: int, rng: random.Random) ->
 def train_baseline(world: DemoWorld, config: PipelineConfig, output: Path):
     """In-batch InfoNCE from scratch on the (query, positive) pairs: the VLM2Vec role."""
     rows = world.pairs.map(lambda row: {"neg_texts": [], "neg_images": [], "judge_scores": [1.0]})
-    model, curve = _train(UniMEV2Trainer, UniMEV2TrainingArguments, UniMEV2Model,
-                          lambda: _new_embedder(config, world.tokenizer), world.processor, rows, output / "baseline",
-                          config, (), config.embedder_steps, config.learning_rate, loss="infonce", num_negatives=0)
+    run = TrainingRun(UniMEV2Trainer, UniMEV2TrainingArguments, UniMEV2Model,
+                      lambda: _new_embedder(config, world.tokenizer), output / "baseline", (), config.embedder_steps,
+                      config.learning_rate, dict(loss="infonce", num_negatives=0))
+    model, curve = _train(run, rows, world.processor, config)
     model.processor = world.processor
     return model, curve
 
@@ -287,21 +308,30 @@ def continue_training(baseline: UniMEV2Model, rows: Dataset, world: DemoWorld, c
     """One UniME-V2 variant: from a copy of the baseline, ``finetune_steps`` at ``finetune_learning_rate`` on the
     data mined with ``judge``."""
     stages = ("judge", "mining", "finetune") if judge == "mllm" else ("mining", "finetune")
-    model, curve = _train(UniMEV2Trainer, UniMEV2TrainingArguments, UniMEV2Model, lambda: copy.deepcopy(baseline),
-                          world.processor, rows, folder, config, stages, config.finetune_steps,
-                          config.finetune_learning_rate, **objective)
+    run = TrainingRun(UniMEV2Trainer, UniMEV2TrainingArguments, UniMEV2Model, lambda: copy.deepcopy(baseline), folder,
+                      stages, config.finetune_steps, config.finetune_learning_rate, dict(objective))
+    model, curve = _train(run, rows, world.processor, config)
     model.processor = world.processor
     return model, curve
 
 
-def evaluate_embedder(model, tasks: dict[str, MMEBDataset], reranker=None, rerank_top_k: int = 3):
-    """MMEB precision@1 (%) per task and their mean; with a reranker also the reranked scores."""
-    plain, reranked = MMEBResult(), MMEBResult() if reranker is not None else None
-    for task in tasks.values():
-        evaluate_task(model, task, plain, reranked, batch_size=32, reranker=reranker, rerank_top_k=rerank_top_k,
-                      rerank_mode="pairwise")
-    tables = [with_mean(result.scores) for result in (plain, reranked) if result is not None]
-    return tables if reranker is not None else tables[0]
+@dataclass
+class EmbedderScores:
+    """MMEB precision@1 (%) per task and their mean (`with_mean`), and with a reranker the same after the rerank
+    stage (None without one)."""
+
+    scores: dict[str, float]
+    reranked: dict[str, float] | None = None
+
+
+def evaluate_embedder(model, tasks: dict[str, MMEBDataset], reranker=None, rerank_top_k: int = 3) -> EmbedderScores:
+    """The MMEB protocol (`evaluation.mmeb.evaluate_task`) on every task; the rerank stage reranks pairwise."""
+    options = MMEBOptions(batch_size=32, reranker=reranker, rerank_top_k=rerank_top_k, rerank_mode="pairwise")
+    results = [evaluate_task(model, task, options=options) for task in tasks.values()]
+    plain = with_mean(MMEBResult.from_tasks(results).scores)
+    if reranker is None:
+        return EmbedderScores(plain)
+    return EmbedderScores(plain, with_mean(MMEBResult.from_tasks(results, reranked=True).scores))
 
 
 def with_mean(scores: dict[str, float]) -> dict[str, float]:
@@ -321,7 +351,7 @@ LISTWISE_MEASURES = {
 def embedder_ranking(row_scores: torch.Tensor) -> list[int]:
     """Candidate indices by the embedder's cosine, best first; ties in candidate order (the MMEB ``argmax`` rule, as
     `evaluation.mmeb.evaluate_task` orders the rerank stage's input)."""
-    return sorted(range(len(row_scores)), key=lambda index: (-float(row_scores[index]), index))
+    return ranking_from_scores(row_scores, "argmax")
 
 
 def listwise_reranking(
@@ -361,8 +391,7 @@ def listwise_reranking(
         queries = [task.queries[row] for row in picked]
         candidates = [task.candidates[row] for row in picked]
         items = list(dict.fromkeys([*queries, *(item for row in candidates for item in row)]))
-        embeddings = embedder.encode(texts=[text for text, _ in items], images=[image for _, image in items],
-                                     batch_size=32)
+        embeddings = embed_benchmark_items(embedder, items, None, 32)
         embeddings = torch.nn.functional.normalize(torch.as_tensor(embeddings).float(), dim=-1)
         position = {item: index for index, item in enumerate(items)}
         slot_rng = random.Random(f"listwise-slot:{seed}:{name}")
@@ -445,13 +474,11 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
     # 3. judges
     oracle = oracle_for(world.train, world.test)
-    judge_model, judge_curve = _train(
-        UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments, UniMEV2Reranker, lambda: _judge_from(baseline),
-        world.processor,
-        Dataset.from_list(ground_truth_judge_rows(world.train_tasks, random.Random(config.seed))),
-        output / "mllm-judge", config, ("judge",), config.judge_steps, config.judge_learning_rate, listwise_negatives=1,
-        listwise_weight=0.0,
-    )
+    judge_run = TrainingRun(UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments, UniMEV2Reranker,
+                            lambda: _judge_from(baseline), output / "mllm-judge", ("judge",), config.judge_steps,
+                            config.judge_learning_rate, dict(listwise_negatives=1, listwise_weight=0.0))
+    judge_rows = Dataset.from_list(ground_truth_judge_rows(world.train_tasks, random.Random(config.seed)))
+    judge_model, judge_curve = _train(judge_run, judge_rows, world.processor, config)
     judges = {"oracle": oracle, "mllm": judge_model.eval().scorer(world.processor)}
     judge_quality = {name: judge_pairwise_accuracy(judge, world.test_tasks, config.judge_eval_rows, random.Random(7))
                      for name, judge in judges.items()}
@@ -467,7 +494,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     # 5. From the baseline checkpoint, the same extra budget for every variant, on the same mined queries: the
     #    control continues in-batch InfoNCE on their (query, positive) pairs; the others use the mined negatives.
     embedders = {"InfoNCE baseline": baseline}
+    row_judges: dict[str, str | None] = {"blind text-only baseline": None, "InfoNCE baseline": None}
     for index, (label, (judge_name, objective)) in enumerate(variants(config).items(), start=1):
+        # The judge column names whose mined negatives a row trains on: the control uses none of them.
+        row_judges[label] = judge_name if objective.get("num_negatives") else None
         embedders[label], curves_by_model[label] = continue_training(
             baseline, mined[judge_name], world, config, output / f"embedder-{index}", judge_name, **objective
         )
@@ -476,13 +506,12 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     # 6. The reranker starts from the judge (the paper trains it from its judge's base model, Qwen2.5-VL-7B) and
     #    learns pairwise + listwise on the oracle-mined data, with lists as long as the rerank stage's (every slot
     #    the rerank stage reads is a training target).
-    reranker, reranker_curve = _train(
+    reranker_run = TrainingRun(
         UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments, UniMEV2Reranker, lambda: _reranker_from(judge_model),
-        world.processor,
-        mined["oracle"], output / "reranker", config, ("judge", "mining", "reranker"), config.reranker_steps,
-        config.judge_learning_rate, listwise_negatives=config.rerank_top_k - 1,
-        listwise_weight=config.reranker_listwise_weight,
+        output / "reranker", ("judge", "mining", "reranker"), config.reranker_steps, config.judge_learning_rate,
+        dict(listwise_negatives=config.rerank_top_k - 1, listwise_weight=config.reranker_listwise_weight),
     )
+    reranker, reranker_curve = _train(reranker_run, mined["oracle"], world.processor, config)
     reranker.eval().processor = world.processor
     reranker_quality = judge_pairwise_accuracy(reranker.scorer(world.processor), world.test_tasks,
                                                config.judge_eval_rows, random.Random(7))
@@ -491,13 +520,13 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
     # 7. evaluation
     table: dict[str, dict[str, float]] = {"blind text-only baseline": with_mean(world.blind)}
-    best, reranked = "+ UniME-V2 soft labels (oracle judge)", {}
+    best, reranked_label = "+ UniME-V2 soft labels (oracle judge)", ""
     for label, model in embedders.items():
-        if label == best:
-            table[label], reranked = evaluate_embedder(model, world.test_tasks, reranker, config.rerank_top_k)
-        else:
-            table[label] = evaluate_embedder(model, world.test_tasks)
-    table[f"{best} + reranker (top-{config.rerank_top_k})"] = reranked
+        scores = evaluate_embedder(model, world.test_tasks, *((reranker, config.rerank_top_k) if label == best else ()))
+        table[label] = scores.scores
+        if scores.reranked is not None:
+            reranked_label, reranked = f"{label} + reranker (top-{config.rerank_top_k})", scores.reranked
+    table[reranked_label], row_judges[reranked_label] = reranked, row_judges[best]
     clock.lap("evaluation")
 
     # 8. listwise reranking, in the embedder's order and with the positive at a random slot
@@ -506,13 +535,14 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     listwise["embedder"] = best
     clock.lap("listwise evaluation")
 
-    results = {"config": asdict(config), "table": table, "judge_pairwise_accuracy": judge_quality,
+    results = {"config": asdict(config), "table": table, "row_judges": row_judges,
+               "judge_pairwise_accuracy": judge_quality,
                "reranker_pairwise_accuracy": reranker_quality, "listwise_reranking": listwise,
                "mining": mining_reports, "seconds": clock.stages,
                "curves": {name: [(entry["step"], entry["loss"]) for entry in curve]
                           for name, curve in curves_by_model.items()}}
     (output / "results.json").write_text(json.dumps(results, indent=2))
-    markdown = render_table(table, judge_quality, reranker_quality) + "\n\n" + render_listwise(listwise)
+    markdown = render_table(table, row_judges, judge_quality, reranker_quality) + "\n\n" + render_listwise(listwise)
     (output / "results.md").write_text(markdown + "\n")
     draw_summary(results, output / "summary.png")
     print(markdown)
@@ -557,14 +587,14 @@ def run_ablation(config: PipelineConfig, seeds: Sequence[int]) -> dict[str, Any]
         world = build_world(seeded, output)
         baseline, _ = train_baseline(world, seeded, folder)
         if "InfoNCE baseline" not in results["table"]:
-            results["table"]["InfoNCE baseline"] = evaluate_embedder(baseline, world.test_tasks)
+            results["table"]["InfoNCE baseline"] = evaluate_embedder(baseline, world.test_tasks).scores
         mined, results["mining"] = mine(world, baseline, oracle_for(world.train, world.test), "oracle", seeded, folder)
         for index, (label, (steps, objective)) in enumerate(ablation_variants(seeded).items()):
             if label in results["table"]:
                 continue
             model, _ = continue_training(baseline, mined, world, replace(seeded, finetune_steps=steps),
                                          folder / f"variant-{index}", **objective)
-            results["table"][label] = evaluate_embedder(model, world.test_tasks)
+            results["table"][label] = evaluate_embedder(model, world.test_tasks).scores
             results_path.write_text(json.dumps(results, indent=2))
             print(f"[seed {seed}] {label}: mean {results['table'][label]['mean']:.1f}", flush=True)
         results_path.write_text(json.dumps(results, indent=2))
@@ -605,14 +635,15 @@ def report_ablation(output: Path) -> dict[str, Any]:
     return {"per_seed": per_seed, "summary": summary}
 
 
-def render_table(table: dict[str, dict[str, float]], judge_quality: dict[str, dict[str, float]],
-                 reranker_quality: dict[str, float] | None = None) -> str:
-    """The paper's Table 4 shape: one row per training setting, precision@1 (%) per task and the mean; below it the
-    held-out pairwise accuracy of each judge (and of the reranker), which says whose rows count."""
+def render_table(table: dict[str, dict[str, float]], row_judges: Mapping[str, str | None],
+                 judge_quality: dict[str, dict[str, float]], reranker_quality: dict[str, float] | None = None) -> str:
+    """The paper's Table 4 shape (arXiv 2510.13515): one row per training setting, precision@1 (%) per task and the
+    mean, and the judge whose mined data the row trained on (``row_judges``; None: no judge); below it the held-out
+    pairwise accuracy of each judge (and of the reranker), which says whose rows count."""
     lines = ["| setting | judge | " + " | ".join(TASKS) + " | mean |", "|---" * (len(TASKS) + 3) + "|"]
     at_chance = {name for name, quality in judge_quality.items() if max(quality.values()) < 60}
     for label, scores in table.items():
-        judge = "oracle" if "oracle" in label else "mllm" if "mllm" in label else "-"
+        judge = row_judges.get(label) or "-"
         if judge in at_chance:
             label += " [judge at chance: does not count]"
         lines.append(f"| {label} | {judge} | " + " | ".join(f"{scores[task]:.1f}" for task in TASKS)
@@ -624,57 +655,65 @@ def render_table(table: dict[str, dict[str, float]], judge_quality: dict[str, di
     return "\n".join(lines)
 
 
-def draw_summary(results: dict[str, Any], path: Path) -> None:
-    """A PNG with the training-loss curves (log scale) and the results table, drawn with PIL."""
-    from PIL import Image, ImageDraw
+def _require_matplotlib():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display); the ``[demo]`` extra installs it."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError('summary.png is drawn with matplotlib: pip install "unime-v2[demo]"') from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
 
-    width, plot_height = 1100, 360
+    return pyplot
+
+
+def draw_summary(results: dict[str, Any], path: Path) -> None:
+    """``summary.png``, 1100 px wide: the training-loss curves (log-scale loss against step, one labelled curve per
+    model) above the results table (and the listwise block when measured)."""
+    pyplot = _require_matplotlib()
     rows = results["table"]
     listwise = results.get("listwise_reranking") or {}
-    extra = len(LISTWISE_MEASURES) + 2 if listwise.get("tasks") else 0
-    image = Image.new("RGB", (width, plot_height + 40 + 22 * (len(rows) + 3 + extra)), "white")
-    canvas = ImageDraw.Draw(image)
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
-    curves = {name: curve for name, curve in results["curves"].items() if curve}
-    left, top, right, bottom = 60, 20, width - 320, plot_height
-    canvas.rectangle([left, top, right, bottom], outline="black")
-    canvas.text((left, 2), "training loss (log scale) vs step", fill="black")
-    values = [loss for curve in curves.values() for _, loss in curve if loss > 0]
-    if values:
-        low, high = math.log(min(values)), math.log(max(values)) + 1e-9
-        max_step = max(step for curve in curves.values() for step, _ in curve) or 1
-        for index, (name, curve) in enumerate(curves.items()):
-            points = [(left + (right - left) * step / max_step,
-                       bottom - (bottom - top) * (math.log(max(loss, 1e-9)) - low) / max(high - low, 1e-9))
-                      for step, loss in curve]
-            colour = colours[index % len(colours)]
-            if len(points) > 1:
-                canvas.line(points, fill=colour, width=2)
-            canvas.text((right + 10, top + 18 * index), name, fill=colour)
-    columns = [10, 430] + [430 + 125 * (index + 1) for index in range(len(TASKS))]
-
-    def row(y: int, cells: list[str]) -> None:
-        for x, cell in zip(columns, cells):
-            canvas.text((x, y), cell, fill="black")
-
-    y = plot_height + 30
-    row(y, ["setting", *TASKS, "mean"])
-    for label, scores in rows.items():
-        y += 22
-        row(y, [label[:70], *(f"{scores[task]:.1f}" for task in TASKS), f"{scores['mean']:.1f}"])
-    if extra:
-        y += 33
+    columns = [*TASKS, "mean"]
+    cells = [[f"{scores[column]:.1f}" for column in columns] for scores in rows.values()]
+    labels = list(rows)
+    if listwise.get("tasks"):
         first_task = next(iter(listwise["tasks"].values()))
-        row(y, [f"listwise, top-{listwise['top_k']}, {first_task['rows']} rows/task"])
+        labels.append(f"listwise, top-{listwise['top_k']}, {first_task['rows']} rows/task")
+        cells.append([""] * len(columns))
         for key, label in LISTWISE_MEASURES.items():
-            y += 22
-            row(y, [label[:70], *(f"{listwise['tasks'][task][key]:.1f}" if task in listwise["tasks"] else "-"
-                                  for task in TASKS), f"{listwise['mean'][key]:.1f}"])
-    image.save(path)
+            labels.append(label)
+            cells.append([f"{listwise['tasks'][task][key]:.1f}" if task in listwise["tasks"] else "-" for task in TASKS]
+                         + [f"{listwise['mean'][key]:.1f}"])
+    table_height = 0.25 * (len(labels) + 1)
+    figure, (curves_axis, table_axis) = pyplot.subplots(
+        2, 1, figsize=(11, 4 + table_height), dpi=100, gridspec_kw={"height_ratios": [4, table_height]})
+    figure.subplots_adjust(left=0.02, right=0.98, top=0.95, bottom=0.01, hspace=0.3)
+    try:
+        curves = {name: curve for name, curve in results["curves"].items() if curve}
+        for name, curve in curves.items():
+            steps, losses = zip(*curve)
+            curves_axis.plot(steps, losses, marker="." if len(curve) == 1 else None, label=name)
+        if any(loss > 0 for curve in curves.values() for _, loss in curve):
+            curves_axis.set_yscale("log")
+        curves_axis.set(xlabel="step", ylabel="training loss (log scale)", title="Training loss")
+        if curves:
+            curves_axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+        curves_axis.grid(True, which="both", alpha=0.3)
+        table_axis.axis("off")
+        table = table_axis.table(cellText=[[label[:70], *row] for label, row in zip(labels, cells)],
+                                 colLabels=["setting", *columns], colWidths=[0.5] + [0.1] * len(columns),
+                                 bbox=[0, 0, 1, 1], cellLoc="center")
+        table.auto_set_font_size(False)
+        table.set_fontsize(8)
+        curves_axis.xaxis.get_major_locator().set_params(integer=True)
+        curves_axis.set_position([0.09, curves_axis.get_position().y0, 0.53, curves_axis.get_position().height])
+        figure.savefig(path, dpi=100)
+    finally:
+        pyplot.close(figure)
 
 
 __all__ = [
-    "PipelineConfig", "DemoWorld", "build_world", "train_baseline", "mine", "continue_training", "evaluate_embedder",
+    "PipelineConfig", "DemoWorld", "EmbedderScores", "TrainingRun", "build_world", "train_baseline", "mine", "continue_training", "evaluate_embedder",
     "with_mean", "variants", "ablation_variants", "run_ablation", "report_ablation", "freeze_vision_tower",
     "run_pipeline", "render_table", "draw_summary", "listwise_reranking", "render_listwise", "embedder_ranking",
 ]

@@ -1,10 +1,12 @@
 """Zero-shot image-text retrieval: Flickr30K (1K test), COCO (5K test), ShareGPT4V (first 1K), Urban1K.
 
-Protocol (method.md section 2): every image is a query against all captions (image->text, a hit when ANY of its
-captions is in the top k) and every caption is a query against all images (text->image, its one image); recall@1/5/10
-in both directions. Images are embedded with the instruction "Find an image caption describing the given image.",
-captions as raw text (method.md (g)). The authors' script prints text->image under the label "Image->Text"; here
-``image_to_text`` always means image queries retrieving captions.
+Protocol (arXiv 2510.13515, zero-shot retrieval, Table 2; the authors'
+``Embedding/evaluation/eval_flickr_coco_sharegpt4v_urban1k.py``): every image is a query against all captions
+(image->text, a hit when ANY of its captions is in the top k) and every caption is a query against all images
+(text->image, its one image); recall@1/5/10 in both directions. Images are embedded with the instruction "Find an
+image caption describing the given image.", captions as raw text (the authors'
+``evaluation/utils/flickr_coco_sharegpt4v_urban1K.py``). The authors' script prints text->image under the label
+"Image->Text"; here ``image_to_text`` always means image queries retrieving captions.
 
 Data, as users get it (each loader detects the layout of the folder it is given and says which in
 ``ImageTextRetrievalSet.layout``):
@@ -41,9 +43,12 @@ import torch
 from tqdm.auto import tqdm
 
 from evaluation.metrics import load_metric
+from modeling_unime.util.images import require_image_files
+from modeling_unime.util.rerank import rerank_head
 from modeling_unime.util.retrieval import chunked_top_k
 
-Item = tuple[str | None, str | None]
+from .embeddings import Item, embed_benchmark_items
+
 
 IMAGE_QUERY_INSTRUCTION = "Find an image caption describing the given image."
 
@@ -126,11 +131,8 @@ def rerank_rankings(
     image_root: str | os.PathLike | None = None,
     mode: str = "listwise",
 ) -> list[list[int]]:
-    """Re-order the first ``top_k`` entries of each ranking with ``reranker.rerank``; the rest stays as it was.
-
-    ``reranker.rerank(query_item, candidate_items, mode=mode, image_root=image_root)`` must return ``(order,
-    scores)`` where ``order`` lists positions into the given candidate list, best first. Positions it leaves out
-    keep the embedder's order after those it lists.
+    """Re-order the first ``top_k`` entries of each ranking with ``reranker.rerank``; the rest stays as it was
+    (`modeling_unime.util.rerank.rerank_head` per query: the reranker's order is checked).
 
     >>> class Reverse:
     ...     def rerank(self, query, candidates, mode, image_root):
@@ -140,26 +142,10 @@ def rerank_rankings(
     """
     if len(rankings) != len(query_items):
         raise ValueError(f"{len(rankings)} rankings but {len(query_items)} queries.")
-    reranked = []
-    for query_index, ranking in enumerate(tqdm(rankings, desc="Reranking", unit="query", disable=None)):
-        head, tail = list(ranking[:top_k]), list(ranking[top_k:])
-        order, _ = reranker.rerank(
-            query_items[query_index], [candidate_items[index] for index in head], mode=mode, image_root=image_root
-        )
-        reranked.append(_apply_order(head, order, query_index) + tail)
-    return reranked
-
-
-def _apply_order(head: list[int], order: Sequence[int] | torch.Tensor, query_index: int) -> list[int]:
-    positions = [int(position) for position in (order.tolist() if isinstance(order, torch.Tensor) else order)]
-    if any(not 0 <= position < len(head) for position in positions) or len(set(positions)) != len(positions):
-        raise ValueError(
-            f"Query {query_index}: the reranker returned order {positions}, which is not a list of distinct "
-            f"positions into its {len(head)} candidates."
-        )
-    chosen = set(positions)
-    return [head[position] for position in positions] + [index for position, index in enumerate(head)
-                                                            if position not in chosen]
+    return [
+        rerank_head(ranking, query_items[query_index], candidate_items, reranker, top_k, image_root, mode, query_index)
+        for query_index, ranking in enumerate(tqdm(rankings, desc="Reranking", unit="query", disable=None))
+    ]
 
 
 # --------------------------------------------------------------------------------------------- datasets
@@ -172,6 +158,8 @@ LAYOUT_SHAREGPT4V = "sharegpt4v-json"
 """The ShareCaptioner JSON list with images in ShareGPT4V's folders."""
 LAYOUT_URBAN1K = "urban1k-folders"
 """Urban1K's ``image/`` and ``caption/`` folders."""
+
+_CAPTION_SET_TITLES = {"flickr30k": "Flickr30K", "coco": "COCO"}
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 _SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev")
@@ -340,12 +328,9 @@ def _require(path: Path, what: str, how_to_get: str) -> Path:
 
 
 def _check_images(images: Sequence[str], image_root: Path, how_to_get: str) -> None:
-    missing = [image_root / image for image in images if not (image_root / image).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(images)} images not found under {image_root.resolve()}, e.g. "
-            f"{missing[0].resolve()}. {how_to_get}"
-        )
+    # Absolute paths in the message: the user sees exactly which file is missing.
+    root = image_root.resolve()
+    require_image_files([str(root / image) for image in images], root, "retrieval", how_to_get)
 
 
 def _read_json(path: Path) -> Any:
@@ -572,15 +557,8 @@ def load_flickr30k(
         f"(flickr30k-images/, https://shannon.cs.illinois.edu/DenotationGraph/) into {root.resolve()}, or clone "
         f"{HUB_REPOS['flickr30k']} there."
     )
-    if not root.is_dir():
-        raise FileNotFoundError(f"Flickr30K folder not found: {root.resolve()}. {how_to_get}")
-    if detect_caption_layout("flickr30k", root, annotation_file, how_to_get, split) == LAYOUT_HUB_PARQUET:
-        return load_hub_parquet_set("flickr30k", root, image_root or extract_dir, split, captions_per_image)
-    annotation = _require(root / annotation_file, "Flickr30K Karpathy split file", how_to_get)
-    image_root = _require(Path(image_root) if image_root is not None else root / "flickr30k-images",
-                          "Flickr30K image folder", how_to_get)
-    return _from_karpathy("flickr30k", annotation, image_root, split, captions_per_image, False, how_to_get,
-                          check_images)
+    return _load_caption_set("flickr30k", root, annotation_file, image_root, root / "flickr30k-images", split,
+                             captions_per_image, check_images, extract_dir, how_to_get)
 
 
 def load_coco5k(
@@ -617,14 +595,27 @@ def load_coco5k(
         f"(http://images.cocodataset.org/zips/val2014.zip, unzipped to val2014/) into {root.resolve()}, or clone "
         f"{HUB_REPOS['coco']} there."
     )
+    return _load_caption_set("coco", root, annotation_file, image_root, root, split, captions_per_image, check_images,
+                             extract_dir, how_to_get)
+
+
+def _load_caption_set(
+    name: str, root: Path, annotation_file: str | os.PathLike, image_root: str | os.PathLike | None,
+    default_image_root: Path, split: str, captions_per_image: int | None, check_images: bool,
+    extract_dir: str | os.PathLike | None, how_to_get: str,
+) -> ImageTextRetrievalSet:
+    # Flickr30K and COCO: a Hub parquet clone or Karpathy's split file beside the images (COCO's entries carry a
+    # filepath folder).
+    title = _CAPTION_SET_TITLES[name]
     if not root.is_dir():
-        raise FileNotFoundError(f"COCO folder not found: {root.resolve()}. {how_to_get}")
-    if detect_caption_layout("coco", root, annotation_file, how_to_get, split) == LAYOUT_HUB_PARQUET:
-        return load_hub_parquet_set("coco", root, image_root or extract_dir, split, captions_per_image)
-    image_root = Path(image_root) if image_root is not None else root
-    annotation = _require(root / annotation_file, "COCO Karpathy split file", how_to_get)
-    _require(image_root, "COCO image root", how_to_get)
-    return _from_karpathy("coco", annotation, image_root, split, captions_per_image, True, how_to_get, check_images)
+        raise FileNotFoundError(f"{title} folder not found: {root.resolve()}. {how_to_get}")
+    if detect_caption_layout(name, root, annotation_file, how_to_get, split) == LAYOUT_HUB_PARQUET:
+        return load_hub_parquet_set(name, root, image_root or extract_dir, split, captions_per_image)
+    annotation = _require(root / annotation_file, f"{title} Karpathy split file", how_to_get)
+    image_root = _require(Path(image_root) if image_root is not None else default_image_root,
+                          f"{title} image folder", how_to_get)
+    return _from_karpathy(name, annotation, image_root, split, captions_per_image, name == "coco", how_to_get,
+                          check_images)
 
 
 # --------------------------------------------------------------------------------------- ShareGPT4V
@@ -892,21 +883,13 @@ def _embed(
     embedder: Any, items: list[Item], embed_fn: Callable[[Sequence[Item]], torch.Tensor] | None,
     image_root: str | None, batch_size: int, cache_dir: str | os.PathLike | None,
 ) -> torch.Tensor:
-    if cache_dir is not None:
-        from modeling_unime.mining import cached_embeddings
-
-        if embed_fn is not None:
+    if embed_fn is not None:
+        if cache_dir is not None:
             # The cache is keyed by the embedder's class name when it is not a torch module: name the folder after
             # the function so that two embed_fns never share vectors.
             cache_dir = Path(cache_dir) / f"embed_fn-{getattr(embed_fn, '__qualname__', type(embed_fn).__name__)}"
-            embedder = _EmbedFnAdapter(embed_fn)
-        embeddings = cached_embeddings(embedder, items, cache_dir, image_root, batch_size)
-    elif embed_fn is not None:
-        embeddings = embed_fn(items)
-    else:
-        embeddings = embedder.encode(texts=[text for text, _ in items], images=[image for _, image in items],
-                                     image_root=image_root, batch_size=batch_size)
-    embeddings = torch.as_tensor(embeddings)
+        embedder = _EmbedFnAdapter(embed_fn)
+    embeddings = torch.as_tensor(embed_benchmark_items(embedder, items, image_root, batch_size, cache_dir))
     if embeddings.dim() != 2 or embeddings.shape[0] != len(items):
         raise ValueError(
             f"Embedding {len(items)} items returned shape {tuple(embeddings.shape)}; expected ({len(items)}, D)."
@@ -948,8 +931,8 @@ def evaluate_retrieval(
         rerank_top_k: how many of the embedder's candidates the reranker sees per query.
         ks: the recall cut-offs.
         batch_size: rows per embedding batch.
-        cache_dir: when given, embeddings go through `modeling_unime.mining.cached_embeddings` (on-disk, keyed by
-            model and content), so a rerun embeds nothing again.
+        cache_dir: when given, embeddings go through `modeling_unime.util.embedding_cache.cached_embeddings`
+            (on-disk, keyed by model and content), so a rerun embeds nothing again.
         chunk_size: rows per chunk of queries and of candidates (`modeling_unime.util.retrieval.chunked_top_k`).
         rerank_mode: passed to ``reranker.rerank``.
 

@@ -1,5 +1,5 @@
-"""SugarCrepe: compositional image-text matching (method.md section 2; published UniME-V2 2B anchors, section 3:
-Replace 70.9, Swap 51.2, Add 70.2).
+"""SugarCrepe: compositional image-text matching (arXiv 2510.13515 reports UniME-V2 2B at Replace 70.9, Swap 51.2,
+Add 70.2; the authors' ``Embedding/evaluation/eval_sugar_crepe.py``).
 
 Each example is a COCO val2017 image, its true caption and a hard negative caption that differs by one replaced,
 swapped or added object, attribute or relation. The model is right when the image is closer to the true caption:
@@ -27,6 +27,10 @@ from typing import Any
 
 import torch
 
+from modeling_unime.util.images import require_image_files
+
+from .embeddings import Item, embed_benchmark_items
+
 SUGARCREPE_SUBSETS: dict[str, int] = {
     "add_att": 692,
     "add_obj": 2062,
@@ -46,14 +50,13 @@ SUGARCREPE_GROUPS: dict[str, tuple[str, ...]] = {
 """Each reported group is the unweighted mean of its subsets' accuracies."""
 
 SUGARCREPE_IMAGE_INSTRUCTION = "Find an image caption describing the given image."
-"""Text that goes with every image (method.md (g)); captions are embedded as raw text."""
+"""Text that goes with every image (the authors' ``Embedding/evaluation/utils/sugarcrepe.py``); captions are embedded
+as raw text."""
 
 SUGARCREPE_SOURCE = "https://github.com/RAIVNLab/sugar-crepe (folder data/)"
 COCO_VAL2017_SOURCE = "http://images.cocodataset.org/zips/val2017.zip"
 
 _FIELDS = ("filename", "caption", "negative_caption")
-
-Item = tuple[str | None, str | None]
 
 
 @dataclass(frozen=True)
@@ -189,17 +192,12 @@ def load_sugarcrepe(
 
 
 def _check_images(filenames: Sequence[str], image_root: str | os.PathLike | None) -> None:
+    # Each file joined to the root as the images are read, so the message shows the path that is missing.
     root = None if image_root is None else os.fspath(image_root)
-    missing = [
-        path for path in (os.path.join(root, name) if root is not None else name for name in filenames)
-        if not os.path.isfile(path)
-    ]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(filenames)} SugarCrepe image file(s) not found under image_root={root!r} "
-            f"(first: {', '.join(missing[:5])}). The images are COCO val2017 ({COCO_VAL2017_SOURCE}); pass the folder "
-            "that holds the .jpg files as image_root."
-        )
+    require_image_files(
+        [name if root is None else os.path.join(root, name) for name in filenames], root, "SugarCrepe",
+        f"The images are COCO val2017 ({COCO_VAL2017_SOURCE}); pass the folder that holds the .jpg files as image_root.",
+    )
 
 
 def check_sugarcrepe_data(
@@ -217,19 +215,6 @@ def check_sugarcrepe_data(
         examples = load_sugarcrepe(folder, subsets)
     _check_images(list(dict.fromkeys(example.filename for rows in examples.values() for example in rows)), image_root)
     return folder
-
-
-def _embed(
-    embedder: Any, items: Sequence[Item], image_root: Any, batch_size: int, cache_dir: str | os.PathLike | None
-) -> torch.Tensor:
-    if cache_dir is not None:
-        from modeling_unime.mining import cached_embeddings
-
-        return cached_embeddings(embedder, items, cache_dir, image_root, batch_size)
-    return embedder.encode(
-        texts=[text for text, _ in items], images=[image for _, image in items], image_root=image_root,
-        batch_size=batch_size,
-    )
 
 
 def _summarise(
@@ -283,8 +268,9 @@ def evaluate_sugarcrepe(
         image_root: folder of the COCO val2017 images; every image is checked before anything is embedded.
         subsets: names from `SUGARCREPE_SUBSETS`; all seven when None.
         batch_size: rows per embedding batch.
-        cache_dir: when given, embeddings go through the on-disk cache of `modeling_unime.mining.cached_embeddings`
-            (keyed by model weights and item content), so a rerun or another benchmark on the same images reuses them.
+        cache_dir: when given, embeddings go through the on-disk cache of
+            `modeling_unime.util.embedding_cache.cached_embeddings` (keyed by model weights and item content), so a
+            rerun or another benchmark on the same images reuses them.
         reranker: when given, also decides each example with ``reranker.score(query, [caption_item, negative_item],
             image_root=image_root)`` (two P(Yes) values, e.g. `modeling_unime.UniMEV2Reranker`); query =
             (``rerank_query_text``, image), candidates = (caption, None).
@@ -326,10 +312,10 @@ def evaluate_sugarcrepe(
     image_items: list[Item] = [(SUGARCREPE_IMAGE_INSTRUCTION, filename) for filename in filenames]
     caption_items: list[Item] = [(caption, None) for caption in captions]
     image_vectors = torch.nn.functional.normalize(
-        _embed(embedder, image_items, image_root, batch_size, cache_dir).float(), dim=-1
+        embed_benchmark_items(embedder, image_items, image_root, batch_size, cache_dir).float(), dim=-1
     )
     caption_vectors = torch.nn.functional.normalize(
-        _embed(embedder, caption_items, image_root, batch_size, cache_dir).float(), dim=-1
+        embed_benchmark_items(embedder, caption_items, image_root, batch_size, cache_dir).float(), dim=-1
     )
     for what, vectors, items in (("image", image_vectors, image_items), ("caption", caption_vectors, caption_items)):
         if vectors.shape[0] != len(items):
@@ -404,12 +390,8 @@ def _load(
     """A model from a checkpoint path or Hub id, or ``tiny:<family>`` (random weights, for smoke tests), placed on
     this process's device with ``dtype`` / ``attn_implementation`` (`modeling_unime.placement`) and with
     ``image_resize`` set on its processor: the recipe's own loaders (`evaluation.harness`)."""
-    import modeling_unime
-
     from evaluation.harness import load_embedder, load_reranker
 
-    if spec.startswith("tiny:") and spec.split(":", 1)[1] not in modeling_unime.SUPPORTED_BACKBONES:
-        raise ValueError(f"{spec!r}: the family must be one of {list(modeling_unime.SUPPORTED_BACKBONES)}.")
     loader = load_reranker if reranker else load_embedder
     return loader(spec, dtype=dtype, attn_implementation=attn_implementation, image_resize=image_resize)
 

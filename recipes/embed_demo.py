@@ -8,14 +8,14 @@
 The weights are random, so the similarities carry no meaning: the demo shows the API and the file layout.
 Outputs go to ``--output-dir`` (default ``runs/embed-demo``).
 
-    python recipes/embed_demo.py [--family qwen2_vl|qwen2_5_vl|llava_onevision] [--threads 1]
+    python recipes/embed_demo.py [--family qwen2_vl|qwen2_5_vl|llava_onevision] [--threads 1] [--output_dir DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,16 +28,21 @@ import modeling_unime  # noqa: E402,F401  (registers the auto classes)
 from modeling_unime.convert import convert_checkpoint  # noqa: E402
 from modeling_unime.testing import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer  # noqa: E402
 from modeling_unime.testing import draw_shape, save_in_authors_layout  # noqa: E402
+from modeling_unime.util.arguments import parse_recipe_arguments  # noqa: E402
 
 SHAPES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="qwen2_vl", choices=list(modeling_unime.SUPPORTED_BACKBONES))
-    parser.add_argument("--output-dir", default="runs/embed-demo")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+@dataclass
+class EmbedDemoArguments:
+    family: str = field(default="qwen2_vl", metadata={
+        "help": "backbone family of the tiny model", "choices": list(modeling_unime.SUPPORTED_BACKBONES)})
+    output_dir: str = field(default="runs/embed-demo", metadata={"help": "where the checkpoints and embeddings go"})
+    threads: int = field(default=1, metadata={"help": "torch threads"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = parse_recipe_arguments([EmbedDemoArguments], argv, description=__doc__)
     torch.set_num_threads(args.threads)
     output = Path(args.output_dir)
 

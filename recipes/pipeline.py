@@ -13,26 +13,43 @@ finished stage. The ablation writes seed-N/ablation.json as it goes and ablation
 deviation, paired difference from the control) over every seed folder present.
 """
 
-import argparse
 import os
+from dataclasses import dataclass, field
+from typing import Optional
 
 from evaluation.pipeline import PipelineConfig, run_ablation, run_pipeline
+from modeling_unime.util.arguments import parse_recipe_arguments
+
+
+@dataclass
+class PipelineScriptArguments:
+    """The main job's command line; the sizes and budgets of each mode are `evaluation.pipeline.PipelineConfig`'s."""
+
+    quick: bool = field(default=False, metadata={"help": "every stage on a sliver of the data (CI's smoke test)"})
+    ablation: bool = field(default=False,
+                           metadata={"help": "the soft-label investigation (tau, k, steps, in-batch negatives) "
+                                             "instead of the table"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seeds of --ablation"})
+    output_dir: Optional[str] = field(default=None,
+                                      metadata={"help": "default runs/pipeline (runs/ablation with --ablation)"})
+    threads: int = field(default=1, metadata={"help": "torch threads (1 is fastest on a shared 2-core CPU)"})
+    seed: int = field(default=0, metadata={"help": "seed of the data sample, the models and mining"})
+
+    def config(self) -> PipelineConfig:
+        output_dir = self.output_dir or ("runs/ablation" if self.ablation else "runs/pipeline")
+        settings = dict(output_dir=output_dir, threads=self.threads, seed=self.seed)
+        return PipelineConfig.quick(**settings) if self.quick else PipelineConfig(**settings)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    (args,) = parse_recipe_arguments([PipelineScriptArguments], argv, description=__doc__)
+    if args.ablation:
+        run_ablation(args.config(), args.seeds)
+    else:
+        run_pipeline(args.config())
+
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="every stage on a sliver of the data")
-    parser.add_argument("--ablation", action="store_true", help="the soft-label investigation instead of the table")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --ablation")
-    parser.add_argument("--output_dir", default=None, help="default runs/pipeline (runs/ablation with --ablation)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    output_dir = args.output_dir or ("runs/ablation" if args.ablation else "runs/pipeline")
-    settings = dict(output_dir=output_dir, threads=args.threads, seed=args.seed)
-    config = PipelineConfig.quick(**settings) if args.quick else PipelineConfig(**settings)
-    if args.ablation:
-        run_ablation(config, args.seeds)
-    else:
-        run_pipeline(config)
+    main()

@@ -60,3 +60,16 @@ def test_gradcache_memory_prints_its_json_line(monkeypatch, capsys):
     assert plain["8"] > 1.5 * plain["4"]  # activations grow with the batch without GradCache
     assert cached["8"] < 0.6 * plain["8"] and abs(cached["8"] - cached["4"]) < 0.1 * cached["4"]  # flat with it
     assert result["grad_max_abs_diff"] < 1e-4
+
+
+def test_embed_demo_help_lists_every_field(capsys):
+    import dataclasses
+
+    import pytest
+
+    namespace = runpy.run_path(str(REPO_ROOT / "recipes" / "embed_demo.py"))
+    with pytest.raises(SystemExit):
+        namespace["main"](["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(namespace["EmbedDemoArguments"]):
+        assert f"--{field.name}" in out and field.metadata["help"] in out

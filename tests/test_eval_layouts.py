@@ -3,7 +3,7 @@
 Tiny copies of every real layout (the authors' ``data/`` folder: a clone of TIGER-Lab/MMEB-eval with images.zip
 unpacked to eval_images/ and its unused CIFAR-100 config, clones of royokong/flickr30k_test and royokong/coco_test in
 parquet written by `datasets`, ShareGPT4V's JSON in the authors' nesting, an Urban1k clone with its zip unpacked, a
-sugar-crepe clone and COCO val2017) are evaluated by ``recipes/evaluate.py`` with the SHIPPED config, only the data
+sugar-crepe clone and COCO val2017) are evaluated by ``recipes/run_evaluation.py`` with the SHIPPED config, only the data
 root changed:
 
 - with tiny random models (and the rerank stage): every benchmark runs, the layouts are detected, the data tree is
@@ -301,10 +301,10 @@ def one_torch_thread(monkeypatch):
 
 
 def run_recipe(monkeypatch, *arguments: str) -> None:
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--config", str(SHIPPED_CONFIG), *arguments])
+    monkeypatch.setattr(sys, "argv", ["run_evaluation.py", "--config", str(SHIPPED_CONFIG), *arguments])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tiny SugarCrepe files: row counts unlike the release
-        runpy.run_path(str(REPO_ROOT / "recipes" / "evaluate.py"), run_name="__main__")
+        runpy.run_path(str(REPO_ROOT / "recipes" / "run_evaluation.py"), run_name="__main__")
 
 
 # ------------------------------------------------------------------------------------ independent expectations
@@ -578,13 +578,52 @@ def test_data_problems_fail_before_any_model_is_loaded(authors_data, tmp_path, m
 def test_config_errors_and_data_root(tmp_path):
     config = tmp_path / "eval.yaml"
     config.write_text("model: tiny:qwen2_vl\nimage_size: 1344\n")
-    cli = harness.parse_evaluation_arguments("", ["--config", str(config)])
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['image_size'\]"):
-        harness.load_settings(cli)
+    with pytest.raises(ValueError, match=r"eval.yaml: unknown key 'image_size' \(did you mean 'image_resize'"):
+        harness.parse_evaluation_arguments("", ["--config", str(config)])
+    config.write_text("model: tiny:qwen2_vl\nmmeb: {tie_rul: strict}\n")
+    with pytest.raises(ValueError, match=r"unknown key 'mmeb.tie_rul' \(did you mean 'mmeb_tie_rule'"):
+        harness.parse_evaluation_arguments("", ["--config", str(config)])
+    config.write_text("reranker: b\n")
+    with pytest.raises(ValueError, match=r"No 'model'.*--model"):
+        harness.parse_evaluation_arguments("", ["--config", str(config)])
     config.write_text("model: a\nreranker: b\ndata_root: data\n")
     settings = harness.load_settings(harness.parse_evaluation_arguments(
         "", ["--config", str(config), "--data_root", "/elsewhere", "--reranker", "none", "--model", "tiny:qwen2_vl"]))
     assert (settings["data_root"], settings["reranker"], settings["model"]) == ("/elsewhere", None, "tiny:qwen2_vl")
+    # The sections of the shipped config come back as the fields with their prefix; a flag wins over the file.
+    arguments = harness.parse_evaluation_arguments("", ["--config", str(SHIPPED_CONFIG), "--mmeb_tie_rule", "strict",
+                                                        "--retrieval_urban1k", '{"folder": "U", "limit": 2}'])
+    assert (arguments.mmeb_root, arguments.mmeb_tie_rule, arguments.mmeb_rerank_top_k) == ("MMEB-eval", "strict", 10)
+    assert arguments.retrieval_flickr30k == {"folder": "flickr30k_test"}
+    assert arguments.retrieval_urban1k == {"folder": "U", "limit": 2}
+    assert arguments.sugarcrepe_image_root == "coco2017/val2017" and arguments.threads == 8
+    settings = harness.load_settings(arguments)
+    assert settings["mmeb"] == {"root": "MMEB-eval", "image_root": "MMEB-eval/eval_images", "tie_rule": "strict",
+                                "rerank_top_k": 10}
+    assert set(settings["retrieval"]) == {"flickr30k", "coco", "sharegpt4v", "urban1k"}
+    assert "sugarcrepe" in settings
+    only_mmeb = harness.load_settings(harness.parse_evaluation_arguments("", ["--model", "m", "--mmeb_root", "x"]))
+    assert only_mmeb["mmeb"] == {"root": "x"} and "retrieval" not in only_mmeb and "sugarcrepe" not in only_mmeb
+
+
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "recipes" / "configs").glob("eval-*.yaml")))
+def test_every_shipped_eval_config_parses(config):
+    arguments = harness.parse_evaluation_arguments("", ["--config", str(config)])
+    assert arguments.model and arguments.mmeb_root == "MMEB-eval"
+
+
+def test_help_lists_every_field():
+    import dataclasses
+    import subprocess
+
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "recipes" / "run_evaluation.py"), "--help"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    for field in dataclasses.fields(harness.EvaluationArguments):
+        assert f"--{field.name}" in run.stdout, field.name
+        assert field.metadata["help"].split("(")[0].strip()[:30] in " ".join(run.stdout.split()), field.name
+    assert "--config" in run.stdout and "accelerate launch" in run.stdout
     assert harness.resolve_data_path("MMEB-eval/eval_images", "/data") == "/data/MMEB-eval/eval_images"
 
 

@@ -14,7 +14,10 @@ from evaluation.mmeb import (
     MMEB_CATEGORIES,
     MMEB_DATASETS,
     OOD_DATASETS,
+    MMEBOptions,
+    MMEBTaskResult,
     evaluate_mmeb,
+    evaluate_task,
     load_mmeb_dataset,
     predictions_from_scores,
 )
@@ -132,6 +135,21 @@ def test_precision_cache_resume_and_rerank(tmp_path):
                                 reranker=Reverse(), rerank_top_k=2)
     assert [row["correct"] for row in reranked.predictions["ImageNet-1K"]] == [False, True, False, False]
 
+    # One dataset on its own: the result comes back (nothing of the caller's is filled), reranked beside it.
+    task = evaluate_task(embedder, dataset, image_root, MMEBOptions(reranker=Reverse(), rerank_top_k=2))
+    assert isinstance(task, MMEBTaskResult) and (task.name, task.score, task.ties) == ("ImageNet-1K", 75.0, 1)
+    assert [row["correct"] for row in task.reranked_predictions] == [False, True, False, False]
+    assert task.reranked_score == pytest.approx(25.0)
+
+    class Repeats:
+        """An order that is not distinct positions into the list: refused, naming the query."""
+
+        def rerank(self, query, candidates, mode="listwise", image_root=None):
+            return [0, 0], None
+
+    with pytest.raises(ValueError, match=r"Query 0: the reranker returned order \[0, 0\]"):
+        evaluate_mmeb(embedder, ["ImageNet-1K"], root, image_root, reranker=Repeats(), rerank_top_k=2)
+
 
 def test_a_repeated_positive_scores_100_under_argmax_and_0_under_strict(tmp_path):
     root, image_root = tmp_path / "mmeb", tmp_path / "images"
@@ -154,7 +172,8 @@ def test_missing_dataset_and_images_are_named(tmp_path):
     root, image_root = tmp_path / "mmeb", tmp_path / "images"
     write_mmeb(root, image_root, "N24News", ROWS[:2])
     (image_root / "ImageNet-1K" / "dog.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) not found .*ImageNet-1K/dog.jpg"):
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 MMEB dataset 'N24News' image file\(s\) not found .*"
+                                                r"ImageNet-1K/dog.jpg.*images.zip"):
         evaluate_mmeb(WordEmbedder(), ["N24News"], root, image_root)
     # The first image decides where the images are; when it is nowhere, the folders tried are named.
     (image_root / "ImageNet-1K" / "cat.jpg").unlink()
@@ -194,7 +213,7 @@ def test_harness_end_to_end_on_a_tiny_model_in_under_a_minute(tmp_path, monkeypa
         f"sugarcrepe: {{annotations: {sugar}, image_root: {coco}, subsets: [swap_att, swap_obj]}}\n"
     )
     monkeypatch.setattr(sys, "argv", ["evaluate", "--config", str(config)])
-    runpy.run_path(str(REPO_ROOT / "recipes" / "evaluate.py"), run_name="__main__")
+    runpy.run_path(str(REPO_ROOT / "recipes" / "run_evaluation.py"), run_name="__main__")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["mmeb"]) == {"embedder", "embedder + rerank"}
     assert set(results["mmeb"]["embedder"]["datasets"]) == {"VOC2007", "CIRR"}
@@ -209,7 +228,7 @@ def test_harness_end_to_end_on_a_tiny_model_in_under_a_minute(tmp_path, monkeypa
     output = capsys.readouterr().out
     assert "## MMEB" in output and "## SugarCrepe" in output
 
-    # The script itself (its name shadows the `evaluate` library), encoding split over 2 processes: same results.
+    # The script itself, encoding split over 2 processes: same results.
     import os
     import socket
     import subprocess
@@ -220,7 +239,7 @@ def test_harness_end_to_end_on_a_tiny_model_in_under_a_minute(tmp_path, monkeypa
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--main_process_port", str(port), str(REPO_ROOT / "recipes" / "evaluate.py"), "--config", str(config),
+         "--main_process_port", str(port), str(REPO_ROOT / "recipes" / "run_evaluation.py"), "--config", str(config),
          "--output_dir", str(tmp_path / "two")],
         env=environment, capture_output=True, text=True, timeout=600,
     )

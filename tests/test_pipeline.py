@@ -259,3 +259,82 @@ def test_a_content_blind_reranker_scores_chance_at_a_random_slot(tilt, embedder_
     assert abs(measured["random_slot_accuracy"] - 20) < 5  # 3.1 standard deviations of 600 draws
     assert abs(measured["random_slot_probability"] - 20) < 1.5  # exactly 20 in expectation; sd 0.4
     assert min(measured["slots"]) > 80 and sum(measured["slots"]) == 600  # every slot, the last included
+
+
+# ------------------------------------------------------------------------------------- recipe, table, optional extras
+
+
+def test_pipeline_help_lists_every_field():
+    import dataclasses
+    import os
+    import subprocess
+
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "recipes" / "pipeline.py"), "--help"], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    namespace = runpy.run_path(str(REPO_ROOT / "recipes" / "pipeline.py"))
+    for field in dataclasses.fields(namespace["PipelineScriptArguments"]):
+        assert f"--{field.name}" in run.stdout and field.metadata["help"][:25] in " ".join(run.stdout.split())
+
+
+def test_pipeline_flags_build_the_config():
+    from evaluation.pipeline import PipelineConfig
+    from modeling_unime.util.arguments import parse_recipe_arguments
+
+    arguments_class = runpy.run_path(str(REPO_ROOT / "recipes" / "pipeline.py"))["PipelineScriptArguments"]
+    (args,) = parse_recipe_arguments([arguments_class], ["--ablation", "--seeds", "0", "1", "2", "--output_dir", "x"])
+    assert (args.ablation, args.seeds, args.config().output_dir) == (True, [0, 1, 2], "x")
+    (args,) = parse_recipe_arguments([arguments_class], ["--quick", "--seed", "3"])
+    assert args.config() == PipelineConfig.quick(output_dir="runs/pipeline", seed=3)
+    (args,) = parse_recipe_arguments([arguments_class], ["--ablation"])
+    assert args.config() == PipelineConfig(output_dir="runs/ablation")
+
+
+def test_the_table_reads_each_rows_judge_from_data():
+    from evaluation.pipeline import render_table
+
+    scores = {"vqa_colour": 50.0, "vqa_shape": 40.0, "image_to_caption": 30.0, "caption_to_image": 20.0,
+              "mean": 35.0}
+    table = {"a control": scores, "a setting named after the oracle": scores, "trained on the weak judge": scores}
+    judges = {"a control": None, "a setting named after the oracle": None, "trained on the weak judge": "mllm"}
+    quality = {"oracle": {"vqa_colour": 100.0, "vqa_shape": 100.0}, "mllm": {"vqa_colour": 50.0, "vqa_shape": 52.0}}
+    lines = render_table(table, judges, quality).splitlines()
+    assert lines[2].startswith("| a control | - |")
+    assert lines[3].startswith("| a setting named after the oracle | - |")  # the label says nothing about the judge
+    assert lines[4].startswith("| trained on the weak judge [judge at chance: does not count] | mllm |")
+
+
+def test_matplotlib_and_easy_vqa_are_optional(monkeypatch):
+    import os
+    import subprocess
+
+    blocked = "import sys; sys.modules['matplotlib'] = sys.modules['easy_vqa'] = None\n"
+    run = subprocess.run(
+        [sys.executable, "-c", blocked + "import evaluation.pipeline, evaluation.harness, evaluation.easyvqa"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    from evaluation import easyvqa, pipeline
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "easy_vqa", None)
+    with pytest.raises(ImportError, match=r'pip install "unime-v2\[demo\]"'):
+        pipeline.draw_summary({"table": {}, "curves": {}}, REPO_ROOT / "never-written.png")
+    with pytest.raises(ImportError, match=r'pip install "unime-v2\[demo\]"'):
+        easyvqa.load_easyvqa("test")
+
+
+def test_summary_png_has_the_curves_and_the_table(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from evaluation.pipeline import draw_summary
+
+    scores = {"vqa_colour": 50.0, "vqa_shape": 40.0, "image_to_caption": 30.0, "caption_to_image": 20.0, "mean": 35.0}
+    results = {"table": {"baseline": scores, "soft labels": scores},
+               "curves": {"baseline": [(1, 4.0), (2, 2.0), (3, 1.0)], "judge": [(1, 0.5)], "empty": []}}
+    draw_summary(results, tmp_path / "summary.png")
+    image = Image.open(tmp_path / "summary.png")
+    assert image.size[0] == 1100 and image.size[1] > 400
+    # not blank: the curves and the table put ink on the page
+    assert len(image.convert("L").getcolors(1 << 16)) > 10

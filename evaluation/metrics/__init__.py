@@ -16,30 +16,10 @@ like the folder):
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-
-def _import_evaluate_library():
-    """The `evaluate` library, even when a script named ``evaluate.py`` (our ``recipes/evaluate.py``) runs: Python
-    puts a script's folder first on ``sys.path``, where that file would shadow the library."""
-    loaded = sys.modules.get("evaluate")
-    if loaded is not None and hasattr(loaded, "load"):
-        return loaded
-    saved = list(sys.path)
-    sys.path[:] = [entry for entry in sys.path if not os.path.isfile(os.path.join(entry or os.curdir, "evaluate.py"))]
-    try:
-        if loaded is not None:
-            del sys.modules["evaluate"]
-        return importlib.import_module("evaluate")
-    finally:
-        sys.path[:] = saved
-
-
-evaluate = _import_evaluate_library()
+import evaluate
 
 METRICS_DIR = Path(__file__).resolve().parent
 

@@ -1,11 +1,11 @@
 """Evaluate a UniME-V2 embedder (and optionally a reranker) on MMEB, zero-shot retrieval and SugarCrepe.
 
     # the released 2B checkpoint and reranker, on data laid out as the authors' data/ folder (see README, Evaluation):
-    accelerate launch recipes/evaluate.py --config recipes/configs/eval-unime-v2-2b.yaml --data_root /path/to/data
-    accelerate launch --multi_gpu --num_processes 8 recipes/evaluate.py \\
+    accelerate launch recipes/run_evaluation.py --config recipes/configs/eval-unime-v2-2b.yaml --data_root /path/to/data
+    accelerate launch --multi_gpu --num_processes 8 recipes/run_evaluation.py \\
         --config recipes/configs/eval-unime-v2-2b.yaml --data_root /path/to/data
     # a smoke test of the whole path on tiny random models (CPU, same data):
-    python recipes/evaluate.py --config recipes/configs/eval-unime-v2-2b.yaml --data_root /path/to/data \\
+    python recipes/run_evaluation.py --config recipes/configs/eval-unime-v2-2b.yaml --data_root /path/to/data \\
         --model tiny:qwen2_vl --reranker tiny:qwen2_5_vl --image_resize native --reranker_image_resize native
 
 Every relative data path of the config is resolved against ``data_root`` (flag or config key); the layout of each
@@ -16,14 +16,13 @@ by model, content and the dtype / attention / image-size settings), so an interr
 ``results.json`` (scores, the settings used, the layouts detected), ``results.md`` (tables in the paper's layout, with
 the published numbers beside ours for the released checkpoints) and per-dataset MMEB predictions.
 
-Config keys: see `evaluation.harness` (``model``, ``reranker``, ``data_root``, ``output_dir``, ``batch_size``,
-``threads``, ``dtype``, ``attn_implementation``, ``image_resize``, ``reranker_image_resize``, ``mmeb``,
-``retrieval``, ``sugarcrepe``).
+Arguments: `evaluation.harness.EvaluationArguments`, from ``--config`` (YAML) and flags; every field is a flag (a flag
+wins over the file), the YAML sections ``mmeb:``, ``retrieval:``, ``sugarcrepe:`` set the fields with those prefixes
+(``mmeb: {tie_rule: strict}`` is ``--mmeb_tie_rule strict``), and a misspelt key is an error. ``--help`` lists them.
 """
 
 import os
 
-# This script shares its name with the `evaluate` library; evaluation.metrics imports the library around it.
 from evaluation.harness import parse_evaluation_arguments, run_evaluation
 
 if __name__ == "__main__":
