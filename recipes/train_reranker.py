@@ -19,8 +19,9 @@ the same command resumes from the last checkpoint in ``output_dir``.
 
 import os
 
-from trainers.recipe_runner import RERANKER, parse_training_recipe, run_training_recipe
+from trainers.recipe_runner import RERANKER, finish_distributed, parse_training_recipe, run_training_recipe
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_training_recipe(RERANKER, parse_training_recipe(RERANKER, description=__doc__))
+    finish_distributed()

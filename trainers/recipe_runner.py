@@ -389,6 +389,15 @@ def run_training_recipe(kind: RecipeKind, arguments: TrainingRecipeArguments) ->
     return results
 
 
+def finish_distributed() -> None:
+    """Let every process of a multi-process launch reach the end, then close the process group. A process that exits
+    while the group's threads still run can abort ("terminate called without an active exception", exit -6), which
+    fails the whole launch after the work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 __all__ = [
     "EMBEDDER",
     "RERANKER",
@@ -401,6 +410,7 @@ __all__ = [
     "ScriptArguments",
     "TrainingRecipeArguments",
     "apply_device_defaults",
+    "finish_distributed",
     "load_judge_rows",
     "load_training_model",
     "mixed_precision_of",

@@ -35,8 +35,6 @@ or a judge at chance); runs that print nothing raise a `DegenerateMiningWarning`
 
 from __future__ import annotations
 
-from ..placement import process_state as distributed_state  # until evaluation imports it from placement
-from ..util.embedding_cache import cached_embeddings  # until evaluation imports it from util.embedding_cache
 from .config import MiningConfig
 from .hub import push_mined_dataset, write_hub_folder
 from .inputs import (
@@ -69,10 +67,8 @@ __all__ = [
     "MiningInputs",
     "RootedJudge",
     "build_pool",
-    "cached_embeddings",
     "check_images",
     "count_duplicate_rows",
-    "distributed_state",
     "embed_inputs",
     "exclusions",
     "judge_fingerprint",
