@@ -54,6 +54,30 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
+def negative_positions(
+    row: JudgeRow, k: int, selection: str = NegativeSelection.FIRST, seed: int = 0, epoch: int = 0
+) -> list[int]:
+    """Positions of the ``k`` negatives of ``row`` to train on: its first ``k`` (``"first"``, as the authors' runs), or
+    ``k`` drawn without replacement per epoch (``"random"``, `modeling_unime.util.seeding.row_rng`); a row with fewer
+    than ``k`` repeats them in order.
+
+    Example:
+        >>> negative_positions({"query_text": "q", "neg_texts": ["a", "b", "c"]}, 5)
+        [0, 1, 2, 0, 1]
+    """
+    available = len(row["neg_texts"])
+    if k == 0:
+        return []
+    if available == 0:
+        raise ValueError(
+            f"A row has no negatives but num_negatives={k} (query {row['query_text']!r}); mine it again or set "
+            "num_negatives=0."
+        )
+    if selection == NegativeSelection.FIRST or available <= k:
+        return [position % available for position in range(k)]
+    return row_rng(seed, epoch, row, "negatives").sample(range(available), k)
+
+
 @dataclass
 class UniMEV2Collator:
     """Turns rows of the judge dataset (`modeling_unime.data.JudgeRow`: ``query_text``, ``query_image``, ``pos_text``,
@@ -109,19 +133,8 @@ class UniMEV2Collator:
         self.epoch = int(epoch)
 
     def choose_negatives(self, row: JudgeRow) -> list[int]:
-        """Positions of the row's negatives to train on."""
-        available = len(row["neg_texts"])
-        k = self.num_negatives
-        if k == 0:
-            return []
-        if available == 0:
-            raise ValueError(
-                f"A row has no negatives but num_negatives={k} (query {row['query_text']!r}); mine it again or set "
-                "num_negatives=0."
-            )
-        if self.negative_selection == NegativeSelection.FIRST or available <= k:
-            return [position % available for position in range(k)]
-        return row_rng(self.seed, self.epoch, row, "negatives").sample(range(available), k)
+        """Positions of the row's negatives to train on (`negative_positions` under this collator's settings)."""
+        return negative_positions(row, self.num_negatives, self.negative_selection, self.seed, self.epoch)
 
     def _image(self, image: Any, where: str):
         return load_training_image(image, self.image_root, self.training_image_resize, where)
@@ -212,5 +225,6 @@ class UniMEV2Collator:
 
 
 __all__ = [
-    "NEGATIVE_SELECTIONS", "NegativeSelection", "UniMEV2Collator", "load_training_image", "training_image_resize"
+    "NEGATIVE_SELECTIONS", "NegativeSelection", "UniMEV2Collator", "load_training_image", "negative_positions",
+    "training_image_resize",
 ]

@@ -157,7 +157,7 @@ def judge_rows_for_sentence_transformers(
     """
     from datasets import Dataset
 
-    from .collator import UniMEV2Collator
+    from .collator import UniMEV2Collator, negative_positions
 
     if num_negatives < 1:
         raise ValueError(f"num_negatives must be >= 1, got {num_negatives}.")
@@ -165,10 +165,7 @@ def judge_rows_for_sentence_transformers(
     labels = []
     for index, row in enumerate(dataset):
         neg_images = UniMEV2Collator.check_row(row, index)
-        available = len(row["neg_texts"])
-        if available == 0:
-            raise ValueError(f"Row {index} (query {row['query_text']!r}) has no negatives; mine it again or drop it.")
-        chosen = [position % available for position in range(num_negatives)]
+        chosen = negative_positions(row, num_negatives)
         columns["query"].append(_st_input(row["query_text"], row["query_image"], image_root))
         columns["positive"].append(_st_input(row["pos_text"], row["pos_image"], image_root))
         for slot, position in enumerate(chosen):
