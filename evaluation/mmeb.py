@@ -34,7 +34,7 @@ import torch
 from modeling_unime.util.images import require_image_files
 from modeling_unime.util.rerank import rerank_head
 
-from .embeddings import Item, embed_benchmark_items
+from modeling_unime.util.embedding_cache import Item, embed_with_cache
 from .metrics import load_metric
 
 MMEB_HUB_ID = "TIGER-Lab/MMEB-eval"
@@ -439,7 +439,7 @@ def evaluate_task(
     check_images(dataset, image_root)
     items = list(dict.fromkeys([*dataset.queries, *(item for items in dataset.candidates for item in items)]))
     cache_dir = None if options.cache_dir is None else Path(options.cache_dir) / "mmeb"
-    embeddings = embed_benchmark_items(embedder, items, image_root, options.batch_size, cache_dir, options.state)
+    embeddings = embed_with_cache(embedder, items, image_root, options.batch_size, cache_dir, options.state)
     # Cosine, as VLM2Vec's scorer: embedders that do not normalise are scored the same way.
     embeddings = torch.nn.functional.normalize(torch.as_tensor(embeddings).float(), dim=-1)
     position = {item: index for index, item in enumerate(items)}

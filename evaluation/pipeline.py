@@ -47,7 +47,7 @@ from trainers import UniMEV2Trainer, UniMEV2TrainingArguments
 from trainers.reranker_trainer import UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments
 
 from .easyvqa import TASKS, EasyVQASplit, blind_baseline, build_tasks, load_easyvqa, oracle_for, training_pairs
-from .embeddings import embed_benchmark_items
+from modeling_unime.util.embedding_cache import embed_with_cache
 from .mmeb import MMEBDataset, MMEBOptions, MMEBResult, candidate_scores, evaluate_task, ranking_from_scores
 
 
@@ -391,7 +391,7 @@ def listwise_reranking(
         queries = [task.queries[row] for row in picked]
         candidates = [task.candidates[row] for row in picked]
         items = list(dict.fromkeys([*queries, *(item for row in candidates for item in row)]))
-        embeddings = embed_benchmark_items(embedder, items, None, 32)
+        embeddings = embed_with_cache(embedder, items, None, 32)
         embeddings = torch.nn.functional.normalize(torch.as_tensor(embeddings).float(), dim=-1)
         position = {item: index for index, item in enumerate(items)}
         slot_rng = random.Random(f"listwise-slot:{seed}:{name}")

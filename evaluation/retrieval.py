@@ -47,7 +47,7 @@ from modeling_unime.util.images import require_image_files
 from modeling_unime.util.rerank import rerank_head
 from modeling_unime.util.retrieval import chunked_top_k
 
-from .embeddings import Item, embed_benchmark_items
+from modeling_unime.util.embedding_cache import Item, embed_with_cache
 
 
 IMAGE_QUERY_INSTRUCTION = "Find an image caption describing the given image."
@@ -889,7 +889,7 @@ def _embed(
             # the function so that two embed_fns never share vectors.
             cache_dir = Path(cache_dir) / f"embed_fn-{getattr(embed_fn, '__qualname__', type(embed_fn).__name__)}"
         embedder = _EmbedFnAdapter(embed_fn)
-    embeddings = torch.as_tensor(embed_benchmark_items(embedder, items, image_root, batch_size, cache_dir))
+    embeddings = torch.as_tensor(embed_with_cache(embedder, items, image_root, batch_size, cache_dir))
     if embeddings.dim() != 2 or embeddings.shape[0] != len(items):
         raise ValueError(
             f"Embedding {len(items)} items returned shape {tuple(embeddings.shape)}; expected ({len(items)}, D)."

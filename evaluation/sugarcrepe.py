@@ -29,7 +29,7 @@ import torch
 
 from modeling_unime.util.images import require_image_files
 
-from .embeddings import Item, embed_benchmark_items
+from modeling_unime.util.embedding_cache import Item, embed_with_cache
 
 SUGARCREPE_SUBSETS: dict[str, int] = {
     "add_att": 692,
@@ -312,10 +312,10 @@ def evaluate_sugarcrepe(
     image_items: list[Item] = [(SUGARCREPE_IMAGE_INSTRUCTION, filename) for filename in filenames]
     caption_items: list[Item] = [(caption, None) for caption in captions]
     image_vectors = torch.nn.functional.normalize(
-        embed_benchmark_items(embedder, image_items, image_root, batch_size, cache_dir).float(), dim=-1
+        embed_with_cache(embedder, image_items, image_root, batch_size, cache_dir).float(), dim=-1
     )
     caption_vectors = torch.nn.functional.normalize(
-        embed_benchmark_items(embedder, caption_items, image_root, batch_size, cache_dir).float(), dim=-1
+        embed_with_cache(embedder, caption_items, image_root, batch_size, cache_dir).float(), dim=-1
     )
     for what, vectors, items in (("image", image_vectors, image_items), ("caption", caption_vectors, caption_items)):
         if vectors.shape[0] != len(items):

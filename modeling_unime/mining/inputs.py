@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from datasets import Dataset
 
-from ..util.embedding_cache import Item, cached_embeddings, embed_items
+from ..util.embedding_cache import Item, embed_with_cache
 from ..util.images import require_image_files
 
 IMAGE_COLUMNS = ("query_image", "pos_image")
@@ -131,13 +130,7 @@ def embed_inputs(
     state: Any = None,
 ) -> MiningEmbeddings:
     """Embed the queries and the pool: through the on-disk embedding cache under ``cache_dir`` (split over the
-    processes of ``state``) when given, else directly (queries, then pool)."""
-    if cache_dir is None:
-        query_embeddings = embed_items(embedder, inputs.queries, image_root, batch_size)
-        pool_embeddings = embed_items(embedder, inputs.pool, image_root, batch_size)
-    else:
-        embeddings = cached_embeddings(
-            embedder, [*inputs.queries, *inputs.pool], Path(cache_dir), image_root, batch_size, state
-        )
-        query_embeddings, pool_embeddings = embeddings[: len(inputs.queries)], embeddings[len(inputs.queries) :]
+    processes of ``state``) when given, else directly (`embed_with_cache`)."""
+    embeddings = embed_with_cache(embedder, [*inputs.queries, *inputs.pool], image_root, batch_size, cache_dir, state)
+    query_embeddings, pool_embeddings = embeddings[: len(inputs.queries)], embeddings[len(inputs.queries) :]
     return MiningEmbeddings(query_embeddings, pool_embeddings.to(retrieval_device(embedder)))

@@ -20,7 +20,7 @@ from .fingerprint import model_fingerprint, processor_settings
 
 Item = tuple[str | None, str | None]
 
-__all__ = ["EmbeddingCache", "cached_embeddings", "embed_items", "item_key", "root_key"]
+__all__ = ["EmbeddingCache", "Item", "cached_embeddings", "embed_items", "embed_with_cache", "item_key", "root_key"]
 
 
 def item_key(*parts: Any) -> str:
@@ -114,3 +114,27 @@ def cached_embeddings(
         state.wait_for_everyone()
         cache.reload()
     return cache.lookup(items)
+
+
+def embed_with_cache(
+    embedder: Any,
+    items: Sequence[Item],
+    image_root: Any,
+    batch_size: int,
+    cache_dir: str | os.PathLike | None = None,
+    state: Any = None,
+) -> torch.Tensor:
+    """One row per item: `cached_embeddings` under ``cache_dir`` (only what the cache lacks is embedded, split over
+    the processes of ``state``), or ``embedder.encode`` when ``cache_dir`` is None. The one place mining and every
+    benchmark turn items into vectors.
+
+    Example:
+        >>> class Lengths:
+        ...     def encode(self, texts, images, image_root=None, batch_size=32):
+        ...         return torch.tensor([[float(len(text or ""))] for text in texts])
+        >>> embed_with_cache(Lengths(), [("ab", None), ("abc", None)], None, 8).tolist()
+        [[2.0], [3.0]]
+    """
+    if cache_dir is None:
+        return embed_items(embedder, items, image_root, batch_size)
+    return cached_embeddings(embedder, items, cache_dir, image_root, batch_size, state)
