@@ -45,21 +45,23 @@ setup(
                                     "evaluation", "evaluation.*"]) + METRIC_PACKAGES,
     cmdclass={"build_py": BuildPyWithModelCard},
     # torch: install the build you need first (CPU: pip install torch==2.13.0); a bare "torch" may pull CUDA.
+    # Lower bounds are the lowest versions that resolve together and pass CI's compatibility run (.ci/run installs
+    # exactly these, from .ci/lowest_pins.py); the newest versions are tested by the full suite.
     install_requires=[
         "torch>=2.4",
         "transformers>=5.24,<6",
-        "tokenizers>=0.22",
-        "datasets>=4.0",
-        "peft>=0.17",
+        "tokenizers>=0.23.1",  # transformers 5.24 needs it
+        "datasets>=4.7",  # trl 1.0, evaluate and mteb need it
+        "peft>=0.18",  # 0.17 imports HybridCache, which transformers 5 removed
         "trl>=1.0",
         "accelerate>=1.10",
-        "huggingface_hub>=1.0",
+        "huggingface_hub>=1.31",  # transformers 5.24 needs it
         "evaluate>=0.4",
-        "safetensors>=0.5",
+        "safetensors>=0.8",  # transformers 5.24 needs it
         "pillow>=10",
         "pyyaml>=6",
-        "tqdm>=4.66",
-        "jinja2>=3.1",  # huggingface_hub.ModelCard.from_template (modeling_unime.card)
+        "tqdm>=4.66.3",  # datasets 4.7 needs it
+        "jinja2>=3.1.6",  # huggingface_hub.ModelCard.from_template; transformers' apply_chat_template needs 3.1.6
     ],
     extras_require={
         # setuptools: tests/test_packaging.py builds the wheel offline (no build isolation; 70.1+ has bdist_wheel).

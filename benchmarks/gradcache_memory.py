@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from modeling_unime.testing import build_tiny_unime, synthetic_judge_dataset  # noqa: E402
 from trainers import UniMEV2Trainer, UniMEV2TrainingArguments  # noqa: E402
+from trainers.common import inputs_on_device  # noqa: E402
 
 
 class ActivationMemory:
@@ -117,7 +118,7 @@ def main() -> None:
                                             processing_class=processor, image_root=image_root)
         gradients = {}
         for mode, trainer in trainers.items():
-            inputs = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in range(batch)]))
+            inputs = inputs_on_device(trainer.data_collator([rows[i] for i in range(batch)]), args.device)
             one_step(trainer, model, inputs, mode == "gradcache", args.device)  # warm-up
             peak, seconds, gradients[mode] = one_step(trainer, model, inputs, mode == "gradcache", args.device)
             peak_mb[mode][batch] = round(peak, 2)

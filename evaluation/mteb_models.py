@@ -426,7 +426,7 @@ def _load_model(
     model = UniMEV2Model.from_pretrained(path_or_repo, **hub, **pretrained_kwargs(where))
     if revision:
         model.processor = UniMEV2Processor.from_pretrained(
-            path_or_repo, plain_checkpoint_image_resize=model._plain_checkpoint_image_resize, **hub
+            path_or_repo, plain_checkpoint_image_resize=model.plain_checkpoint_image_resize, **hub
         )
     return model.eval()
 

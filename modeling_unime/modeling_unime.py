@@ -168,7 +168,7 @@ class UniMEV2PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _can_compile_fullgraph = False
     # Image size for a plain backbone checkpoint's processor (the authors' evaluation rule; the reranker's differs).
-    _plain_checkpoint_image_resize = "authors-eval"
+    plain_checkpoint_image_resize = "authors-eval"
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save under the model's own key names.
@@ -205,9 +205,13 @@ class UniMEV2PreTrainedModel(PreTrainedModel):
 
     @property
     def processor(self) -> UniMEV2Processor:
-        """The processor saved beside the weights (loaded on first use)."""
+        """The processor saved beside the weights (loaded on first use).
+
+        Any failure to load it is raised as a ValueError naming the source and the cause: an AttributeError raised
+        inside a property would otherwise reach the caller as "object has no attribute 'processor'".
+        """
         if self._processor is None:
-            source = self.config._name_or_path
+            source = self.config.name_or_path
             if not source:
                 raise ValueError(
                     "This model was not loaded from a folder or repo, so it has no processor to load: pass "
@@ -216,11 +220,12 @@ class UniMEV2PreTrainedModel(PreTrainedModel):
             try:
                 # The processor's code is the code this model already runs from the same source.
                 self._processor = UniMEV2Processor.from_pretrained(
-                    source, trust_remote_code=True, plain_checkpoint_image_resize=self._plain_checkpoint_image_resize
+                    source, trust_remote_code=True, plain_checkpoint_image_resize=self.plain_checkpoint_image_resize
                 )
-            except (OSError, ValueError) as error:
+            except Exception as error:  # noqa: BLE001 - re-raised with the source named, never as AttributeError
                 raise ValueError(
-                    f"Could not load the processor saved with {source!r} ({error}); pass processor= to encode()."
+                    f"Could not load the processor saved with {source!r}: {type(error).__name__}: {error}. Pass "
+                    "processor= to encode(), or set model.processor = UniMEV2Processor.from_pretrained(...)."
                 ) from error
         return self._processor
 
@@ -410,7 +415,7 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
 
     config_class = UniMEV2RerankerConfig
     base_model_prefix = "model"
-    _plain_checkpoint_image_resize = "authors-reranker-eval"  # how their rerank numbers were measured
+    plain_checkpoint_image_resize = "authors-reranker-eval"  # how their rerank numbers were measured
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: UniMEV2RerankerConfig) -> None:

@@ -8,6 +8,7 @@ subclasses that leave the video processor out.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import math
 import os
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Union
 
 from PIL import Image
-from transformers import BatchFeature, ProcessorMixin
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
@@ -442,13 +443,19 @@ class UniMEV2Processor(ProcessorMixin):
         the reranker asks for ``"authors-reranker-eval"``). Other keyword arguments (``cache_dir``, ``revision``,
         ``token``, ``local_files_only``...) work as for any processor.
         """
-        processor_dict, instantiation_kwargs = cls.get_processor_dict(pretrained_model_name_or_path, **dict(kwargs))
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        init_parameters = inspect.signature(cls.__init__).parameters
+        settings_given = {key: kwargs.pop(key) for key in list(kwargs) if key in init_parameters}
+        # Public API only: the saved settings (and chat template) from get_processor_dict, each sub-processor from
+        # its own Auto class (which reads the nested processor_config.json as well as the authors' plain
+        # preprocessor_config.json), then our own __init__. ProcessorMixin's private sub-processor loader changed
+        # in transformers 5.25 (see tests/test_transformers_compat.py).
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **hub_kwargs)
         if image_resize is not None:
             processor_dict["image_resize"] = image_resize
         elif "backbone_type" not in processor_dict:  # not saved by UniMEV2Processor: the authors' plain layout
             processor_dict["image_resize"] = plain_checkpoint_image_resize
         if backbone_type is None:
-            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
             backbone_type = processor_dict.get("backbone_type") or _read_backbone_type(
                 pretrained_model_name_or_path, **hub_kwargs
             )
@@ -459,9 +466,20 @@ class UniMEV2Processor(ProcessorMixin):
                 f"{', '.join(SUPPORTED_BACKBONES)})."
             )
         processor_dict["backbone_type"] = check_backbone_type(backbone_type)
-        # backbone_type must not reach the sub-processor loaders: they would set it on the backbone config.
-        args = cls._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
-        return cls.from_args_and_dict(args, processor_dict, **instantiation_kwargs)
+        # backbone_type and the other UniME-V2 settings (popped above) must not reach the sub-processor loaders: a
+        # tokenizer keeps unknown keyword arguments in its saved config.
+        loader_kwargs = kwargs
+        if "image_processor" not in settings_given:
+            settings_given["image_processor"] = AutoImageProcessor.from_pretrained(
+                pretrained_model_name_or_path, **loader_kwargs
+            )
+        if "tokenizer" not in settings_given:
+            settings_given["tokenizer"] = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **loader_kwargs)
+        saved_settings = {
+            key: value for key, value in processor_dict.items()
+            if key in init_parameters and key not in ("self", "kwargs", "image_processor", "tokenizer")
+        }
+        return cls(**{**saved_settings, **settings_given})
 
     def format_prompt(self, text: str | None, has_image: bool, instruction: str | None = None, row: int = 0) -> str:
         """The prompt string of one row, before image-token expansion (see the class docstring)."""

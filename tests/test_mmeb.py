@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,13 +43,16 @@ def test_tie_rules():
 
 
 def write_mmeb(root, image_root, name, rows):
+    """One MMEB dataset folder, and its images: a file named after a colour has that colour (so red.jpg and
+    blue.jpg are different images, as their rows mean them to be), the others are red."""
     (root / name).mkdir(parents=True)
     Dataset.from_list(rows).to_parquet(str(root / name / "test-00000-of-00001.parquet"))
     for row in rows:
         for path in [row["qry_img_path"], *row["tgt_img_path"]]:
             if path and not (image_root / path).exists():
                 (image_root / path).parent.mkdir(parents=True, exist_ok=True)
-                Image.new("RGB", (28, 28), "red").save(image_root / path)
+                stem = Path(path).stem
+                Image.new("RGB", (28, 28), stem if stem in ("red", "blue") else "red").save(image_root / path)
 
 
 class WordEmbedder:

@@ -90,7 +90,7 @@ def save_checkpoint(
         model_name=output_dir.name,
         backbone_type=base.config.backbone_type,
         embedding_dim=base.config.hidden_size,
-        base_model=base.config._name_or_path or None,
+        base_model=base.config.name_or_path or None,
         image_resize=getattr(processor, "image_resize", "native"),
         image_position_rule=getattr(base.config, "image_position_rule", None),
     )

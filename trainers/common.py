@@ -8,6 +8,7 @@ from enum import Enum
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from transformers import TrainerCallback
 
 
@@ -57,6 +58,15 @@ class JudgeDatasetMixin:
         raise NotImplementedError
 
 
+def inputs_on_device(inputs: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """A collated batch with every tensor moved to ``device`` (lists and nested dicts followed; other values kept).
+
+    What `Trainer` does before ``compute_loss``, through public API (its own helper is private); the floating inputs
+    keep their dtype, as they do under Trainer without DeepSpeed, which these trainers refuse.
+    """
+    return send_to_device(inputs, device, non_blocking=False)
+
+
 class LoggedMetricsMixin:
     """For `transformers.Trainer` subclasses whose ``compute_loss`` records extra values with ``_record``: they are
     averaged over the steps since the last log (and over processes) and logged beside the loss, with an ``eval_``
@@ -79,7 +89,7 @@ class LoggedMetricsMixin:
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = inputs_on_device(inputs, self.args.device)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None

@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .collator import NegativeSelection, UniMEV2Collator
-from .common import Choice, JudgeDatasetMixin, LoggedMetricsMixin
+from .common import Choice, JudgeDatasetMixin, LoggedMetricsMixin, inputs_on_device
 from .losses import InfoNCELoss, SoftLabelAlignmentLoss
 
 
@@ -127,8 +127,6 @@ class RandomState:
 def average_gradients(model: torch.nn.Module, world_size: int) -> None:
     """All-reduce the gradients of every trainable parameter (zeros where a process had none) and divide by the
     number of processes: what DDP does, in one flat buffer per dtype."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
     for parameter in model.parameters():
         if parameter.requires_grad:
@@ -136,11 +134,11 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
                 parameter.grad = torch.zeros_like(parameter)
             by_dtype[parameter.grad.dtype].append(parameter.grad)
     for gradients in by_dtype.values():
-        flat = _flatten_dense_tensors(gradients)
+        flat = torch.cat([gradient.reshape(-1) for gradient in gradients])
         torch.distributed.all_reduce(flat)
         flat.div_(world_size)
-        for gradient, averaged in zip(gradients, _unflatten_dense_tensors(flat, gradients)):
-            gradient.copy_(averaged)
+        for gradient, averaged in zip(gradients, flat.split([gradient.numel() for gradient in gradients])):
+            gradient.copy_(averaged.view_as(gradient))
 
 
 class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
@@ -237,7 +235,7 @@ class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
         if not self.args.gradcache:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs = inputs_on_device(inputs, self.args.device)
         return self.gradcache_step(model, inputs, scale=1.0 / self.current_gradient_accumulation_steps)
 
     def gradcache_step(self, model: torch.nn.Module, inputs: dict[str, Any], scale: float = 1.0) -> torch.Tensor:

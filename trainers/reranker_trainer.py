@@ -406,15 +406,14 @@ class UniMEV2RerankerTrainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
     P(Yes | positive) - P(Yes | hardest negative), Yes against No). Values are means over the micro-batches since
     the last log.
 
-    Gradient accumulation: `_get_num_items_in_batch` (which `Trainer.get_batch_samples` calls once per optimizer
-    step) counts the examples of each kind over all micro-batches of the step (and over processes), and
-    `compute_loss` divides each kind's summed loss by that count, so the loss is already scaled for accumulation
-    (``loss_is_scaled_for_ga``): batch 4 x 1 step and batch 2 x 2 steps give the same loss and gradients, also when
-    the micro-batches differ in size; under DDP the loss is multiplied by the process count, as `Trainer` does, since
-    DDP averages gradients.
+    Gradient accumulation: `get_batch_samples` (which `Trainer` calls once per optimizer step) counts the examples
+    of each kind over all micro-batches of the step (and over processes), and `compute_loss` divides each kind's
+    summed loss by that count, so the loss is already scaled for accumulation (``loss_is_scaled_for_ga``): batch
+    4 x 1 step and batch 2 x 2 steps give the same loss and gradients, also when the micro-batches differ in size;
+    under DDP the loss is multiplied by the process count, as `Trainer` does, since DDP averages gradients.
     """
 
-    # compute_loss normalises by the whole accumulated batch (counts from `_get_num_items_in_batch`): Trainer must
+    # compute_loss normalises by the whole accumulated batch (counts from `get_batch_samples`): Trainer must
     # not divide by the accumulation steps again (nor rely on model_accepts_loss_kwargs, which the labels trigger).
     loss_is_scaled_for_ga = True
 
@@ -432,11 +431,19 @@ class UniMEV2RerankerTrainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
             pairwise=args.pairwise_weight > 0, listwise=args.listwise_weight > 0, **images,
         )
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Examples per kind ([pairwise, listwise]) over the micro-batches of one optimizer step, summed over
-        processes when ``average_tokens_across_devices`` (the default); `compute_loss` divides by them."""
-        if not batch_samples or "example_kind" not in batch_samples[0]:
-            return super()._get_num_items_in_batch(batch_samples, device)
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The micro-batches of one optimizer step and, for reranker batches, the examples per kind
+        ([pairwise, listwise]) over all of them, summed over processes when ``average_tokens_across_devices`` (the
+        default): `compute_loss` divides each kind's summed loss by its count, so the micro-batch losses add up to
+        the whole accumulated batch's loss."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and "example_kind" in batch_samples[0]:
+            num_items_in_batch = self.examples_per_kind(batch_samples, device)
+        return batch_samples, num_items_in_batch
+
+    def examples_per_kind(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """[pairwise, listwise] example counts of these micro-batches (over every process when the Trainer averages
+        across devices)."""
         counts = sum(torch.bincount(batch["example_kind"].flatten(), minlength=2)[:2] for batch in batch_samples)
         counts = counts.to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
