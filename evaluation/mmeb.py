@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from modeling_unime.util.images import require_image_files
-from modeling_unime.util.rerank import rerank_head
-
 from modeling_unime.util.embedding_cache import Item, embed_with_cache
+from modeling_unime.util.images import require_image_files
+
 from .metrics import load_metric
+from .rerank import rerank_head
 
 MMEB_HUB_ID = "TIGER-Lab/MMEB-eval"
 MMEB_CLONE_FOLDER = "MMEB-eval"
@@ -144,7 +144,7 @@ def load_mmeb_dataset(name: str, root: str | os.PathLike | None = None) -> MMEBD
         return _rows_to_dataset(name, load_dataset(MMEB_HUB_ID, name, split="test").to_list())
     import pyarrow.parquet as parquet
 
-    from .retrieval import check_not_lfs_pointers
+    from .data_files import check_not_lfs_pointers
 
     folder = mmeb_dataset_folder(name, root)
     files = sorted(folder.glob("test-*.parquet")) or sorted(folder.glob("*.parquet"))
@@ -208,7 +208,7 @@ def resolve_mmeb_image_root(
             f"MMEB images come from the images.zip of {MMEB_HUB_ID}: unzip it with `unzip images.zip -d "
             f"{MMEB_IMAGE_FOLDER}/` inside the clone (or pass the folder it was unpacked to as image_root).")
     if archive.is_file():
-        from .retrieval import check_not_lfs_pointers
+        from .data_files import check_not_lfs_pointers
 
         check_not_lfs_pointers([archive], "MMEB images")
     raise FileNotFoundError(
@@ -434,7 +434,7 @@ def evaluate_task(
 
     With a reranker, the candidates handed to it are the embedder's top ``options.rerank_top_k`` in the order
     `ranking_from_scores` gives (a tie with the positive puts the positive first under ``"argmax"``, last under
-    ``"strict"``); the reranker's order is checked (`modeling_unime.util.rerank.rerank_head`)."""
+    ``"strict"``); the reranker's order is checked (`evaluation.rerank.rerank_head`)."""
     metric = load_metric("precision_at_1")
     check_images(dataset, image_root)
     items = list(dict.fromkeys([*dataset.queries, *(item for items in dataset.candidates for item in items)]))

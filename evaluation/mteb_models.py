@@ -31,7 +31,7 @@ Example (a tiny random model, offline; MTEB's mock image-to-text retrieval task)
     >>> import pytest
     >>> mteb = pytest.importorskip("mteb")
     >>> from mteb.mocks.mock_tasks import MockAny2AnyRetrievalI2TTask
-    >>> from modeling_unime.testing import build_tiny_unime
+    >>> from modeling_unime.tiny import build_tiny_unime
     >>> model, processor = build_tiny_unime("qwen2_vl")
     >>> model.processor = processor
     >>> encoder = UniMEV2MTEBEncoder.from_model(model, name="local/tiny-unime-v2")
@@ -304,7 +304,7 @@ class UniMEV2MTEBEncoder(AbsEncoder):
         elif device is not None:
             model = model.to(device)
         if image_resize is not None:
-            from .harness import apply_image_resize
+            from .loading import apply_image_resize
 
             apply_image_resize(model, image_resize)
         self.model = model.eval()
@@ -444,10 +444,12 @@ def load_unime_v2_encoder(meta: ModelMeta, **kwargs: Any) -> UniMEV2MTEBEncoder:
 
 # ------------------------------------------------------------------------------------------------ metadata
 
-UNIME_V2_CITATION = r"""
+UNIME_V2_CITATION = (
+    r"""
 @misc{gu2025unimev2mllmasajudgeuniversalmultimodal,
   title={UniME-V2: MLLM-as-a-Judge for Universal Multimodal Embedding Learning},
-  author={Tiancheng Gu and Kaicheng Yang and Kaichen Zhang and Xiang An and Ziyong Feng and Yueyi Zhang and Weidong Cai and Jiankang Deng and Lidong Bing},
+  author={Tiancheng Gu and Kaicheng Yang and Kaichen Zhang and Xiang An and Ziyong Feng and Yueyi Zhang"""
+    r""" and Weidong Cai and Jiankang Deng and Lidong Bing},
   year={2025},
   eprint={2510.13515},
   archivePrefix={arXiv},
@@ -455,6 +457,7 @@ UNIME_V2_CITATION = r"""
   url={https://arxiv.org/abs/2510.13515},
 }
 """
+)
 
 # The MIEB names of the MMEB-train datasets (as in mteb's own UniME-V2 entry).
 UNIME_V2_TRAINING_DATASETS = {

@@ -10,7 +10,7 @@ its ``data/`` is found) and the COCO val2017 images (http://images.cocodataset.o
 
     python -m evaluation.sugarcrepe --annotations DIR --images DIR --model PATH_OR_tiny:qwen2_vl [--cache DIR]
 
-Models are loaded as the evaluation recipe loads them (`evaluation.harness.load_embedder`): on this process's device,
+Models are loaded as the evaluation recipe loads them (`evaluation.loading.load_embedder`): on this process's device,
 bf16 on a GPU and float32 on CPU unless ``--dtype`` says otherwise, with ``--image-resize`` applied to the processor.
 """
 
@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
-from modeling_unime.util.images import require_image_files
-
 from modeling_unime.util.embedding_cache import Item, embed_with_cache
+from modeling_unime.util.images import require_image_files
 
 SUGARCREPE_SUBSETS: dict[str, int] = {
     "add_att": 692,
@@ -196,7 +195,8 @@ def _check_images(filenames: Sequence[str], image_root: str | os.PathLike | None
     root = None if image_root is None else os.fspath(image_root)
     require_image_files(
         [name if root is None else os.path.join(root, name) for name in filenames], root, "SugarCrepe",
-        f"The images are COCO val2017 ({COCO_VAL2017_SOURCE}); pass the folder that holds the .jpg files as image_root.",
+        f"The images are COCO val2017 ({COCO_VAL2017_SOURCE}); "
+        "pass the folder that holds the .jpg files as image_root.",
     )
 
 
@@ -288,7 +288,7 @@ def evaluate_sugarcrepe(
     Example:
         >>> import json, tempfile, warnings
         >>> from PIL import Image
-        >>> from modeling_unime.testing import build_tiny_unime
+        >>> from modeling_unime.tiny import build_tiny_unime
         >>> folder = Path(tempfile.mkdtemp())
         >>> Image.new("RGB", (32, 32), "red").save(folder / "red.png")
         >>> rows = {"0": {"filename": "red.png", "caption": "A red square.", "negative_caption": "A blue square."}}
@@ -389,8 +389,8 @@ def _load(
 ) -> Any:
     """A model from a checkpoint path or Hub id, or ``tiny:<family>`` (random weights, for smoke tests), placed on
     this process's device with ``dtype`` / ``attn_implementation`` (`modeling_unime.placement`) and with
-    ``image_resize`` set on its processor: the recipe's own loaders (`evaluation.harness`)."""
-    from evaluation.harness import load_embedder, load_reranker
+    ``image_resize`` set on its processor: the recipe's own loaders (`evaluation.loading`)."""
+    from .loading import load_embedder, load_reranker
 
     loader = load_reranker if reranker else load_embedder
     return loader(spec, dtype=dtype, attn_implementation=attn_implementation, image_resize=image_resize)

@@ -143,7 +143,8 @@ class UniMEV2RerankerConfig(_BackboneProperties, PretrainedConfig):
         backbone_config = backbone_config_from(backbone_config)
         if not 1 <= max_listwise_candidates <= MAX_LISTWISE_CANDIDATES:
             raise ValueError(
-                f"max_listwise_candidates must be between 1 and {MAX_LISTWISE_CANDIDATES} (indices of at most two digits)."
+                f"max_listwise_candidates must be between 1 and {MAX_LISTWISE_CANDIDATES} "
+                "(indices of at most two digits)."
             )
         self.backbone_config = backbone_config
         self.max_listwise_candidates = max_listwise_candidates
@@ -152,4 +153,7 @@ class UniMEV2RerankerConfig(_BackboneProperties, PretrainedConfig):
         super().__init__(**kwargs)
 
 
-__all__ = ["UniMEV2Config", "UniMEV2RerankerConfig", "SUPPORTED_BACKBONES", "IMAGE_POSITION_RULES", "MROPE_BACKBONES", "check_backbone_type", "backbone_config_from"]
+__all__ = [
+    "UniMEV2Config", "UniMEV2RerankerConfig", "SUPPORTED_BACKBONES", "IMAGE_POSITION_RULES", "MROPE_BACKBONES",
+    "check_backbone_type", "backbone_config_from",
+]

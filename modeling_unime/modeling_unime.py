@@ -93,14 +93,19 @@ def vision_start_position_ids(
         >>> mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 1]])
         >>> grids = torch.tensor([[1, 4, 4], [1, 4, 4]])                            # 2x2 tokens after a 2x2 merge
         >>> vision_start_position_ids(ids, mask, grids, 7, 9, 2)[:, :, 2:].tolist()  # (t, h, w) of each token
-        [[[0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 3, 4]], [[0, 1, 2, 3, 4, 5], [1, 1, 2, 2, 3, 4]], [[0, 1, 2, 3, 4, 5], [1, 2, 1, 2, 3, 4]]]
+        [[[0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 3, 4]], [[0, 1, 2, 3, 4, 5], [1, 1, 2, 2, 3, 4]], \
+[[0, 1, 2, 3, 4, 5], [1, 2, 1, 2, 3, 4]]]
     """
     batch_size, length = input_ids.shape
     device = input_ids.device
     position_ids = torch.ones(3, batch_size, length, dtype=torch.long, device=device)
     grids = iter(image_grid_thw.tolist()) if image_grid_thw is not None else iter(())
     for row in range(batch_size):
-        kept = attention_mask[row].bool() if attention_mask is not None else torch.ones(length, dtype=torch.bool, device=device)
+        kept = (
+            attention_mask[row].bool()
+            if attention_mask is not None
+            else torch.ones(length, dtype=torch.bool, device=device)
+        )
         ids = input_ids[row][kept]
         image_starts = (ids == image_token_id).nonzero().flatten().tolist()
         pieces: list[torch.Tensor] = []
@@ -238,7 +243,7 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
     at the last non-padding token, L2-normalised, is the embedding of a text, an image or both.
 
     Example:
-        >>> from modeling_unime.testing import build_tiny_unime
+        >>> from modeling_unime.tiny import build_tiny_unime
         >>> model, processor = build_tiny_unime("qwen2_vl")
         >>> from PIL import Image
         >>> embeddings = model.encode(texts=["a red car", None], images=[None, Image.new("RGB", (64, 64), "red")],
@@ -304,7 +309,9 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
         if input_ids is None or backbone_inputs.get("position_ids") is not None:
             return False
         if backbone_inputs.get("video_grid_thw") is not None:
-            raise ValueError("image_position_rule='vision_start_only' covers images, not videos; UniME-V2 embeds images.")
+            raise ValueError(
+                "image_position_rule='vision_start_only' covers images, not videos; UniME-V2 embeds images."
+            )
         return True
 
     @torch.inference_mode()
@@ -406,7 +413,7 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
     A None, an empty query or an empty candidate raises a ValueError naming it.
 
     Example:
-        >>> from modeling_unime.testing import build_tiny_reranker
+        >>> from modeling_unime.tiny import build_tiny_reranker
         >>> reranker, processor = build_tiny_reranker()
         >>> order, scores = reranker.rerank("What colour is the car?", ["red", "blue", "green"], processor=processor)
         >>> sorted(order), round(float(scores.sum()), 4)

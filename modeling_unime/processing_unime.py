@@ -351,7 +351,7 @@ class UniMEV2Processor(ProcessorMixin):
     authors' stack did (see `LlavaOnevisionImageProcessorFloorPadding`); ``"centered"`` as transformers 5.x does.
 
     Example:
-        >>> from modeling_unime.testing import build_tiny_processor
+        >>> from modeling_unime.tiny import build_tiny_processor
         >>> processor = build_tiny_processor("qwen2_vl")
         >>> from PIL import Image
         >>> batch = processor(texts=["a red car", None], images=[None, Image.new("RGB", (56, 56))],
@@ -487,7 +487,9 @@ class UniMEV2Processor(ProcessorMixin):
         body = body.replace(PHI3V_IMAGE_TOKEN, self.image_token)
         placeholders = body.count(self.image_token)
         if placeholders > 1:
-            raise ValueError(f"Row {row}: the text has {placeholders} image placeholders; one image per row is supported.")
+            raise ValueError(
+                f"Row {row}: the text has {placeholders} image placeholders; one image per row is supported."
+            )
         if placeholders and not has_image:
             raise ValueError(
                 f"Row {row}: the text has an image placeholder ({self.image_token}) but no image was given for it."

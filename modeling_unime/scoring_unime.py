@@ -140,7 +140,7 @@ class PromptBuilder:
     inference, so the instruction strings and the place of every text cannot drift apart.
 
     Example:
-        >>> from modeling_unime.testing import build_tiny_processor
+        >>> from modeling_unime.tiny import build_tiny_processor
         >>> prompts = PromptBuilder(build_tiny_processor("qwen2_5_vl").backbone_processor)
         >>> "Query:What colour?Candidate:red<|im_end|>" in prompts.render(("What colour?", None), ("red", None))
         True
@@ -187,7 +187,9 @@ class PromptBuilder:
     def listwise_messages(self, query: Item, candidates: Sequence[Item]) -> list[dict[str, Any]]:
         """One user turn: the listwise instruction, "Query:" with the query, "Candidates:" then "(1) " + the first
         candidate's image and text, "(2) " ..."""
-        content: list[dict[str, Any]] = [{"type": "text", "text": LISTWISE_INSTRUCTION}, {"type": "text", "text": "Query:"}]
+        content: list[dict[str, Any]] = [
+            {"type": "text", "text": LISTWISE_INSTRUCTION}, {"type": "text", "text": "Query:"}
+        ]
         if query[1] is not None:
             content.append({"type": "image"})
         if strip_image_placeholders(query[0]):
@@ -351,7 +353,9 @@ class MultimodalScorer(PromptBuilder):
                 for start in range(0, len(rows), self.batch_size):
                     chunk = rows[start : start + self.batch_size]
                     images = [self._image(candidates[index][1], f"candidate {index}") for index in chunk]
-                    logits = self._answer_logits(self._score_suffixes(prefix, [splits[index][1] for index in chunk], images))
+                    logits = self._answer_logits(
+                        self._score_suffixes(prefix, [splits[index][1] for index in chunk], images)
+                    )
                     scores[chunk] = self.logits_to_scores(logits, [f"candidate {index}" for index in chunk]).cpu()
             self.stats.pairs += len(shareable)
             self.stats.shared_prefix_pairs += len(shareable)
@@ -370,7 +374,9 @@ class MultimodalScorer(PromptBuilder):
         return digits, self._single_token_id(")")
 
     @torch.inference_mode()
-    def score_listwise(self, query_text: str | None, query_image: ImageInput, candidates: Sequence[Item]) -> torch.Tensor:
+    def score_listwise(
+        self, query_text: str | None, query_image: ImageInput, candidates: Sequence[Item]
+    ) -> torch.Tensor:
         """Probability that each candidate is the answer, from the index tokens after ``Ans: (``.
 
         The list is encoded in ONE forward; the first digit's distribution is read at its last position, restricted
@@ -388,10 +394,14 @@ class MultimodalScorer(PromptBuilder):
         query = (query_text, query_image)
         prompt = self.render_listwise(query, candidates)
         images = [self._image(query_image, "query")] if query_image is not None else []
-        images += [self._image(image, f"candidate {index}") for index, (_, image) in enumerate(candidates) if image is not None]
+        images += [
+            self._image(image, f"candidate {index}") for index, (_, image) in enumerate(candidates) if image is not None
+        ]
         prefix = self._encode_prefix(prompt, images)
         first_digits = list(range(1, min(count, 9) + 1))
-        first = torch.softmax(self._answer_logits(prefix["last_hidden"], [digits[d] for d in first_digits]).float(), -1)[0]
+        first = torch.softmax(
+            self._answer_logits(prefix["last_hidden"], [digits[d] for d in first_digits]).float(), -1
+        )[0]
         self._check_finite(first, "the listwise index logits")
         scores = torch.zeros(count)
         scores[: len(first_digits)] = first.cpu()

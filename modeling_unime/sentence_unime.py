@@ -31,7 +31,7 @@ unit vectors.
 Example:
     >>> import tempfile
     >>> from sentence_transformers import SentenceTransformer
-    >>> from modeling_unime.testing import build_tiny_unime
+    >>> from modeling_unime.tiny import build_tiny_unime
     >>> from modeling_unime.sentence_unime import add_sentence_transformers_files
     >>> model, processor = build_tiny_unime("qwen2_vl")
     >>> folder = tempfile.mkdtemp()

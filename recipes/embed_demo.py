@@ -25,9 +25,14 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 
 import modeling_unime  # noqa: E402,F401  (registers the auto classes)
-from modeling_unime.convert import convert_checkpoint  # noqa: E402
-from modeling_unime.testing import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer  # noqa: E402
-from modeling_unime.testing import draw_shape, save_in_authors_layout  # noqa: E402
+from modeling_unime.export.convert import convert_checkpoint  # noqa: E402
+from modeling_unime.tiny import (  # noqa: E402  # noqa: E402
+    build_tiny_causal_lm,
+    build_tiny_processor,
+    build_tiny_tokenizer,
+    draw_shape,
+    save_in_authors_layout,
+)
 from modeling_unime.util.arguments import parse_recipe_arguments  # noqa: E402
 
 SHAPES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]

@@ -17,13 +17,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from evaluation.pipeline import PipelineConfig, run_ablation, run_pipeline
+from evaluation.demo.pipeline import PipelineConfig, run_ablation, run_pipeline
 from modeling_unime.util.arguments import parse_recipe_arguments
 
 
 @dataclass
 class PipelineScriptArguments:
-    """The main job's command line; the sizes and budgets of each mode are `evaluation.pipeline.PipelineConfig`'s."""
+    """The main job's command line; the sizes and budgets of each mode are
+    `evaluation.demo.pipeline.PipelineConfig`'s."""
 
     quick: bool = field(default=False, metadata={"help": "every stage on a sliver of the data (CI's smoke test)"})
     ablation: bool = field(default=False,

@@ -18,7 +18,8 @@ field is an error. A re-run of the same command resumes from the last checkpoint
 
 import os
 
-from trainers.recipe_runner import EMBEDDER, finish_distributed, parse_training_recipe, run_training_recipe
+from modeling_unime.recipe_engine import finish_distributed
+from trainers.recipe_runner import EMBEDDER, parse_training_recipe, run_training_recipe
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

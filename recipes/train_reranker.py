@@ -1,7 +1,8 @@
 """Train a UniME-V2 reranker (pairwise Yes/No + listwise index) on a judge-scored dataset.
 
     accelerate launch recipes/train_reranker.py --config recipes/configs/reranker-tiny-cpu.yaml
-    accelerate launch --multi_gpu --num_processes 2 recipes/train_reranker.py --config recipes/configs/reranker-tiny-cpu.yaml
+    accelerate launch --multi_gpu --num_processes 2 recipes/train_reranker.py \\
+        --config recipes/configs/reranker-tiny-cpu.yaml
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/train_reranker.py \\
         --config recipes/configs/reranker-qwen25vl-7b.yaml [--push_to_hub ORG/NAME]
 
@@ -19,7 +20,8 @@ the same command resumes from the last checkpoint in ``output_dir``.
 
 import os
 
-from trainers.recipe_runner import RERANKER, finish_distributed, parse_training_recipe, run_training_recipe
+from modeling_unime.recipe_engine import finish_distributed
+from trainers.recipe_runner import RERANKER, parse_training_recipe, run_training_recipe
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

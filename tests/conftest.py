@@ -4,6 +4,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import runpy  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from functools import lru_cache  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -48,3 +53,41 @@ def shared_data() -> Path:
     if missing:
         pytest.fail(f"{SHARED_DATA} lacks {missing}: the vendored test data (see tests/data/README.md) is missing")
     return SHARED_DATA
+
+
+# ------------------------------------------------------------------------------------- helpers shared by the tests
+
+
+@lru_cache(maxsize=None)
+def tiny_judge(family: str = "qwen2_5_vl"):
+    """A tiny judge (model, processor), built once per family, whose Yes/No rows of the LM head are scaled by 30: a
+    wrong prompt, image or answer id then moves P(Yes) well above float noise. Shared: do not modify it."""
+    from modeling_unime.tiny import build_tiny_judge
+
+    model, processor = build_tiny_judge(family)
+    with torch.no_grad():
+        yes_no = [processor.tokenizer.convert_tokens_to_ids(word) for word in ("Yes", "No")]
+        model.get_output_embeddings().weight[yes_no] *= 30
+    return model, processor
+
+
+def run_recipe(monkeypatch, script: str, *arguments: str) -> None:
+    """``recipes/<script>`` run as from the command line (``python recipes/<script> ARGUMENTS``), in this process."""
+    monkeypatch.setattr(sys, "argv", [script, *arguments])
+    runpy.run_path(str(REPO_ROOT / "recipes" / script), run_name="__main__")
+
+
+def run_fresh_python(arguments: list[str], cwd: Path, timeout: float = 300, **environment: str):
+    """``python ARGUMENTS`` in a new interpreter started in ``cwd``, offline, without this checkout on its path (so
+    a checkpoint's own code is what runs, as in a user's process); ``environment`` adds variables."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", **environment)
+    return subprocess.run([sys.executable, *arguments], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a torch.distributed launch or a stub server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

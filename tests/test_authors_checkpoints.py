@@ -1,30 +1,27 @@
 """The package against checkpoints and outputs written by the authors' own stack (transformers 4.49.0).
 
-The fixtures (tests/fixtures/build_authors_checkpoints.py, see tests/fixtures/README.md) replay the authors' merge-and-save
-path under transformers 4.49 and store what 4.49's own classes compute with the authors' recipe: embeddings of text,
-image and image+text rows (alone and in their left-padded batches), the prompts and input ids, image-token counts
-under each of their image sizes, and the reranker's pairwise and listwise scores. Nothing here is compared against
-transformers 5.x's own classes.
+The fixtures (tests/fixtures/build_authors_checkpoints.py, see tests/fixtures/README.md) replay the authors'
+merge-and-save path under transformers 4.49 and store what 4.49's own classes compute with the authors' recipe:
+embeddings of text, image and image+text rows (alone and in their left-padded batches), the prompts and input ids,
+image-token counts under each of their image sizes, and the reranker's pairwise and listwise scores. Nothing here is
+compared against transformers 5.x's own classes.
 """
 
 import ast
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
+from authors_fixtures import authors_fixtures, load_references
 from PIL import Image
 from safetensors import safe_open
 
-from authors_fixtures import authors_fixtures, load_references
+from conftest import run_fresh_python
 from modeling_unime import UniMEV2Model, UniMEV2Processor, UniMEV2Reranker
-from modeling_unime.convert import convert_checkpoint, verify_checkpoint
+from modeling_unime.export.convert import convert_checkpoint, verify_checkpoint
 from modeling_unime.modeling_unime import BACKBONE_KEY_MAPPINGS
 
 EMBEDDERS = ["qwen2vl-2b", "qwen2vl-7b", "llava-ov-8b"]
@@ -303,10 +300,8 @@ def test_converter_and_fresh_process_automodel_give_the_references(tmp_path):
         jobs.append(dict(name=name, path=str(converted), rows=rows))
     script, output = tmp_path / "load.py", tmp_path / "embeddings.json"
     script.write_text(FRESH_PROCESS_SCRIPT)
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, str(script), json.dumps(jobs), str(output)], cwd=tmp_path,
-                            env=environment, capture_output=True, text=True, timeout=900)
+    result = run_fresh_python([str(script), json.dumps(jobs), str(output)], tmp_path, timeout=900,
+                              HF_MODULES_CACHE=str(tmp_path / "modules"))
     assert result.returncode == 0, result.stderr[-3000:]
     fresh = json.loads(output.read_text())
     assert fresh.keys() == expected.keys()

@@ -8,7 +8,7 @@ from PIL import Image
 
 from modeling_unime.judge import MLLMJudge
 from modeling_unime.scoring_unime import as_item
-from modeling_unime.testing import build_tiny_judge, build_tiny_reranker, build_tiny_unime
+from modeling_unime.tiny import build_tiny_judge, build_tiny_reranker, build_tiny_unime
 
 RED = Image.new("RGB", (56, 56), (220, 20, 20))
 

@@ -2,16 +2,17 @@
 
 import pytest
 
-from evaluation.easyvqa import (
+from evaluation.demo.easyvqa import (
     CAPTIONS,
+    COLOURS,
+    SHAPES,
     EasyVQASplit,
-    OracleJudge,
     blind_baseline,
     build_tasks,
     image_attributes,
-    question_kind,
     training_pairs,
 )
+from modeling_unime.tiny import OracleJudge, question_kind
 
 QA = [
     ("what color is the shape?", "red", 0),
@@ -63,7 +64,8 @@ def test_tasks_have_the_mmeb_shape_and_yes_no_is_left_out():
 
 
 def test_oracle_grades_partial_credit():
-    judge = OracleJudge({"a.png": {"colour": "red", "shape": "circle"}, "b.png": {"colour": "red", "shape": "square"}})
+    judge = OracleJudge(COLOURS, SHAPES,
+                        {"a.png": {"colour": "red", "shape": "circle"}, "b.png": {"colour": "red", "shape": "square"}})
     assert judge.score("what color is the shape?", "a.png", [("red", None), ("blue", None)]).tolist() == \
         pytest.approx([0.95, 0.05])
     assert judge.score("what shape is in the image?", "a.png", [("circle", None), ("triangle", None)]).tolist() == \
@@ -83,7 +85,7 @@ def test_oracle_grades_partial_credit():
 
 def test_real_easyvqa_blind_baseline_and_oracle():
     pytest.importorskip("easy_vqa")
-    from evaluation.easyvqa import load_easyvqa, oracle_for
+    from evaluation.demo.easyvqa import load_easyvqa, oracle_for
 
     train, test = load_easyvqa("train"), load_easyvqa("test")
     assert sum(1 for image in train.images if train.caption(image)) / len(train.images) > 0.85

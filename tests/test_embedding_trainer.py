@@ -3,8 +3,6 @@
 import contextlib
 import json
 import os
-import runpy
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,12 +12,12 @@ import torch
 from peft import PeftModel
 from transformers import TrainerCallback
 
-from conftest import REPO_ROOT
-from modeling_unime.testing import build_tiny_processor, build_tiny_unime, synthetic_judge_dataset
+from conftest import REPO_ROOT, free_port, run_fresh_python, run_recipe
+from modeling_unime.tiny import build_tiny_processor, build_tiny_unime, synthetic_judge_dataset
 from trainers import UniMEV2Collator, UniMEV2Trainer, UniMEV2TrainingArguments
 from trainers.adapters import LANGUAGE_MODEL_TARGETS, adapter_config, prepare_for_training, save_checkpoint
-from modeling_unime.util.seeding import row_rng
 from trainers.embedding_trainer import Loss, RandomState
+from trainers.seeding import row_rng
 
 ROW = dict(query_text="a red circle", query_image=None, pos_text="red", pos_image=None,
            neg_texts=["n0", "n1", "n2", "n3", "n4"], neg_images=[None] * 5, judge_scores=[0.9, 0.5, 0.4, 0.3, 0.2, 0.1])
@@ -339,10 +337,8 @@ def test_trained_checkpoint_reloads_in_a_fresh_process_and_embeds_identically(tm
     torch.save(reference, tmp_path / "reference.pt")
     script = tmp_path / "load.py"
     script.write_text(FRESH_PROCESS)
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, str(script), str(merged_folder), image, str(tmp_path / "reference.pt")],
-                            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    result = run_fresh_python([str(script), str(merged_folder), image, str(tmp_path / "reference.pt")], tmp_path,
+                              HF_MODULES_CACHE=str(tmp_path / "modules"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("True")
 
@@ -397,12 +393,6 @@ training:
 """
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize("gradcache", [False, True])
 def test_one_and_two_processes_give_the_same_first_step(tmp_path, gradcache):
     """The global batch of 4 queries on 1 process (batch 4) and on 2 processes (batch 2 each): after one step of plain
@@ -420,7 +410,7 @@ def test_one_and_two_processes_give_the_same_first_step(tmp_path, gradcache):
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--main_process_port", str(_free_port()), script, "--config", str(two_config)],
+                          "--main_process_port", str(free_port()), script, "--config", str(two_config)],
                          env=environment, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "batch 2 x 2 processes" in (tmp_path / "two" / "final" / "README.md").read_text()
@@ -471,8 +461,7 @@ RUN_DEPENDENT = ("_runtime", "_per_second")  # wall-clock entries of the log, wh
 
 
 def _run_recipe(monkeypatch, config, *extra):
-    monkeypatch.setattr(sys, "argv", ["train", "--config", str(config), *extra])
-    runpy.run_path(str(REPO_ROOT / "recipes" / "train_embedding.py"), run_name="__main__")
+    run_recipe(monkeypatch, "train_embedding.py", "--config", str(config), *extra)
 
 
 def _trainer_state(checkpoint):
@@ -539,12 +528,12 @@ def test_recipe_pushes_the_final_checkpoint_with_its_card(tmp_path, monkeypatch,
     import huggingface_hub
 
     calls = []
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: calls.append(("create", repo_id)))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
     config = tmp_path / "tiny.yaml"
     config.write_text(RECIPE_CONFIG.format(output_dir=tmp_path / "run", batch=4, steps=2, gradcache=False))
-    monkeypatch.setattr(sys, "argv", ["train", "--config", str(config), "--push_to_hub", "org/tiny-unime"])
-    runpy.run_path(str(REPO_ROOT / "recipes" / "train_embedding.py"), run_name="__main__")
+    _run_recipe(monkeypatch, config, "--push_to_hub", "org/tiny-unime")
     assert calls[0] == ("create", "org/tiny-unime") and calls[1][1]["repo_id"] == "org/tiny-unime"
     folder = calls[1][1]["folder_path"]
     card = open(os.path.join(folder, "README.md")).read()
@@ -576,7 +565,8 @@ def test_recipe_help_lists_every_field_with_its_help():
                and f"--{field.name}\n" not in shown.stdout and f"--{field.name}," not in shown.stdout]
     assert missing == []
     assert "--config FILE.yaml" in shown.stdout and "model repo id to push the final checkpoint to" in shown.stdout
-    assert "--loss {soft_label,infonce,hybrid}" in shown.stdout and "--negative_selection {first,random}" in shown.stdout
+    assert ("--loss {soft_label,infonce,hybrid}" in shown.stdout
+            and "--negative_selection {first,random}" in shown.stdout)
     # Every field of ours carries its help (TrainingArguments' own fields have theirs).
     from trainers.recipe_runner import AdapterArguments, DataArguments, ScriptArguments
 

@@ -3,8 +3,8 @@
 Tiny copies of every real layout (the authors' ``data/`` folder: a clone of TIGER-Lab/MMEB-eval with images.zip
 unpacked to eval_images/ and its unused CIFAR-100 config, clones of royokong/flickr30k_test and royokong/coco_test in
 parquet written by `datasets`, ShareGPT4V's JSON in the authors' nesting, an Urban1k clone with its zip unpacked, a
-sugar-crepe clone and COCO val2017) are evaluated by ``recipes/run_evaluation.py`` with the SHIPPED config, only the data
-root changed:
+sugar-crepe clone and COCO val2017) are evaluated by ``recipes/run_evaluation.py`` with the SHIPPED config, only the
+data root changed:
 
 - with tiny random models (and the rerank stage): every benchmark runs, the layouts are detected, the data tree is
   left untouched, the models sit on CPU in float32;
@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import runpy
 import sys
 import warnings
 import zipfile
@@ -34,11 +33,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT, SHARED_DATA
-from evaluation import harness
+from conftest import REPO_ROOT, SHARED_DATA, run_recipe
+from evaluation import harness, loading
 from evaluation.mmeb import MMEB_DATASETS, load_mmeb_dataset, resolve_mmeb_image_root
-from evaluation.retrieval import (
-    IMAGE_QUERY_INSTRUCTION,
+from evaluation.retrieval import IMAGE_QUERY_INSTRUCTION
+from evaluation.retrieval_data import (
     LAYOUT_HUB_PARQUET,
     LAYOUT_KARPATHY,
     LAYOUT_SHAREGPT4V,
@@ -300,11 +299,10 @@ def one_torch_thread(monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
 
 
-def run_recipe(monkeypatch, *arguments: str) -> None:
-    monkeypatch.setattr(sys, "argv", ["run_evaluation.py", "--config", str(SHIPPED_CONFIG), *arguments])
+def run_evaluation_recipe(monkeypatch, *arguments: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tiny SugarCrepe files: row counts unlike the release
-        runpy.run_path(str(REPO_ROOT / "recipes" / "run_evaluation.py"), run_name="__main__")
+        run_recipe(monkeypatch, "run_evaluation.py", "--config", str(SHIPPED_CONFIG), *arguments)
 
 
 # ------------------------------------------------------------------------------------ independent expectations
@@ -363,8 +361,8 @@ def test_shipped_config_runs_every_benchmark_on_the_real_layouts_with_tiny_model
     out = tmp_path / "out"
     # Only the data root differs from the shipped config; tiny models stand in for the released ones (their processors
     # get the shipped image policies: every image resized to 1344x1344, reranker images capped at 300*28*28 px).
-    run_recipe(monkeypatch, "--data_root", str(data_root), "--output_dir", str(out), "--model", "tiny:qwen2_vl",
-               "--reranker", "tiny:qwen2_5_vl")
+    run_evaluation_recipe(monkeypatch, "--data_root", str(data_root), "--output_dir", str(out),
+                          "--model", "tiny:qwen2_vl", "--reranker", "tiny:qwen2_5_vl")
     results = json.loads((out / "results.json").read_text())
 
     for stage in ("embedder", "embedder + rerank"):
@@ -418,7 +416,7 @@ def test_shipped_config_numbers_equal_an_independent_computation(authors_data, t
     monkeypatch.setattr(harness, "load_embedder", controlled_embedder)
     monkeypatch.setattr(harness, "load_reranker", no_reranker)
     out = tmp_path / "out"
-    run_recipe(monkeypatch, "--data_root", str(data_root), "--output_dir", str(out))
+    run_evaluation_recipe(monkeypatch, "--data_root", str(data_root), "--output_dir", str(out))
     results = json.loads((out / "results.json").read_text())
 
     # The shipped settings reached the loaders: the released models, their image policies, automatic placement.
@@ -632,13 +630,13 @@ def test_help_lists_every_field():
 
 def test_models_are_placed_as_documented(tmp_path):
     from evaluation.sugarcrepe import _load
-    from modeling_unime.testing import build_tiny_unime
+    from modeling_unime.tiny import build_tiny_unime
 
-    tiny = harness.load_embedder("tiny:qwen2_vl")
+    tiny = loading.load_embedder("tiny:qwen2_vl")
     assert (tiny.device.type, tiny.dtype, tiny.config._attn_implementation) == ("cpu", torch.float32, "sdpa")
-    assert harness.load_embedder("tiny:qwen2_vl", dtype="bfloat16").dtype == torch.bfloat16
-    assert harness.load_embedder("tiny:qwen2_vl", device="meta").device.type == "meta"   # the device asked for
-    reranker = harness.load_reranker("tiny:qwen2_5_vl", dtype="bfloat16", attn_implementation="eager")
+    assert loading.load_embedder("tiny:qwen2_vl", dtype="bfloat16").dtype == torch.bfloat16
+    assert loading.load_embedder("tiny:qwen2_vl", device="meta").device.type == "meta"   # the device asked for
+    reranker = loading.load_reranker("tiny:qwen2_5_vl", dtype="bfloat16", attn_implementation="eager")
     assert (reranker.dtype, reranker.config._attn_implementation) == (torch.bfloat16, "eager")
     assert _load("tiny:qwen2_vl", dtype="bfloat16").dtype == torch.bfloat16
     assert _load("tiny:qwen2_vl").dtype == torch.float32
@@ -647,31 +645,31 @@ def test_models_are_placed_as_documented(tmp_path):
     model, processor = build_tiny_unime("qwen2_vl")
     model.save_pretrained(tmp_path / "checkpoint")
     processor.save_pretrained(tmp_path / "checkpoint")
-    loaded = harness.load_embedder(str(tmp_path / "checkpoint"), dtype="bfloat16", attn_implementation="eager")
+    loaded = loading.load_embedder(str(tmp_path / "checkpoint"), dtype="bfloat16", attn_implementation="eager")
     assert (loaded.device.type, loaded.dtype) == ("cpu", torch.bfloat16)
     assert loaded.model.config.text_config._attn_implementation == "eager"
-    assert harness.load_embedder(str(tmp_path / "checkpoint")).dtype == torch.float32   # auto on CPU
+    assert loading.load_embedder(str(tmp_path / "checkpoint")).dtype == torch.float32   # auto on CPU
 
 
 def test_image_resize_is_set_on_the_processor_or_refused_clearly():
     without = SimpleNamespace(processor=SimpleNamespace())
     with pytest.raises(ValueError, match=r"image_resize: 'authors-eval' .*no 'image_resize' attribute.*native"):
-        harness.apply_image_resize(without, "authors-eval")
-    harness.apply_image_resize(without, "native")          # nothing to change: accepted
-    harness.apply_image_resize(without, None)
+        loading.apply_image_resize(without, "authors-eval")
+    loading.apply_image_resize(without, "native")          # nothing to change: accepted
+    loading.apply_image_resize(without, None)
     with pytest.raises(ValueError, match=r"reranker_image_resize: 'authors-reranker'"):
-        harness.apply_image_resize(without, "authors-reranker", "reranker_image_resize")
+        loading.apply_image_resize(without, "authors-reranker", "reranker_image_resize")
 
     # The package's processors: the policy is set (in its canonical form) on the embedder's and the reranker's.
-    assert harness.load_embedder("tiny:qwen2_vl", image_resize="authors-eval").processor.image_resize == "square:1344"
-    reranker = harness.load_reranker("tiny:qwen2_5_vl", image_resize="authors-reranker")
+    assert loading.load_embedder("tiny:qwen2_vl", image_resize="authors-eval").processor.image_resize == "square:1344"
+    reranker = loading.load_reranker("tiny:qwen2_5_vl", image_resize="authors-reranker")
     assert reranker.processor.image_resize == "max_pixels:235200"
 
     model = SimpleNamespace(processor=SimpleNamespace(image_resize="native"))
-    harness.apply_image_resize(model, "authors-eval")
+    loading.apply_image_resize(model, "authors-eval")
     assert model.processor.image_resize == "authors-eval"
-    harness.apply_image_resize(model, "max_pixels:235200")
+    loading.apply_image_resize(model, "max_pixels:235200")
     assert model.processor.image_resize == "max_pixels:235200"
     with pytest.raises(ValueError, match="square:N"):
-        harness.apply_image_resize(model, "1344")
+        loading.apply_image_resize(model, "1344")
     assert doctest.testmod(harness).failed == 0

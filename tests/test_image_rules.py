@@ -5,16 +5,15 @@ the same way, plain aranges for the others, PIL resizes written out by hand); th
 stack is in test_authors_checkpoints.py.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
-import pytest
 from PIL import Image
 
-from conftest import FAMILIES
 from modeling_unime import UniMEV2Config, UniMEV2Model, UniMEV2Processor
 from modeling_unime.modeling_unime import vision_start_position_ids
 from modeling_unime.processing_unime import canonical_image_resize, load_image, resize_image, resized_size
-from modeling_unime.testing import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer
+from modeling_unime.tiny import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer
 
 QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 RED = Image.new("RGB", (56, 84), (220, 20, 20))
@@ -133,7 +132,8 @@ def test_embeddings_under_each_rule_match_the_stock_class(family, padding_side):
         with torch.no_grad():
             expected, expected_all_images = pool(text_positions), pool(stock_positions)
     else:
-        expected, expected_all_images = _stock_recipe(causal_lm, text_positions), _stock_recipe(causal_lm, stock_positions)
+        expected, expected_all_images = (_stock_recipe(causal_lm, text_positions),
+                                         _stock_recipe(causal_lm, stock_positions))
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours_all_images, expected_all_images, atol=1e-5, rtol=0)
     assert (ours[[0, 2]] - ours_all_images[[0, 2]]).abs().max() > 1e-3  # image rows: the rule matters
@@ -193,7 +193,7 @@ def test_max_side_rule_only_touches_large_images():
         ((1344, 1344), (476, 476)),   # beta = 2.771: 484.9 -> 476 (floor to 28)
         ((30, 20), (84, 56)),
         ((500, 1200), (308, 728)),    # beta = 1.597: 313.0/28 = 11.18 -> 11, 751.3/28 = 26.83 -> 26 (floor, not round)
-        ((1200, 500), (728, 308)),         # 28x28 < 4*28*28: beta = sqrt(3136/600) = 2.286: ceil(68.6/28), ceil(45.7/28)
+        ((1200, 500), (728, 308)),    # 28x28 < 4*28*28: beta = sqrt(3136/600) = 2.286: ceil(68.6/28), ceil(45.7/28)
     ],
 )
 def test_pixel_cap_rule(size, expected):
@@ -277,10 +277,9 @@ def test_training_collator_resizes_under_the_training_rule_only_once():
 
 
 def test_a_changed_image_rule_never_reuses_cached_embeddings_or_scores(tmp_path):
-    from modeling_unime.judge import MLLMJudge
-    from modeling_unime.judge import judge_fingerprint
+    from modeling_unime.judge import MLLMJudge, judge_fingerprint
+    from modeling_unime.tiny import build_tiny_judge, build_tiny_unime
     from modeling_unime.util.embedding_cache import cached_embeddings
-    from modeling_unime.testing import build_tiny_judge, build_tiny_unime
 
     model, processor = build_tiny_unime("qwen2_vl")
     model.processor = processor

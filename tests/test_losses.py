@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import trainers.losses
 from trainers.losses import InfoNCELoss, SoftLabelAlignmentLoss
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Independent references, written out with exp / sum / log in float64.
 

@@ -8,7 +8,7 @@ from datasets import Dataset
 
 from modeling_unime.judge import MLLMJudge
 from modeling_unime.mining import mine_hard_negatives
-from modeling_unime.testing import build_tiny_judge, build_tiny_unime
+from modeling_unime.tiny import build_tiny_judge, build_tiny_unime
 
 POOL = [(f"c{j}", None) for j in range(12)]
 
@@ -44,14 +44,15 @@ class TableJudge:
 
 def rows(count):
     return Dataset.from_list(
-        [{"query_text": f"query {i}", "query_image": None, "pos_text": f"p{i}", "pos_image": None} for i in range(count)]
+        [{"query_text": f"query {i}", "query_image": None, "pos_text": f"p{i}", "pos_image": None}
+         for i in range(count)]
     )
 
 
 def test_filter_then_cyclical_sampling_by_hand():
     judge = TableJudge({"c0": 0.95, "c3": 0.95})  # two false negatives: above s_pos - beta = 0.89
-    mined, stats = mine_hard_negatives(rows(3), AngleEmbedder(), judge, pool=POOL + [("p0", None), ("p1", None),
-                                                                                    ("p2", None)], top_k=12, verbose=False)
+    mined, stats = mine_hard_negatives(rows(3), AngleEmbedder(), judge,
+                                       pool=POOL + [("p0", None), ("p1", None), ("p2", None)], top_k=12, verbose=False)
     # Kept, in rank order: c1 c2 c4 c5 c6 c7 c8 c9 c10 c11; walk 0,5,1,6,2,7,3,8,4,9.
     expected = ["c1", "c7", "c2", "c8", "c4", "c9", "c5", "c10", "c6", "c11"]
     for row in mined:

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from test_mining_recipe import counting  # counts the pairs the judge really scores (judge.pairs)
 
 import modeling_unime.mining as mining
 from modeling_unime.judge import MLLMJudge, judge_fingerprint
 from modeling_unime.mining import MiningConfig, mine_hard_negatives, run_mining
+from modeling_unime.tiny import build_tiny_judge, build_tiny_unime, draw_shape, synthetic_pairs
 from modeling_unime.util import fingerprint
 from modeling_unime.util.files import DamagedCacheWarning
 from modeling_unime.util.fingerprint import model_fingerprint
-from modeling_unime.testing import build_tiny_judge, build_tiny_unime, draw_shape, synthetic_pairs
-from test_mining_recipe import counting  # counts the pairs the judge really scores (judge.pairs)
 
 
 @pytest.fixture(scope="module")
@@ -79,24 +79,25 @@ def test_one_image_root_given_two_ways_shares_the_cache(tmp_path, embedder, monk
     assert judge.pairs == 0 and again.to_list() == first.to_list()
 
 
-def tiny_judge(**kwargs) -> MLLMJudge:
+def fresh_mllm_judge(**kwargs) -> MLLMJudge:
+    """A new tiny judge each call (tests change its settings)."""
     return MLLMJudge(*build_tiny_judge(), **kwargs)
 
 
 def changed_processor_max_pixels() -> MLLMJudge:
-    judge = tiny_judge()
+    judge = fresh_mllm_judge()
     judge.processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 32 * 28 * 28}
     return judge
 
 
 def changed_chat_template() -> MLLMJudge:
-    judge = tiny_judge()
+    judge = fresh_mllm_judge()
     judge.processor.chat_template = judge.processor.chat_template.replace("<|im_start|>", "<|im_start|> ")
     return judge
 
 
 def changed_weight() -> MLLMJudge:
-    judge = tiny_judge()
+    judge = fresh_mllm_judge()
     with torch.no_grad():
         weight = judge.model.get_output_embeddings().weight
         weight.view(-1)[-1] += 0.5
@@ -109,11 +110,11 @@ def compat(judge: MLLMJudge) -> MLLMJudge:
 
 
 SCORE_SETTINGS = {
-    "repetition_penalty": lambda: tiny_judge(official_compat=True, repetition_penalty=1.2),
-    "answer tokens (Yes/No swapped)": lambda: tiny_judge(official_compat=True, yes_token="No", no_token="Yes"),
-    "official_compat": lambda: tiny_judge(official_compat=False),
-    "instruction": lambda: tiny_judge(official_compat=True, instruction="Answer Yes or No."),
-    "image_resize": lambda: tiny_judge(official_compat=True, image_resize="square:56"),
+    "repetition_penalty": lambda: fresh_mllm_judge(official_compat=True, repetition_penalty=1.2),
+    "answer tokens (Yes/No swapped)": lambda: fresh_mllm_judge(official_compat=True, yes_token="No", no_token="Yes"),
+    "official_compat": lambda: fresh_mllm_judge(official_compat=False),
+    "instruction": lambda: fresh_mllm_judge(official_compat=True, instruction="Answer Yes or No."),
+    "image_resize": lambda: fresh_mllm_judge(official_compat=True, image_resize="square:56"),
     "image processor size": lambda: compat(changed_processor_max_pixels()),
     "chat template": lambda: compat(changed_chat_template()),
     "one weight value": lambda: compat(changed_weight()),
@@ -122,16 +123,16 @@ SCORE_SETTINGS = {
 
 @pytest.mark.parametrize("setting", list(SCORE_SETTINGS))
 def test_every_setting_that_changes_a_score_changes_the_judge_fingerprint(setting):
-    reference = judge_fingerprint(tiny_judge(official_compat=True))
+    reference = judge_fingerprint(fresh_mllm_judge(official_compat=True))
     assert judge_fingerprint(SCORE_SETTINGS[setting]()) != reference, setting
 
 
 def test_judge_fingerprint_ignores_what_does_not_change_a_score():
-    judge = tiny_judge(official_compat=True)
+    judge = fresh_mllm_judge(official_compat=True)
     reference = judge_fingerprint(judge)
     judge.score("What colour?", None, [("red", None), ("a blue square", None)])  # the tokenizer's padding state moves
     assert judge_fingerprint(judge) == reference
-    assert judge_fingerprint(tiny_judge(official_compat=True, batch_size=3, prefix_sharing=False)) == reference
+    assert judge_fingerprint(fresh_mllm_judge(official_compat=True, batch_size=3, prefix_sharing=False)) == reference
 
 
 def test_a_changed_repetition_penalty_rescores_instead_of_reusing(tmp_path):
@@ -150,11 +151,13 @@ def test_a_changed_repetition_penalty_rescores_instead_of_reusing(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mining.DegenerateMiningWarning)
-        mine_hard_negatives(data, TextEmbedder(), tiny_judge(official_compat=True), cache_dir=tmp_path, **settings)
-        cached, _ = mine_hard_negatives(data, TextEmbedder(), tiny_judge(official_compat=True, repetition_penalty=2.0),
+        mine_hard_negatives(data, TextEmbedder(), fresh_mllm_judge(official_compat=True), cache_dir=tmp_path,
+                            **settings)
+        cached, _ = mine_hard_negatives(data, TextEmbedder(),
+                                        fresh_mllm_judge(official_compat=True, repetition_penalty=2.0),
                                         cache_dir=tmp_path, **settings)
-        fresh, _ = mine_hard_negatives(data, TextEmbedder(), tiny_judge(official_compat=True, repetition_penalty=2.0),
-                                       **settings)
+        fresh, _ = mine_hard_negatives(data, TextEmbedder(),
+                                       fresh_mllm_judge(official_compat=True, repetition_penalty=2.0), **settings)
     for cached_row, fresh_row in zip(cached, fresh):
         assert cached_row["judge_scores"] == pytest.approx(fresh_row["judge_scores"], abs=1e-6)
 

@@ -1,5 +1,6 @@
-"""The documented mining defaults are the paper's (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining"): top-50 retrieval, no similarity threshold
-(delta is unpublished), beta 0.01, 10 negatives, cyclical interval 5, the paper's empty-set fallback scored 1.0."""
+"""The documented mining defaults are the paper's (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining"):
+top-50 retrieval, no similarity threshold (delta is unpublished), beta 0.01, 10 negatives, cyclical interval 5, the
+paper's empty-set fallback scored 1.0."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import yaml
 
 from conftest import REPO_ROOT
 from modeling_unime.mining import MiningConfig
-from modeling_unime.negative_selection import FALLBACK_SCORE, cyclical_sample
+from modeling_unime.mining.rules import FALLBACK_SCORE, cyclical_sample
 
 PAPER = {"top_k": 50, "similarity_threshold": None, "beta": 0.01, "num_negatives": 10, "interval": 5,
          "empty_fallback": "paper"}

@@ -5,21 +5,18 @@ works (the synthetic oracle) gives a summary without any WARNING."""
 from __future__ import annotations
 
 import json
-import runpy
-import sys
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
-from modeling_unime.negative_selection import DEGENERATE_FALLBACK_SHARE
+from conftest import REPO_ROOT, run_recipe
+from modeling_unime.mining.stats import DEGENERATE_FALLBACK_SHARE
 
 TINY_CONFIG = REPO_ROOT / "recipes" / "configs" / "mine-tiny-cpu.yaml"
 
 
-def run_recipe(monkeypatch, *arguments: str) -> None:
-    monkeypatch.setattr(sys, "argv", ["mine", "--config", *arguments])
-    runpy.run_path(str(REPO_ROOT / "recipes" / "mine_hard_negatives.py"), run_name="__main__")
+def mine(monkeypatch, config: str, *arguments: str) -> None:
+    run_recipe(monkeypatch, "mine_hard_negatives.py", "--config", config, *arguments)
 
 
 def degenerate_config(tmp_path, beta: float):
@@ -35,7 +32,7 @@ def degenerate_config(tmp_path, beta: float):
 def demo_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("demo") / "run"
     with pytest.MonkeyPatch.context() as monkeypatch:
-        run_recipe(monkeypatch, str(TINY_CONFIG), "--output_dir", str(output))
+        mine(monkeypatch, str(TINY_CONFIG), "--output_dir", str(output))
     return output
 
 
@@ -55,7 +52,7 @@ def test_the_shipped_tiny_demo_is_on_the_main_path_and_says_its_judge_is_at_chan
 
 
 def test_the_papers_beta_on_the_tiny_random_judge_is_flagged_degenerate(tmp_path, monkeypatch, capsys):
-    run_recipe(monkeypatch, str(degenerate_config(tmp_path, 0.01)), "--output_dir", str(tmp_path / "run"))
+    mine(monkeypatch, str(degenerate_config(tmp_path, 0.01)), "--output_dir", str(tmp_path / "run"))
     printed = capsys.readouterr().out
     text = (tmp_path / "run" / "summary.txt").read_text()
     for report in (printed, text):
@@ -67,7 +64,7 @@ def test_the_papers_beta_on_the_tiny_random_judge_is_flagged_degenerate(tmp_path
 
 
 def test_the_demo_with_the_oracle_judge_is_not_degenerate(tmp_path, monkeypatch, capsys):
-    run_recipe(monkeypatch, str(TINY_CONFIG), "--output_dir", str(tmp_path / "run"), "--judge", "oracle")
+    mine(monkeypatch, str(TINY_CONFIG), "--output_dir", str(tmp_path / "run"), "--judge", "oracle")
     out = capsys.readouterr().out
     assert "judge: oracle (no model)" in out and "WARNING" not in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -82,16 +79,17 @@ def test_the_oracle_judge_refuses_other_data(tmp_path, monkeypatch):
     rows.write_text(json.dumps([{"query_text": "q", "query_image": None, "pos_text": "a", "pos_image": None}]))
     config.write_text(f"data: {rows}\nembedder: tiny:qwen2_vl\njudge: oracle\n")
     with pytest.raises(ValueError, match="oracle knows only the synthetic:N data"):
-        run_recipe(monkeypatch, str(config), "--output_dir", str(tmp_path / "run"))
+        mine(monkeypatch, str(config), "--output_dir", str(tmp_path / "run"))
 
 
 def test_oracle_judge_scores():
-    recipe = runpy.run_path(str(REPO_ROOT / "recipes" / "mine_hard_negatives.py"), run_name="recipe")
-    judge = recipe["SyntheticOracleJudge"]()
+    from modeling_unime.tiny import SYNTHETIC_COLOURS, SYNTHETIC_SHAPES, OracleJudge
+
+    judge = OracleJudge(SYNTHETIC_COLOURS, SYNTHETIC_SHAPES)  # what the recipe's --judge oracle builds
     vqa = judge.score("<|image_1|>\nWhat colour is the shape?", "shapes/blue-square.png",
                       [("blue", None), ("red", None), (None, "shapes/blue-square.png")])
-    assert vqa.tolist() == [0.95, 0.05, 0.05]
+    assert vqa.tolist() == pytest.approx([0.95, 0.05, 0.05])
     caption = judge.score("Find an image of a blue square.", None,
                           [(None, "shapes/blue-square.png"), (None, "shapes/blue-circle.png"),
                            (None, "shapes/red-circle.png"), ("blue", None)])
-    assert caption.tolist() == [0.95, 0.5, 0.05, 0.05]
+    assert caption.tolist() == pytest.approx([0.95, 0.5, 0.05, 0.05])

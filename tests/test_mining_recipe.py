@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import runpy
-import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -14,12 +12,12 @@ import torch
 from accelerate import PartialState
 from datasets import load_dataset, load_from_disk
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port, run_recipe
 from modeling_unime.judge import JUDGE_INSTRUCTION, MLLMJudge
 from modeling_unime.mining import MiningConfig, retrieval_device, run_mining
-from modeling_unime.negative_selection import SelectionStats
+from modeling_unime.mining.stats import SelectionStats
 from modeling_unime.placement import attention_kernels, placement, process_state
-from modeling_unime.testing import build_tiny_judge, build_tiny_unime, synthetic_pairs
+from modeling_unime.tiny import build_tiny_judge, build_tiny_unime, synthetic_pairs
 
 CONFIG = MiningConfig(top_k=8, beta=0.0, num_negatives=4, shard_size=3, seed=1)
 
@@ -126,12 +124,6 @@ def test_merged_summary_is_the_sum_of_the_shards(tiny_world, tmp_path):
     assert_summary_sums_the_shards(tmp_path, queries=len(dataset))
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_two_processes_give_the_one_process_dataset(tmp_path):
     config = tmp_path / "mine.yaml"
     config.write_text(
@@ -145,7 +137,7 @@ def test_two_processes_give_the_one_process_dataset(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--main_process_port", str(_free_port()), script, "--config", str(config), "--output_dir",
+         "--main_process_port", str(free_port()), script, "--config", str(config), "--output_dir",
          str(tmp_path / "two")],
         env=environment, capture_output=True, text=True, timeout=600,
     )
@@ -172,7 +164,8 @@ def test_two_processes_give_the_one_process_dataset(tmp_path):
     assert len(single) == 12
     # A pair scored in another query's batch can differ in the last bits (documented): scores to 1e-6, rest exact.
     for one, two in zip(single, double):
-        assert {k: v for k, v in one.items() if k != "judge_scores"} == {k: v for k, v in two.items() if k != "judge_scores"}
+        assert ({k: v for k, v in one.items() if k != "judge_scores"}
+                == {k: v for k, v in two.items() if k != "judge_scores"})
         assert one["judge_scores"] == pytest.approx(two["judge_scores"], abs=1e-6)
 
 
@@ -180,7 +173,8 @@ def test_recipe_writes_the_dataset_card_and_pushes_the_folder(tmp_path, monkeypa
     import huggingface_hub
 
     calls = []
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
                         lambda self, **kw: calls.append(("upload", kw["repo_id"], kw)) or "https://hub/commit/1")
     config = tmp_path / "mine.yaml"
@@ -188,9 +182,8 @@ def test_recipe_writes_the_dataset_card_and_pushes_the_folder(tmp_path, monkeypa
         "data: synthetic:6\nembedder: tiny:qwen2_vl\njudge: tiny:qwen2_5_vl\nofficial_compat: true\n"
         "mining: {top_k: 5, beta: 0.02, num_negatives: 3, interval: 2, shard_size: 4, seed: 7}\n"
     )
-    monkeypatch.setattr(sys, "argv", ["mine", "--config", str(config), "--output_dir", str(tmp_path / "run"),
-                                      "--push_to_hub", "org/tiny-negatives"])
-    runpy.run_path(str(REPO_ROOT / "recipes" / "mine_hard_negatives.py"), run_name="__main__")
+    run_recipe(monkeypatch, "mine_hard_negatives.py", "--config", str(config), "--output_dir", str(tmp_path / "run"),
+               "--push_to_hub", "org/tiny-negatives")
     assert [call[:2] for call in calls] == [("create", "org/tiny-negatives"), ("upload", "org/tiny-negatives")]
     assert calls[0][2]["repo_type"] == "dataset" and calls[1][2]["repo_type"] == "dataset"
     folder = calls[1][2]["folder_path"]
@@ -211,7 +204,9 @@ def test_recipe_writes_the_dataset_card_and_pushes_the_folder(tmp_path, monkeypa
 
 
 def _recipe_functions():
-    return runpy.run_path(str(REPO_ROOT / "recipes" / "mine_hard_negatives.py"), run_name="recipe")
+    import modeling_unime.mining.recipe as recipe
+
+    return vars(recipe)
 
 
 @pytest.mark.parametrize("dtype, attn", [("auto", "auto"), ("bfloat16", "eager")])
@@ -282,7 +277,8 @@ def test_help_lists_every_field_of_the_recipe(capsys):
     assert "--config" in out
 
 
-@pytest.mark.parametrize("config", sorted((REPO_ROOT / "recipes" / "configs").glob("mine-*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "recipes" / "configs").glob("mine-*.yaml")),
+                         ids=lambda p: p.name)
 def test_every_shipped_config_parses_with_flags_over_it(config):
     import yaml
 

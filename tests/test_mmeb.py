@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port, run_recipe
 from evaluation.mmeb import (
     IND_DATASETS,
     MMEB_CATEGORIES,
@@ -79,7 +79,8 @@ ROWS = [  # candidate 0 is the positive
     {"qry_text": "<|image_1|>\nRepresent the given image for classification", "qry_img_path": "ImageNet-1K/dog.jpg",
      "tgt_text": ["car", "dog", "bird"], "tgt_img_path": ["", "", ""]},   # wrong: the positive is "car"
     {"qry_text": "Find the picture of a red", "qry_img_path": "",
-     "tgt_text": ["<|image_1|> photo", "<|image_1|> photo"], "tgt_img_path": ["ImageNet-1K/red.jpg", "ImageNet-1K/blue.jpg"]},
+     "tgt_text": ["<|image_1|> photo", "<|image_1|> photo"],
+     "tgt_img_path": ["ImageNet-1K/red.jpg", "ImageNet-1K/blue.jpg"]},
     {"qry_text": "<|image_1|>\nRepresent the given image for classification", "qry_img_path": "ImageNet-1K/cat.jpg",
      "tgt_text": ["cat", "cat"], "tgt_img_path": ["", ""]},              # the positive repeated: right only by argmax
 ]
@@ -190,7 +191,6 @@ def test_missing_dataset_and_images_are_named(tmp_path):
 
 
 def test_harness_end_to_end_on_a_tiny_model_in_under_a_minute(tmp_path, monkeypatch, capsys):
-    import runpy
 
     root, image_root = tmp_path / "mmeb", tmp_path / "images"
     write_mmeb(root, image_root, "VOC2007", ROWS[:2])
@@ -216,8 +216,7 @@ def test_harness_end_to_end_on_a_tiny_model_in_under_a_minute(tmp_path, monkeypa
         f"retrieval: {{urban1k: {{folder: {urban}, rerank_top_k: 2}}}}\n"
         f"sugarcrepe: {{annotations: {sugar}, image_root: {coco}, subsets: [swap_att, swap_obj]}}\n"
     )
-    monkeypatch.setattr(sys, "argv", ["evaluate", "--config", str(config)])
-    runpy.run_path(str(REPO_ROOT / "recipes" / "run_evaluation.py"), run_name="__main__")
+    run_recipe(monkeypatch, "run_evaluation.py", "--config", str(config))
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["mmeb"]) == {"embedder", "embedder + rerank"}
     assert set(results["mmeb"]["embedder"]["datasets"]) == {"VOC2007", "CIRR"}
@@ -227,19 +226,17 @@ def test_harness_end_to_end_on_a_tiny_model_in_under_a_minute(tmp_path, monkeypa
     assert (tmp_path / "out" / "predictions" / "mmeb_rerank" / "CIRR.jsonl").is_file()
     assert set(results["retrieval"]["urban1k"]) == {"embedder", "embedder + rerank"}
     assert set(results["retrieval"]["urban1k"]["embedder"]) == {"image_to_text", "text_to_image"}
-    assert set(results["sugarcrepe"]["subsets"]) == {"swap_att", "swap_obj"} and "Swap" in results["sugarcrepe"]["groups"]
+    assert (set(results["sugarcrepe"]["subsets"]) == {"swap_att", "swap_obj"}
+            and "Swap" in results["sugarcrepe"]["groups"])
     assert "image->text R@1" in table and "| embedder + rerank |" in table and "Replace | Swap | Add" in table
     output = capsys.readouterr().out
     assert "## MMEB" in output and "## SugarCrepe" in output
 
     # The script itself, encoding split over 2 processes: same results.
     import os
-    import socket
     import subprocess
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

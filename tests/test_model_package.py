@@ -1,9 +1,6 @@
 """The model package: config, processor prompt formats, pooling, encode, authors' checkpoints, AutoModel round trip."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from functools import lru_cache
 
@@ -14,11 +11,11 @@ from huggingface_hub import DatasetCard, ModelCard
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import FAMILIES
+from conftest import FAMILIES, run_fresh_python
 from modeling_unime import UniMEV2Config, UniMEV2Model, UniMEV2Processor
-from modeling_unime.convert import convert_checkpoint
+from modeling_unime.export.convert import convert_checkpoint
 from modeling_unime.modeling_unime import pool_last_token
-from modeling_unime.testing import (
+from modeling_unime.tiny import (
     REAL_QWEN2_VOCAB_SIZE,
     build_tiny_backbone_config,
     build_tiny_causal_lm,
@@ -112,7 +109,9 @@ def test_mmeb_phi3v_placeholder_is_converted():
     batch = processor(texts=[text], images=[RED])
     decoded = processor.tokenizer.decode(batch["input_ids"][0])
     assert "<|image_1|>" not in decoded
-    assert decoded.endswith("<|image_pad|>\nRepresent the given image with the following question: What is in the image?")
+    assert decoded.endswith(
+        "<|image_pad|>\nRepresent the given image with the following question: What is in the image?"
+    )
     assert processor.format_prompt(text, has_image=True) == text.replace("<|image_1|>", "<|image_pad|>")
 
 
@@ -294,7 +293,7 @@ def test_authors_layout_loads_every_weight_and_matches_their_recipe(family, tmp_
 
 @pytest.mark.parametrize("kind, pipeline_tag", [("embedder", "feature-extraction"), ("reranker", "text-ranking")])
 def test_model_cards_carry_validated_card_data(tmp_path, kind, pipeline_tag):
-    from modeling_unime.card import render_model_card, write_model_card
+    from modeling_unime.export.card import render_model_card, write_model_card
 
     card = ModelCard(render_model_card(model_name="m", base_model="Qwen/Qwen2-VL-2B-Instruct", kind=kind,
                                        extra_tags=["demo"], repo_id="org/m"))
@@ -313,8 +312,8 @@ def test_model_cards_carry_validated_card_data(tmp_path, kind, pipeline_tag):
 
 
 def test_dataset_card_lists_the_judge_row_columns():
-    from modeling_unime.card import render_dataset_card
     from modeling_unime.data import JudgeRow
+    from modeling_unime.export.card import render_dataset_card
 
     card = DatasetCard(render_dataset_card(
         name="d", rows=1500, embedder="e", judge="j", official_compat=True, report="done", instruction="Judge it.",
@@ -350,7 +349,9 @@ def test_converter_writes_a_self_contained_checkpoint(tmp_path):
     metadata = ModelCard(card).data
     assert metadata.base_model is None and "base_model" not in card.split("\n---\n", 1)[0]
     assert f"Base model: `{source}`, a local folder" in card
-    assert (metadata.library_name, metadata.pipeline_tag, metadata.license) == ("transformers", "feature-extraction", "mit")
+    assert (metadata.library_name, metadata.pipeline_tag, metadata.license) == (
+        "transformers", "feature-extraction", "mit"
+    )
     converted = UniMEV2Model.from_pretrained(destination)
     assert converted.processor.image_resize == "square:1344"
     assert converted.config.image_position_rule == "vision_start_only"
@@ -421,18 +422,11 @@ def test_saved_checkpoints_load_in_a_fresh_process_without_the_package(tmp_path)
             dict(path=str(folder), repo_id=repo_id, texts=MIXED_TEXTS, images=image_paths,
                  expected=str(tmp_path / f"{family}.pt"))
         )
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    environment.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"))
     script = tmp_path / "load.py"
     script.write_text(FRESH_PROCESS_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), json.dumps(jobs)],
-        cwd=tmp_path,  # not the repository, so the package cannot be imported from the working directory
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # cwd: not the repository, so the package cannot be imported from the working directory
+    result = run_fresh_python([str(script), json.dumps(jobs)], tmp_path, timeout=600,
+                              HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.endswith(("True", "False"))]
     assert len(lines) == 2 * len(FAMILIES), result.stdout

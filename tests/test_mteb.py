@@ -40,7 +40,7 @@ from evaluation.mteb_models import (  # noqa: E402
     unime_v2_model_meta,
 )
 from modeling_unime import UniMEV2Model  # noqa: E402
-from modeling_unime.testing import build_tiny_unime  # noqa: E402
+from modeling_unime.tiny import build_tiny_unime  # noqa: E402
 
 TOLERANCE = 1e-5
 # The authors' strings, written out here rather than imported, so that a changed constant fails a test.

@@ -85,8 +85,8 @@ def smoke(workdir: Path, checkout: Path | None = None) -> list[str]:
     import modeling_unime
     import trainers
     from evaluation.metrics import METRICS_DIR, available_metrics, load_metric
-    from modeling_unime.card import find_card_template, render_model_card
-    from modeling_unime.testing import (
+    from modeling_unime.export.card import find_card_template, render_model_card
+    from modeling_unime.tiny import (
         build_tiny_causal_lm,
         build_tiny_processor,
         build_tiny_tokenizer,

@@ -2,10 +2,10 @@
 
 References (each assertion names its own):
 - [paper] Gu et al., "UniME-V2: MLLM-as-a-Judge for Universal Multimodal Embedding Learning" (arXiv 2510.13515),
-  "MLLM Judgment Based Training Framework" (the soft-label alignment, the same tau on both distributions) and implementation details (tau = 0.02,
-  k = 8 negatives, 2,000 steps, lr 1e-4 for Qwen2-VL and 2e-5 for LLaVA-OV, warmup 200, bf16, GradCache chunk 2,
-  672x672 / 336x336 training images, global batch 1024; the reranker's LoRA r 128, alpha 256, dropout 0.05) and its
-  ablations (k = 4/6/8/10, tau = 0.01/0.02/0.03).
+  "MLLM Judgment Based Training Framework" (the soft-label alignment, the same tau on both distributions) and
+  implementation details (tau = 0.02, k = 8 negatives, 2,000 steps, lr 1e-4 for Qwen2-VL and 2e-5 for LLaVA-OV, warmup
+  200, bf16, GradCache chunk 2, 672x672 / 336x336 training images, global batch 1024; the reranker's LoRA r 128, alpha
+  256, dropout 0.05) and its ablations (k = 4/6/8/10, tau = 0.01/0.02/0.03).
 - [code] github.com/GaryGuTC/UniME-v2 at e3deb7343984f15df45469ae201f4f53dea121a2:
   Embedding/src/arguments.py (temperature 0.02, lora_r 16, lora_alpha 64, lora_dropout 0.1,
   select_hard_negative_num 8), Embedding/src/model.py (LoraConfig(..., init_lora_weights="gaussian", use_dora=True)),
@@ -24,19 +24,22 @@ import yaml
 
 from conftest import REPO_ROOT
 from modeling_unime.processing_unime import canonical_image_resize
-from modeling_unime.testing import build_tiny_processor, build_tiny_unime, synthetic_judge_dataset
+from modeling_unime.tiny import build_tiny_processor, build_tiny_unime, synthetic_judge_dataset
 from trainers import InfoNCELoss, SoftLabelAlignmentLoss, UniMEV2Collator, UniMEV2Trainer, UniMEV2TrainingArguments
 from trainers.adapters import LANGUAGE_MODEL_TARGETS, RERANKER_ADAPTER, adapter_config
 from trainers.recipe_runner import EMBEDDER, RERANKER, parse_training_recipe
 
-PAPER_TEMPERATURE = 0.02  # [paper] implementation details tau = 0.02 on both P and Q; [code] arguments.py temperature=0.02
-PAPER_NUM_NEGATIVES = 8  # [paper] implementation details k = 8 of the 10 mined; [code] select_hard_negative_num(_4_training)=8
+# [paper] implementation details tau = 0.02 on both P and Q; [code] arguments.py temperature=0.02
+PAPER_TEMPERATURE = 0.02
+# [paper] implementation details k = 8 of the 10 mined; [code] select_hard_negative_num(_4_training)=8
+PAPER_NUM_NEGATIVES = 8
 PAPER_CHUNK = 2  # [code] train_qwen2vl.sh --gc_q_chunk_size 2 --gc_p_chunk_size 2
 
 
 def test_training_arguments_defaults_are_the_papers(tmp_path):
     args = UniMEV2TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
-    assert args.loss == "soft_label"  # [paper] "MLLM Judgment Based Training Framework": the judgment-based soft-label alignment is the method's loss
+    # [paper] "MLLM Judgment Based Training Framework": the judgment-based soft-label alignment is the method's loss
+    assert args.loss == "soft_label"
     assert args.contrastive_temperature == PAPER_TEMPERATURE
     assert args.num_negatives == PAPER_NUM_NEGATIVES
     assert args.negative_selection == "first"  # [code] collator.py: the first k negatives, the same every epoch
@@ -105,8 +108,9 @@ def test_reranker_adapter_defaults_are_the_papers():
 
 
 PAPER_CONFIGS = {
-    # config: (learning rate, training image rule). [paper] implementation details: lr 1e-4 for Qwen2-VL (= [code] train_qwen2vl.sh),
-    # 2e-5 for LLaVA-OV (the paper's value; the authors' train_llavaOV.sh uses 1e-4); images 672x672 / 336x336.
+    # config: (learning rate, training image rule). [paper] implementation details: lr 1e-4 for Qwen2-VL (= [code]
+    # train_qwen2vl.sh), 2e-5 for LLaVA-OV (the paper's value; the authors' train_llavaOV.sh uses 1e-4); images
+    # 672x672 / 336x336.
     "qwen2vl-2b.yaml": (1e-4, "authors-train-qwen2vl"),
     "qwen2vl-7b.yaml": (1e-4, "authors-train-qwen2vl"),
     "llava-ov-7b.yaml": (2e-5, "authors-train-llava-ov"),

@@ -9,23 +9,21 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_recipe
 
 
-def run_recipe(monkeypatch, *arguments: str) -> None:
-    """recipes/pipeline.py as from the command line, in this process."""
-    monkeypatch.setattr(sys, "argv", ["pipeline", *arguments])
-    runpy.run_path(str(REPO_ROOT / "recipes" / "pipeline.py"), run_name="__main__")
+def run_pipeline_recipe(monkeypatch, *arguments: str) -> None:
+    run_recipe(monkeypatch, "pipeline.py", *arguments)
 
 
 def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkeypatch, capsys):
     pytest.importorskip("easy_vqa")
     from PIL import Image
 
-    from evaluation.easyvqa import TASKS
+    from evaluation.demo.easyvqa import TASKS
 
     output = tmp_path / "run"
-    run_recipe(monkeypatch, "--quick", "--output_dir", str(output))
+    run_pipeline_recipe(monkeypatch, "--quick", "--output_dir", str(output))
     results = json.loads((output / "results.json").read_text())
     assert list(results["seconds"]) == ["data", "baseline embedder", "judges", "mining", "UniME-V2 embedders",
                                         "reranker", "evaluation", "listwise evaluation"]
@@ -69,17 +67,17 @@ def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkey
 def test_rerunning_the_quick_pipeline_resumes_from_the_saved_stages(tmp_path, monkeypatch, capsys):
     pytest.importorskip("easy_vqa")
     output = tmp_path / "run"
-    run_recipe(monkeypatch, "--quick", "--output_dir", str(output))
+    run_pipeline_recipe(monkeypatch, "--quick", "--output_dir", str(output))
     first = json.loads((output / "results.json").read_text())
     capsys.readouterr()
-    run_recipe(monkeypatch, "--quick", "--output_dir", str(output))
+    run_pipeline_recipe(monkeypatch, "--quick", "--output_dir", str(output))
     second = json.loads((output / "results.json").read_text())
     resumed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[resume]")]
     assert len(resumed) == 7  # baseline, judge, four variants, reranker: none trained again
     assert second["table"] == first["table"]
     assert second["curves"] == first["curves"]
     # a changed setting is a different run: the saved stages are not reused
-    run_recipe(monkeypatch, "--quick", "--output_dir", str(output), "--seed", "1")
+    run_pipeline_recipe(monkeypatch, "--quick", "--output_dir", str(output), "--seed", "1")
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("[resume]")]
 
 
@@ -87,8 +85,8 @@ def test_quick_ablation_reports_means_and_paired_differences_over_seeds(tmp_path
     pytest.importorskip("easy_vqa")
     import statistics
 
-    from evaluation.easyvqa import TASKS
-    from evaluation.pipeline import PipelineConfig, ablation_variants, run_ablation
+    from evaluation.demo.easyvqa import TASKS
+    from evaluation.demo.pipeline import PipelineConfig, ablation_variants, run_ablation
 
     config = PipelineConfig.quick(output_dir=str(tmp_path))
     report = run_ablation(config, seeds=[0, 1])
@@ -111,8 +109,8 @@ def test_quick_ablation_reports_means_and_paired_differences_over_seeds(tmp_path
 
 
 def test_judge_and_reranker_start_from_the_embedder_with_the_vision_tower_frozen():
-    from evaluation.pipeline import PipelineConfig, _judge_from, _new_embedder
-    from modeling_unime.testing import build_tiny_tokenizer
+    from evaluation.demo.pipeline import PipelineConfig, _judge_from, _new_embedder
+    from modeling_unime.tiny import build_tiny_tokenizer
 
     embedder = _new_embedder(PipelineConfig.quick(), build_tiny_tokenizer("qwen2_vl"))
     judge = _judge_from(embedder)
@@ -125,7 +123,7 @@ def test_judge_and_reranker_start_from_the_embedder_with_the_vision_tower_frozen
 
 def test_a_changed_setting_redoes_only_the_stages_that_depend_on_it(tmp_path, capsys):
     pytest.importorskip("easy_vqa")
-    from evaluation.pipeline import PipelineConfig, run_pipeline
+    from evaluation.demo.pipeline import PipelineConfig, run_pipeline
 
     run_pipeline(PipelineConfig.quick(output_dir=str(tmp_path)))
     mined_markers = {name: (tmp_path / f"mined-{name}" / "pipeline_stage.json").stat().st_mtime_ns
@@ -204,7 +202,7 @@ def toy_tasks(rows: int, sizes: dict[str, int], perfect: bool = False):
 
 
 def test_listwise_measurements_match_an_independent_computation():
-    from evaluation.pipeline import listwise_reranking
+    from evaluation.demo.pipeline import listwise_reranking
 
     tasks = toy_tasks(60, {"ten": 10, "three": 3})
     embedder, reranker = HashEmbedder(), RecordingReranker()
@@ -248,7 +246,7 @@ def test_listwise_measurements_match_an_independent_computation():
 def test_a_content_blind_reranker_scores_chance_at_a_random_slot(tilt, embedder_order):
     """With the positive always first in the embedder's order, a reranker that only prefers a slot scores 0% or
     100% on embedder-ordered lists, but 1/K at a random slot: that is what the random-slot measurement is for."""
-    from evaluation.pipeline import listwise_reranking
+    from evaluation.demo.pipeline import listwise_reranking
 
     tasks = toy_tasks(600, {"eight": 8}, perfect=True)
     report = listwise_reranking(HashEmbedder(), RecordingReranker(blind=True, tilt=tilt), tasks, top_k=5,
@@ -278,7 +276,7 @@ def test_pipeline_help_lists_every_field():
 
 
 def test_pipeline_flags_build_the_config():
-    from evaluation.pipeline import PipelineConfig
+    from evaluation.demo.pipeline import PipelineConfig
     from modeling_unime.util.arguments import parse_recipe_arguments
 
     arguments_class = runpy.run_path(str(REPO_ROOT / "recipes" / "pipeline.py"))["PipelineScriptArguments"]
@@ -291,7 +289,7 @@ def test_pipeline_flags_build_the_config():
 
 
 def test_the_table_reads_each_rows_judge_from_data():
-    from evaluation.pipeline import render_table
+    from evaluation.demo.pipeline import render_table
 
     scores = {"vqa_colour": 50.0, "vqa_shape": 40.0, "image_to_caption": 30.0, "caption_to_image": 20.0,
               "mean": 35.0}
@@ -310,11 +308,12 @@ def test_matplotlib_and_easy_vqa_are_optional(monkeypatch):
 
     blocked = "import sys; sys.modules['matplotlib'] = sys.modules['easy_vqa'] = None\n"
     run = subprocess.run(
-        [sys.executable, "-c", blocked + "import evaluation.pipeline, evaluation.harness, evaluation.easyvqa"],
+        [sys.executable, "-c",
+         blocked + "import evaluation.demo.pipeline, evaluation.harness, evaluation.demo.easyvqa"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert run.returncode == 0, run.stderr[-2000:]
 
-    from evaluation import easyvqa, pipeline
+    from evaluation.demo import easyvqa, pipeline
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "easy_vqa", None)
@@ -328,7 +327,7 @@ def test_summary_png_has_the_curves_and_the_table(tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from evaluation.pipeline import draw_summary
+    from evaluation.demo.pipeline import draw_summary
 
     scores = {"vqa_colour": 50.0, "vqa_shape": 40.0, "image_to_caption": 30.0, "caption_to_image": 20.0, "mean": 35.0}
     results = {"table": {"baseline": scores, "soft labels": scores},

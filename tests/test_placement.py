@@ -21,7 +21,7 @@ from modeling_unime.placement import (
     resolve_dtype,
     training_dtype,
 )
-from modeling_unime.testing import build_tiny_causal_lm, build_tiny_reranker, build_tiny_unime
+from modeling_unime.tiny import build_tiny_causal_lm, build_tiny_reranker, build_tiny_unime
 from trainers import recipe_runner
 from trainers.recipe_runner import (
     EMBEDDER,

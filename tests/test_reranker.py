@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
+from conftest import run_fresh_python
 from modeling_unime import UniMEV2Reranker
 from modeling_unime.scoring_unime import JUDGE_INSTRUCTION, LISTWISE_INSTRUCTION
-from modeling_unime.util.seeding import row_rng
-from modeling_unime.testing import (
+from modeling_unime.tiny import (
     build_tiny_causal_lm,
+    build_tiny_processor,
     build_tiny_reranker,
     build_tiny_tokenizer,
-    build_tiny_processor,
     save_in_authors_layout,
     synthetic_judge_dataset,
 )
@@ -32,6 +32,7 @@ from trainers.reranker_trainer import (
     UniMEV2RerankerTrainer,
     UniMEV2RerankerTrainingArguments,
 )
+from trainers.seeding import row_rng
 
 RED = Image.new("RGB", (56, 84), (220, 20, 20))
 ROW = dict(query_text="<|image_1|>\nWhat colour is the shape?", query_image=None, pos_text="deep red",
@@ -389,10 +390,8 @@ def test_training_raises_the_yes_margin_and_the_checkpoint_reloads_in_a_fresh_pr
     torch.save(expected, tmp_path / "expected.pt")
     script = tmp_path / "load.py"
     script.write_text(FRESH_PROCESS)
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, str(script), str(folder), image, str(tmp_path / "expected.pt")],
-                            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    result = run_fresh_python([str(script), str(folder), image, str(tmp_path / "expected.pt")], tmp_path,
+                              HF_MODULES_CACHE=str(tmp_path / "modules"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("UniMEV2Reranker True True")
 

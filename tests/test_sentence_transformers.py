@@ -24,7 +24,7 @@ from modeling_unime.sentence_unime import (  # noqa: E402
     add_sentence_transformers_files,
     parse_row,
 )
-from modeling_unime.testing import build_tiny_unime, synthetic_judge_dataset  # noqa: E402
+from modeling_unime.tiny import build_tiny_unime, synthetic_judge_dataset  # noqa: E402
 from trainers.sentence_losses import CachedSoftLabelAlignmentLoss, judge_rows_for_sentence_transformers  # noqa: E402
 
 BACKBONES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
@@ -176,7 +176,8 @@ def test_authors_checkpoints_through_sentence_transformers_give_the_449_referenc
     1-D image positions)."""
     sys.path.insert(0, os.path.dirname(__file__))
     from authors_fixtures import authors_fixtures, load_references
-    from modeling_unime.convert import convert_checkpoint
+
+    from modeling_unime.export.convert import convert_checkpoint
 
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
@@ -256,7 +257,9 @@ def test_cached_soft_label_loss_gives_our_trainers_loss_and_gradients(tmp_path, 
         assert float((actual[name] - expected[name]).abs().max()) <= 1e-5 * scale + 1e-8, name
     # Negative control: another temperature gives other gradients.
     model.zero_grad(set_to_none=True)
-    CachedSoftLabelAlignmentLoss(st_model, temperature=0.05, mini_batch_size=mini_batch_size)(features, labels).backward()
+    CachedSoftLabelAlignmentLoss(
+        st_model, temperature=0.05, mini_batch_size=mini_batch_size
+    )(features, labels).backward()
     assert any(float((parameter.grad - expected[name]).abs().max()) > 1e-3 * float(expected[name].abs().max())
                for name, parameter in model.named_parameters() if parameter.grad is not None)
 

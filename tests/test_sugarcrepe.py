@@ -22,7 +22,6 @@ from evaluation.sugarcrepe import (
     load_sugarcrepe,
 )
 
-
 IMAGE_VECTORS = {"a.jpg": [1.0, 0.0], "b.jpg": [0.0, 1.0]}
 # Raw, unnormalised on purpose: "big near" has the larger dot product with image a but the smaller cosine than "unit x".
 CAPTION_VECTORS = {

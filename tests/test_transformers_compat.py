@@ -24,7 +24,7 @@ from modeling_unime.processing_unime import (
     UniMEV2Processor,
     canonical_image_resize,
 )
-from modeling_unime.testing import build_tiny_processor, build_tiny_unime
+from modeling_unime.tiny import build_tiny_processor, build_tiny_unime
 
 VERSION = f"transformers {transformers.__version__}"
 
@@ -176,7 +176,7 @@ def test_no_module_of_the_package_calls_a_private_transformers_or_trainer_method
     replaced = ("_get_arguments_from_pretrained", "from_args_and_dict", "_get_num_items_in_batch", "_prepare_inputs",
                 "_prepare_input(", "_flatten_dense_tensors", "config._name_or_path")
     offenders = []
-    for folder in ("modeling_unime", "trainers", "evaluation", "recipes", "benchmarks", "runtimes"):
+    for folder in ("modeling_unime", "trainers", "evaluation", "recipes", "benchmarks", "parity"):
         for path in sorted((root / folder).rglob("*.py")):
             text = path.read_text(encoding="utf-8")
             offenders += [f"{path.relative_to(root)}: {name}" for name in replaced if name in text]

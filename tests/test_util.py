@@ -1,5 +1,5 @@
 """The shared utility layer (modeling_unime.util): image checks, the rerank head, per-row generators, model specs and
-recipe arguments. (The chunked top-k is tested in tests/test_negative_selection.py, the caches in
+recipe arguments. (The chunked top-k is tested in tests/test_mining_rules.py, the caches in
 tests/test_mining_caches.py.)"""
 
 from __future__ import annotations
@@ -11,20 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
+from evaluation.rerank import rerank_head
+from modeling_unime.model_specs import load_model_spec, tiny_family
 from modeling_unime.placement import placement
 from modeling_unime.util.arguments import parse_recipe_arguments
 from modeling_unime.util.images import MissingImagesError, missing_image_files, require_image_files
-from modeling_unime.util.models import load_model_spec, tiny_family
-from modeling_unime.util.rerank import rerank_head
-from modeling_unime.util.seeding import row_rng, stable_key
+from trainers.seeding import row_rng, stable_key
 
 
 def test_image_checks_name_the_missing_files_with_their_labels(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     assert missing_image_files(["a.png", "b.png", "b.png", str(tmp_path / "a.png")], tmp_path) == ["b.png"]
     require_image_files(["a.png", None, ""], tmp_path, "test", "-")
-    with pytest.raises(MissingImagesError, match=r"2 of 3 MMEB image file\(s\) not found under image_root='.*' "
-                                                 r"\(first: row 1 pos_image 'b.png', row 2 query_image 'c.png'\)\. Fix"):
+    with pytest.raises(MissingImagesError,
+                       match=r"2 of 3 MMEB image file\(s\) not found under image_root='.*' "
+                             r"\(first: row 1 pos_image 'b.png', row 2 query_image 'c.png'\)\. Fix"):
         require_image_files(["a.png", "b.png", "c.png"], tmp_path, "MMEB", "Fix it.",
                             labels=["row 0 query_image", "row 1 pos_image", "row 2 query_image"])
     with pytest.raises(ValueError):  # also a ValueError: bad input

@@ -1,11 +1,11 @@
-"""The vLLM export (modeling_unime.vllm_export) and, opt-in, its parity with vLLM itself.
+"""The vLLM export (modeling_unime.export.vllm) and, opt-in, its parity with vLLM itself.
 
 Default run (no vLLM needed): the exported folder names the stock architecture and backbone model_type, holds the
 stock class's key names (transformers' stock class loads it with no missing or unexpected weight and embeds text
 rows like UniMEV2Model), and its chat template renders exactly `UniMEV2Processor.format_prompt`.
 
-Opt-in (``-m vllm``, or ``UNIME_VLLM_CHECK=1``; needs the venv of ``runtimes/vllm/build_venv.sh``): runs
-``runtimes/vllm/check_embed.py``, which embeds text, image and image+text rows with vLLM and with the package and
+Opt-in (``-m vllm``, or ``UNIME_VLLM_CHECK=1``; needs the venv of ``parity/vllm/build_venv.sh``): runs
+``parity/vllm/check_embed.py``, which embeds text, image and image+text rows with vLLM and with the package and
 compares them, plus the alarm that fails if stock vLLM stops giving image tokens 3-D positions.
 """
 
@@ -24,11 +24,17 @@ import transformers
 from safetensors import safe_open
 
 from modeling_unime import UniMEV2Model, UniMEV2Processor
-from modeling_unime.convert import PROBE_INSTRUCTION, PROBE_QUESTION
-from modeling_unime.testing import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer
-from modeling_unime.testing import authors_state_dict, build_tiny_unime, save_in_authors_layout
-from modeling_unime.vllm_export import CHAT_TEMPLATE_FILE, METADATA_FILE, STOCK_ARCHITECTURES, export_for_vllm
-from modeling_unime.vllm_export import main as export_main
+from modeling_unime.export.convert import PROBE_INSTRUCTION, PROBE_QUESTION
+from modeling_unime.export.vllm import CHAT_TEMPLATE_FILE, METADATA_FILE, STOCK_ARCHITECTURES, export_for_vllm
+from modeling_unime.export.vllm import main as export_main
+from modeling_unime.tiny import (
+    authors_state_dict,
+    build_tiny_causal_lm,
+    build_tiny_processor,
+    build_tiny_tokenizer,
+    build_tiny_unime,
+    save_in_authors_layout,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
@@ -85,7 +91,9 @@ def test_config_names_the_stock_architecture_and_backbone(exported):
     else:  # the released Qwen embedders' rule: plain RoPE = text positions for image tokens (see position_overrides)
         assert metadata["image_position_rule"] == "vision_start_only"
         assert metadata["hf_overrides"] == {
-            "text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0}, "rope_scaling": None}
+            "text_config": {
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0}, "rope_scaling": None
+            }
         }
         assert "--hf-overrides" in metadata["server_command"]
 
@@ -139,7 +147,8 @@ def test_chat_template_renders_the_embedding_prompt(exported, image_part):
     assert tokenizer.chat_template == template
     for text, has_image, instruction in PROMPT_ROWS:
         expected = processor.format_prompt(text, has_image, instruction)
-        for add_generation_prompt in (False, True):  # /v1/embeddings defaults to False; the prompt must not depend on it
+        # /v1/embeddings defaults to False; the prompt must not depend on it
+        for add_generation_prompt in (False, True):
             rendered = tokenizer.apply_chat_template(
                 _messages(text, has_image, instruction, image_part), tokenize=False,
                 add_generation_prompt=add_generation_prompt,
@@ -181,7 +190,7 @@ def test_export_from_the_authors_layout_and_cli(tmp_path, capsys):
 def test_converter_writes_the_vllm_folder_beside_the_checkpoint(tmp_path, capsys):
     """`python -m modeling_unime.convert SRC DST --vllm DIR`: the vLLM folder is exported from the converted checkpoint,
     so it records the checkpoint's image rule, and DST also loads in sentence-transformers' layout (modules.json)."""
-    from modeling_unime.convert import main as convert_main
+    from modeling_unime.export.convert import main as convert_main
 
     tokenizer = build_tiny_tokenizer("qwen2_vl")
     model = build_tiny_causal_lm("qwen2_vl", tokenizer=tokenizer)
@@ -191,7 +200,9 @@ def test_converter_writes_the_vllm_folder_beside_the_checkpoint(tmp_path, capsys
     assert (tmp_path / "unime" / "modules.json").is_file()
     metadata = json.loads((tmp_path / "vllm" / METADATA_FILE).read_text())
     assert metadata["image_resize"] == "square:1344"
-    assert json.loads((tmp_path / "vllm" / "config.json").read_text())["architectures"] == [STOCK_ARCHITECTURES["qwen2_vl"]]
+    assert json.loads((tmp_path / "vllm" / "config.json").read_text())["architectures"] == [
+        STOCK_ARCHITECTURES["qwen2_vl"]
+    ]
 
 
 def _vllm_python() -> Path:
@@ -208,9 +219,9 @@ def test_vllm_embeddings_equal_the_package(request):
     if not selected:
         pytest.skip("opt-in: run with -m vllm or UNIME_VLLM_CHECK=1")
     if not _vllm_python().exists():
-        pytest.skip(f"no vLLM venv at {_vllm_python().parent.parent}: run bash runtimes/vllm/build_venv.sh")
+        pytest.skip(f"no vLLM venv at {_vllm_python().parent.parent}: run bash parity/vllm/build_venv.sh")
     process = subprocess.run(
-        [sys.executable, str(REPO / "runtimes" / "vllm" / "check_embed.py")],
+        [sys.executable, str(REPO / "parity" / "vllm" / "check_embed.py")],
         capture_output=True, text=True, timeout=2400, cwd=str(REPO),
     )
     summary = json.loads(process.stdout.strip().splitlines()[-1])

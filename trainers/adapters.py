@@ -9,15 +9,15 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from modeling_unime.card import write_model_card
+from modeling_unime.export.card import write_model_card
 from modeling_unime.sentence_unime import add_sentence_transformers_files
 
 # The authors' Embedding/src/model.py: DoRA on q/k/v/o/down_proj of the language model only; the vision tower stays
 # frozen (arXiv 2510.13515, implementation details: LoRA rank 16).
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
 FINETUNING_METHODS = ("dora", "lora", "full")
-# The reranker's LoRA (arXiv 2510.13515, implementation details: r 128, alpha 256, dropout 0.05) on the language model; the vision
-# tower stays frozen.
+# The reranker's LoRA (arXiv 2510.13515, implementation details: r 128, alpha 256, dropout 0.05) on the language model;
+# the vision tower stays frozen.
 RERANKER_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 RERANKER_ADAPTER = dict(r=128, alpha=256, dropout=0.05, target_modules=RERANKER_TARGETS, init_lora_weights=True)
 
@@ -68,9 +68,9 @@ def save_checkpoint(
     merge: bool = True,
     card: dict[str, Any] | None = None,
 ) -> Path:
-    """Save a trained embedder or reranker: merged into a UniME-V2 checkpoint that carries its code (``merge=True``), or the
-    adapter alone (``merge=False``, load it with ``peft.PeftModel.from_pretrained``); with the processor and a model
-    card (`modeling_unime.card.write_model_card`). A merged embedder also gets the sentence-transformers files
+    """Save a trained embedder or reranker: merged into a UniME-V2 checkpoint that carries its code (``merge=True``), or
+    the adapter alone (``merge=False``, load it with ``peft.PeftModel.from_pretrained``); with the processor and a model
+    card (`modeling_unime.export.card.write_model_card`). A merged embedder also gets the sentence-transformers files
     (`modeling_unime.sentence_unime.add_sentence_transformers_files`)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,9 @@ import torch
 
 from modeling_unime.data import JudgeRow
 from modeling_unime.processing_unime import UniMEV2Processor, canonical_image_resize, load_image
-from modeling_unime.util.seeding import row_rng
 
 from .common import Choice
+from .seeding import row_rng
 
 
 class NegativeSelection(Choice):
@@ -58,7 +58,7 @@ def negative_positions(
     row: JudgeRow, k: int, selection: str = NegativeSelection.FIRST, seed: int = 0, epoch: int = 0
 ) -> list[int]:
     """Positions of the ``k`` negatives of ``row`` to train on: its first ``k`` (``"first"``, as the authors' runs), or
-    ``k`` drawn without replacement per epoch (``"random"``, `modeling_unime.util.seeding.row_rng`); a row with fewer
+    ``k`` drawn without replacement per epoch (``"random"``, `trainers.seeding.row_rng`); a row with fewer
     than ``k`` repeats them in order.
 
     Example:
@@ -85,7 +85,7 @@ class UniMEV2Collator:
 
     Each query gets 1 + ``num_negatives`` candidates, the positive first. The negatives are the row's first ``k``
     (``negative_selection="first"``, as the authors' ``Embedding/src/collator.py``) or ``k`` drawn without
-    replacement per epoch (``"random"``, from `modeling_unime.util.seeding.row_rng`: the seed, the epoch and the row's
+    replacement per epoch (``"random"``, from `trainers.seeding.row_rng`: the seed, the epoch and the row's
     query and positive). A row with fewer than ``k`` negatives
     repeats them in order. Images are resized under ``image_resize`` (the paper trains at ``"authors-train-qwen2vl"``,
     672x672, for Qwen2-VL and ``"authors-train-llava-ov"``, 336x336, for LLaVA-OneVision); by default under the
@@ -101,7 +101,7 @@ class UniMEV2Collator:
     ``ValueError`` naming its query text, its position in the batch and the fix.
 
     Example:
-        >>> from modeling_unime.testing import build_tiny_processor
+        >>> from modeling_unime.tiny import build_tiny_processor
         >>> collate = UniMEV2Collator(build_tiny_processor("qwen2_vl"), num_negatives=2)
         >>> row = dict(query_text="a red circle", query_image=None, pos_text="red", pos_image=None,
         ...            neg_texts=["blue", "green", "teal"], neg_images=[None, None, None],
@@ -214,7 +214,10 @@ class UniMEV2Collator:
             candidates.append((row["pos_text"] or None, self._image(row["pos_image"], where + " positive")))
             for position in chosen:
                 candidates.append(
-                    (row["neg_texts"][position] or None, self._image(neg_images[position], where + f" negative {position}"))
+                    (
+                        row["neg_texts"][position] or None,
+                        self._image(neg_images[position], where + f" negative {position}"),
+                    )
                 )
             scores.append([row["judge_scores"][0], *[row["judge_scores"][1 + position] for position in chosen]])
         return {

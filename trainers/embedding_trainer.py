@@ -1,5 +1,5 @@
-"""UniMEV2Trainer: judgment-based soft-label distribution alignment (arXiv 2510.13515, "MLLM Judgment Based Training Framework") as a
-`transformers.Trainer` subclass.
+"""UniMEV2Trainer: judgment-based soft-label distribution alignment (arXiv 2510.13515, "MLLM Judgment Based Training
+Framework") as a `transformers.Trainer` subclass.
 
 Losses: ``soft_label`` (the paper: per query, softmax over [positive, k negatives] of cos/tau aligned with softmax of
 judge/tau by symmetric KL), ``infonce`` (in-batch negatives + optional hard negatives with hard labels: the VLM2Vec
@@ -39,17 +39,17 @@ LOSSES = tuple(member.value for member in Loss)
 
 @dataclass
 class UniMEV2TrainingArguments(TrainingArguments):
-    r"""`TrainingArguments` plus the UniME-V2 objective. The defaults are the paper's (arXiv 2510.13515, implementation details) and
-    the authors' code's (``Embedding/src/arguments.py``, ``Embedding/shells/training/train_qwen2vl.sh``).
+    r"""`TrainingArguments` plus the UniME-V2 objective. The defaults are the paper's (arXiv 2510.13515, implementation
+    details) and the authors' code's (``Embedding/src/arguments.py``, ``Embedding/shells/training/train_qwen2vl.sh``).
 
     Parameters:
         > Objective
 
         loss (`Loss` or `str`, *optional*, defaults to `"soft_label"`):
             ``soft_label``: the symmetric KL between the embedder's and the judge's distributions over each query's
-            1 + k candidates ("MLLM Judgment Based Training Framework"). ``infonce``: hard labels, in-batch negatives (plus the mined ones,
-            see ``infonce_hard_negatives``): the VLM2Vec baseline. ``hybrid``: soft label + ``infonce_weight`` x
-            in-batch InfoNCE.
+            1 + k candidates ("MLLM Judgment Based Training Framework"). ``infonce``: hard labels, in-batch negatives
+            (plus the mined ones, see ``infonce_hard_negatives``): the VLM2Vec baseline. ``hybrid``: soft label +
+            ``infonce_weight`` x in-batch InfoNCE.
         contrastive_temperature (`float`, *optional*, defaults to `0.02`):
             tau, on both distributions (implementation details; ``--temperature 0.02`` in the authors' script).
         infonce_weight (`float`, *optional*, defaults to `0.0`):
@@ -62,7 +62,8 @@ class UniMEV2TrainingArguments(TrainingArguments):
         > Negatives
 
         num_negatives (`int`, *optional*, defaults to `8`):
-            k mined negatives per query (of the 10 mined; implementation details, ``select_hard_negative_num 8`` in the code).
+            k mined negatives per query (of the 10 mined; implementation details, ``select_hard_negative_num 8`` in
+            the code).
         negative_selection (`NegativeSelection` or `str`, *optional*, defaults to `"first"`):
             ``first``: the row's first k, the same every epoch (the authors' ``Embedding/src/collator.py``);
             ``random``: k drawn anew each epoch.
@@ -112,7 +113,9 @@ class RandomState:
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.cuda = (
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        )
 
     @contextlib.contextmanager
     def replay(self):
@@ -149,7 +152,7 @@ class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
     top candidate is the judge's).
 
     Example:
-        >>> from modeling_unime.testing import build_tiny_unime, synthetic_judge_dataset
+        >>> from modeling_unime.tiny import build_tiny_unime, synthetic_judge_dataset
         >>> import tempfile
         >>> model, processor = build_tiny_unime("qwen2_vl")
         >>> image_root = tempfile.mkdtemp()
@@ -224,10 +227,17 @@ class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         embeddings = torch.cat([model(**chunk).embeddings for chunk in inputs["chunks"]])
-        query_embeddings, candidate_embeddings = embeddings[: inputs["num_queries"]], embeddings[inputs["num_queries"] :]
+        query_embeddings, candidate_embeddings = (
+            embeddings[: inputs["num_queries"]],
+            embeddings[inputs["num_queries"] :],
+        )
         loss, metrics = self.objective(query_embeddings, candidate_embeddings, inputs["judge_scores"])
         self._record(metrics)
-        return (loss, {"query_embeddings": query_embeddings, "candidate_embeddings": candidate_embeddings}) if return_outputs else loss
+        return (
+            (loss, {"query_embeddings": query_embeddings, "candidate_embeddings": candidate_embeddings})
+            if return_outputs
+            else loss
+        )
 
     # ------------------------------------------------------------------------------------------------- GradCache
 

@@ -65,8 +65,8 @@ def check_judge_scores(judge_scores: torch.Tensor) -> None:
 
 
 class SoftLabelAlignmentLoss(nn.Module):
-    r"""Judgment-based distribution alignment (arXiv 2510.13515, "MLLM Judgment Based Training Framework"): the symmetric KL divergence between
-    the embedder's and the judge's distributions over each query's own candidates.
+    r"""Judgment-based distribution alignment (arXiv 2510.13515, "MLLM Judgment Based Training Framework"): the
+    symmetric KL divergence between the embedder's and the judge's distributions over each query's own candidates.
 
     Inputs:
         similarities: (batch, 1 + k) cosine similarities between each query and its candidates
@@ -180,7 +180,7 @@ class SoftLabelAlignmentLoss(nn.Module):
 
 class InfoNCELoss(nn.Module):
     r"""Contrastive InfoNCE loss with hard labels: the baseline and the "hard negatives only" ablation of
-    UniME-V2 (the method's own loss is :class:`SoftLabelAlignmentLoss`).
+    UniME-V2 (the method's own loss is `SoftLabelAlignmentLoss`).
 
     Inputs:
         query_embeddings: (B, D), L2-normalised (similarity = dot product = cosine).

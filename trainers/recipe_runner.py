@@ -37,11 +37,10 @@ from modeling_unime.placement import (
     accelerator_available,
     default_mixed_precision,
     describe,
-    placement,
     training_dtype,
 )
+from modeling_unime.recipe_engine import RecipeRun, start_recipe
 from modeling_unime.util.arguments import flatten_config, parse_recipe_arguments
-from modeling_unime.util.models import load_model_spec
 
 from .adapters import FINETUNING_METHODS, RERANKER_ADAPTER, prepare_for_training, save_checkpoint
 from .embedding_trainer import UniMEV2Trainer, UniMEV2TrainingArguments
@@ -55,7 +54,7 @@ def load_judge_rows(spec: str, image_root: str | None, seed: int, num_negatives:
     """A judge dataset from ``synthetic-judge:N``, a save_to_disk folder or the authors' JSON; and its image root."""
     if spec.startswith(SYNTHETIC_JUDGE_PREFIX):
         # The synthetic world lives with the test helpers; only a synthetic-judge: spec ever reaches it.
-        from modeling_unime.testing import synthetic_judge_dataset
+        from modeling_unime.tiny import synthetic_judge_dataset
 
         rows = synthetic_judge_dataset(int(spec[len(SYNTHETIC_JUDGE_PREFIX):]), image_root,
                                        num_negatives=max(num_negatives, 1), seed=seed)
@@ -157,7 +156,7 @@ class RerankerRecipeArguments(_PushedByTheScript, UniMEV2RerankerTrainingArgumen
 class RecipeKind:
     """What differs between the embedder and the reranker recipes."""
 
-    name: str  # a `modeling_unime.util.models.MODEL_KINDS` entry
+    name: str  # a `modeling_unime.model_specs.MODEL_KINDS` entry
     script: str
     arguments_class: type
     trainer_class: type
@@ -194,7 +193,9 @@ RERANKER = RecipeKind(
     trainer_class=UniMEV2RerankerTrainer,
     default_finetuning="lora",
     default_adapter=RERANKER_ADAPTER,
-    reported_metrics=("eval_loss", "eval_loss_pairwise", "eval_loss_listwise", "eval_loss_listwise_index", "eval_yes_margin"),
+    reported_metrics=(
+        "eval_loss", "eval_loss_pairwise", "eval_loss_listwise", "eval_loss_listwise_index", "eval_yes_margin"
+    ),
     describe=_describe_reranker,
 )
 
@@ -241,20 +242,26 @@ def mixed_precision_of(args: Any) -> str | None:
     return chosen if chosen in ("bf16", "fp16") else None
 
 
+def start_training_run(settings: Mapping[str, Any], args: Any, finetuning: str) -> RecipeRun:
+    """This process's run of a training recipe (`modeling_unime.recipe_engine.start_recipe`): ``threads`` torch
+    threads, and the weights' dtype and attention kernel of the rules above, from the ``dtype`` and
+    ``attn_implementation`` of ``settings``."""
+    mixed_precision = mixed_precision_of(args)
+    weights = training_dtype(settings.get("dtype", "auto"), args.device, mixed_precision, finetuning)
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, weights)
+    return start_recipe(settings.get("threads", torch.get_num_threads()), weights,
+                        settings.get("attn_implementation", "auto"), compute_dtype=compute)
+
+
 def load_training_model(
     kind: RecipeKind, model_spec: str, settings: Mapping[str, Any], args: Any, finetuning: str
 ) -> tuple[torch.nn.Module, Any]:
-    """The model to train (in the dtype and with the attention kernel of the rules above, from the ``dtype`` and
-    ``attn_implementation`` of ``settings``) and its processor, through `modeling_unime.util.models.load_model_spec`.
+    """The model to train (`start_training_run` decides its dtype and attention kernel) and its processor.
 
     The model stays where it was loaded (CPU): the Trainer moves it to ``args.device``.
     """
-    mixed_precision = mixed_precision_of(args)
-    device = args.device
-    weights = training_dtype(settings.get("dtype", "auto"), device, mixed_precision, finetuning)
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, weights)
-    where = placement(weights, settings.get("attn_implementation", "auto"), device, compute_dtype=compute)
-    return load_model_spec(model_spec, kind.name, where, device_map=False, tiny_device="cpu")
+    run = start_training_run(settings, args, finetuning)
+    return run.load(kind.name, model_spec, device_map=False, tiny_device="cpu")
 
 
 def _command_line_values(argv: Sequence[str]) -> dict[str, Any]:
@@ -321,7 +328,9 @@ def parse_training_recipe(
 def run_training_recipe(kind: RecipeKind, arguments: TrainingRecipeArguments) -> dict[str, Any] | None:
     """Run one training recipe; returns the held-out results on the main process."""
     script, data, args = arguments.script, arguments.data, arguments.training
-    torch.set_num_threads(script.threads)
+    finetuning = script.finetuning or kind.default_finetuning
+    settings = {"dtype": script.dtype, "attn_implementation": script.attn_implementation, "threads": script.threads}
+    start_training_run(settings, args, finetuning)  # threads before anything runs
     output_dir = Path(args.output_dir)
     # A re-run of the same command resumes from the last checkpoint: weights, optimizer, scheduler, random states,
     # the data position and the log history (tests/test_embedding_trainer.py checks the result equals an
@@ -339,8 +348,6 @@ def run_training_recipe(kind: RecipeKind, arguments: TrainingRecipeArguments) ->
         train_rows, image_root = load_judge_rows(data.data_train, image_root, args.seed, negatives)
         eval_rows = load_judge_rows(data.data_eval, image_root, args.seed + 1, negatives)[0] if data.data_eval else None
 
-    finetuning = script.finetuning or kind.default_finetuning
-    settings = {"dtype": script.dtype, "attn_implementation": script.attn_implementation}
     model, processor = load_training_model(kind, script.model, settings, args, finetuning)
     if script.image_resize:  # the rule saved with the checkpoint, for inference (data_image_resize: training)
         processor.image_resize = script.image_resize
@@ -389,15 +396,6 @@ def run_training_recipe(kind: RecipeKind, arguments: TrainingRecipeArguments) ->
     return results
 
 
-def finish_distributed() -> None:
-    """Let every process of a multi-process launch reach the end, then close the process group. A process that exits
-    while the group's threads still run can abort ("terminate called without an active exception", exit -6), which
-    fails the whole launch after the work is done."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 __all__ = [
     "EMBEDDER",
     "RERANKER",
@@ -410,7 +408,6 @@ __all__ = [
     "ScriptArguments",
     "TrainingRecipeArguments",
     "apply_device_defaults",
-    "finish_distributed",
     "load_judge_rows",
     "load_training_model",
     "mixed_precision_of",

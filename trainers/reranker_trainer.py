@@ -11,7 +11,7 @@ From each row of the judge dataset up to three examples are built:
   are labelled (see `listwise_answer_segments`).
 
 Random draws (tie-breaks, the order of the listed negatives, the positive's slot) come from
-`modeling_unime.util.seeding.row_rng` (``seed``, the epoch and the row), so a run is reproducible and each epoch draws
+`trainers.seeding.row_rng` (``seed``, the epoch and the row), so a run is reproducible and each epoch draws
 anew. With ``pairwise_weight=0`` (or
 ``listwise_weight=0``) the examples of that kind are neither built nor forwarded.
 
@@ -46,11 +46,10 @@ from transformers import Trainer, TrainingArguments
 
 from modeling_unime.data import JudgeRow
 from modeling_unime.scoring_unime import LISTWISE_ANSWER_PREFIX, PromptBuilder, listwise_answer
-from modeling_unime.util.seeding import row_rng
 
 from .collator import load_training_image, training_image_resize
 from .common import JudgeDatasetMixin, LoggedMetricsMixin
-
+from .seeding import row_rng
 
 PAIRWISE, LISTWISE = 0, 1
 KIND_NAMES = {PAIRWISE: "pairwise", LISTWISE: "listwise"}
@@ -130,17 +129,17 @@ def candidate_kind(text: Any, image: Any) -> str:
 
 @dataclass
 class RerankerCollator:
-    """Rows of the judge dataset (`modeling_unime.data.JudgeRow`) -> one batch: 2 pairwise rows per query (positive, hardest negative), then 1
-    listwise row per query; ``labels`` on the answer tokens that carry the decision only (-100 elsewhere),
-    ``example_kind`` and ``list_length`` (0 for pairwise rows) per row. ``pairwise=False`` / ``listwise=False``
-    leave that kind out entirely.
+    """Rows of the judge dataset (`modeling_unime.data.JudgeRow`) -> one batch: 2 pairwise rows per query (positive,
+    hardest negative), then 1 listwise row per query; ``labels`` on the answer tokens that carry the decision only (-100
+    elsewhere), ``example_kind`` and ``list_length`` (0 for pairwise rows) per row. ``pairwise=False`` /
+    ``listwise=False`` leave that kind out entirely.
 
     Each row is checked first: ``judge_scores`` must hold one finite score in [0, 1] for the positive and for each
     negative of ``neg_texts`` (and ``neg_images``, when given, one entry per negative); a ValueError names the row's
     query otherwise.
 
     Example:
-        >>> from modeling_unime.testing import build_tiny_processor
+        >>> from modeling_unime.tiny import build_tiny_processor
         >>> collate = RerankerCollator(build_tiny_processor("qwen2_5_vl"), listwise_negatives=2)
         >>> row = dict(query_text="What colour?", query_image=None, pos_text="red", pos_image=None,
         ...            neg_texts=["blue", "green", "teal"], neg_images=[None] * 3, judge_scores=[0.9, 0.1, 0.7, 0.3])

@@ -1,11 +1,11 @@
 """UniME-V2's soft-label objective as a sentence-transformers loss, for ``SentenceTransformerTrainer`` users.
 
 `CachedSoftLabelAlignmentLoss` is `trainers.losses.SoftLabelAlignmentLoss` (the symmetric KL between the embedder's
-and the judge's distributions over each query's 1 + k candidates, paper "MLLM Judgment Based Training Framework", tau 0.02) in
-sentence-transformers' GradCache form (`sentence_transformers.base.losses.CachedLossMixin`): every column is embedded
-in mini-batches of ``mini_batch_size`` rows without activations kept, the loss is back-propagated to the embeddings,
-and each mini-batch is embedded again with gradients. Its gradients equal `UniMEV2Trainer`'s on the same rows
-(tests/test_sentence_transformers.py).
+and the judge's distributions over each query's 1 + k candidates, paper "MLLM Judgment Based Training Framework", tau
+0.02) in sentence-transformers' GradCache form (`sentence_transformers.base.losses.CachedLossMixin`): every column is
+embedded in mini-batches of ``mini_batch_size`` rows without activations kept, the loss is back-propagated to the
+embeddings, and each mini-batch is embedded again with gradients. Its gradients equal `UniMEV2Trainer`'s on the same
+rows (tests/test_sentence_transformers.py).
 
 The dataset has the columns ``query``, ``positive``, ``negative_1`` ... ``negative_k`` (sentence-transformers
 inputs: a text, an image, or ``{"image": ..., "text": ...}``) and ``label``: the judge scores of the positive and
@@ -20,7 +20,7 @@ trust_remote_code=True)`` instead):
     >>> from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     >>> from sentence_transformers import SentenceTransformerTrainingArguments
     >>> from modeling_unime.sentence_unime import UniMEV2SentenceEmbedder
-    >>> from modeling_unime.testing import build_tiny_unime, synthetic_judge_dataset
+    >>> from modeling_unime.tiny import build_tiny_unime, synthetic_judge_dataset
     >>> model, processor = build_tiny_unime("qwen2_vl")
     >>> image_root = tempfile.mkdtemp()
     >>> rows = judge_rows_for_sentence_transformers(synthetic_judge_dataset(8, image_root, num_negatives=3),
@@ -102,7 +102,9 @@ class CachedSoftLabelAlignmentLoss(CachedLossMixin, nn.Module):
         candidates = torch.stack([torch.cat(column) for column in reps[1:]], dim=1)
         return torch.einsum("bd,bkd->bk", queries, candidates)
 
-    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False) -> Tensor:
+    def calculate_loss(
+        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
+    ) -> Tensor:
         if labels is None:
             raise ValueError("CachedSoftLabelAlignmentLoss needs a 'label' column with the judge scores.")
         similarities = self.similarities(reps)
@@ -161,7 +163,9 @@ def judge_rows_for_sentence_transformers(
 
     if num_negatives < 1:
         raise ValueError(f"num_negatives must be >= 1, got {num_negatives}.")
-    columns: dict[str, list[Any]] = {"query": [], "positive": [], **{f"negative_{i + 1}": [] for i in range(num_negatives)}}
+    columns: dict[str, list[Any]] = {
+        "query": [], "positive": [], **{f"negative_{i + 1}": [] for i in range(num_negatives)}
+    }
     labels = []
     for index, row in enumerate(dataset):
         neg_images = UniMEV2Collator.check_row(row, index)
@@ -169,7 +173,9 @@ def judge_rows_for_sentence_transformers(
         columns["query"].append(_st_input(row["query_text"], row["query_image"], image_root))
         columns["positive"].append(_st_input(row["pos_text"], row["pos_image"], image_root))
         for slot, position in enumerate(chosen):
-            columns[f"negative_{slot + 1}"].append(_st_input(row["neg_texts"][position], neg_images[position], image_root))
+            columns[f"negative_{slot + 1}"].append(
+                _st_input(row["neg_texts"][position], neg_images[position], image_root)
+            )
         labels.append([float(row["judge_scores"][0]), *(float(row["judge_scores"][1 + p]) for p in chosen)])
     for name, values in columns.items():
         if any(isinstance(value, dict) for value in values):  # one Arrow type per column

@@ -17,9 +17,12 @@ One module per concern:
 - `inputs`: reading and checking the (query, positive) rows, the candidate pool, exclusions, their embeddings;
 - `judging`: the judge as mining calls it (`RootedJudge`: image paths under the run's root; `CachedJudge`: scores
   on disk); the judge interface and its cache key live in `modeling_unime.judge`;
+- `rules`: the selection rules around the judge (`false_negative_filter`, `cyclical_sample`, the empty-set fallback);
+- `stats`: `SelectionStats`, what each rule did, and the report with its degenerate-run warnings;
 - `selection`: retrieval, judging and selection of rows, `mine_hard_negatives`, the report;
 - `sharded`: `run_mining` and its shard files;
-- `hub`: the Hub folder and the upload.
+- `hub`: the Hub folder and the upload;
+- `recipe`: the mining recipe (``recipes/mine_hard_negatives.py``) on the recipe engine.
 
 Cache keys: an embedding is keyed by the embedder's fingerprint (every byte of its weights, its config, its processor
 and image rule: `modeling_unime.util.fingerprint`) and the item (text, image path, absolute image root); a judge score

@@ -1,10 +1,11 @@
-"""`MiningConfig`: every knob of the mining, its defaults the paper's (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining")."""
+"""`MiningConfig`: every knob of the mining, its defaults the paper's (arXiv 2510.13515, "MLLM-as-a-Judge for Hard
+Negatives Mining")."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..negative_selection import EMPTY_FALLBACKS
+from .rules import EMPTY_FALLBACKS
 
 RETRIEVALS = ("exact", "faiss")
 

@@ -34,7 +34,9 @@ def read_pairs(dataset: Dataset) -> tuple[list[dict[str, Any]], list[Item], list
         raise ValueError("The dataset is empty: nothing to mine.")
     for column in ("query_text", "query_image", "pos_text", "pos_image"):
         if column not in dataset.column_names:
-            raise ValueError(f"The dataset has no {column!r} column; it needs query_text/query_image/pos_text/pos_image.")
+            raise ValueError(
+                f"The dataset has no {column!r} column; it needs query_text/query_image/pos_text/pos_image."
+            )
     rows = dataset.to_list()
     queries, positives = [], []
     for index, row in enumerate(rows):

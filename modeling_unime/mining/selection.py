@@ -1,6 +1,6 @@
-"""Judging and selection (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining"): global top-k retrieval, judge scores of the positive and
-every candidate, the false-negative filter, cyclical sampling; the in-memory entry point `mine_hard_negatives` and
-the report of a run."""
+"""Judging and selection (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining"): global top-k retrieval, judge
+scores of the positive and every candidate, the false-negative filter, cyclical sampling; the in-memory entry point
+`mine_hard_negatives` and the report of a run."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ from datasets import Dataset
 
 from ..data import UNIME_FEATURES, JudgeRow, task_from_image_path
 from ..judge import Judge
-from ..negative_selection import SelectionStats, cyclical_sample, false_negative_filter
 from ..util.embedding_cache import Item
 from ..util.retrieval import chunked_top_k, faiss_top_k
 from .config import MiningConfig
 from .inputs import MiningEmbeddings, MiningInputs, count_duplicate_rows, embed_inputs
 from .judging import CachedJudge, RootedJudge, judge_fingerprint
+from .rules import cyclical_sample, false_negative_filter
+from .stats import SelectionStats
 
 
 class DegenerateMiningWarning(UserWarning):
@@ -147,7 +148,7 @@ def mine_hard_negatives(
 
     Example:
         >>> from modeling_unime.judge import MLLMJudge
-        >>> from modeling_unime.testing import build_tiny_unime, build_tiny_judge
+        >>> from modeling_unime.tiny import build_tiny_unime, build_tiny_judge
         >>> rows = Dataset.from_list([{"query_text": f"q{i}", "query_image": None, "pos_text": f"answer {i}",
         ...                            "pos_image": None} for i in range(4)])
         >>> embedder, processor = build_tiny_unime("qwen2_vl"); embedder.processor = processor

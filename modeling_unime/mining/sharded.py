@@ -18,7 +18,6 @@ from typing import Any
 from datasets import Dataset
 
 from ..judge import Judge
-from ..negative_selection import SelectionStats
 from ..placement import process_state
 from ..util.embedding_cache import Item
 from ..util.files import atomic_write, warn_damaged
@@ -26,6 +25,7 @@ from .config import MiningConfig
 from .inputs import MiningInputs, count_duplicate_rows, embed_inputs
 from .judging import CachedJudge, judge_fingerprint
 from .selection import mine_rows, mining_report, to_dataset, warn_degenerate
+from .stats import SelectionStats
 
 __all__ = ["read_shard", "run_mining", "shard_path", "shard_rows", "shards_of_process"]
 
@@ -54,7 +54,7 @@ def run_mining(
 
     Example:
         >>> from modeling_unime.judge import MLLMJudge
-        >>> from modeling_unime.testing import build_tiny_unime, build_tiny_judge
+        >>> from modeling_unime.tiny import build_tiny_unime, build_tiny_judge
         >>> import tempfile
         >>> rows = Dataset.from_list([{"query_text": f"q{i}", "query_image": None, "pos_text": f"answer {i}",
         ...                            "pos_image": None} for i in range(4)])

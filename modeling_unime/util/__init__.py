@@ -1,11 +1,10 @@
-"""Shared utilities of the package, one module per concern (as sentence-transformers splits its ``util/``):
+"""The ground floor of the package: shared primitives that import nothing else of it, one module per concern (as
+sentence-transformers splits its ``util/``).
 
 - `retrieval`: the chunked top-k search of mining and of every retrieval benchmark;
 - `embedding_cache`: embeddings on disk, keyed by the embedder's fingerprint and each item ("embed what is missing");
 - `fingerprint`: hashes of a model's weights and of a processor's settings, the keys of every cache;
 - `files`: atomic writes and the warning for a damaged cache file;
 - `images`: checking that the image files a job names exist, before any model runs;
-- `rerank`: re-ordering the head of a ranking with a reranker;
-- `seeding`: per-row random generators that do not depend on batch order or process count;
-- `models`: the ``tiny:<family>`` model specs of the demos and tests.
+- `arguments`: recipe arguments as dataclasses, from a YAML file and flags.
 """

@@ -29,7 +29,8 @@ Example:
     >>> parse_recipe_arguments([ScriptArguments], ["--config", config])
     Traceback (most recent call last):
     ...
-    ValueError: ...recipe.yaml: unknown key 'modle' (did you mean 'model'?). Every key must name a recipe field; see --help.
+    ValueError: ...recipe.yaml: unknown key 'modle' (did you mean 'model'?). Every key must name a recipe field; \
+see --help.
 """
 
 from __future__ import annotations

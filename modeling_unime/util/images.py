@@ -50,7 +50,8 @@ def require_image_files(
         >>> require_image_files(["a.png", None], "/nowhere", "MMEB", "Unzip images.zip there.")
         Traceback (most recent call last):
         ...
-        modeling_unime.util.images.MissingImagesError: 1 of 1 MMEB image file(s) not found under image_root='/nowhere' (first: 'a.png'). Unzip images.zip there.
+        modeling_unime.util.images.MissingImagesError: 1 of 1 MMEB image file(s) not found under image_root='/nowhere' \
+(first: 'a.png'). Unzip images.zip there.
     """
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"{len(labels)} labels for {len(paths)} paths.")

@@ -1,11 +1,12 @@
 """Nearest-neighbour search over embeddings: one chunked top-k for mining and evaluation.
 
-`chunked_top_k` is the exact search of UniME-V2's global retrieval (paper "MLLM-as-a-Judge for Hard Negatives Mining", Eq. 1: the top-k most similar
-pool items of each query, dropping near-duplicates at similarity >= delta and the query's own positive) and of every
-retrieval benchmark: queries and pool are cut into chunks, so the full (queries x pool) score matrix is never formed,
-and equal scores rank by lower pool index whatever the chunk sizes. Half-precision embeddings are scored in float32.
-`faiss_top_k` is the same contract through a faiss index. The layout follows sentence-transformers'
-``util/retrieval.py`` (``semantic_search``: query and corpus chunk sizes, a running top-k merged per block).
+`chunked_top_k` is the exact search of UniME-V2's global retrieval (paper "MLLM-as-a-Judge for Hard Negatives Mining",
+Eq. 1: the top-k most similar pool items of each query, dropping near-duplicates at similarity >= delta and the query's
+own positive) and of every retrieval benchmark: queries and pool are cut into chunks, so the full (queries x pool) score
+matrix is never formed, and equal scores rank by lower pool index whatever the chunk sizes. Half-precision embeddings
+are scored in float32. `faiss_top_k` is the same contract through a faiss index. The layout follows
+sentence-transformers' ``util/retrieval.py`` (``semantic_search``: query and corpus chunk sizes, a running top-k merged
+per block).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU smoke test of the recipes' placement (every model on the process's accelerator, bf16 there). Run from anywhere on a GPU machine:
 #
-#   bash benchmarks/gpu_smoke.sh            # every visible GPU (1 process per GPU)
-#   NUM_PROCESSES=1 bash benchmarks/gpu_smoke.sh
+#   bash tests/gpu_smoke.sh            # every visible GPU (1 process per GPU)
+#   NUM_PROCESSES=1 bash tests/gpu_smoke.sh
 #
 # Runs, offline (tiny random models, synthetic data: no Hub), each under a timeout:
 #   1. the tiny mining recipe with dtype/attention on auto (bf16, flash-attn if installed, else sdpa);

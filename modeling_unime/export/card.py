@@ -17,7 +17,7 @@ from typing import Any
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .data import UNIME_FEATURES, JudgeRow
+from ..data import UNIME_FEATURES, JudgeRow
 
 TEMPLATE_NAME = "model_card.md"
 DEFAULT_TAGS = (
@@ -114,12 +114,13 @@ def describe_inputs(
 
 def find_card_template() -> Path:
     """The template shipped inside the package (wheel install) or at the repository root (source checkout)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / TEMPLATE_NAME, here.parent / TEMPLATE_NAME):
+    package = Path(__file__).resolve().parent.parent  # modeling_unime/
+    for candidate in (package / TEMPLATE_NAME, package.parent / TEMPLATE_NAME):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"{TEMPLATE_NAME} was found neither in {here} nor in {here.parent}; reinstall unime-v2 or run from a checkout."
+        f"{TEMPLATE_NAME} was found neither in {package} nor in {package.parent}; reinstall unime-v2 or run from a "
+        "checkout."
     )
 
 
@@ -281,7 +282,8 @@ DATASET_CARD_TEMPLATE = """---
 
 # {{ name }}
 
-Hard negatives mined with UniME-V2's MLLM-as-a-Judge pipeline (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining"; the `unime-v2` package):
+Hard negatives mined with UniME-V2's MLLM-as-a-Judge pipeline \
+(arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining"; the `unime-v2` package):
 global retrieval with an embedder, judge scores for every (query, candidate) pair, false-negative filter, cyclical
 sampling.
 

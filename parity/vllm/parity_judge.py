@@ -1,6 +1,6 @@
 """Parity of `ServerJudge` on a real vLLM server with `MLLMJudge` (runs in the package's environment).
 
-    python runtimes/vllm/parity_judge.py [--workdir DIR] [--atol 1e-5] [--venv-wait 0]
+    python parity/vllm/parity_judge.py [--workdir DIR] [--atol 1e-5] [--venv-wait 0]
 
 What it does:
 
@@ -9,7 +9,7 @@ What it does:
    ``Qwen2_5_VLForConditionalGeneration`` checkpoint, with Qwen's ``repetition_penalty: 1.05`` in its
    ``generation_config.json`` as the real judge has (a judge that forgot to send the penalty would show);
 2. serves it from the vLLM venv (``${UNIME_VLLM_VENV:-~/.cache/unime-v2/vllm-venv}``, built by
-   ``runtimes/vllm/build_venv.sh``) on loopback::
+   ``parity/vllm/build_venv.sh``) on loopback::
 
        python -m vllm.entrypoints.openai.api_server --model DIR --enable-prefix-caching --dtype float32 \\
            --enforce-eager --logprobs-mode processed_logprobs ...
@@ -67,7 +67,7 @@ def wait_for_venv(seconds: float) -> Path:
     deadline = time.monotonic() + seconds
     while not ready.exists():
         if time.monotonic() >= deadline:
-            raise SystemExit(f"the vLLM venv is not ready ({ready} missing): run bash runtimes/vllm/build_venv.sh")
+            raise SystemExit(f"the vLLM venv is not ready ({ready} missing): run bash parity/vllm/build_venv.sh")
         time.sleep(10)
     return venv / "bin" / "python"
 
@@ -76,9 +76,8 @@ def save_tiny_judge(folder: str | os.PathLike, hidden_size: int = 128, num_hidde
                     real_vocab: bool = False, max_pixels: int = 64 * 28 * 28) -> Path:
     """A tiny Qwen2.5-VL judge saved as a stock checkpoint vLLM serves (model, processor, chat template), its answer
     rows spread (`spread_answer_rows`) and Qwen's ``repetition_penalty: 1.05`` in ``generation_config.json``."""
-    import torch
 
-    from modeling_unime.testing import build_tiny_judge
+    from modeling_unime.tiny import build_tiny_judge
 
     folder = Path(folder)
     model, processor = build_tiny_judge("qwen2_5_vl", hidden_size=hidden_size, num_attention_heads=hidden_size // 32,
@@ -224,8 +223,9 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
+
     from modeling_unime.judge import MLLMJudge
-    from modeling_unime.judge_server import ServerJudge
+    from modeling_unime.judge.server import ServerJudge
 
     torch.set_num_threads(1)
     python = wait_for_venv(args.venv_wait)

@@ -1,11 +1,11 @@
 """Parity of UniME-V2 checkpoints loaded by sentence-transformers, per backbone and modality.
 
-    HF_HUB_OFFLINE=1 python runtimes/parity_sentence_transformers.py [--threads 1]
+    HF_HUB_OFFLINE=1 python parity/parity_sentence_transformers.py [--threads 1]
 
 (1) Tiny random checkpoints of the three backbone families: ``SentenceTransformer(folder, trust_remote_code=True)``
     against ``UniMEV2Model.encode`` on text, image and image+text rows (with and without an instruction).
 (2) The authors' released checkpoints as replayed by transformers 4.49 (tests/fixtures, built on first use): converted
-    by ``modeling_unime.convert``, loaded by SentenceTransformer, against the 4.49 reference embeddings of every
+    by ``modeling_unime.export.convert``, loaded by SentenceTransformer, against the 4.49 reference embeddings of every
     text row and every image row embedded under the evaluation rule (1344x1344).
 
 Last line: JSON {"tiny": {backbone: {modality: max_abs_diff}}, "authors_449": {checkpoint: {modality: ...}}}.
@@ -28,10 +28,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
-from modeling_unime import UniMEV2Model  # noqa: E402
-from modeling_unime.convert import convert_checkpoint  # noqa: E402
+from modeling_unime.export.convert import convert_checkpoint  # noqa: E402
 from modeling_unime.sentence_unime import IMAGE_QUERY_PROMPT, add_sentence_transformers_files  # noqa: E402
-from modeling_unime.testing import build_tiny_unime  # noqa: E402
+from modeling_unime.tiny import build_tiny_unime  # noqa: E402
 
 
 def _image(seed: int) -> Image.Image:

@@ -1,12 +1,14 @@
-"""Tiny UniME-V2 backbones built offline: random weights, a tokenizer trained on the fly, the matching processor.
+"""Tiny worlds built offline: UniME-V2 backbones (random weights, a tokenizer trained on the fly, the matching
+processor), coloured-shape data, and the oracle judge that knows their ground truth.
 
-Tests, benchmarks and the demo use these; no download is involved. Three families are supported: ``qwen2_vl``,
+The ``tiny:<family>`` model specs of every recipe, the demos, benchmarks and tests use these; no download is
+involved. Three families are supported: ``qwen2_vl``,
 ``qwen2_5_vl`` and ``llava_onevision``. A tiny backbone can be kept in memory, saved in the authors' layout (a plain
 ``*ForConditionalGeneration`` checkpoint with the old key names such as ``model.layers.*`` and ``visual.*``), or
 wrapped as a UniME-V2 model.
 
 Example:
-    >>> from modeling_unime.testing import build_tiny_unime
+    >>> from modeling_unime.tiny import build_tiny_unime
     >>> model, processor = build_tiny_unime("qwen2_vl")
     >>> model.encode(texts=["a red car"], processor=processor).shape
     torch.Size([1, 64])
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -302,7 +306,11 @@ def build_tiny_unime(
 
 
 def build_tiny_judge(
-    backbone_type: str = "qwen2_5_vl", seed: int = 0, sharpen: float = 4.0, max_pixels: int = 64 * 28 * 28, **config_kwargs: Any
+    backbone_type: str = "qwen2_5_vl",
+    seed: int = 0,
+    sharpen: float = 4.0,
+    max_pixels: int = 64 * 28 * 28,
+    **config_kwargs: Any,
 ) -> tuple[PreTrainedModel, Any]:
     """A tiny image-text-to-text judge (Qwen2.5-VL by default) and its processor, for ``MLLMJudge``.
 
@@ -327,7 +335,9 @@ def build_tiny_reranker(
     from .modeling_unime import UniMEV2Reranker
 
     tokenizer = build_tiny_tokenizer(backbone_type)
-    config = UniMEV2RerankerConfig(backbone_config=build_tiny_backbone_config(backbone_type, tokenizer, **config_kwargs))
+    config = UniMEV2RerankerConfig(
+        backbone_config=build_tiny_backbone_config(backbone_type, tokenizer, **config_kwargs)
+    )
     torch.manual_seed(seed)
     model = UniMEV2Reranker(config).eval()
     with torch.no_grad():
@@ -353,7 +363,9 @@ def draw_shape(colour: str, shape: str, size: int = 112):
     elif shape == "square":
         canvas.rectangle(box, fill=colour)
     else:
-        canvas.polygon([(size // 2, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, 3 * size // 4)], fill=colour)
+        canvas.polygon(
+            [(size // 2, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, 3 * size // 4)], fill=colour
+        )
     return image
 
 
@@ -383,11 +395,103 @@ def synthetic_pairs(count: int, image_root: str | os.PathLike, seed: int = 0, wr
     return Dataset.from_list(rows)
 
 
+ORACLE_MATCH, ORACLE_PARTIAL, ORACLE_MISS = 0.95, 0.5, 0.05
+"""The oracle's graded credit: every attribute matches, one attribute in common, none."""
+
+
+def graded_credit(truth: dict[str, str], offered: dict[str, str]) -> float:
+    """The oracle's score of what a candidate offers (``{"colour": ..., "shape": ...}``, either may be missing)
+    against what the query asks: `ORACLE_MATCH` when it names exactly the asked attributes, all equal;
+    `ORACLE_PARTIAL` when one is shared; `ORACLE_MISS` otherwise."""
+    shared = sum(offered.get(key) == value for key, value in truth.items() if key in offered)
+    if truth and shared == len(truth) and offered.keys() == truth.keys():
+        return ORACLE_MATCH
+    return ORACLE_PARTIAL if shared else ORACLE_MISS
+
+
 def oracle_score(query: tuple[str, str], candidate: tuple[str, str]) -> float:
-    """Ground-truth judge for synthetic shapes: match 0.95, same colour or same shape 0.5, neither 0.05."""
-    if query == candidate:
-        return 0.95
-    return 0.5 if query[0] == candidate[0] or query[1] == candidate[1] else 0.05
+    """Ground-truth score of two (colour, shape) pairs: match 0.95, same colour or same shape 0.5, neither 0.05."""
+    return graded_credit(dict(zip(("colour", "shape"), query)), dict(zip(("colour", "shape"), candidate)))
+
+
+def question_kind(question: str) -> str:
+    """``colour`` or ``shape`` for the two "what" question families of the coloured-shape worlds, else ``yes/no``
+    (an image placeholder and capitals are ignored).
+
+    >>> question_kind("what color is the shape?"), question_kind("<|image_1|>\\nWhat is the blue shape?")
+    ('colour', 'shape')
+    """
+    question = question.replace("<|image_1|>", " ").strip().lower()
+    if question.startswith("what"):
+        return "shape" if ("what shape" in question or re.match(r"what is the \w+ shape\?", question)) else "colour"
+    return "yes/no"
+
+
+class OracleJudge:
+    """The ground-truth judge of the coloured-shape demo worlds (the mining recipe's ``synthetic:N`` data and the
+    main job's easy-vqa): a stand-in for a strong MLLM judge that reads the colour and shape each image and each
+    text names, and scores with `graded_credit`.
+
+    - An image's attributes come from ``attributes_by_path`` (path -> ``{"colour", "shape"}``) when given, else from
+      its file name, ``<colour>-<shape>.png``; a text's are the vocabulary words it contains.
+    - A candidate of the wrong kind for the query (an image offered as an answer or a caption, a text offered as an
+      image) is a miss.
+    - An image query asking "what colour / what shape" is answered by that attribute alone; any other image query
+      (an instruction such as "Find an image caption describing the given image.") wants a caption naming the
+      image's attributes; a text query wants an image with the attributes it names.
+
+    Example:
+        >>> judge = OracleJudge(SYNTHETIC_COLOURS, SYNTHETIC_SHAPES)
+        >>> judge.score("<|image_1|>\\nWhat colour is the shape?", "shapes/red-circle.png",
+        ...             [("red", None), ("blue", None), (None, "shapes/red-square.png")]).tolist()
+        [0.949999988079071, 0.05000000074505806, 0.05000000074505806]
+        >>> judge.score("Find an image of a red circle.", None,
+        ...             [(None, "shapes/red-circle.png"), (None, "shapes/red-square.png"), ("red", None)]).tolist()
+        [0.949999988079071, 0.5, 0.05000000074505806]
+        >>> easy = OracleJudge(("red", "blue"), ("circle",), {"a.png": {"colour": "red", "shape": "circle"}})
+        >>> easy.score("<|image_1|> Find an image caption describing the given image.", "a.png",
+        ...            [("a red circle", None), ("a blue circle", None)]).tolist()
+        [0.949999988079071, 0.5]
+    """
+
+    def __init__(
+        self,
+        colours: Sequence[str],
+        shapes: Sequence[str],
+        attributes_by_path: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        self.colours, self.shapes = tuple(colours), tuple(shapes)
+        self.attributes_by_path = attributes_by_path
+
+    def image_attributes(self, path: str) -> dict[str, str]:
+        if self.attributes_by_path is not None:
+            return dict(self.attributes_by_path.get(path, {}))
+        colour, _, shape = Path(path).stem.partition("-")
+        return {key: value for key, value in (("colour", colour), ("shape", shape)) if value}
+
+    def text_attributes(self, text: str | None) -> dict[str, str]:
+        words = set((text or "").replace(".", " ").replace("?", " ").replace(",", " ").split())
+        colour = next((colour for colour in self.colours if colour in words), None)
+        shape = next((shape for shape in self.shapes if shape in words), None)
+        return {key: value for key, value in (("colour", colour), ("shape", shape)) if value}
+
+    def pair_score(self, query_text: str | None, query_image: str | None,
+                   candidate: tuple[str | None, str | None]) -> float:
+        """The oracle's score of one candidate ``(text, image)`` for one query."""
+        text, image = candidate
+        if (image is None) == (query_image is None):
+            return ORACLE_MISS
+        if query_image is None:
+            return graded_credit(self.text_attributes(query_text), self.image_attributes(image))
+        truth, offered = self.image_attributes(query_image), self.text_attributes(text)
+        kind = question_kind(query_text or "")
+        if kind in ("colour", "shape"):
+            return ORACLE_MATCH if kind in offered and offered[kind] == truth.get(kind) else ORACLE_MISS
+        return graded_credit(truth, offered)
+
+    def score(self, query_text: str | None, query_image: str | None,
+              candidates: Sequence[tuple[str | None, str | None]]) -> torch.Tensor:
+        return torch.tensor([self.pair_score(query_text, query_image, tuple(candidate)) for candidate in candidates])
 
 
 def synthetic_judge_dataset(count: int, image_root: str | os.PathLike, num_negatives: int = 8, seed: int = 0):
@@ -481,7 +585,13 @@ __all__ = [
     "draw_shape",
     "synthetic_pairs",
     "synthetic_judge_dataset",
+    "ORACLE_MATCH",
+    "ORACLE_MISS",
+    "ORACLE_PARTIAL",
+    "OracleJudge",
+    "graded_credit",
     "oracle_score",
+    "question_kind",
     "authors_state_dict",
     "save_in_authors_layout",
 ]

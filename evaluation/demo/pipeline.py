@@ -41,14 +41,16 @@ from datasets import Dataset, load_from_disk
 from modeling_unime import UniMEV2Config, UniMEV2Model, UniMEV2Reranker, UniMEV2RerankerConfig
 from modeling_unime.mining import MiningConfig, mine_hard_negatives
 from modeling_unime.placement import accelerator_available, process_device
+from modeling_unime.recipe_engine import start_recipe
+
 # The demo trains a tiny model from scratch on purpose: its tokenizer, processor and backbone come from the builders.
-from modeling_unime.testing import build_tiny_backbone_config, build_tiny_processor, build_tiny_tokenizer
+from modeling_unime.tiny import build_tiny_backbone_config, build_tiny_processor, build_tiny_tokenizer
+from modeling_unime.util.embedding_cache import embed_with_cache
 from trainers import UniMEV2Trainer, UniMEV2TrainingArguments
 from trainers.reranker_trainer import UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments
 
+from ..mmeb import MMEBDataset, MMEBOptions, MMEBResult, candidate_scores, evaluate_task, ranking_from_scores
 from .easyvqa import TASKS, EasyVQASplit, blind_baseline, build_tasks, load_easyvqa, oracle_for, training_pairs
-from modeling_unime.util.embedding_cache import embed_with_cache
-from .mmeb import MMEBDataset, MMEBOptions, MMEBResult, candidate_scores, evaluate_task, ranking_from_scores
 
 
 @dataclass
@@ -58,8 +60,8 @@ class PipelineConfig:
     The defaults come from measurements on this demo: a baseline long enough to see shape at all (1,500 steps),
     judges and rerankers trained with the vision tower frozen (the paper's reranker recipe, arXiv 2510.13515: see
     recipes/configs/reranker-qwen25vl-7b.yaml; a tiny judge fine-tuned whole at lr 1e-3 forgets the image and falls
-    to chance), and the UniME-V2 continuation at lr 1e-4 (the paper's rate, arXiv 2510.13515 implementation details; at 1e-3 the soft-label loss,
-    whose targets are near one-hot at tau 0.02, wrecks the features).
+    to chance), and the UniME-V2 continuation at lr 1e-4 (the paper's rate, arXiv 2510.13515 implementation details; at
+    1e-3 the soft-label loss, whose targets are near one-hot at tau 0.02, wrecks the features).
     The reranker trains on lists of ``rerank_top_k`` candidates (every slot the rerank stage reads is a target);
     ``listwise_eval_rows`` held-out rows per task measure listwise reranking (about 1 minute for 500).
     """
@@ -458,7 +460,7 @@ def variants(config: PipelineConfig) -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
-    torch.set_num_threads(config.threads)
+    start_recipe(config.threads)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     clock = Stopwatch()
@@ -573,7 +575,7 @@ def run_ablation(config: PipelineConfig, seeds: Sequence[int]) -> dict[str, Any]
     """Every ablation variant for each seed (own data sample, baseline and mining per seed), saved per seed as it
     goes under ``output_dir/seed-N``; then the table over every seed folder present (so seeds can run in separate
     processes on the same folder and the last one to finish reports them all)."""
-    torch.set_num_threads(config.threads)
+    start_recipe(config.threads)
     output = Path(config.output_dir)
     for seed in seeds:
         seeded = replace(config, seed=seed, output_dir=str(output / f"seed-{seed}"))
@@ -713,7 +715,8 @@ def draw_summary(results: dict[str, Any], path: Path) -> None:
 
 
 __all__ = [
-    "PipelineConfig", "DemoWorld", "EmbedderScores", "TrainingRun", "build_world", "train_baseline", "mine", "continue_training", "evaluate_embedder",
+    "PipelineConfig", "DemoWorld", "EmbedderScores", "TrainingRun", "build_world", "train_baseline", "mine",
+    "continue_training", "evaluate_embedder",
     "with_mean", "variants", "ablation_variants", "run_ablation", "report_ablation", "freeze_vision_tower",
     "run_pipeline", "render_table", "draw_summary", "listwise_reranking", "render_listwise", "embedder_ranking",
 ]

@@ -1,7 +1,6 @@
-"""Hard-negative selection (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining": retrieval, false-negative filter, cyclical sampling) against
-brute force and hand-computed expectations."""
+"""Hard-negative selection (arXiv 2510.13515, "MLLM-as-a-Judge for Hard Negatives Mining": retrieval, false-negative
+filter, cyclical sampling) against brute force and hand-computed expectations."""
 
-import doctest
 import math
 import random
 
@@ -9,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from modeling_unime.mining.rules import cyclical_sample, false_negative_filter
+from modeling_unime.mining.stats import SelectionStats
+from modeling_unime.util.retrieval import chunked_top_k, faiss_top_k
 
-import modeling_unime.negative_selection as ns  # noqa: E402
 INF = math.inf
 
 
@@ -58,7 +59,7 @@ EXCLUDE[2] = [7, 7, 3]
 @pytest.mark.parametrize("k", [1, 10, 50])
 def test_chunked_top_k_equals_brute_force(chunk_size, k):
     expected_scores, expected_indices = brute_force_top_k(QUERIES, POOL, k)
-    scores, indices = ns.chunked_top_k(QUERIES, POOL, k, chunk_size=chunk_size)
+    scores, indices = chunked_top_k(QUERIES, POOL, k, chunk_size=chunk_size)
     assert torch.equal(indices, expected_indices)
     torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-12)
 
@@ -68,7 +69,7 @@ def test_chunked_top_k_equals_brute_force(chunk_size, k):
 def test_chunked_top_k_with_exclusions_and_threshold_equals_brute_force(chunk_size, query_chunk_size, threshold):
     k = 20
     expected_scores, expected_indices = brute_force_top_k(QUERIES, POOL, k, EXCLUDE, threshold)
-    scores, indices = ns.chunked_top_k(
+    scores, indices = chunked_top_k(
         QUERIES, POOL, k, chunk_size=chunk_size, exclude=EXCLUDE, similarity_threshold=threshold,
         query_chunk_size=query_chunk_size,
     )
@@ -87,18 +88,18 @@ def test_chunked_top_k_with_exclusions_and_threshold_equals_brute_force(chunk_si
 def test_chunked_top_k_pads_with_minus_one_and_minus_inf_when_pool_is_small():
     queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     pool = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
-    scores, indices = ns.chunked_top_k(queries, pool, k=5, chunk_size=2, exclude=[[0], None])
+    scores, indices = chunked_top_k(queries, pool, k=5, chunk_size=2, exclude=[[0], None])
     assert indices.tolist() == [[1, 2, -1, -1, -1], [2, 1, 0, -1, -1]]
     torch.testing.assert_close(scores[0, :2], torch.tensor([0.6, 0.0]))
     torch.testing.assert_close(scores[1, :3], torch.tensor([1.0, 0.8, 0.0]))
     assert scores[0, 2:].tolist() == [-INF] * 3 and scores[1, 3:].tolist() == [-INF] * 2
 
     # A threshold below every similarity leaves nothing at all.
-    scores, indices = ns.chunked_top_k(queries, pool, k=2, similarity_threshold=-1.0)
+    scores, indices = chunked_top_k(queries, pool, k=2, similarity_threshold=-1.0)
     assert indices.tolist() == [[-1, -1], [-1, -1]]
     assert scores.tolist() == [[-INF, -INF], [-INF, -INF]]
 
-    scores, indices = ns.chunked_top_k(queries, pool[:0], k=2)
+    scores, indices = chunked_top_k(queries, pool[:0], k=2)
     assert indices.tolist() == [[-1, -1], [-1, -1]]
 
 
@@ -108,13 +109,13 @@ def test_chunked_top_k_breaks_ties_by_lower_pool_index(chunk_size):
     e0, e1, e2, half = [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0.5, 0.5, 0.5, 0.5]
     pool = torch.tensor([e1, e0, e0, e2, e0, half, e0])
     queries = torch.tensor([e0, half, e2])
-    scores, indices = ns.chunked_top_k(queries, pool, k=7, chunk_size=chunk_size)
+    scores, indices = chunked_top_k(queries, pool, k=7, chunk_size=chunk_size)
     assert indices.tolist() == [
         [1, 2, 4, 6, 5, 0, 3],  # 1.0 x4 by index, then 0.5, then 0.0 x2 by index
         [5, 0, 1, 2, 3, 4, 6],  # 1.0, then 0.5 x6 by index
         [3, 5, 0, 1, 2, 4, 6],
     ]
-    scores, indices = ns.chunked_top_k(queries, pool, k=3, chunk_size=chunk_size, exclude=[[2, 4], [5], [3]])
+    scores, indices = chunked_top_k(queries, pool, k=3, chunk_size=chunk_size, exclude=[[2, 4], [5], [3]])
     assert indices.tolist() == [[1, 6, 5], [0, 1, 2], [5, 0, 1]]
     assert scores.tolist() == [[1.0, 1.0, 0.5], [0.5, 0.5, 0.5], [0.5, 0.0, 0.0]]
 
@@ -137,7 +138,7 @@ def test_chunked_top_k_never_forms_a_block_larger_than_query_chunk_by_pool_chunk
     monkeypatch.setattr(torch, "matmul", recording_matmul)
     monkeypatch.setattr(torch, "sort", recording_sort)
     monkeypatch.setattr(torch.Tensor, "__matmul__", lambda *_: pytest.fail("use torch.matmul, which is monitored"))
-    scores, _ = ns.chunked_top_k(queries, pool, k, chunk_size=pool_chunk, query_chunk_size=query_chunk)
+    scores, _ = chunked_top_k(queries, pool, k, chunk_size=pool_chunk, query_chunk_size=query_chunk)
     monkeypatch.undo()
 
     assert len(similarity_shapes) == math.ceil(num_queries / query_chunk) * math.ceil(num_pool / pool_chunk)
@@ -150,7 +151,7 @@ def test_chunked_top_k_never_forms_a_block_larger_than_query_chunk_by_pool_chunk
 
 def test_chunked_top_k_scores_half_precision_in_float32():
     queries, pool = torch.randn(3, 4).bfloat16(), torch.randn(2, 4).bfloat16()
-    scores, indices = ns.chunked_top_k(queries, pool, 2, chunk_size=1)
+    scores, indices = chunked_top_k(queries, pool, 2, chunk_size=1)
     assert scores.dtype == torch.float32
     assert torch.equal(indices, torch.topk(queries.float() @ pool.float().T, 2).indices)
 
@@ -158,8 +159,8 @@ def test_chunked_top_k_scores_half_precision_in_float32():
 def test_chunked_top_k_records_stats():
     queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     pool = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
-    stats = ns.SelectionStats()
-    ns.chunked_top_k(queries, pool, k=3, chunk_size=3, exclude=[[0], {2, 2}], similarity_threshold=0.7, stats=stats)
+    stats = SelectionStats()
+    chunked_top_k(queries, pool, k=3, chunk_size=3, exclude=[[0], {2, 2}], similarity_threshold=0.7, stats=stats)
     # query 0: pool 0 excluded, pool 3 (0.8) over delta -> {1, 2}; query 1: pool 2 excluded, pool 1 (0.8) over -> {0, 3}
     assert (stats.candidates_retrieved, stats.removed_by_threshold, stats.removed_as_positive) == (4, 2, 2)
     assert stats.queries == 0  # counted by the caller, once per selected query
@@ -169,18 +170,18 @@ def test_chunked_top_k_rejects_bad_inputs():
     pool = random_unit_vectors(5, 4, seed=5).float()
     queries = pool[:2].clone()
     with pytest.raises(ValueError, match="outside"):
-        ns.chunked_top_k(queries, pool, 2, exclude=[[5], None])
+        chunked_top_k(queries, pool, 2, exclude=[[5], None])
     with pytest.raises(ValueError, match="2 queries"):
-        ns.chunked_top_k(queries, pool, 2, exclude=[[1]])
+        chunked_top_k(queries, pool, 2, exclude=[[1]])
     with pytest.raises(ValueError, match="row 1"):
-        ns.chunked_top_k(torch.tensor([[1.0, 0, 0, 0], [math.nan, 0, 0, 0]]), pool, 2)
+        chunked_top_k(torch.tensor([[1.0, 0, 0, 0], [math.nan, 0, 0, 0]]), pool, 2)
     with pytest.raises(ValueError, match="sizes differ"):
-        ns.chunked_top_k(queries[:, :3], pool, 2)
+        chunked_top_k(queries[:, :3], pool, 2)
     with pytest.raises(ValueError, match="chunk_size"):
-        ns.chunked_top_k(queries, pool, 2, chunk_size=0)
+        chunked_top_k(queries, pool, 2, chunk_size=0)
     with pytest.raises(ValueError, match="similarity_threshold"):
-        ns.chunked_top_k(queries, pool, 2, similarity_threshold=math.nan)
-    assert ns.chunked_top_k(queries, pool, 0)[1].shape == (2, 0)
+        chunked_top_k(queries, pool, 2, similarity_threshold=math.nan)
+    assert chunked_top_k(queries, pool, 0)[1].shape == (2, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,16 +192,16 @@ def test_chunked_top_k_rejects_bad_inputs():
 def test_false_negative_filter_keeps_the_boundary_and_drops_just_above():
     positive, beta = 0.5, 0.01
     alpha = positive - beta
-    kept = ns.false_negative_filter([alpha, alpha + 1e-6, 0.2, positive, 0.9, 0.0], positive, beta=beta)
+    kept = false_negative_filter([alpha, alpha + 1e-6, 0.2, positive, 0.9, 0.0], positive, beta=beta)
     assert isinstance(kept, np.ndarray) and kept.dtype == bool
     assert kept.tolist() == [True, False, True, False, False, True]
     # 0.3 - 0.1 is 0.19999999999999998 in binary floating point; 0.2 still sits on the boundary and is kept.
-    assert ns.false_negative_filter([0.2, 0.2000001], 0.3, beta=0.1).tolist() == [True, False]
-    assert ns.false_negative_filter([], 0.5).tolist() == []
+    assert false_negative_filter([0.2, 0.2000001], 0.3, beta=0.1).tolist() == [True, False]
+    assert false_negative_filter([], 0.5).tolist() == []
 
 
 def test_false_negative_filter_returns_a_tensor_for_tensor_scores():
-    kept = ns.false_negative_filter(torch.tensor([0.95, 0.3, 0.85]), torch.tensor(0.9), beta=0.01)
+    kept = false_negative_filter(torch.tensor([0.95, 0.3, 0.85]), torch.tensor(0.9), beta=0.01)
     assert kept.dtype == torch.bool and kept.tolist() == [False, True, True]
 
 
@@ -208,12 +209,12 @@ def test_false_negative_filter_returns_a_tensor_for_tensor_scores():
 def test_false_negative_filter_refuses_non_finite_scores(bad):
     scores = [0.1, 0.2, bad, 0.3, bad]
     with pytest.raises(ValueError, match=r"candidate 2 .*2 non-finite.*on_nonfinite='drop'"):
-        ns.false_negative_filter(scores, 0.9)
-    assert ns.false_negative_filter(scores, 0.9, on_nonfinite="drop").tolist() == [True, True, False, True, False]
+        false_negative_filter(scores, 0.9)
+    assert false_negative_filter(scores, 0.9, on_nonfinite="drop").tolist() == [True, True, False, True, False]
     with pytest.raises(ValueError, match="positive_score"):
-        ns.false_negative_filter([0.1], bad)
+        false_negative_filter([0.1], bad)
     with pytest.raises(ValueError, match="on_nonfinite"):
-        ns.false_negative_filter([0.1], 0.9, on_nonfinite="keep")
+        false_negative_filter([0.1], 0.9, on_nonfinite="keep")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -233,47 +234,47 @@ def test_false_negative_filter_refuses_non_finite_scores(bad):
     ],
 )
 def test_cyclical_sample_walk(num_candidates, expected):
-    positions, used_fallback = ns.cyclical_sample(list(range(100, 100 + num_candidates)))
+    positions, used_fallback = cyclical_sample(list(range(100, 100 + num_candidates)))
     assert positions == expected and used_fallback is False
-    assert ns.cyclical_sample(num_candidates) == (expected, False)
+    assert cyclical_sample(num_candidates) == (expected, False)
 
 
 def test_cyclical_sample_other_settings():
-    assert ns.cyclical_sample(list("abcdefgh"), num_negatives=4, interval=3) == ([0, 3, 6, 1], False)
-    assert ns.cyclical_sample(6, num_negatives=6, interval=1) == ([0, 1, 2, 3, 4, 5], False)
-    assert ns.cyclical_sample(6, num_negatives=0) == ([], False)
+    assert cyclical_sample(list("abcdefgh"), num_negatives=4, interval=3) == ([0, 3, 6, 1], False)
+    assert cyclical_sample(6, num_negatives=6, interval=1) == ([0, 1, 2, 3, 4, 5], False)
+    assert cyclical_sample(6, num_negatives=0) == ([], False)
 
 
 @pytest.mark.parametrize("make_rng", [lambda: random.Random(7), lambda: np.random.default_rng(7)])
 def test_cyclical_sample_paper_fallback_is_distinct_and_reproducible(make_rng):
     fallback_pool = [f"candidate {i}" for i in range(50)]
-    positions, used_fallback = ns.cyclical_sample([], fallback_pool=fallback_pool, rng=make_rng())
+    positions, used_fallback = cyclical_sample([], fallback_pool=fallback_pool, rng=make_rng())
     assert used_fallback is True
     assert len(positions) == 10 and len(set(positions)) == 10
     assert all(isinstance(p, int) and 0 <= p < 50 for p in positions)
-    assert ns.cyclical_sample([], fallback_pool=fallback_pool, rng=make_rng()) == (positions, True)
+    assert cyclical_sample([], fallback_pool=fallback_pool, rng=make_rng()) == (positions, True)
     assert positions != list(range(10))  # actually random, not the head of the pool
 
 
 def test_cyclical_sample_paper_fallback_with_a_small_pool_uses_it_evenly():
-    positions, used_fallback = ns.cyclical_sample([], fallback_pool=4, rng=random.Random(0))
+    positions, used_fallback = cyclical_sample([], fallback_pool=4, rng=random.Random(0))
     assert used_fallback is True and len(positions) == 10
     assert sorted(positions.count(p) for p in range(4)) == [2, 2, 3, 3]
     assert set(positions[:4]) == set(positions[4:8]) == {0, 1, 2, 3}
 
 
 def test_cyclical_sample_drop_and_bad_fallback():
-    assert ns.cyclical_sample([], empty_fallback="drop", fallback_pool=50) == ([], True)
+    assert cyclical_sample([], empty_fallback="drop", fallback_pool=50) == ([], True)
     with pytest.raises(ValueError, match="empty_fallback"):
-        ns.cyclical_sample(list(range(20)), empty_fallback="random")
+        cyclical_sample(list(range(20)), empty_fallback="random")
     with pytest.raises(ValueError, match="fallback_pool"):
-        ns.cyclical_sample([], empty_fallback="paper")
+        cyclical_sample([], empty_fallback="paper")
     with pytest.raises(ValueError, match="empty"):
-        ns.cyclical_sample([], fallback_pool=[])
+        cyclical_sample([], fallback_pool=[])
     with pytest.raises(ValueError, match="interval"):
-        ns.cyclical_sample(5, interval=0)
+        cyclical_sample(5, interval=0)
     with pytest.raises(TypeError, match="rng"):
-        ns.cyclical_sample([], fallback_pool=50, rng=7)
+        cyclical_sample([], fallback_pool=50, rng=7)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_cyclical_sample_drop_and_bad_fallback():
 
 
 def test_selection_stats_update_merge_and_summary():
-    worker_a, worker_b = ns.SelectionStats(), ns.SelectionStats()
+    worker_a, worker_b = SelectionStats(), SelectionStats()
     worker_a.update(queries=150, candidates_retrieved=7_000, removed_by_threshold=300, removed_as_positive=160,
                     removed_as_false_negative=3_000, used_fallback=2, dropped=5, short_of_negatives=18)
     worker_b.update(queries=50, candidates_retrieved=2_876, removed_by_threshold=21, removed_as_positive=74,
@@ -304,20 +305,20 @@ def test_selection_stats_update_merge_and_summary():
 
 
 def test_selection_stats_edge_cases():
-    assert "no query was recorded" in ns.SelectionStats().summary()
-    assert "none: every query got its negatives." in ns.SelectionStats(queries=10, candidates_retrieved=500).summary()
+    assert "no query was recorded" in SelectionStats().summary()
+    assert "none: every query got its negatives." in SelectionStats(queries=10, candidates_retrieved=500).summary()
     with pytest.raises(ValueError, match="grow"):
-        ns.SelectionStats().update(queries=-1)
+        SelectionStats().update(queries=-1)
     with pytest.raises(ValueError, match="merge"):
-        ns.SelectionStats(num_negatives=10).merge(ns.SelectionStats(num_negatives=8))
+        SelectionStats(num_negatives=10).merge(SelectionStats(num_negatives=8))
 
 
-def healthy(**changes) -> ns.SelectionStats:
+def healthy(**changes) -> SelectionStats:
     """1,000 queries x 50 candidates, a judge that puts the positive above 90% of them, 0.5% fallback."""
     counts = dict(queries=1_000, candidates_retrieved=50_000, removed_as_false_negative=5_000,
                   queries_used_fallback=5, candidates_judged=50_000, candidates_below_positive=45_000,
                   score_gap_sum=20_000.0)
-    return ns.SelectionStats(**{**counts, **changes})
+    return SelectionStats(**{**counts, **changes})
 
 
 def test_a_healthy_selection_has_no_warning():
@@ -360,20 +361,15 @@ def test_degenerate_warning_names_causes_and_fixes():
     assert merged.score_gap_sum == pytest.approx(20_190.0) and merged.candidates_judged == 100_000
 
 
-def test_docstring_examples_run():
-    result = doctest.testmod(ns, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
-
-
 @pytest.mark.parametrize("threshold", [None, 0.3])
 def test_faiss_top_k_equals_chunked_top_k(threshold):
     pytest.importorskip("faiss")
     queries, pool = random_unit_vectors(23, 16, seed=5).float(), random_unit_vectors(97, 16, seed=6).float()
     exclude = [[row % 97, (row * 7) % 97] for row in range(23)]
-    exact_stats, faiss_stats = ns.SelectionStats(), ns.SelectionStats()
-    exact = ns.chunked_top_k(queries, pool, 12, chunk_size=10, exclude=exclude, similarity_threshold=threshold,
+    exact_stats, faiss_stats = SelectionStats(), SelectionStats()
+    exact = chunked_top_k(queries, pool, 12, chunk_size=10, exclude=exclude, similarity_threshold=threshold,
                                stats=exact_stats)
-    fast = ns.faiss_top_k(queries, pool, 12, exclude=exclude, similarity_threshold=threshold, stats=faiss_stats)
+    fast = faiss_top_k(queries, pool, 12, exclude=exclude, similarity_threshold=threshold, stats=faiss_stats)
     assert torch.equal(fast[1], exact[1])
     torch.testing.assert_close(fast[0], exact[0].float(), atol=1e-6, rtol=0)
     assert faiss_stats == exact_stats
@@ -382,6 +378,6 @@ def test_faiss_top_k_equals_chunked_top_k(threshold):
 def test_faiss_top_k_pads_a_small_pool():
     pytest.importorskip("faiss")
     queries, pool = random_unit_vectors(2, 4, seed=1).float(), random_unit_vectors(3, 4, seed=2).float()
-    scores, indices = ns.faiss_top_k(queries, pool, 5, exclude=[[0], None])
+    scores, indices = faiss_top_k(queries, pool, 5, exclude=[[0], None])
     assert (indices[0] >= 0).sum() == 2 and (indices[1] >= 0).sum() == 3
     assert indices[0, 2:].tolist() == [-1, -1, -1] and torch.isinf(scores[0, 2:]).all()

@@ -13,24 +13,24 @@ Tasks (candidate 0 is the positive, as in MMEB):
 - ``caption_to_image``: a caption; candidates are its image and 9 images with other captions (fewer when the split
   has fewer).
 
-`OracleJudge` scores from the ground-truth attributes with graded partial credit (a match 0.95, one attribute in
-common 0.5, none 0.05): a stand-in for a strong MLLM judge that isolates the training method from judge quality.
+`oracle_for` builds `modeling_unime.tiny.OracleJudge` over the ground-truth attributes: graded partial credit (a match
+0.95, one attribute in common 0.5, none 0.05): a stand-in for a strong MLLM judge that isolates the training method from
+judge quality.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from modeling_unime.tiny import OracleJudge, question_kind
 
-from .mmeb import MMEBDataset
+from ..mmeb import MMEBDataset
 
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -45,13 +45,6 @@ def _require_easy_vqa():
     except ImportError as error:
         raise ImportError('The demo world needs the easy-vqa package: pip install "unime-v2[demo]"') from error
     return easy_vqa
-
-
-def question_kind(question: str) -> str:
-    """``colour`` or ``shape`` for the two "what" question families, else ``yes/no``."""
-    if question.startswith("what"):
-        return "shape" if ("what shape" in question or re.match(r"what is the \w+ shape\?", question)) else "colour"
-    return "yes/no"
 
 
 def image_attributes(questions: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]) -> dict[int, dict]:
@@ -93,7 +86,9 @@ class EasyVQASplit:
         return f"a {known['colour']} {known['shape']}" if {"colour", "shape"} <= known.keys() else None
 
 
-def load_easyvqa(split: str = "train", image_dir: str | os.PathLike | None = None, image_size: int = 112) -> EasyVQASplit:
+def load_easyvqa(
+    split: str = "train", image_dir: str | os.PathLike | None = None, image_size: int = 112
+) -> EasyVQASplit:
     """Load a split; with ``image_dir`` the images are resized to ``image_size`` (16 visual tokens at 112) and saved
     there once, and their paths point to the copies."""
     easy_vqa = _require_easy_vqa()
@@ -186,65 +181,13 @@ def blind_baseline(train: EasyVQASplit, test_tasks: dict[str, MMEBDataset]) -> d
     return scores
 
 
-class OracleJudge:
-    """A judge that knows the ground truth: scores from the attributes of the query's and the candidate's images and
-    words, with graded partial credit (0.95 match, 0.5 one attribute in common, 0.05 none). A candidate of the wrong
-    kind for the task scores 0.05 whatever it shows: every task here pairs a query with an image with a text
-    candidate and a text-only query with an image candidate (the mining pool mixes all tasks, and a strong judge
-    answers "No" to an image offered as a caption). Same interface as `MLLMJudge.score`; documented as a stand-in
-    for a strong MLLM judge.
-
-    Example:
-        >>> judge = OracleJudge({"red-circle.png": {"colour": "red", "shape": "circle"}})
-        >>> judge.score("what color is the shape?", "red-circle.png", [("red", None), ("blue", None)]).tolist()
-        [0.949999988079071, 0.05000000074505806]
-        >>> judge.score("what color is the shape?", "red-circle.png", [(None, "red-circle.png")]).tolist()
-        [0.05000000074505806]
-    """
-
-    MATCH, PARTIAL, MISS = 0.95, 0.5, 0.05
-
-    def __init__(self, attributes_by_path: dict[str, dict[str, str]]) -> None:
-        self.attributes_by_path = attributes_by_path
-        self.image_root = None
-
-    def _attributes(self, text: str | None, image: str | None) -> dict[str, str]:
-        if image is not None:
-            return self.attributes_by_path.get(image, {})
-        words = set((text or "").replace("?", " ").split())
-        found = {}
-        colour = next((colour for colour in COLOURS if colour in words), None)
-        shape = next((shape for shape in SHAPES if shape in words), None)
-        if colour:
-            found["colour"] = colour
-        if shape:
-            found["shape"] = shape
-        return found
-
-    def _score(self, query_text: str | None, query_image: str | None, candidate: tuple[str | None, str | None]) -> float:
-        if (candidate[1] is None) == (query_image is None):
-            return self.MISS
-        kind = question_kind(query_text or "") if query_image is not None else "caption"
-        truth = self._attributes(None, query_image) if query_image is not None else self._attributes(query_text, None)
-        offered = self._attributes(*candidate)
-        if kind in ("colour", "shape"):  # a VQA answer: only the asked attribute matters
-            return self.MATCH if offered.get(kind) == truth.get(kind) and kind in offered else self.MISS
-        shared = sum(offered.get(key) == value for key, value in truth.items() if key in offered)
-        if truth and shared == len(truth) and offered.keys() == truth.keys():
-            return self.MATCH
-        return self.PARTIAL if shared else self.MISS
-
-    def score(self, query_text: str | None, query_image: str | None, candidates: Sequence[tuple]) -> torch.Tensor:
-        return torch.tensor([self._score(query_text, query_image, tuple(candidate)) for candidate in candidates])
-
-
 def oracle_for(*splits: EasyVQASplit) -> OracleJudge:
-    """The oracle over the images of the given splits."""
-    return OracleJudge({split.images[image]: attributes for split in splits
-                        for image, attributes in split.attributes.items() if image in split.images})
+    """The ground-truth judge (`modeling_unime.tiny.OracleJudge`) over the images of the given splits."""
+    return OracleJudge(COLOURS, SHAPES, {split.images[image]: attributes for split in splits
+                                         for image, attributes in split.attributes.items() if image in split.images})
 
 
 __all__ = [
-    "COLOURS", "SHAPES", "CAPTIONS", "TASKS", "EasyVQASplit", "OracleJudge", "blind_baseline", "build_tasks",
-    "image_attributes", "load_easyvqa", "oracle_for", "question_kind", "training_pairs",
+    "COLOURS", "SHAPES", "CAPTIONS", "TASKS", "EasyVQASplit", "blind_baseline", "build_tasks",
+    "image_attributes", "load_easyvqa", "oracle_for", "training_pairs",
 ]

@@ -1,16 +1,16 @@
 """vLLM embedding parity check, one command (run in the package's environment, not the vLLM one):
 
-    python runtimes/vllm/check_embed.py [--workdir DIR] [--keep] [--backbones qwen2_vl,llava_onevision]
+    python parity/vllm/check_embed.py [--workdir DIR] [--keep] [--backbones qwen2_vl,llava_onevision]
 
 1. builds two tiny checkpoints with head_dim 32 (vLLM's CPU attention refuses 16): a Qwen2-VL written in the
    authors' plain layout (so its processor gets their evaluation rule, 1344x1344 images, and its image tokens the
    "vision_start_only" position rule) and a LLaVA-OneVision saved as a UniME-V2 checkpoint;
-2. exports both with ``modeling_unime.vllm_export.export_for_vllm``;
+2. exports both with ``modeling_unime.export.vllm.export_for_vllm``;
 3. embeds text, image and image+text rows (with and without an instruction) with ``UniMEV2Model.encode`` and
    writes them, with each row's prompt, to a reference JSON (images saved already resized, as a client must send
    them);
 4. runs ``parity_embed.py`` with the vLLM venv's python (``$UNIME_VLLM_VENV``, default
-   ``~/.cache/unime-v2/vllm-venv``; build it with ``runtimes/vllm/build_venv.sh``): parity for both backbones, and
+   ``~/.cache/unime-v2/vllm-venv``; build it with ``parity/vllm/build_venv.sh``): parity for both backbones, and
    for Qwen2-VL the alarm run without the position override, which must still differ (see parity_embed.py).
 
 Exits 0 when every check passes; prints the per-modality max |diff| and, last, one JSON line with everything.
@@ -55,8 +55,13 @@ def _sharpen(model) -> None:
 
 def build_checkpoint(backbone_type: str, directory: Path) -> Path:
     """A tiny head_dim-32 checkpoint: Qwen2-VL in the authors' layout, LLaVA-OneVision as a UniME-V2 checkpoint."""
-    from modeling_unime.testing import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer
-    from modeling_unime.testing import build_tiny_unime, save_in_authors_layout
+    from modeling_unime.tiny import (
+        build_tiny_causal_lm,
+        build_tiny_processor,
+        build_tiny_tokenizer,
+        build_tiny_unime,
+        save_in_authors_layout,
+    )
 
     if backbone_type == "llava_onevision":
         model, processor = build_tiny_unime(backbone_type, hidden_size=64, num_attention_heads=2)
@@ -76,7 +81,7 @@ def build_checkpoint(backbone_type: str, directory: Path) -> Path:
 def _images():
     from PIL import Image, ImageDraw
 
-    from modeling_unime.convert import probe_image
+    from modeling_unime.export.convert import probe_image
 
     square = Image.new("RGB", (56, 56), (240, 240, 230))
     draw = ImageDraw.Draw(square)
@@ -88,7 +93,7 @@ def _images():
 def reference_rows(source: Path, workdir: Path, backbone_type: str) -> dict:
     """Rows embedded by ``UniMEV2Model.encode`` one at a time, with their prompts and (resized) image files."""
     from modeling_unime import UniMEV2Model, UniMEV2Processor
-    from modeling_unime.convert import PROBE_INSTRUCTION, PROBE_QUESTION
+    from modeling_unime.export.convert import PROBE_INSTRUCTION, PROBE_QUESTION
     from modeling_unime.processing_unime import resize_image
 
     model = UniMEV2Model.from_pretrained(source).eval()
@@ -163,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
 
     python = vllm_python()
     if not python.exists():
-        print(f"No vLLM venv at {python.parent.parent}: run `bash runtimes/vllm/build_venv.sh` (or set UNIME_VLLM_VENV).")
+        print(f"No vLLM venv at {python.parent.parent}: run `bash parity/vllm/build_venv.sh` (or set UNIME_VLLM_VENV).")
         return 2
     import torch
 
     torch.set_num_threads(1)
-    from modeling_unime.vllm_export import export_for_vllm
+    from modeling_unime.export.vllm import export_for_vllm
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="unime-vllm-check-"))
     workdir.mkdir(parents=True, exist_ok=True)

