@@ -45,6 +45,15 @@ UNIME_FEATURES = Features(
 
 
 
+SCORE_SOURCES = ("judge", "estimate", "fallback")
+"""Where a mined judge score came from: the (large) judge, a calibrated estimate of the judge cascade
+(`modeling_unime.mining.cascade`), or the empty-set fallback's fixed score (the paper's 1.0)."""
+
+MINED_FEATURES = Features({**UNIME_FEATURES, "judge_score_source": List(Value("string"))})
+"""The columns a mining run writes: `UNIME_FEATURES` and ``judge_score_source``, one of `SCORE_SOURCES` per entry of
+``judge_scores``. Trainers read `UNIME_FEATURES` and ignore the rest."""
+
+
 class JudgeRow(TypedDict):
     """One row of a judge dataset: the columns of `UNIME_FEATURES`, as `datasets` gives a row back (``row = ds[i]``)
     and as mining writes it. ``judge_scores`` is ``[positive, negative_1, ..., negative_n]``, aligned with
@@ -59,6 +68,12 @@ class JudgeRow(TypedDict):
     judge_scores: list[float]
     task: str
     source: str
+
+
+class MinedRow(JudgeRow):
+    """A `JudgeRow` as mining writes it: with ``judge_score_source`` (see `MINED_FEATURES`)."""
+
+    judge_score_source: list[str]
 
 
 OFFICIAL_FIELDS = (

@@ -191,7 +191,7 @@ def test_recipe_writes_the_dataset_card_and_pushes_the_folder(tmp_path, monkeypa
     for fact in ("beta = 0.02", "top_k = 5", "interval = 2", "seed = 7", "negatives = 3", "official_compat=True",
                  "judge: `tiny:qwen2_5_vl`", JUDGE_INSTRUCTION, "| judge_scores | list[float64] |"):
         assert fact in card, fact
-    pushed = load_dataset(folder, split="train")
+    pushed = load_dataset(folder, split="train", cache_dir=str(tmp_path / "datasets-cache"))  # not an earlier run's
     saved = load_from_disk(str(tmp_path / "run" / "dataset"))
     assert pushed.to_list() == saved.to_list() and len(saved) == 6
     assert all(len(row["judge_scores"]) == 1 + len(row["neg_texts"]) for row in saved)

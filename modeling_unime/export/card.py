@@ -17,7 +17,7 @@ from typing import Any
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..data import UNIME_FEATURES, JudgeRow
+from ..data import MINED_FEATURES, MinedRow
 
 TEMPLATE_NAME = "model_card.md"
 DEFAULT_TAGS = (
@@ -232,6 +232,8 @@ COLUMN_MEANINGS = {
     "paper's empty-set fallback",
     "task": "the task the row came from",
     "source": "the file or dataset the row came from",
+    "judge_score_source": "where each judge score came from: judge (the large judge), estimate (the cascade's "
+    "calibrated estimate) or fallback (the empty-set fallback's 1.0)",
 }
 
 
@@ -249,16 +251,16 @@ def _column_type(feature: Any, hint: Any) -> str:
 
 
 def judge_dataset_columns() -> str:
-    """The markdown table of a judge dataset's columns: every `JudgeRow` field, its stored type and its meaning.
+    """The markdown table of a mined judge dataset's columns: every `MinedRow` field, its stored type and its meaning.
 
     Example:
         >>> print(judge_dataset_columns().splitlines()[3])
         | query_image | string / null | query image path, relative to the image root |
     """
-    hints = typing.get_type_hints(JudgeRow)
+    hints = typing.get_type_hints(MinedRow)
     lines = ["| column | type | meaning |", "|---|---|---|"]
     for column, hint in hints.items():
-        lines.append(f"| {column} | {_column_type(UNIME_FEATURES[column], hint)} | {COLUMN_MEANINGS[column]} |")
+        lines.append(f"| {column} | {_column_type(MINED_FEATURES[column], hint)} | {COLUMN_MEANINGS[column]} |")
     return "\n".join(lines)
 
 
@@ -292,6 +294,10 @@ sampling.
 - judge: `{{ judge }}` (score = P(Yes) / (P(Yes) + P(No)) at the answer position; official_compat={{ official_compat }})
 - top_k = {{ top_k }}, similarity threshold delta = {{ delta }}, beta = {{ beta }}, negatives = {{ num_negatives }},
   interval = {{ interval }}, empty-set fallback = {{ empty_fallback }}, seed = {{ seed }}
+- judge mode: {{ judge_mode }}{{ budget }}
+
+The `judged_pairs` configuration holds every retrieved (query, candidate) pair with its similarity, its score and
+where the score came from, so that audits and calibrations can be computed after the fact.
 
 ## Columns
 
@@ -322,15 +328,33 @@ def build_dataset_card(
         task_categories=["feature-extraction", "image-text-to-text"],
         size_categories=[size_category(rows)],
         tags=["unime-v2", "hard-negatives", "mllm-as-a-judge"],
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]},
+                 {"config_name": "judged_pairs",
+                  "data_files": [{"split": "train", "path": "judged_pairs/train-*.parquet"}]}],
     )
     return DatasetCard.from_template(
         data, template_str=DATASET_CARD_TEMPLATE, name=name, rows=rows, embedder=embedder, judge=judge,
         official_compat=official_compat, top_k=config["top_k"], delta=config["similarity_threshold"],
         beta=config["beta"], num_negatives=config["num_negatives"], interval=config["interval"],
         empty_fallback=config["empty_fallback"], seed=config["seed"], columns=judge_dataset_columns(),
-        instruction=instruction, report=report,
+        instruction=instruction, report=report, judge_mode=config.get("judge_mode", "full"),
+        budget=_budget_text(config),
     )
+
+
+def _budget_text(config: dict[str, Any]) -> str:
+    mode = config.get("judge_mode", "full")
+    if mode == "full":
+        return " (the large judge scored every pair)"
+    cap = config.get("judge_budget")
+    cap_text = f", at most {100 * cap:g}% of each query's pairs" if cap else ""
+    if mode == "top_m":
+        return (f" (the positive and the {config.get('cascade_top_m')} most similar candidates judged, the rest "
+                f"calibrated estimates{cap_text})")
+    return (f" (the large judge scored only the pairs whose score could change the selection{cap_text}: margin "
+            f"{config.get('cascade_margin')} sigma, sigma floor {config.get('cascade_sigma_floor')}, calibration on "
+            f"{100 * config.get('cascade_calibration_share', 0):g}% of the queries judged in full; the rest keep "
+            "calibrated estimates; see the report for the counts)")
 
 
 def render_dataset_card(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .cascade import JUDGE_MODES
 from .rules import EMPTY_FALLBACKS
 
 RETRIEVALS = ("exact", "faiss")
@@ -42,7 +43,44 @@ class MiningConfig:
     retrieval: str = field(default="exact", metadata={
         "choices": RETRIEVALS,
         "help": "exact (chunked top-k in torch) or faiss (exact inner-product index; pip install unime-v2[faiss])"})
+    judge_mode: str = field(default="full", metadata={
+        "choices": JUDGE_MODES,
+        "help": "full (the large judge scores every pair, the paper), cascade (only the pairs whose score could "
+                "change the selection; the rest keep a calibrated estimate: modeling_unime.mining.cascade) or top_m "
+                "(the positive and the cascade_top_m most similar candidates: the naive baseline)"})
+    judge_budget: float | None = field(default=None, metadata={
+        "help": "cascade: at most this share of each query's 1 + top_k pairs goes to the large judge (e.g. 0.25); "
+                "unset: as many as the cascade's rules ask for"})
+    cascade_margin: float = field(default=2.0, metadata={
+        "help": "cascade: judge a candidate whose estimate +- margin * sigma contains the false-negative threshold"})
+    cascade_tail: float = field(default=0.01, metadata={
+        "help": "cascade: the residual quantiles (tail and 1 - tail, per similarity bin) that widen an estimate's "
+                "interval where the judge was seen to stray further than margin * sigma"})
+    cascade_sigma_floor: float = field(default=0.05, metadata={
+        "help": "cascade: the smallest uncertainty an estimate is given (a calibration bin that happened to agree "
+                "must not look certain)"})
+    cascade_calibration_share: float = field(default=0.05, metadata={
+        "help": "cascade: share of the queries judged in full to calibrate the estimates"})
+    cascade_calibration_min_rows: int = field(default=20, metadata={
+        "help": "cascade: at least this many calibration queries (all of them in a smaller dataset)"})
+    cascade_exact_labels: bool = field(default=True, metadata={
+        "help": "cascade: judge every selected negative, so that every soft label is a judge score"})
+    cascade_top_m: int = field(default=10, metadata={"help": "top_m: how many of the most similar candidates to judge"})
+    cascade_audit: bool = field(default=False, metadata={
+        "help": "cascade: also judge every pair and report how far the cascade's selection is from the full judge's "
+                "(identical sets, overlap, fallback agreement, soft-label KL, estimate error)"})
 
     def __post_init__(self) -> None:
         if self.retrieval not in RETRIEVALS:
             raise ValueError(f"retrieval={self.retrieval!r}: use 'exact' or 'faiss'.")
+        if self.judge_mode not in JUDGE_MODES:
+            raise ValueError(f"judge_mode={self.judge_mode!r}: use one of {list(JUDGE_MODES)}.")
+        if self.judge_budget is not None and not 0 < self.judge_budget <= 1:
+            raise ValueError(f"judge_budget={self.judge_budget}: a share of each query's pairs, in (0, 1].")
+        if not 0 < self.cascade_calibration_share <= 1:
+            raise ValueError(f"cascade_calibration_share={self.cascade_calibration_share}: a share in (0, 1].")
+        if not 0 <= self.cascade_tail < 0.5:
+            raise ValueError(f"cascade_tail={self.cascade_tail}: a quantile level in [0, 0.5).")
+        if self.cascade_sigma_floor <= 0 or self.cascade_margin < 0:
+            raise ValueError("cascade_sigma_floor must be positive and cascade_margin not negative, got "
+                             f"{self.cascade_sigma_floor} and {self.cascade_margin}.")

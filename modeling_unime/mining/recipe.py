@@ -169,7 +169,8 @@ def run_mining_recipe(script: MiningScriptArguments, config: MiningConfig) -> Da
     (output_dir / "dataset" / "README.md").write_text(card, encoding="utf-8")
     print(f"dataset saved to {output_dir / 'dataset'} ({len(mined)} rows)")
     if script.push_to_hub:
-        url = push_mined_dataset(mined, card, script.push_to_hub, output_dir / "hub")
+        url = push_mined_dataset(mined, card, script.push_to_hub, output_dir / "hub",
+                                 pairs=load_from_disk(str(output_dir / "judged_pairs")))
         print(f"pushed to {url}")
     return mined
 

@@ -21,10 +21,20 @@ from ..judge import Judge
 from ..placement import process_state
 from ..util.embedding_cache import Item
 from ..util.files import atomic_write, warn_damaged
+from .cascade import JudgeCalibration, calibration_rows
 from .config import MiningConfig
 from .inputs import MiningInputs, count_duplicate_rows, embed_inputs
 from .judging import CachedJudge, judge_fingerprint
-from .selection import mine_rows, mining_report, to_dataset, warn_degenerate
+from .selection import (
+    fit_calibration,
+    judge_in_full,
+    judge_progress,
+    judged_pairs_dataset,
+    mine_rows,
+    mining_report,
+    to_dataset,
+    warn_degenerate,
+)
 from .stats import SelectionStats
 
 __all__ = ["read_shard", "run_mining", "shard_path", "shard_rows", "shards_of_process"]
@@ -82,30 +92,49 @@ def run_mining(
     cached_judge = CachedJudge(judge, output_dir / "cache" / "judge", judge_fingerprint(judge),
                                f"rank-{state.process_index}", image_root=image_root)
     state.wait_for_everyone()  # every process has read the judge logs before any process appends to them
+    calibration, calibration_indices = None, []
+    if config.judge_mode != "full":
+        calibration, calibration_indices = calibrate(inputs, embeddings, cached_judge, config, state)
+        timings["calibration"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if state.is_main_process:
+            content = json.dumps({"rows": calibration_indices, **calibration.to_dict()}, indent=1)
+            atomic_write(output_dir / "calibration.json", lambda temporary: temporary.write_text(content))
     shard_count = (row_count + config.shard_size - 1) // config.shard_size
-    for shard in shards_of_process(shard_count, state.process_index, state.num_processes):
-        path = shard_path(shards_dir, shard)
-        indices = shard_rows(shard, config.shard_size, row_count)
-        if path.exists() and read_shard(path, len(indices)) is not None:
-            continue
-        stats = SelectionStats(num_negatives=config.num_negatives)
-        cached_judge.context = {"shard": shard}
-        scored_before, cached_before = cached_judge.pairs_scored, cached_judge.pairs_from_cache
-        mined = mine_rows(indices, inputs, embeddings, cached_judge, config, stats)
-        payload = json.dumps({
-            "rows": mined, "stats": asdict(stats), "config": asdict(config),
-            "mined_by": {"process_index": state.process_index, "num_processes": state.num_processes},
-            "judge_pairs": {"scored": cached_judge.pairs_scored - scored_before,
-                            "from_cache": cached_judge.pairs_from_cache - cached_before},
-        }, ensure_ascii=False)
-        atomic_write(path, lambda temporary: temporary.write_text(payload, encoding="utf-8"))
+    pending = [shard for shard in shards_of_process(shard_count, state.process_index, state.num_processes)
+               if not (shard_path(shards_dir, shard).exists()
+                       and read_shard(shard_path(shards_dir, shard), len(shard_rows(shard, config.shard_size,
+                                                                                      row_count))) is not None)]
+    total_pairs = sum(len(shard_rows(shard, config.shard_size, row_count)) for shard in pending)
+    total_pairs *= 1 + min(config.top_k, len(inputs.pool))
+    description = f"judge (process {state.process_index})" if state.num_processes > 1 else "judge"
+    with judge_progress(total_pairs, description, position=state.process_index) as bar:
+        for shard in pending:
+            path = shard_path(shards_dir, shard)
+            indices = shard_rows(shard, config.shard_size, row_count)
+            stats = SelectionStats(num_negatives=config.num_negatives)
+            cached_judge.context = {"shard": shard}
+            scored_before, cached_before = cached_judge.pairs_scored, cached_judge.pairs_from_cache
+            pairs: list[dict[str, Any]] = []
+            mined = mine_rows(indices, inputs, embeddings, cached_judge, config, stats, calibration=calibration,
+                              calibration_indices=calibration_indices, pairs=pairs, progress=bar)
+            if shard == 0 and calibration is not None:
+                stats.update(calibration_queries=len(calibration_indices))
+            payload = json.dumps({
+                "rows": mined, "stats": asdict(stats), "config": asdict(config), "pairs": pairs,
+                "mined_by": {"process_index": state.process_index, "num_processes": state.num_processes},
+                "judge_pairs": {"scored": cached_judge.pairs_scored - scored_before,
+                                "from_cache": cached_judge.pairs_from_cache - cached_before},
+            }, ensure_ascii=False)
+            atomic_write(path, lambda temporary: temporary.write_text(payload, encoding="utf-8"))
+        bar.total = bar.n
     cached_judge.context = {}
     timings["retrieval, judge and selection"] = time.perf_counter() - start
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
 
-    mined, stats = [], SelectionStats(num_negatives=config.num_negatives)
+    mined, pairs, stats = [], [], SelectionStats(num_negatives=config.num_negatives)
     stats.update(duplicate_rows=count_duplicate_rows(inputs.queries, inputs.positives))
     shard_records = []
     for shard in range(shard_count):
@@ -122,17 +151,14 @@ def run_mining(
                 "shards folder to mine again."
             )
         mined.extend(content["rows"])
+        pairs.extend(content.get("pairs") or [])
         shard_stats = SelectionStats(**content["stats"])
         stats = stats.merge(shard_stats)
         shard_records.append({"shard": shard, "queries": shard_stats.queries, "rows": len(content["rows"]),
                               "mined_by": content.get("mined_by"), "judge_pairs": content.get("judge_pairs")})
     result = to_dataset(mined)
-    final = output_dir / "dataset"
-    staging = output_dir / f".dataset-{uuid.uuid4().hex}"
-    result.save_to_disk(str(staging))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    save_dataset(result, output_dir / "dataset")
+    save_dataset(judged_pairs_dataset(pairs), output_dir / "judged_pairs")
     by_process: dict[Any, list[int]] = {}
     for record in shard_records:
         by_process.setdefault((record["mined_by"] or {}).get("process_index", "?"), []).append(record["shard"])
@@ -144,7 +170,7 @@ def run_mining(
     ]
     report = mining_report(stats, result, timings, beta=config.beta, extra_lines=extra)
     (output_dir / "summary.txt").write_text(report + "\n", encoding="utf-8")
-    summary = {"rows_written": len(result), "stats": asdict(stats),
+    summary = {"rows_written": len(result), "stats": asdict(stats), "judge_budget": stats.judge_budget(),
                "degenerate": stats.degenerate_warnings(config.beta), "config": asdict(config),
                "shards": shard_records, "seconds": timings}
     atomic_write(output_dir / "summary.json",
@@ -154,6 +180,31 @@ def run_mining(
     else:
         warn_degenerate(stats, config.beta, output_dir / "summary.txt")
     return result
+
+
+def save_dataset(dataset: Dataset, final: Path) -> None:
+    """``save_to_disk`` into a staging folder, then swap it in: a killed run never leaves half a dataset."""
+    staging = final.parent / f".{final.name}-{uuid.uuid4().hex}"
+    dataset.save_to_disk(str(staging))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+
+
+def calibrate(
+    inputs: MiningInputs, embeddings: Any, cached_judge: CachedJudge, config: MiningConfig, state: Any
+) -> tuple[JudgeCalibration, list[int]]:
+    """The cascade's calibration, the same on every process: each judges its share of the calibration rows in full
+    (into the shared judge logs), then every process reads all the logs and fits on every calibration row."""
+    indices = calibration_rows(len(inputs), config.cascade_calibration_share, config.cascade_calibration_min_rows,
+                               config.seed)
+    cached_judge.context = {"calibration": True}
+    judge_in_full(indices[state.process_index::state.num_processes], inputs, embeddings, cached_judge, config)
+    state.wait_for_everyone()
+    cached_judge.reload()
+    state.wait_for_everyone()  # nobody appends to the logs before every process has read them
+    cached_judge.context = {}
+    return fit_calibration(indices, inputs, embeddings, cached_judge, config), indices
 
 
 def shard_path(shards_dir: Path, shard: int) -> Path:

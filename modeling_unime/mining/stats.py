@@ -55,6 +55,16 @@ class SelectionStats:
     candidates_judged: int = 0
     candidates_below_positive: int = 0
     score_gap_sum: float = 0.0
+    judge_pairs: int = 0
+    estimated_pairs: int = 0
+    calibration_queries: int = 0
+    audit_rows: int = 0
+    audit_identical_sets: int = 0
+    audit_overlap_sum: float = 0.0
+    audit_fallback_agreement: int = 0
+    audit_kl_sum: float = 0.0
+    audit_estimate_error_sum: float = 0.0
+    audit_estimates: int = 0
     num_negatives: int = 10
 
     def update(
@@ -73,6 +83,9 @@ class SelectionStats:
         candidates_judged: int = 0,
         candidates_below_positive: int = 0,
         score_gap: float = 0.0,
+        judge_pairs: int = 0,
+        estimated_pairs: int = 0,
+        calibration_queries: int = 0,
     ) -> None:
         """Add counts in place; booleans count as 0 or 1 so per-query flags can be passed directly.
 
@@ -97,12 +110,45 @@ class SelectionStats:
             "duplicate_rows": duplicate_rows,
             "candidates_judged": candidates_judged,
             "candidates_below_positive": candidates_below_positive,
+            "judge_pairs": judge_pairs,
+            "estimated_pairs": estimated_pairs,
+            "calibration_queries": calibration_queries,
         }
         for name, increment in increments.items():
             increment = int(increment)
             if increment < 0:
                 raise ValueError(f"counts only grow; got {name} += {increment}")
             setattr(self, name, getattr(self, name) + increment)
+
+    def add_audit(self, values: dict[str, float]) -> None:
+        """Add one row's cascade audit (`modeling_unime.mining.cascade.audit_row`) in place."""
+        for name, value in values.items():
+            if not name.startswith("audit_") or not hasattr(self, name):
+                raise ValueError(f"not an audit count: {name!r}")
+            if not value >= 0:
+                raise ValueError(f"counts only grow; got {name} += {value}")
+            setattr(self, name, getattr(self, name) + value)
+
+    def judge_budget(self) -> dict[str, float | int]:
+        """The large judge's share of the work: pairs it scored (positives included), pairs given an estimate
+        instead, and the share of all pairs it scored; with the audit, how close the cascade came to the full
+        judge (identical negative sets, overlap, fallback agreement, mean soft-label KL, mean estimate error)."""
+        pairs = self.judge_pairs + self.estimated_pairs
+        budget: dict[str, float | int] = {
+            "judge_pairs": self.judge_pairs, "estimated_pairs": self.estimated_pairs, "pairs": pairs,
+            "judge_share": self.judge_pairs / pairs if pairs else 0.0, "calibration_queries": self.calibration_queries,
+        }
+        if self.audit_rows:
+            budget.update(
+                audit_rows=self.audit_rows,
+                identical_sets=self.audit_identical_sets / self.audit_rows,
+                mean_overlap=self.audit_overlap_sum / self.audit_rows,
+                fallback_agreement=self.audit_fallback_agreement / self.audit_rows,
+                mean_soft_label_kl=self.audit_kl_sum / self.audit_rows,
+                mean_estimate_error=(self.audit_estimate_error_sum / self.audit_estimates
+                                     if self.audit_estimates else 0.0),
+            )
+        return budget
 
     def merge(self, other: SelectionStats) -> SelectionStats:
         """A new `SelectionStats` with both sets of counts added (e.g. one per worker); neither is changed."""
@@ -158,6 +204,20 @@ class SelectionStats:
         lines += [f"  {label:<{width}}  {count:>10,}  ({rate(count)})" for label, count, rate in rows]
         gap = f"{self.mean_score_gap:.4f}" if judged else "n/a"
         lines.append(f"  {'mean |positive score - candidate score|':<{width}}  {gap:>10}")
+        if self.estimated_pairs:
+            budget = self.judge_budget()
+            lines.append(f"  {'pairs the large judge scored (positives included)':<{width}}  "
+                         f"{self.judge_pairs:>10,}  ({100 * budget['judge_share']:.1f}% of {budget['pairs']:,} "
+                         f"pairs; {self.calibration_queries:,} calibration queries judged in full)")
+            lines.append(f"  {'pairs given a calibrated estimate instead':<{width}}  {self.estimated_pairs:>10,}")
+        if self.audit_rows:
+            budget = self.judge_budget()
+            lines.append(
+                f"Audit against the full judge over {self.audit_rows:,} queries: identical negative sets "
+                f"{100 * budget['identical_sets']:.1f}%, mean overlap {100 * budget['mean_overlap']:.1f}%, fallback "
+                f"agreement {100 * budget['fallback_agreement']:.1f}%, mean soft-label KL "
+                f"{budget['mean_soft_label_kl']:.4f} nats, mean |estimate - judge| "
+                f"{budget['mean_estimate_error']:.4f}")
         lines.append("Hints:")
         lines += [f"  - {hint}" for hint in self._hints()] or ["  - none: every query got its negatives."]
         block = self.warning_block(beta) if warnings else ""
