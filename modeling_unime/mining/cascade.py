@@ -21,9 +21,9 @@ training pairs). The cascade (``judge_mode="cascade"`` of `modeling_unime.mining
 
 ``judge_budget`` caps the large-judge calls per query (a share of its ``1 + top_k`` pairs, the positive included):
 candidates are then judged most-doubtful first (`flip_distance`: the threshold's distance from the estimate over the
-interval's reach; a picked negative counts as doubtful), until the cap, which is spent in full. ``judge_mode="top_m"`` is the naive baseline
-the cascade is measured against: the positive and the ``top_m`` most similar candidates are judged, the rest keep
-their estimates.
+interval's reach; a picked negative counts as doubtful), until the cap, which is spent in full.
+``judge_mode="top_m"`` is the naive baseline the cascade is measured against: the positive and the ``top_m`` most
+similar candidates are judged, the rest keep their estimates.
 
 Every score records its source (``judge`` or ``estimate``, ``fallback`` for the empty-set fallback): the mined
 dataset's ``judge_score_source`` column and the judged-pairs side table (`modeling_unime.mining.selection`).
