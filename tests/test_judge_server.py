@@ -61,6 +61,8 @@ class StubJudgeServer:
         self.delay = delay
         self.fail_with: list[int] = []
         self.omit_logprobs = False
+        self.dead = False  # kill(): every connection is dropped unanswered, as by a crashed server
+        self.kill_after: int | None = None  # kill() once this many completion requests arrived
         self.system_prompt = None
         self.requests: list[dict] = []
         self.prompts: list[str] = []
@@ -84,7 +86,13 @@ class StubJudgeServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _drop(self):
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+
             def do_GET(self):
+                if stub.dead:
+                    return self._drop()
                 if self.path != "/v1/models":
                     return self._reply(404, {"error": {"message": f"no route {self.path}"}})
                 self._reply(200, {"object": "list", "data": [
@@ -92,7 +100,12 @@ class StubJudgeServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if stub.dead:
+                    return self._drop()
                 with stub._lock:
+                    if stub.kill_after is not None and len(stub.requests) >= stub.kill_after:
+                        stub.kill()
+                        return self._drop()
                     stub.requests.append(body)
                     stub.in_flight += 1
                     stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
@@ -119,8 +132,16 @@ class StubJudgeServer:
         self._thread.start()
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self.dead = True
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+    def kill(self):
+        """Stop answering at once: open connections are dropped, new ones refused (a crashed server)."""
+        self.dead = True
+        threading.Thread(target=self.close, daemon=True).start()
 
     def complete(self, body):
         if body.get("model") != self.served_name:
@@ -485,3 +506,49 @@ def test_mining_recipe_scores_through_the_server(tmp_path, stub, monkeypatch, ca
     assert served["neg_texts"] == local["neg_texts"] and len(served) == 6
     for got, expected in zip(served["judge_scores"], local["judge_scores"]):
         assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
+
+
+def test_several_servers_share_the_work_and_a_killed_one_loses_nothing(tmp_path):
+    """Mining through two servers, one killed mid-run: the dataset equals the one-server dataset, every pair is in
+    the judge log exactly once, both servers answered, and the requests moved to the live one."""
+    from datasets import load_from_disk
+
+    from modeling_unime.mining import MiningConfig, run_mining
+    from modeling_unime.tiny import build_tiny_unime, synthetic_pairs
+
+    rows = synthetic_pairs(12, tmp_path / "images", seed=5)
+    embedder, processor = build_tiny_unime("qwen2_vl")
+    embedder.processor = processor
+    config = MiningConfig(top_k=4, beta=0.0, num_negatives=2, interval=2, shard_size=4)
+    single, first, second = (StubJudgeServer(*tiny_judge()) for _ in range(3))
+    try:
+        with server_judge(single.url, max_concurrency=4) as judge:
+            run_mining(rows, embedder, judge, tmp_path / "one", config, image_root=tmp_path / "images", verbose=False)
+        second.kill_after = 12
+        with server_judge([first.url, second.url], max_concurrency=4, failover_cooldown=60) as judge:
+            run_mining(rows, embedder, judge, tmp_path / "two", config, image_root=tmp_path / "images", verbose=False)
+            stats = judge.stats
+    finally:
+        for server in (single, first, second):
+            server.close()
+    assert second.dead and len(second.requests) >= 12 and len(first.requests) > len(second.requests)
+    assert stats.failovers >= 1 and set(stats.requests_by_server) == {first.url, second.url}
+    one, two = (load_from_disk(str(tmp_path / name / "dataset")) for name in ("one", "two"))
+    assert two.to_list() == one.to_list()
+    logged = [json.loads(line)["key"] for log in (tmp_path / "two" / "cache" / "judge").rglob("*.jsonl")
+              for line in log.read_text().splitlines()]
+    assert len(logged) == len(set(logged)) == len(rows) * 5  # each row's positive and 4 candidates, once
+
+
+def test_servers_must_serve_the_same_judge(tmp_path):
+    model, processor = tiny_judge()
+    first, other = StubJudgeServer(model, processor), StubJudgeServer(model, processor, root="/models/another")
+    try:
+        with server_judge(f"{first.url},{other.url}", max_concurrency=1) as judge:
+            with pytest.raises(ServerJudgeError, match=r"does not serve the judge the other servers serve"):
+                judge.score("a red circle", None, CANDIDATES[:3])
+        with pytest.raises(ValueError, match="lists a server twice"):
+            server_judge([first.url, first.url + "/v1"])
+    finally:
+        first.close()
+        other.close()

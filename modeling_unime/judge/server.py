@@ -74,7 +74,7 @@ import urllib.parse
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +98,14 @@ class ServerJudgeError(RuntimeError):
 
 @dataclass
 class ServerJudgeStats(JudgeStats):
-    """`JudgeStats` plus what went over the wire: requests sent (retries included), retries, prompts verified."""
+    """`JudgeStats` plus what went over the wire: requests sent (retries included), retries, prompts verified,
+    failovers (a request moved to another server after one failed), requests per server."""
 
     requests: int = 0
     retries: int = 0
     prompts_verified: int = 0
+    failovers: int = 0
+    requests_by_server: dict[str, int] = field(default_factory=dict)
 
 
 class _Connections:
@@ -157,7 +160,12 @@ class ServerJudge(PromptBuilder):
     """Scores (query, candidate) pairs as P(Yes) against P(No) through an OpenAI-compatible server (vLLM).
 
     Args:
-        base_url: the server, ``http://host:port`` (a trailing ``/v1`` is accepted).
+        base_url: the server, ``http://host:port`` (a trailing ``/v1`` is accepted), or several servers serving the
+            same model (a list, or one string with comma-separated URLs: several vLLM servers, or the replicas of a
+            data-parallel deployment). Requests go to the server with the fewest in flight; a server that fails
+            (connection error, timeout, HTTP 408/429/5xx) is set aside for ``failover_cooldown`` seconds and the
+            request is retried on another at once. Each server is checked to serve the same model before its first
+            pair.
         processor: the judge's processor (tokenizer, chat template, image processor), the same files the server
             loaded: it renders the prompts, gives the Yes/No token ids and keys the cache.
         model_name: the served model name (``model`` of each request); default: the server's only model.
@@ -179,6 +187,7 @@ class ServerJudge(PromptBuilder):
             cache key (`fingerprint`).
         weights_path: local folder of the served checkpoint, hashed into the cache key (default: the folder of
             `from_pretrained`, when it is local).
+        failover_cooldown: seconds a failed server is left out before it is tried again.
 
     Example:
         >>> judge = ServerJudge.from_pretrained("http://127.0.0.1:8000",
@@ -188,7 +197,7 @@ class ServerJudge(PromptBuilder):
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         processor: Any,
         model_name: str | None = None,
         official_compat: bool = False,
@@ -211,12 +220,19 @@ class ServerJudge(PromptBuilder):
         resize_locally: bool = True,
         server_tag: str | None = None,
         weights_path: str | os.PathLike | None = None,
+        failover_cooldown: float = 30.0,
     ) -> None:
         super().__init__(processor, instruction)
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency={max_concurrency}: at least one request must be allowed in flight.")
-        base_url = base_url.rstrip("/")
-        self.base_url = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+        urls = [url.strip() for url in base_url.split(",")] if isinstance(base_url, str) else list(base_url)
+        urls = [url.rstrip("/") for url in urls if url and url.strip()]
+        if not urls:
+            raise ValueError("base_url: give at least one server URL, http(s)://host:port.")
+        self.base_urls = [url[: -len("/v1")] if url.endswith("/v1") else url for url in urls]
+        if len(set(self.base_urls)) != len(self.base_urls):
+            raise ValueError(f"base_url lists a server twice: {self.base_urls}.")
+        self.base_url = self.base_urls[0]
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode={logprobs_mode!r}: use one of {', '.join(LOGPROBS_MODES)} (the server's "
                              "--logprobs-mode).")
@@ -248,7 +264,12 @@ class ServerJudge(PromptBuilder):
         self.stats = ServerJudgeStats()
         api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._connections = _Connections(self.base_url, timeout, headers)
+        self._servers = [_Connections(url, timeout, headers) for url in self.base_urls]
+        self.failover_cooldown = failover_cooldown
+        self._down_until = [0.0] * len(self._servers)
+        self._in_flight = [0] * len(self._servers)
+        self._checked_servers: set[int] = set()
+        self._turn = 0
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._verified_kinds: set[tuple[bool, bool]] = set()
@@ -276,7 +297,8 @@ class ServerJudge(PromptBuilder):
 
     def __repr__(self) -> str:
         served = self._served["id"] if self._served else self.model_name
-        return (f"ServerJudge({self.base_url}, model={served!r}, official_compat={self.official_compat}, "
+        servers = self.base_url if len(self.base_urls) == 1 else "[" + ", ".join(self.base_urls) + "]"
+        return (f"ServerJudge({servers}, model={served!r}, official_compat={self.official_compat}, "
                 f"logprobs_mode={self.logprobs_mode!r}, max_concurrency={self.max_concurrency})")
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -330,15 +352,45 @@ class ServerJudge(PromptBuilder):
 
     # ------------------------------------------------------------------------------------------------ HTTP
 
-    def _send(self, method: str, path: str, payload: dict[str, Any] | None, what: str) -> dict[str, Any]:
-        """One JSON request with retries; the decoded answer, or a `ServerJudgeError` naming the server and ``what``."""
-        url = self.base_url + path
+    def _pick_server(self) -> int:
+        """The server for the next request: among those not set aside, the one with the fewest requests in flight
+        (taking turns on ties); when every server is set aside, the one that comes back first."""
+        with self._lock:
+            now = time.monotonic()
+            order = [(self._turn + offset) % len(self._servers) for offset in range(len(self._servers))]
+            self._turn += 1
+            up = [index for index in order if self._down_until[index] <= now]
+            chosen = min(up, key=lambda index: self._in_flight[index]) if up else min(
+                order, key=lambda index: self._down_until[index])
+            self._in_flight[chosen] += 1
+            return chosen
+
+    def _send(self, method: str, path: str, payload: dict[str, Any] | None, what: str,
+              server: int | None = None) -> dict[str, Any]:
+        """One JSON request with retries (on another server when one fails); the decoded answer, or a
+        `ServerJudgeError` naming the server(s) and ``what``. ``server`` pins the request to one server."""
         body = None if payload is None else json.dumps(payload).encode()
         delay = self.backoff
+        problems: list[str] = []
         for attempt in range(self.max_retries + 1):
+            index = self._pick_server() if server is None else server
+            if server is not None:
+                with self._lock:
+                    self._in_flight[index] += 1
+            url = self.base_urls[index] + path
+            if server is None and index not in self._checked_servers and path != "/v1/models":
+                try:
+                    self._check_server(index)
+                except BaseException:
+                    with self._lock:
+                        self._in_flight[index] -= 1
+                    raise
             self._count(requests=1)
+            with self._lock:
+                self.stats.requests_by_server[self.base_urls[index]] = (
+                    self.stats.requests_by_server.get(self.base_urls[index], 0) + 1)
             try:
-                status, data = self._connections.request(method, path, body)
+                status, data = self._servers[index].request(method, path, body)
             except (OSError, http.client.HTTPException) as error:
                 problem = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
             else:
@@ -348,25 +400,60 @@ class ServerJudge(PromptBuilder):
                     except json.JSONDecodeError as error:
                         raise ServerJudgeError(f"{url} answered {what} with a body that is not JSON ({error}): "
                                                f"{data[:300]!r}") from error
+                    finally:
+                        with self._lock:
+                            self._in_flight[index] -= 1
                 detail = data[:500].decode("utf-8", errors="replace")
                 if status not in RETRY_STATUSES:
+                    with self._lock:
+                        self._in_flight[index] -= 1
                     hint = ""
                     if status in (401, 403):
                         hint = f" (wrong or missing API key: set {API_KEY_ENV} or pass api_key=)"
                     raise ServerJudgeError(f"{url} answered HTTP {status} to {what}{hint}: {detail}")
                 problem = f"HTTP {status}: {detail}"
+            with self._lock:
+                self._in_flight[index] -= 1
+                if len(self._servers) > 1:
+                    self._down_until[index] = time.monotonic() + self.failover_cooldown
+            problems.append(f"{self.base_urls[index]}: {problem}")
             if attempt == self.max_retries:
+                servers = self.base_urls[index] if len(self.base_urls) == 1 else f"{len(self.base_urls)} servers"
                 raise ServerJudgeError(
-                    f"{url}: {what} failed after {attempt + 1} attempt(s); last problem: {problem}. Is the server up "
-                    f"(GET {self.base_url}/v1/models)?"
+                    f"{url}: {what} failed after {attempt + 1} attempt(s) on {servers}; last problem: {problem}. "
+                    f"Is the server up (GET {self.base_urls[index]}/v1/models)?"
+                    + ("" if len(self.base_urls) == 1 else f" Problems: {'; '.join(problems[-len(self.base_urls):])}")
                 )
             self._count(retries=1)
+            with self._lock:
+                another_up = server is None and any(
+                    self._down_until[other] <= time.monotonic() for other in range(len(self._servers)))
+            if another_up:
+                self._count(failovers=1)
+                continue
             time.sleep(min(delay, self.max_backoff) * (0.5 + random.random()))
             delay *= 2
         raise AssertionError("unreachable")
 
+    def _check_server(self, index: int) -> None:
+        """Before its first pair, a server must serve the judge's model (the same id and root as the first)."""
+        served = self.served_model()
+        if index in self._checked_servers:
+            return
+        listing = self._send("GET", "/v1/models", None, "GET /v1/models", server=index)
+        models = {model.get("id"): model for model in listing.get("data") or []}
+        entry = models.get(self.model_name)
+        if entry is None or entry.get("root") != served.get("root"):
+            raise ServerJudgeError(
+                f"{self.base_urls[index]} does not serve the judge the other servers serve ({self.model_name!r}, root "
+                f"{served.get('root')!r}); it serves {[(m.get('id'), m.get('root')) for m in models.values()]}."
+            )
+        with self._lock:
+            self._checked_servers.add(index)
+
     def served_model(self) -> dict[str, Any]:
-        """The served model's entry of ``GET /v1/models`` (``model_name``'s, or the only one), fetched once."""
+        """The served model's entry of ``GET /v1/models`` (``model_name``'s, or the only one), fetched once from
+        the first server that answers."""
         if self._served is None:
             listing = self._send("GET", "/v1/models", None, "GET /v1/models")
             models = listing.get("data") or []

@@ -63,7 +63,8 @@ class MiningScriptArguments:
         "help": "folder the image paths of data are relative to (synthetic:N default: output_dir/images)"})
     judge_server: str | None = field(default=None, metadata={
         "help": "score on an OpenAI-compatible server (vLLM) at this URL, serving the model named by judge (its "
-                "processor is loaded from there)"})
+                "processor is loaded from there); several URLs, comma-separated: the requests are spread over them "
+                "and moved to another when one fails"})
     judge_concurrency: int = field(default=16, metadata={"help": "judge_server: requests in flight at once"})
     judge_logprobs_mode: str = field(default="raw_logprobs", metadata={
         "choices": LOGPROBS_MODES, "help": "judge_server: what the server's --logprobs-mode makes it return"})
