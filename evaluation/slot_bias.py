@@ -29,6 +29,7 @@ Example (a model that always picks the last slot):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,7 +82,8 @@ def slot_bias(
     ``preferred_slot``, ``preferred_share``,
     ``accuracy_by_slot`` (the positive forced to each slot), ``rotation_mean_accuracy`` (their mean), ``chance``
     (100 / K), ``plain_accuracy`` (positive at slot 0), ``rotation_averaged_accuracy`` (argmax of the probabilities
-    averaged over the rotations), ``rows`` and ``list_length``.
+    averaged over the rotations), ``positive_log_loss`` (mean -log P(positive) over every row and slot: the listwise
+    index loss on these held-out lists) beside ``chance_log_loss`` (ln K), ``rows`` and ``list_length``.
     """
     if not rows:
         raise ValueError("slot_bias needs at least one row.")
@@ -94,12 +96,13 @@ def slot_bias(
     for query, _ in free_rows:
         histogram += _choice(_probabilities(reranker, query, [content_free] * length))
     correct = [0.0] * length
-    plain = averaged_correct = 0.0
+    plain = averaged_correct = log_loss = 0.0
     for query, candidates in rows:
         averaged = torch.zeros(length, dtype=torch.float64)  # per candidate (its position in the given list)
         for shift, rotated in enumerate(rotations(candidates)):
             probabilities = _probabilities(reranker, query, rotated)
             credit = float(_choice(probabilities)[shift])  # rotation `shift` put the positive at slot `shift`
+            log_loss -= math.log(max(float(probabilities[shift]), 1e-300))
             correct[shift] += credit
             plain += credit if shift == 0 else 0.0
             for slot in range(length):
@@ -120,4 +123,6 @@ def slot_bias(
         "rotation_mean_accuracy": sum(accuracy_by_slot) / length,
         "plain_accuracy": 100 * plain / len(rows),
         "rotation_averaged_accuracy": 100 * averaged_correct / len(rows),
+        "positive_log_loss": log_loss / (len(rows) * length),
+        "chance_log_loss": math.log(length),
     }

@@ -463,9 +463,11 @@ class OracleJudge:
         self.colours, self.shapes = tuple(colours), tuple(shapes)
         self.attributes_by_path = attributes_by_path
 
-    def image_attributes(self, path: str) -> dict[str, str]:
+    def image_attributes(self, path: Any) -> dict[str, str]:
+        if not isinstance(path, (str, os.PathLike)):  # an image the oracle has no ground truth for (a blank one)
+            return {}
         if self.attributes_by_path is not None:
-            return dict(self.attributes_by_path.get(path, {}))
+            return dict(self.attributes_by_path.get(os.fspath(path), {}))
         colour, _, shape = Path(path).stem.partition("-")
         return {key: value for key, value in (("colour", colour), ("shape", shape)) if value}
 

@@ -102,3 +102,30 @@ def test_a_judge_that_always_says_its_prior_is_not_calibrated_by_luck():
     assert calibrated.score("q", None, ["a", "b"]).tolist() == pytest.approx([0.5, 0.5])
     audit = judge_audit([0.5, 0.5, 0.5], [1, 0, 0])
     assert audit["auc"] == 0.5 and audit["pairwise_accuracy"] == 0.5
+
+
+def test_the_mining_recipe_calibrates_the_judge_and_audits_it(tmp_path, monkeypatch, capsys):
+    import json
+
+    from datasets import load_from_disk
+
+    from conftest import run_recipe
+
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"data: synthetic:8\nembedder: tiny:qwen2_vl\njudge: tiny:qwen2_5_vl\noutput_dir: {tmp_path}\n"
+                      "judge_calibration: contextual\nmining: {top_k: 4, beta: 0.0, num_negatives: 2, interval: 2}\n")
+    run_recipe(monkeypatch, "mine_hard_negatives.py", "--config", str(config))
+    out = capsys.readouterr().out
+    assert "(contextual calibration of its Yes prior)" in out and "judge Yes prior on content-free candidates" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    audit = summary["judge_audit"]
+    assert set(audit["prior"]) == {"text", "image"}  # synthetic:N has colour words and shape images
+    # the audit equals an independent computation from the side table
+    pairs = load_from_disk(str(tmp_path / "judged_pairs"))
+    positives = {row: score for row, score in zip(pairs["row"], pairs["positive_score"])}
+    scores = [*pairs["score"], *positives.values()]
+    labels = [0] * len(pairs) + [1] * len(positives)
+    assert audit["auc"] == pytest.approx(brute_force_auc(scores, labels), abs=1e-6)
+    assert audit["positives"] == 8 and audit["negatives"] == len(pairs)
+    card = (tmp_path / "dataset" / "README.md").read_text()
+    assert "judge audit (each row's positive against its judged candidates" in card

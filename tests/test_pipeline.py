@@ -26,14 +26,34 @@ def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkey
     run_pipeline_recipe(monkeypatch, "--quick", "--output_dir", str(output))
     results = json.loads((output / "results.json").read_text())
     assert list(results["seconds"]) == ["data", "baseline embedder", "judges", "mining", "UniME-V2 embedders",
-                                        "reranker", "evaluation", "listwise evaluation"]
+                                        "reranker", "evaluation", "listwise evaluation", "judge budget and audit"]
     assert set(results["judge_pairwise_accuracy"]) == {"oracle", "mllm"}
     assert results["judge_pairwise_accuracy"]["oracle"] == {"vqa_colour": 100.0, "vqa_shape": 100.0}
     rows = results["table"]
     assert {"blind text-only baseline", "InfoNCE baseline", "+ InfoNCE continued (no hard negatives, no soft labels)",
             "+ hard negatives, hard labels", "+ UniME-V2 soft labels (oracle judge)",
             "+ UniME-V2 soft labels (mllm judge)"} <= set(rows)
-    assert any(label.endswith("+ reranker (top-5)") for label in rows)
+    # one row per rerank mode: with its numbers where the held-out check says it helps, else the embedder's, marked
+    checks = results["reranker_checks"]
+    assert set(checks) == {"pairwise", "listwise", "fused"} and set(results["rerank_rows"]) == set(checks)
+    best = rows["+ UniME-V2 soft labels (oracle judge)"]
+    for mode, label in results["rerank_rows"].items():
+        assert label.startswith(f"+ UniME-V2 soft labels (oracle judge) + reranker ({mode}, top-5)")
+        assert checks[mode]["applied"] == (checks[mode]["reranked_p1"] > checks[mode]["embedder_p1"])
+        if not checks[mode]["applied"]:
+            assert "[skipped: on" in label and rows[label] == best
+    # the judge budget (oracle with a trained embedder per budget), the judge audit, the slot bias
+    budget = results["judge_budget"]
+    assert [row["budget"] for row in budget["oracle"]] == [1.0, 0.5] and budget["mllm"][1]["mean_p1"] is None
+    assert budget["oracle"][0]["mean_p1"] == best["mean"] and budget["oracle"][1]["mean_p1"] is not None
+    assert set(results["judge_audit"]) == {"oracle", "mllm", "reranker"}
+    assert results["judge_audit"]["oracle"]["raw"]["auc"] == 1.0
+    assert set(results["reranker_slot_bias"]) == set(TASKS)
+    for name, report in results["reranker_slot_bias"].items():
+        assert report["rows"] == 4 and report["list_length"] == (3 if name == "vqa_shape" else 5)
+        assert sum(report["content_free_histogram"]) == pytest.approx(4)
+    assert (output / "judge_budget.png").is_file() and (output / "judge_audit.png").is_file()
+    assert (output / "judged-pairs-oracle").is_dir() and (output / "cache" / "mining" / "judge").is_dir()
     assert all(set(scores) == {*TASKS, "mean"} for scores in rows.values())
     for folder in ("mined-oracle", "mined-mllm", "baseline", "reranker", "mllm-judge"):
         assert (output / folder).is_dir(), folder
@@ -45,23 +65,24 @@ def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkey
     assert "| setting | judge |" in (output / "results.md").read_text()
     assert "Held-out pairwise accuracy" in capsys.readouterr().out
     assert set(results["reranker_pairwise_accuracy"]) == {"vqa_colour", "vqa_shape"}
-    # listwise: trained on lists as long as the rerank stage's top-5, reported in the embedder's order and at a
-    # random slot on the same rows
+    # listwise: trained on lists as long as the rerank stage's top-5, reported in the embedder's order
     marker = json.loads((output / "reranker" / "pipeline_stage.json").read_text())
     assert '"listwise_negatives": 4' in marker["fingerprint"]
     listwise = results["listwise_reranking"]
     assert listwise["top_k"] == 5 and listwise["embedder"] == "+ UniME-V2 soft labels (oracle judge)"
     assert list(listwise["tasks"]) == list(TASKS)
-    measures = ("embedder_p1", "embedder_order_p1", "random_slot_accuracy", "random_slot_probability", "chance")
+    measures = ("embedder_p1", "embedder_order_p1", "chance")
     for name, task in listwise["tasks"].items():
-        assert task["rows"] == 16 and sum(task["slots"]) == 16
+        assert task["rows"] == 16
         assert task["list_length"] == (3 if name == "vqa_shape" else 5)  # easy-vqa has 3 shapes
         assert task["chance"] == pytest.approx(100 / task["list_length"])
         assert all(0 <= task[key] <= 100 for key in measures)
     assert listwise["mean"]["chance"] == pytest.approx((20 * 3 + 100 / 3) / 4)
     markdown = (output / "results.md").read_text()
-    assert "| listwise, positive at a random slot: accuracy |" in markdown
     assert "| listwise rerank of the embedder's top-k, embedder order: P@1 |" in markdown
+    for block in ("Reranker check on held-out training rows", "Reranker slot bias", "Reranker listwise index loss",
+                  "Judge budget", "Judge audit on held-out pairs"):
+        assert block in markdown, block
 
 
 def test_rerunning_the_quick_pipeline_resumes_from_the_saved_stages(tmp_path, monkeypatch, capsys):
@@ -73,8 +94,9 @@ def test_rerunning_the_quick_pipeline_resumes_from_the_saved_stages(tmp_path, mo
     run_pipeline_recipe(monkeypatch, "--quick", "--output_dir", str(output))
     second = json.loads((output / "results.json").read_text())
     resumed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[resume]")]
-    assert len(resumed) == 7  # baseline, judge, four variants, reranker: none trained again
-    assert second["table"] == first["table"]
+    # baseline, judge, four variants, reranker, the embedder of the 50% judge budget: none trained again
+    assert len(resumed) == 8
+    assert second["table"] == first["table"] and second["judge_budget"] == first["judge_budget"]
     assert second["curves"] == first["curves"]
     # a changed setting is a different run: the saved stages are not reused
     run_pipeline_recipe(monkeypatch, "--quick", "--output_dir", str(output), "--seed", "1")
@@ -207,56 +229,45 @@ def test_listwise_measurements_match_an_independent_computation():
     tasks = toy_tasks(60, {"ten": 10, "three": 3})
     embedder, reranker = HashEmbedder(), RecordingReranker()
     report = listwise_reranking(embedder, reranker, tasks, top_k=5, rows_per_task=40, seed=3, keep_rows=True)
-    calls = {(query, tuple(candidates)): scores for query, candidates, scores in reranker.calls}
     for name, task in tasks.items():
         measured = report["tasks"][name]
         kept = measured["per_row"]
         assert len(kept) == measured["rows"] == 40 and len({entry["row"] for entry in kept}) == 40
-        expected = dict.fromkeys(("embedder_p1", "embedder_order_p1", "random_slot_accuracy",
-                                  "random_slot_probability"), 0.0)
+        expected = dict.fromkeys(("embedder_p1", "embedder_order_p1"), 0.0)
         for entry in kept:
             query, candidates = task.queries[entry["row"]], task.candidates[entry["row"]]
             vectors = torch.nn.functional.normalize(embedder.encode(*zip(query, *candidates)), dim=-1)
             cosines = (vectors[1:] @ vectors[0]).tolist()
             ranking = sorted(range(len(candidates)), key=lambda index: (-cosines[index], index))
             length = min(5, len(candidates))
+            assert entry["listed"] == ranking[:length]
             expected["embedder_p1"] += ranking[0] == 0
             top = [candidates[index] for index in ranking[:length]]
             scores = reranker.probabilities(query, top)
             expected["embedder_order_p1"] += top[int(torch.argmax(scores))] == candidates[0]
-            # the random-slot list: the positive and the embedder's top length - 1 negatives, in that order
-            negatives = [index for index in ranking if index != 0][: length - 1]
-            listed = [candidates[index] for index in entry["listed"]]
-            assert [index for index in entry["listed"] if index != 0] == negatives
-            assert listed.count(candidates[0]) == 1 and listed[entry["slot"]] == candidates[0]
-            scores = calls[(query, tuple(listed))]  # the reranker saw exactly this list
-            assert torch.allclose(scores, reranker.probabilities(query, listed))
-            assert entry["probabilities"] == pytest.approx(scores.tolist())
-            expected["random_slot_accuracy"] += int(torch.argmax(scores)) == listed.index(candidates[0])
-            expected["random_slot_probability"] += float(scores[listed.index(candidates[0])])
         for key, value in expected.items():
             assert measured[key] == pytest.approx(100 * value / 40), (name, key)
         assert measured["chance"] == pytest.approx(100 / min(5, len(task.candidates[0])))
-        assert 0 < measured["random_slot_accuracy"] < 100  # the stand-in reranker is neither blind nor perfect
-    for key in ("embedder_p1", "random_slot_accuracy", "chance"):
+    for key in ("embedder_p1", "chance"):
         assert report["mean"][key] == pytest.approx(sum(report["tasks"][name][key] for name in tasks) / 2)
 
 
-@pytest.mark.parametrize(("tilt", "embedder_order"), [("late", 0.0), ("early", 100.0)])
-def test_a_content_blind_reranker_scores_chance_at_a_random_slot(tilt, embedder_order):
+@pytest.mark.parametrize(("tilt", "embedder_order", "preferred"), [("late", 0.0, 4), ("early", 100.0, 0)])
+def test_a_content_blind_reranker_is_chance_in_the_slot_bias_report(tilt, embedder_order, preferred):
     """With the positive always first in the embedder's order, a reranker that only prefers a slot scores 0% or
-    100% on embedder-ordered lists, but 1/K at a random slot: that is what the random-slot measurement is for."""
+    100% on embedder-ordered lists; the slot-bias report gives it exactly 1/K and names the slot it prefers."""
+    from evaluation.demo.judge_studies import reranker_slot_bias
     from evaluation.demo.pipeline import listwise_reranking
 
-    tasks = toy_tasks(600, {"eight": 8}, perfect=True)
-    report = listwise_reranking(HashEmbedder(), RecordingReranker(blind=True, tilt=tilt), tasks, top_k=5,
-                                rows_per_task=None, seed=0)
+    tasks = toy_tasks(60, {"eight": 8}, perfect=True)
+    reranker = RecordingReranker(blind=True, tilt=tilt)
+    report = listwise_reranking(HashEmbedder(), reranker, tasks, top_k=5, rows_per_task=None, seed=0)
     measured = report["tasks"]["eight"]
     assert measured["embedder_p1"] == 100 and measured["embedder_order_p1"] == embedder_order
-    assert measured["chance"] == pytest.approx(20) and measured["list_length"] == 5
-    assert abs(measured["random_slot_accuracy"] - 20) < 5  # 3.1 standard deviations of 600 draws
-    assert abs(measured["random_slot_probability"] - 20) < 1.5  # exactly 20 in expectation; sd 0.4
-    assert min(measured["slots"]) > 80 and sum(measured["slots"]) == 600  # every slot, the last included
+    bias = reranker_slot_bias(HashEmbedder(), reranker, tasks, top_k=5, rows_per_task=20, seed=0)["eight"]
+    assert bias["rotation_mean_accuracy"] == pytest.approx(20.0) and bias["chance"] == pytest.approx(20.0)
+    assert bias["preferred_slot"] == preferred and bias["preferred_share"] == 100.0
+    assert bias["positive_log_loss"] >= bias["chance_log_loss"]
 
 
 # ------------------------------------------------------------------------------------- recipe, table, optional extras

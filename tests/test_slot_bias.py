@@ -55,6 +55,8 @@ def test_a_content_blind_model_scores_exactly_chance_and_its_slot_is_named(slot)
     # rotation-averaging leaves every candidate with the same score: the positive shares the choice with all
     assert report["rotation_averaged_accuracy"] == pytest.approx(20.0)
     assert report["plain_accuracy"] == (100.0 if slot == 0 else 0.0)
+    # its log loss on the positive is no better than chance (ln 5) on average over the slots
+    assert report["positive_log_loss"] >= report["chance_log_loss"] - 1e-9
 
 
 def test_uniform_scores_choose_no_slot():
@@ -94,6 +96,9 @@ def test_a_reading_model_is_measured_as_brute_force_computes_it():
     assert report["plain_accuracy"] == pytest.approx(100 * plain / 12)
     assert report["rotation_averaged_accuracy"] == pytest.approx(100 * averaged_correct / 12)
     assert report["preferred_slot"] == 3  # the bias shows on content-free lists
+    losses = [-torch.log(probabilities[candidates.index(f"pos{index // 5}")]).item()
+              for index, (candidates, probabilities) in enumerate(list_calls)]
+    assert report["positive_log_loss"] == pytest.approx(sum(losses) / len(losses))
     assert report["accuracy_by_slot"][3] > report["accuracy_by_slot"][0]
 
 

@@ -13,11 +13,15 @@ Stages (each writes under ``output_dir``):
    continues in-batch InfoNCE, the "hard negatives, hard labels" ablation, and UniME-V2 soft labels per judge;
 6. the UniME-V2 reranker, started from the judge, trained on the oracle-mined data (pairwise + listwise, lists as
    long as the rerank stage's top-k);
-7. evaluation of every model with the MMEB protocol (precision@1), with and without the rerank stage; a table
-   shaped like the paper's Table 4 (+ judge column, + rerank row, + blind baseline) as markdown and JSON, and a PNG;
-8. listwise reranking of the best embedder's top-k on a sample of held-out rows, twice: in the embedder's order (the
-   rerank stage as deployed) and with the positive moved to a uniformly random slot among the embedder's top k - 1
-   negatives (accuracy and mean probability on the answer), so that a content-blind reranker shows as chance.
+7. evaluation of every model with the MMEB protocol (precision@1); the rerank stage, per mode (pairwise, listwise,
+   the rank fusion of embedder and reranker), only where it beats the embedder on held-out training rows; a table
+   shaped like the paper's Table 4 (+ judge column, + rerank rows, + blind baseline) as markdown and JSON, and a PNG;
+8. listwise reranking of the best embedder's top-k on held-out rows in the embedder's order (the rerank stage as
+   deployed), and the reranker's slot bias per task (`evaluation.slot_bias`: content-free lists, the positive forced
+   to every slot, the index loss on held-out lists against ln K);
+9. the judges measured (`evaluation.demo.judge_studies`): the judge budget (mining with the judge cascade at 50, 25
+   and 10% of the calls, audited against the full judge, and embedders trained on the oracle's cascade data), and
+   each judge's audit on held-out pairs with and without contextual calibration of its Yes prior.
 
 Every trained model and mined dataset is saved with the settings it depends on, so a re-run resumes after the last
 finished stage. ``run_ablation`` is the multi-seed investigation of tau, k, steps and in-batch negatives.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import statistics
 import time
@@ -39,7 +44,8 @@ import torch
 from datasets import Dataset, load_from_disk
 
 from modeling_unime import UniMEV2Config, UniMEV2Model, UniMEV2Reranker, UniMEV2RerankerConfig
-from modeling_unime.mining import MiningConfig, mine_hard_negatives
+from modeling_unime.mining import MiningConfig
+from modeling_unime.mining.selection import mine_with_pairs
 from modeling_unime.placement import accelerator_available, process_device
 from modeling_unime.recipe_engine import start_recipe
 
@@ -51,6 +57,23 @@ from trainers.reranker_trainer import UniMEV2RerankerTrainer, UniMEV2RerankerTra
 
 from ..mmeb import MMEBDataset, MMEBOptions, MMEBResult, candidate_scores, evaluate_task, ranking_from_scores
 from .easyvqa import TASKS, EasyVQASplit, blind_baseline, build_tasks, load_easyvqa, oracle_for, training_pairs
+from .judge_studies import (
+    RERANK_MODES,
+    RankFusion,
+    budget_label,
+    draw_judge_audits,
+    draw_judge_budget,
+    held_out_check_tasks,
+    judge_audits,
+    mine_at_budget,
+    render_judge_audits,
+    render_judge_budget,
+    render_reranker_checks,
+    render_slot_bias,
+    reranker_checks,
+    reranker_slot_bias,
+    skipped_reason,
+)
 
 
 @dataclass
@@ -88,6 +111,10 @@ class PipelineConfig:
     reranker_listwise_weight: float = 0.2
     rerank_top_k: int = 5
     listwise_eval_rows: int = 500
+    judge_budgets: tuple[float, ...] = (0.5, 0.25, 0.1)
+    judge_audit_rows: int = 100
+    reranker_check_rows: int = 100
+    slot_bias_rows: int = 100
 
     def __post_init__(self) -> None:
         if self.rerank_top_k < 2:
@@ -96,7 +123,8 @@ class PipelineConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> "PipelineConfig":
         sliver = dict(train_rows_per_task=24, test_rows_per_task=16, embedder_steps=3, finetune_steps=2, judge_steps=2,
-                      judge_eval_rows=8, mining_queries=12, top_k=6, num_negatives=4, reranker_steps=2, batch_size=4)
+                      judge_eval_rows=8, mining_queries=12, top_k=6, num_negatives=4, reranker_steps=2, batch_size=4,
+                      judge_budgets=(0.5,), judge_audit_rows=4, reranker_check_rows=4, slot_bias_rows=4)
         return cls(**{**sliver, **overrides})
 
     def fingerprint(self, *stages: str) -> str:
@@ -221,7 +249,9 @@ def _train(run: TrainingRun, rows: Dataset, processor: Any, config: PipelineConf
     )
     trainer = run.trainer_class(model=model, args=args, train_dataset=rows, processing_class=processor)
     trainer.train()
-    curve = [{"step": entry["step"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry]
+    curve = [{"step": entry["step"], "loss": entry["loss"],
+              **({"loss_listwise_index": entry["loss_listwise_index"]} if "loss_listwise_index" in entry else {})}
+             for entry in trainer.state.log_history if "loss" in entry]
     trainer.model.save_pretrained(str(run.folder))
     stage.mark({"curve": curve})
     return trainer.model, curve
@@ -296,13 +326,51 @@ def mine(world: DemoWorld, baseline: UniMEV2Model, judge, name: str, config: Pip
     saved = stage.saved()
     if saved is not None:
         return load_from_disk(str(folder)), saved["report"]
-    rows = world.pairs.select(range(min(config.mining_queries, len(world.pairs))))
-    settings = MiningConfig(top_k=config.top_k, num_negatives=max(config.num_negatives, 1), seed=config.seed,
-                            batch_size=32)
-    mined, stats = mine_hard_negatives(rows, baseline, judge, config=settings, verbose=False)
-    mined.save_to_disk(str(folder))
-    stage.mark({"report": stats.summary()})
-    return mined, stats.summary()
+    result = mine_with_pairs(mining_rows(world, config), baseline, judge, config=mining_settings(config),
+                             cache_dir=output / "cache" / "mining", verbose=False, progress=False)
+    result.dataset.save_to_disk(str(folder))
+    result.pairs.save_to_disk(str(output / f"judged-pairs-{name}"))
+    stage.mark({"report": result.stats.summary(), "judge_pairs": result.stats.judge_pairs})
+    return result.dataset, result.stats.summary()
+
+
+def mining_rows(world: DemoWorld, config: PipelineConfig) -> Dataset:
+    """The (query, positive) rows every mining run of the job mines: the first ``mining_queries`` pairs."""
+    return world.pairs.select(range(min(config.mining_queries, len(world.pairs))))
+
+
+def mining_settings(config: PipelineConfig) -> MiningConfig:
+    """The mining settings of the job (the judge cascade's runs add theirs on top)."""
+    return MiningConfig(top_k=config.top_k, num_negatives=max(config.num_negatives, 1), seed=config.seed,
+                        batch_size=32)
+
+
+def judge_budget_study(world: DemoWorld, baseline: UniMEV2Model, judges: Mapping[str, Any], config: PipelineConfig,
+                       output: Path) -> dict[str, list[dict[str, Any]]]:
+    """Mining with the judge cascade at each of ``config.judge_budgets`` (through the same judge cache as the full
+    runs: the audit's full judge costs nothing new), per judge; for the oracle, an embedder trained on each budget's
+    data as the soft-label row and its mean P@1. The 100% rows are the full runs (P@1 filled in by the caller)."""
+    study: dict[str, list[dict[str, Any]]] = {}
+    rows = mining_rows(world, config)
+    for name, judge in judges.items():
+        full_pairs = SavedStage(output / f"mined-{name}", "").folder / SavedStage.MARKER
+        judged = json.loads(full_pairs.read_text())["payload"].get("judge_pairs") if full_pairs.exists() else None
+        study[name] = [{"budget": 1.0, "judge_share": 1.0, "judge_pairs": judged or 0, "identical_sets": 1.0,
+                        "mean_overlap": 1.0, "mean_soft_label_kl": 0.0, "mean_p1": None}]
+        for budget in config.judge_budgets:
+            folder = output / f"mined-{name}-budget-{budget_label(budget).rstrip('%')}"
+            stage = SavedStage(folder, config.fingerprint("mining", *(("judge",) if name == "mllm" else ()))
+                               + json.dumps({"judge_budget": budget}))
+            mined, measured = mine_at_budget(rows, baseline, judge, budget, mining_settings(config),
+                                             output / "cache" / "mining", folder, stage)
+            row = {"budget": budget, **{key: measured.get(key) for key in (
+                "judge_share", "judge_pairs", "identical_sets", "mean_overlap", "mean_soft_label_kl")}, "mean_p1": None}
+            if name == "oracle":
+                model, _ = continue_training(baseline, mined, world, config, output / f"embedder-{folder.name}",
+                                             "oracle", loss="soft_label", num_negatives=config.num_negatives)
+                row["mean_p1"] = evaluate_embedder(model, world.test_tasks).scores["mean"]
+            study[name].append(row)
+    return study
 
 
 def continue_training(baseline: UniMEV2Model, rows: Dataset, world: DemoWorld, config: PipelineConfig, folder: Path,
@@ -326,9 +394,11 @@ class EmbedderScores:
     reranked: dict[str, float] | None = None
 
 
-def evaluate_embedder(model, tasks: dict[str, MMEBDataset], reranker=None, rerank_top_k: int = 3) -> EmbedderScores:
-    """The MMEB protocol (`evaluation.mmeb.evaluate_task`) on every task; the rerank stage reranks pairwise."""
-    options = MMEBOptions(batch_size=32, reranker=reranker, rerank_top_k=rerank_top_k, rerank_mode="pairwise")
+def evaluate_embedder(model, tasks: dict[str, MMEBDataset], reranker=None, rerank_top_k: int = 3,
+                      rerank_mode: str = "pairwise") -> EmbedderScores:
+    """The MMEB protocol (`evaluation.mmeb.evaluate_task`) on every task; the rerank stage reranks in
+    ``rerank_mode``."""
+    options = MMEBOptions(batch_size=32, reranker=reranker, rerank_top_k=rerank_top_k, rerank_mode=rerank_mode)
     results = [evaluate_task(model, task, options=options) for task in tasks.values()]
     plain = with_mean(MMEBResult.from_tasks(results).scores)
     if reranker is None:
@@ -338,14 +408,13 @@ def evaluate_embedder(model, tasks: dict[str, MMEBDataset], reranker=None, reran
 
 def with_mean(scores: dict[str, float]) -> dict[str, float]:
     """A copy of per-task scores with their mean over the four tasks added."""
-    return {**scores, "mean": sum(scores[task] for task in TASKS) / len(TASKS)}
+    return {**scores, "mean": sum(scores[task] for task in TASKS if task in scores)
+            / max(1, sum(task in scores for task in TASKS))}
 
 
 LISTWISE_MEASURES = {
     "embedder_p1": "embedder P@1 on these rows",
     "embedder_order_p1": "listwise rerank of the embedder's top-k, embedder order: P@1",
-    "random_slot_accuracy": "listwise, positive at a random slot: accuracy",
-    "random_slot_probability": "listwise, positive at a random slot: mean P(answer)",
     "chance": "chance (100 / list length)",
 }
 
@@ -365,22 +434,15 @@ def listwise_reranking(
     seed: int = 0,
     keep_rows: bool = False,
 ) -> dict[str, Any]:
-    """Listwise reranking on held-out rows, measured two ways on the same rows (a sample of ``rows_per_task`` per
-    task, drawn with ``seed``; all rows when None), all values in %:
+    """Listwise reranking on held-out rows (a sample of ``rows_per_task`` per task, drawn with ``seed``; all rows when
+    None), as deployed, in %: ``embedder_order_p1``, the embedder's top ``top_k`` in the embedder's order and the
+    reranker's first choice scored like MMEB (the positive missing from the top k counts as wrong), beside
+    ``embedder_p1`` (the embedder alone on these rows). A reranker with a slot preference can score anywhere from 0 to
+    the embedder's P@1 here: `evaluation.slot_bias` measures the preference itself (``reranker_slot_bias``).
 
-    - ``embedder_order_p1``: the rerank stage as deployed: the embedder's top ``top_k`` in the embedder's order,
-      the reranker's first choice scored like MMEB (the positive missing from the top k counts as wrong);
-    - ``random_slot_accuracy`` / ``random_slot_probability``: a list of the positive and the embedder's top
-      ``top_k - 1`` negatives (in the embedder's order) with the positive moved to a uniformly random slot; how
-      often the reranker's highest score is the positive's (the first of equal scores, as ``rerank`` orders them),
-      and the mean probability it gives the positive. A reranker blind to content scores 100 / K on both in
-      expectation, whatever its slot preference; on embedder-ordered lists it could score anywhere from 0 to the
-      embedder's P@1 (the embedder puts the positive first for most rows).
-
-    Also per task: ``embedder_p1`` (the embedder alone on these rows), ``list_length`` (K: ``top_k``, or fewer where
-    the task has fewer candidates), ``chance`` (the mean of 100 / K over the rows), ``rows`` and ``slots`` (how
-    often the positive went to each slot); and the measures' means over the tasks under ``mean``. ``keep_rows``
-    adds each row's ``slot``, ``listed`` candidates and ``probabilities`` (for checks).
+    Also per task: ``list_length`` (K: ``top_k``, or fewer where the task has fewer candidates), ``chance`` (the mean
+    of 100 / K over the rows) and ``rows``; and the measures' means over the tasks under ``mean``. ``keep_rows`` adds
+    each row's ``listed`` candidates (the embedder's top k) and the reranker's ``order``.
     """
     report: dict[str, Any] = {"top_k": top_k, "rows_per_task": rows_per_task, "seed": seed, "tasks": {}}
     for name, task in tasks.items():
@@ -396,10 +458,8 @@ def listwise_reranking(
         embeddings = embed_with_cache(embedder, items, None, 32)
         embeddings = torch.nn.functional.normalize(torch.as_tensor(embeddings).float(), dim=-1)
         position = {item: index for index, item in enumerate(items)}
-        slot_rng = random.Random(f"listwise-slot:{seed}:{name}")
-        sums = dict.fromkeys(("embedder_p1", "embedder_order_p1", "random_slot_accuracy", "random_slot_probability",
-                              "chance"), 0.0)
-        slots, lengths, kept = [0] * top_k, set(), []
+        sums = dict.fromkeys(("embedder_p1", "embedder_order_p1", "chance"), 0.0)
+        lengths, kept = set(), []
         for row, query, row_candidates in zip(picked, queries, candidates):
             length = min(top_k, len(row_candidates))
             if length < 2:
@@ -411,20 +471,13 @@ def listwise_reranking(
             sums["embedder_p1"] += ranking[0] == 0
             top = ranking[:length]
             order, _ = reranker.rerank(query, [row_candidates[index] for index in top], mode="listwise")
+            order = [int(position) for position in order]
             sums["embedder_order_p1"] += top[order[0]] == 0
-            negatives = [index for index in ranking if index != 0][: length - 1]
-            slot = slot_rng.randrange(length)
-            listed = negatives[:slot] + [0] + negatives[slot:]
-            order, probabilities = reranker.rerank(query, [row_candidates[index] for index in listed], mode="listwise")
-            sums["random_slot_accuracy"] += order[0] == slot
-            sums["random_slot_probability"] += float(probabilities[slot])
-            slots[slot] += 1
             if keep_rows:
-                kept.append({"row": row, "slot": slot, "listed": listed,
-                             "probabilities": [float(value) for value in probabilities]})
+                kept.append({"row": row, "listed": top, "order": order})
         scores = {key: 100 * value / len(picked) for key, value in sums.items()}
         report["tasks"][name] = {**scores, "list_length": max(lengths), "rows": len(picked),
-                                 "slots": slots, **({"per_row": kept} if keep_rows else {})}
+                                 **({"per_row": kept} if keep_rows else {})}
     measured = list(report["tasks"].values())
     report["mean"] = {key: statistics.fmean(task[key] for task in measured) for key in LISTWISE_MEASURES}
     return report
@@ -435,10 +488,9 @@ def render_listwise(listwise: dict[str, Any]) -> str:
     tasks = list(listwise["tasks"])
     rows = next(iter(listwise["tasks"].values()))["rows"] if tasks else 0
     lines = [
-        f"Listwise reranking of the top-{listwise['top_k']} of {listwise.get('embedder', 'the embedder')}, on "
-        f"{rows} held-out rows per task (%; lists are shorter where a task has fewer candidates). At a random slot a "
-        "reranker blind to content scores chance; in the embedder's order it could score anywhere from 0 to the "
-        "embedder's P@1.", "",
+        f"Listwise reranking of the top-{listwise['top_k']} of {listwise.get('embedder', 'the embedder')}, in the "
+        f"embedder's order (the rerank stage as deployed), on {rows} held-out rows per task (%; lists are shorter "
+        "where a task has fewer candidates); the slot bias below says whether the reranker reads the lists.", "",
         "| measure | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|",
     ]
     for key, label in LISTWISE_MEASURES.items():
@@ -487,7 +539,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     curves_by_model["mllm judge"] = judge_curve
     clock.lap("judges")
 
-    # 4. mining with each judge
+    # 4. mining with each judge (through a judge cache: a re-run or the budget study below re-judges nothing)
     mined, mining_reports = {}, {}
     for name, judge in judges.items():
         mined[name], mining_reports[name] = mine(world, baseline, judge, name, config, output)
@@ -520,35 +572,86 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     curves_by_model["reranker"] = reranker_curve
     clock.lap("reranker")
 
-    # 7. evaluation
+    # 7. evaluation; the rerank stage only in the modes that beat the embedder on held-out training rows (queries the
+    #    reranker never trained on)
+    best = "+ UniME-V2 soft labels (oracle judge)"
+    trained_queries = {(row["query_text"] or None, row["query_image"]) for row in mined["oracle"]}
+    check_tasks = held_out_check_tasks(world.train_tasks, trained_queries, config.reranker_check_rows, config.seed)
+    checks = reranker_checks(embedders[best], reranker, check_tasks, config.rerank_top_k,
+                             lambda model, tasks, stage, top_k, mode: evaluate_embedder(model, tasks, stage, top_k,
+                                                                                          mode))
     table: dict[str, dict[str, float]] = {"blind text-only baseline": with_mean(world.blind)}
-    best, reranked_label = "+ UniME-V2 soft labels (oracle judge)", ""
     for label, model in embedders.items():
-        scores = evaluate_embedder(model, world.test_tasks, *((reranker, config.rerank_top_k) if label == best else ()))
-        table[label] = scores.scores
-        if scores.reranked is not None:
-            reranked_label, reranked = f"{label} + reranker (top-{config.rerank_top_k})", scores.reranked
-    table[reranked_label], row_judges[reranked_label] = reranked, row_judges[best]
+        table[label] = evaluate_embedder(model, world.test_tasks).scores
+    rerank_rows: dict[str, str] = {}
+    for mode in RERANK_MODES:
+        label = f"{best} + reranker ({mode}, top-{config.rerank_top_k})"
+        if checks[mode]["applied"]:
+            stage = RankFusion(reranker) if mode == "fused" else reranker
+            table[label] = evaluate_embedder(embedders[best], world.test_tasks, stage, config.rerank_top_k,
+                                             mode).reranked
+        else:  # not applied: the deployed system is the embedder alone
+            label += f" [{skipped_reason(checks[mode])}]"
+            table[label] = dict(table[best])
+        rerank_rows[mode] = label
+        row_judges[label] = row_judges[best]
     clock.lap("evaluation")
 
-    # 8. listwise reranking, in the embedder's order and with the positive at a random slot
+    # 8. listwise reranking as deployed, and the reranker's slot bias
     listwise = listwise_reranking(embedders[best], reranker, world.test_tasks, config.rerank_top_k,
                                   config.listwise_eval_rows, seed=config.seed)
     listwise["embedder"] = best
+    slot_bias_report = reranker_slot_bias(embedders[best], reranker, world.test_tasks, config.rerank_top_k,
+                                          config.slot_bias_rows, config.seed, config.image_size)
     clock.lap("listwise evaluation")
+
+    # 9. the judges measured: the budget of the judge cascade, and each judge's audit with and without contextual
+    #    calibration of its Yes prior
+    budget = judge_budget_study(world, baseline, judges, config, output)
+    budget["oracle"][0]["mean_p1"] = table[best]["mean"]
+    audits = judge_audits({**judges, "reranker": reranker.scorer(world.processor)}, world.test_tasks,
+                          config.judge_audit_rows, config.seed, config.image_size)
+    clock.lap("judge budget and audit")
 
     results = {"config": asdict(config), "table": table, "row_judges": row_judges,
                "judge_pairwise_accuracy": judge_quality,
                "reranker_pairwise_accuracy": reranker_quality, "listwise_reranking": listwise,
+               "reranker_checks": checks, "rerank_rows": rerank_rows, "reranker_slot_bias": slot_bias_report,
+               "judge_budget": budget,
+               "judge_audit": {name: {kind: {key: value for key, value in audit[kind].items() if key != "scores"}
+                                      for kind in ("raw", "calibrated")} for name, audit in audits.items()},
                "mining": mining_reports, "seconds": clock.stages,
                "curves": {name: [(entry["step"], entry["loss"]) for entry in curve]
-                          for name, curve in curves_by_model.items()}}
+                          for name, curve in curves_by_model.items()},
+               "reranker_listwise_index_curve": [(entry["step"], entry["loss_listwise_index"])
+                                                 for entry in reranker_curve if "loss_listwise_index" in entry]}
     (output / "results.json").write_text(json.dumps(results, indent=2))
-    markdown = render_table(table, row_judges, judge_quality, reranker_quality) + "\n\n" + render_listwise(listwise)
+    markdown = "\n\n".join([
+        render_table(table, row_judges, judge_quality, reranker_quality), render_reranker_checks(checks),
+        render_listwise(listwise), render_slot_bias(slot_bias_report), render_listwise_index_curve(results),
+        render_judge_budget(budget), render_judge_audits(audits),
+    ])
     (output / "results.md").write_text(markdown + "\n")
     draw_summary(results, output / "summary.png")
+    pyplot = _require_matplotlib()
+    draw_judge_budget(budget, output / "judge_budget.png", pyplot)
+    draw_judge_audits(audits, output / "judge_audit.png", pyplot)
     print(markdown)
     return results
+
+
+def render_listwise_index_curve(results: Mapping[str, Any]) -> str:
+    """Whether the reranker's listwise index loss fell below chance (ln K) while it trained, and on held-out lists
+    per task (each task against its own list length)."""
+    curve = results.get("reranker_listwise_index_curve") or []
+    length = results["config"]["rerank_top_k"]
+    training = (f"from {curve[0][1]:.3f} to {curve[-1][1]:.3f} over its training (chance ln {length} = "
+                f"{math.log(length):.3f})" if curve else "not logged in its training")
+    held_out = "; ".join(
+        f"{task} {report['positive_log_loss']:.3f} vs ln {report['list_length']} = {report['chance_log_loss']:.3f}"
+        f" ({'below' if report['positive_log_loss'] < report['chance_log_loss'] else 'not below'})"
+        for task, report in results["reranker_slot_bias"].items())
+    return f"Reranker listwise index loss: {training}; on held-out lists: {held_out}."
 
 
 def ablation_variants(config: PipelineConfig) -> dict[str, tuple[int, dict[str, Any]]]:

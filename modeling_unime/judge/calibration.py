@@ -77,6 +77,13 @@ class ContextualCalibration:
         self.content_free_image = content_free_image if content_free_image is not None else blank_image()
         self.priors: dict[str, list[float]] = {}
 
+    def __getattr__(self, name: str) -> Any:
+        # The wrapped judge's settings (instruction, official_compat, model...) read through; the cache key is this
+        # wrapper's own (`fingerprint`).
+        if name.startswith("_") or name == "judge":
+            raise AttributeError(name)
+        return getattr(self.judge, name)
+
     def content_free(self, kind: str) -> tuple[str | None, Any]:
         """The content-free candidate of a candidate kind."""
         return {"text": (self.content_free_text, None), "image": (None, self.content_free_image),
@@ -110,6 +117,24 @@ class ContextualCalibration:
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _rank_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """ROC AUC by ranks (Mann-Whitney U, tied scores share their mean rank): O(n log n), for millions of pairs."""
+    order = sorted(range(len(scores)), key=lambda index: scores[index])
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    positives = sum(1 for label in labels if label)
+    negatives = len(labels) - positives
+    rank_sum = sum(rank for rank, label in zip(ranks, labels) if label)
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
 def judge_audit(
     scores: Sequence[float],
     labels: Sequence[int],
@@ -139,8 +164,7 @@ def judge_audit(
         raise ValueError(f"judge_audit needs one label per score, got {len(scores)} scores and {len(labels)} labels.")
     positives = [score for score, label in zip(scores, labels) if label]
     negatives = [score for score, label in zip(scores, labels) if not label]
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    auc = wins / (len(positives) * len(negatives)) if positives and negatives else float("nan")
+    auc = _rank_auc(scores, labels) if positives and negatives else float("nan")
     if groups is None:
         pairwise = auc
     else:

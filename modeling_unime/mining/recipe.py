@@ -32,6 +32,7 @@ from datasets import Dataset, load_from_disk
 from ..data import load_official_json
 from ..export.card import render_dataset_card
 from ..judge import Judge, MLLMJudge
+from ..judge.calibration import ContextualCalibration
 from ..judge.server import LOGPROBS_MODES, ServerJudge
 from ..model_specs import load_model_spec
 from ..modeling_unime import UniMEV2Model
@@ -75,6 +76,10 @@ class MiningScriptArguments:
         "help": "reproduce the released labels: the repetition penalty (1.05) on the Yes/No logits, as the "
                 "authors' scoring code"})
     judge_batch_size: int = field(default=16, metadata={"help": "pairs (or candidates) per judge forward pass"})
+    judge_calibration: str = field(default="none", metadata={
+        "choices": ("none", "contextual"),
+        "help": "contextual: divide the judge's Yes prior, measured per query on content-free candidates ('N/A', a "
+                "blank image), out of its scores (modeling_unime.judge.calibration)"})
     dtype: str = field(default="auto", metadata={
         "choices": DTYPE_NAMES, "help": "model dtype; auto: bfloat16 on a GPU, float32 on CPU"})
     attn_implementation: str = field(default="auto", metadata={
@@ -156,6 +161,9 @@ def run_mining_recipe(script: MiningScriptArguments, config: MiningConfig) -> Da
         judge = load_judge(script.judge, where, official_compat=script.official_compat,
                            batch_size=script.judge_batch_size)
         judge_place = describe(judge.model, "judge") if hasattr(judge, "model") else "judge: oracle (no model)"
+    if script.judge_calibration == "contextual":
+        judge = ContextualCalibration(judge)
+        judge_place += " (contextual calibration of its Yes prior)"
     print(f"placement: process {state.process_index}: {describe(embedder, 'embedder')}; {judge_place}", flush=True)
     mined = run_mining(dataset, embedder, judge, output_dir, config, image_root=image_root, state=state)
     if not state.is_main_process:

@@ -19,6 +19,7 @@ from datasets import Dataset, Features, Value
 
 from ..data import MINED_FEATURES, MinedRow, task_from_image_path
 from ..judge import Judge
+from ..judge.calibration import judge_audit
 from ..util.embedding_cache import Item
 from ..util.retrieval import chunked_top_k, faiss_top_k
 from .cascade import JudgeCalibration, RowScores, audit_row, calibration_rows, candidate_modality, decide_row
@@ -324,6 +325,54 @@ def judge_in_full(
     return features, scores, groups
 
 
+def mining_judge_audit(pairs: Sequence[dict[str, Any]], judge: Any = None) -> dict[str, Any] | None:
+    """The judge audit of a mining run (`modeling_unime.judge.calibration.judge_audit`): each row's positive (label 1)
+    against the candidates the judge scored (label 0: most are negatives, but the false negatives the filter drops
+    are among them, so the numbers are a lower bound), per row; with the judge's mean Yes prior when it measures one
+    (`ContextualCalibration`)."""
+    positives: dict[int, float] = {}
+    scores, labels, groups = [], [], []
+    for pair in pairs:
+        positives.setdefault(pair["row"], pair["positive_score"])
+        if pair["source"] == "judge":
+            scores.append(pair["score"])
+            labels.append(0)
+            groups.append(pair["row"])
+    if not positives or not scores:
+        return None
+    scores += list(positives.values())
+    labels += [1] * len(positives)
+    groups += list(positives)
+    inner = _innermost_with(judge, "mean_priors")
+    return judge_audit(scores, labels, groups, prior=inner.mean_priors() if inner is not None else None)
+
+
+def _innermost_with(judge: Any, attribute: str) -> Any:
+    """The first judge in a chain of wrappers (`CachedJudge`, `RootedJudge`...) that has ``attribute``."""
+    while judge is not None:
+        if hasattr(judge, attribute):
+            return judge
+        judge = getattr(judge, "judge", None)
+    return None
+
+
+def render_judge_audit(audit: dict[str, Any] | None) -> list[str]:
+    """The report lines of a mining run's judge audit."""
+    if audit is None:
+        return []
+    lines = [
+        f"judge audit (each row's positive against its judged candidates, taken as negatives): AUC {audit['auc']:.4f}, "
+        f"pairwise accuracy {audit['pairwise_accuracy']:.4f}, ECE {audit['ece']:.4f}, Brier {audit['brier']:.4f}, "
+        f"mean score positives {audit['mean_positive_score']:.4f} / candidates {audit['mean_negative_score']:.4f}",
+        "judge score histogram (10 bins over [0, 1], positives and candidates): "
+        + " ".join(str(count) for count in audit["histogram"]),
+    ]
+    if audit.get("prior"):
+        lines.append("judge Yes prior on content-free candidates (divided out): " + ", ".join(
+            f"{kind} {value:.4f}" for kind, value in audit["prior"].items()))
+    return lines
+
+
 def judged_pairs_dataset(pairs: Sequence[dict[str, Any]]) -> Dataset:
     """The judged-pairs side table: one row per (query, retrieved candidate) with its similarity, its score, where
     the score came from (``judge`` / ``estimate``), the cascade's estimate and sigma, and the positive's score."""
@@ -445,7 +494,8 @@ def mine_with_pairs(
     timings["retrieval, judge and selection"] = time.perf_counter() - start
     result = to_dataset(mined)
     if verbose:
-        print(mining_report(stats, result, timings, beta=config.beta))
+        print(mining_report(stats, result, timings, beta=config.beta,
+                            extra_lines=render_judge_audit(mining_judge_audit(pairs, judge))))
     else:
         warn_degenerate(stats, config.beta)
     return MiningResult(result, stats, judged_pairs_dataset(pairs), calibration)

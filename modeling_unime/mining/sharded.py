@@ -31,7 +31,9 @@ from .selection import (
     judge_progress,
     judged_pairs_dataset,
     mine_rows,
+    mining_judge_audit,
     mining_report,
+    render_judge_audit,
     to_dataset,
     warn_degenerate,
 )
@@ -168,9 +170,12 @@ def run_mining(
                 by_process.items(), key=lambda item: str(item[0]))),
         f"judge pairs scored by this process: {cached_judge.pairs_scored}, from cache: {cached_judge.pairs_from_cache}",
     ]
+    audit = mining_judge_audit(pairs, judge)
+    extra += render_judge_audit(audit)
     report = mining_report(stats, result, timings, beta=config.beta, extra_lines=extra)
     (output_dir / "summary.txt").write_text(report + "\n", encoding="utf-8")
     summary = {"rows_written": len(result), "stats": asdict(stats), "judge_budget": stats.judge_budget(),
+               "judge_audit": audit,
                "degenerate": stats.degenerate_warnings(config.beta), "config": asdict(config),
                "shards": shard_records, "seconds": timings}
     atomic_write(output_dir / "summary.json",
