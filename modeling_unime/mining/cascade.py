@@ -267,6 +267,7 @@ class RowScores:
     sources: list[str]
     estimates: list[float | None] = field(default_factory=list)
     sigmas: list[float | None] = field(default_factory=list)
+    details: list[Any] = field(default_factory=list)
 
     @property
     def judged_pairs(self) -> int:

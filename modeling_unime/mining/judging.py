@@ -43,8 +43,22 @@ class RootedJudge:
         return os.path.abspath(resolve_image_path(image, self.image_root))
 
     def score(self, query_text: str | None, query_image: str | None, candidates: Sequence[Item]) -> torch.Tensor:
-        return self.judge.score(query_text, self._resolve(query_image),
-                                [(text, self._resolve(image)) for text, image in candidates])
+        return self.score_with_details(query_text, query_image, candidates)[0]
+
+    def score_with_details(self, query_text: str | None, query_image: str | None, candidates: Sequence[Item]
+                           ) -> tuple[torch.Tensor, list[dict[str, Any] | None]]:
+        """The scores, and what the judge tells about each (an `EnsembleJudge`'s member scores; else None)."""
+        return score_with_details(self.judge, query_text, self._resolve(query_image),
+                                  [(text, self._resolve(image)) for text, image in candidates])
+
+
+def score_with_details(judge: Any, query_text: str | None, query_image: Any, candidates: Sequence[Any]
+                       ) -> tuple[Any, list[dict[str, Any] | None]]:
+    """``judge.score_with_details`` where the judge has it (an ensemble, a cache of one), else its scores and None
+    per candidate."""
+    if hasattr(judge, "score_with_details"):
+        return judge.score_with_details(query_text, query_image, candidates)
+    return judge.score(query_text, query_image, candidates), [None] * len(candidates)
 
 
 class CachedJudge:
@@ -76,6 +90,7 @@ class CachedJudge:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = self.folder / f"{writer}.jsonl"
         self.scores: dict[str, float] = {}
+        self.details: dict[str, dict[str, Any]] = {}
         self.pairs_scored = 0
         self.pairs_from_cache = 0
         self.context: dict[str, Any] = {}
@@ -84,8 +99,9 @@ class CachedJudge:
         self._repair_own_log()
 
     @staticmethod
-    def _read_log(log: Path) -> tuple[list[tuple[str, float, str]], list[tuple[int, str]]]:
-        """((key, score, line) of every readable line, (line number, problem) of every damaged one) of a log."""
+    def _read_log(log: Path) -> tuple[list[tuple[str, float, str, Any]], list[tuple[int, str]]]:
+        """((key, score, line, details) of every readable line, (line number, problem) of every damaged one) of a
+        log."""
         entries, damaged = [], []
         text = log.read_bytes().decode("utf-8", errors="replace")
         for number, line in enumerate(text.splitlines(), start=1):
@@ -93,7 +109,7 @@ class CachedJudge:
                 continue
             try:
                 entry = json.loads(line)
-                entries.append((entry["key"], float(entry["score"]), line))
+                entries.append((entry["key"], float(entry["score"]), line, entry.get("details")))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                 damaged.append((number, f"{type(error).__name__}: {line[:80]!r}"))
         return entries, damaged
@@ -108,7 +124,8 @@ class CachedJudge:
             for number, problem in damaged:
                 warn_damaged(log, f"judge log line {number}", problem,
                               "the line is ignored and its pair is scored again.")
-            self.scores.update((key, score) for key, score, _ in entries)
+            self.scores.update((key, score) for key, score, _, _ in entries)
+            self.details.update((key, details) for key, _, _, details in entries if details is not None)
 
     def _repair_own_log(self) -> None:
         """Rewrite this writer's log without its damaged lines (atomically) if it has any or its last line lacks a
@@ -120,7 +137,7 @@ class CachedJudge:
             ends_a_line = handle.read(1) == b"\n"
         entries, damaged = self._read_log(self.log)
         if damaged or not ends_a_line:
-            text = "".join(line + "\n" for _, _, line in entries)
+            text = "".join(line + "\n" for _, _, line, _ in entries)
             atomic_write(self.log, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
     def key(self, query_text: str | None, query_image: str | None, candidate: Item) -> str:
@@ -128,15 +145,31 @@ class CachedJudge:
         return item_key(query_text, query_image, candidate[0], candidate[1], self._root_key)
 
     def score(self, query_text: str | None, query_image: str | None, candidates: Sequence[Item]) -> torch.Tensor:
+        return self.score_with_details(query_text, query_image, candidates)[0]
+
+    def score_with_details(self, query_text: str | None, query_image: str | None, candidates: Sequence[Item]
+                           ) -> tuple[torch.Tensor, list[dict[str, Any] | None]]:
+        """The scores (from the logs where a pair was scored before) and each pair's details (an ensemble's member
+        scores, logged with the score; None for a judge that gives none)."""
         keys = [self.key(query_text, query_image, candidate) for candidate in candidates]
         missing = [index for index, key in enumerate(keys) if key not in self.scores]
         unique_missing = list({keys[index]: index for index in reversed(missing)}.values())[::-1]
         if unique_missing:
-            fresh = self.judge.score(query_text, query_image, [candidates[index] for index in unique_missing]).tolist()
+            fresh, details = self.judge.score_with_details(query_text, query_image,
+                                                           [candidates[index] for index in unique_missing])
+            fresh = torch.as_tensor(fresh).reshape(-1).tolist()
+            if len(fresh) != len(unique_missing):
+                raise ValueError(f"the judge ({type(self.judge.judge).__name__}) answered {len(fresh)} score(s) for "
+                                 f"{len(unique_missing)} candidate(s) of the query {query_text!r}, {query_image!r}.")
             with self.log.open("a", encoding="utf-8") as log:
-                for index, score in zip(unique_missing, fresh):
+                for index, score, detail in zip(unique_missing, fresh, details):
                     self.scores[keys[index]] = score
-                    log.write(json.dumps({"key": keys[index], "score": score, **self.context}) + "\n")
+                    entry = {"key": keys[index], "score": score, **self.context}
+                    if detail is not None:
+                        self.details[keys[index]] = detail
+                        entry["details"] = detail
+                    log.write(json.dumps(entry) + "\n")
         self.pairs_scored += len(unique_missing)
         self.pairs_from_cache += len(candidates) - len(unique_missing)
-        return torch.tensor([self.scores[key] for key in keys], dtype=torch.float64)
+        return (torch.tensor([self.scores[key] for key in keys], dtype=torch.float64),
+                [self.details.get(key) for key in keys])

@@ -33,6 +33,7 @@ from ..data import load_official_json
 from ..export.card import render_dataset_card
 from ..judge import Judge, MLLMJudge
 from ..judge.calibration import ContextualCalibration
+from ..judge.ensemble import EnsembleJudge
 from ..judge.server import LOGPROBS_MODES, ServerJudge
 from ..model_specs import load_model_spec
 from ..modeling_unime import UniMEV2Model
@@ -59,7 +60,8 @@ class MiningScriptArguments:
         "help": "the retrieval embedder: a UniME-V2 / backbone folder or repo id, or tiny:<family>"})
     judge: str = field(metadata={
         "help": "an image-text-to-text folder or repo id, tiny:<family>, or oracle (the ground truth of synthetic:N "
-                "data, a stand-in for a strong judge)"})
+                "data, a stand-in for a strong judge); several, comma-separated: an ensemble (their mean score, each "
+                "pair's disagreement in the judged-pairs table, their agreement in the summary)"})
     image_root: str | None = field(default=None, metadata={
         "help": "folder the image paths of data are relative to (synthetic:N default: output_dir/images)"})
     judge_server: str | None = field(default=None, metadata={
@@ -144,7 +146,7 @@ def run_mining_recipe(script: MiningScriptArguments, config: MiningConfig) -> Da
     image_root = script.image_root or (str(output_dir / "images") if synthetic else None)
     dataset, image_root = load_pairs(script.data, image_root, state)
     embedder = load_embedder(script.embedder, where)
-    if script.judge == "oracle" and not synthetic:
+    if "oracle" in [spec.strip() for spec in script.judge.split(",")] and not synthetic:
         raise ValueError(f"judge: oracle knows only the synthetic:N data, not data: {script.data!r}; name a "
                          "judge model (a folder or repo id) instead.")
     if script.judge_server:
@@ -157,6 +159,14 @@ def run_mining_recipe(script: MiningScriptArguments, config: MiningConfig) -> Da
             server_tag=script.judge_server_tag,
         )
         judge_place = f"judge: {judge!r}"
+    elif "," in script.judge:
+        specs = [spec.strip() for spec in script.judge.split(",") if spec.strip()]
+        members = [load_judge(spec, where, official_compat=script.official_compat, batch_size=script.judge_batch_size)
+                   for spec in specs]
+        judge = EnsembleJudge(members, names=specs)
+        judge_place = "judge: ensemble of " + ", ".join(
+            describe(member.model, spec) if hasattr(member, "model") else f"{spec} (no model)"
+            for spec, member in zip(specs, members))
     else:
         judge = load_judge(script.judge, where, official_compat=script.official_compat,
                            batch_size=script.judge_batch_size)

@@ -15,17 +15,18 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from datasets import Dataset, Features, Value
+from datasets import Dataset, Features, List, Value
 
 from ..data import MINED_FEATURES, MinedRow, task_from_image_path
 from ..judge import Judge
 from ..judge.calibration import judge_audit
+from ..judge.ensemble import judge_agreement
 from ..util.embedding_cache import Item
 from ..util.retrieval import chunked_top_k, faiss_top_k
 from .cascade import JudgeCalibration, RowScores, audit_row, calibration_rows, candidate_modality, decide_row
 from .config import MiningConfig
 from .inputs import MiningEmbeddings, MiningInputs, count_duplicate_rows, embed_inputs
-from .judging import CachedJudge, RootedJudge, judge_fingerprint
+from .judging import CachedJudge, RootedJudge, judge_fingerprint, score_with_details
 from .rules import FALLBACK_SCORE, cyclical_sample, false_negative_filter
 from .stats import SelectionStats
 
@@ -33,7 +34,7 @@ JUDGED_PAIR_FEATURES = Features({
     "row": Value("int64"), "rank": Value("int32"), "query_text": Value("string"), "query_image": Value("string"),
     "candidate_text": Value("string"), "candidate_image": Value("string"), "similarity": Value("float64"),
     "score": Value("float64"), "source": Value("string"), "estimate": Value("float64"), "sigma": Value("float64"),
-    "positive_score": Value("float64"),
+    "positive_score": Value("float64"), "member_scores": List(Value("float64")), "disagreement": Value("float64"),
 })
 
 
@@ -93,11 +94,20 @@ def row_scores(
     query, positive = inputs.queries[row_index], inputs.positives[row_index]
     cascade = config.judge_mode != "full" and not context.fully_judged and candidates
     if not cascade:
-        judged = checked_scores(judge, query, [positive, *candidates], row_index)
-        return RowScores(judged[0], judged[1:], ["judge"] * len(candidates))
+        judged, details = checked_scores_with_details(judge, query, [positive, *candidates], row_index)
+        scores = RowScores(judged[0], judged[1:], ["judge"] * len(candidates))
+        scores.details = details[1:]
+        return scores
     if context.calibration is None or context.similarities is None:
         raise ValueError(f"judge_mode={config.judge_mode!r} needs the calibration and the candidates' similarities.")
     positive_score = checked_scores(judge, query, [positive], row_index)[0]
+    details: dict[int, Any] = {}
+
+    def judge_candidates(positions: list[int]) -> list[float]:
+        scores, found = checked_scores_with_details(judge, query, [candidates[position] for position in positions],
+                                                    row_index)
+        details.update(zip(positions, found))
+        return scores
     task = inputs.rows[row_index].get("task")
     predicted = [context.calibration.estimate(similarity, (task, candidate_modality(candidate)))
                  for similarity, candidate in zip(context.similarities, candidates)]
@@ -110,18 +120,25 @@ def row_scores(
         selection = walk(scores, positive_score, config, row_index)
         return [] if selection.used_fallback else selection.chosen
 
-    return decide_row(
-        lambda positions: checked_scores(judge, query, [candidates[position] for position in positions], row_index),
-        positive_score, predicted, picked,
+    scored = decide_row(
+        judge_candidates, positive_score, predicted, picked,
         positive_score - config.beta, config.judge_mode, config.cascade_margin, budget, config.cascade_exact_labels,
         top_m=budget,
     )
+    scored.details = [details.get(position) for position in range(len(candidates))]
+    return scored
 
 
 def checked_scores(judge: Judge, query: Item, candidates: Sequence[Item], row_index: int) -> list[float]:
     """The judge's scores of ``candidates`` for ``query``, as floats, after checking its answer: one finite number
     per candidate (a judge that answers otherwise would misalign every score after it)."""
-    answer = judge.score(query[0], query[1], list(candidates))
+    return checked_scores_with_details(judge, query, candidates, row_index)[0]
+
+
+def checked_scores_with_details(judge: Judge, query: Item, candidates: Sequence[Item], row_index: int
+                                ) -> tuple[list[float], list[dict[str, Any] | None]]:
+    """`checked_scores`, and what the judge tells about each pair (an ensemble's member scores; else None)."""
+    answer, details = score_with_details(judge, query[0], query[1], list(candidates))
     where = (f"the judge ({type(_innermost(judge)).__name__}) for row {row_index} (query {query[0]!r}, image "
              f"{query[1]!r})")
     if isinstance(answer, torch.Tensor):
@@ -145,7 +162,7 @@ def checked_scores(judge: Judge, query: Item, candidates: Sequence[Item], row_in
     if bad:
         raise ValueError(f"{where} answered {floats[bad[0]]} for candidate {bad[0]} ({candidates[bad[0]]!r}); "
                          f"{len(bad)} non-finite score(s) in all: re-score them or check the judge.")
-    return floats
+    return floats, list(details)
 
 
 def _innermost(judge: Any) -> Any:
@@ -205,7 +222,8 @@ def select_negatives(
              "score": float(candidate_scores[rank]), "source": scored.sources[rank],
              "estimate": scored.estimates[rank] if scored.estimates else None,
              "sigma": scored.sigmas[rank] if scored.sigmas else None,
-             "positive_score": float(positive_score)}
+             "positive_score": float(positive_score),
+             **member_columns(scored.details[rank] if scored.details else None)}
             for rank, candidate in enumerate(candidates)
         )
     if dropped:
@@ -325,6 +343,36 @@ def judge_in_full(
     return features, scores, groups
 
 
+def member_columns(detail: dict[str, Any] | None) -> dict[str, Any]:
+    """The side table's ensemble columns of one pair: the member judges' scores and their standard deviation."""
+    members = (detail or {}).get("members")
+    if not members:
+        return {"member_scores": None, "disagreement": None}
+    mean = sum(members) / len(members)
+    return {"member_scores": [float(value) for value in members],
+            "disagreement": math.sqrt(sum((value - mean) ** 2 for value in members) / len(members))}
+
+
+def mining_judge_agreement(pairs: Sequence[dict[str, Any]], judge: Any = None) -> dict[str, Any] | None:
+    """An ensemble judge's agreement (`modeling_unime.judge.ensemble.judge_agreement`) over the judged pairs that
+    carry member scores; None for a single judge."""
+    members = [pair["member_scores"] for pair in pairs if pair.get("member_scores")]
+    if not members:
+        return None
+    ensemble = _innermost_with(judge, "names")
+    names = ensemble.names if ensemble is not None else [f"judge_{index}" for index in range(len(members[0]))]
+    return judge_agreement(members, names)
+
+
+def render_judge_agreement(agreement: dict[str, Any] | None) -> list[str]:
+    if agreement is None:
+        return []
+    return [f"judge ensemble over {agreement['pairs']:,} judged pairs: mean disagreement (s.d. of the members' scores) "
+            f"{agreement['mean_disagreement']:.4f}; " + "; ".join(
+                f"{pair}: Spearman {values['spearman']:.3f}, kappa at 0.5 {values['kappa_at_0.5']:.3f}"
+                for pair, values in agreement["agreement"].items())]
+
+
 def mining_judge_audit(pairs: Sequence[dict[str, Any]], judge: Any = None) -> dict[str, Any] | None:
     """The judge audit of a mining run (`modeling_unime.judge.calibration.judge_audit`): each row's positive (label 1)
     against the candidates the judge scored (label 0: most are negatives, but the false negatives the filter drops
@@ -376,7 +424,7 @@ def render_judge_audit(audit: dict[str, Any] | None) -> list[str]:
 def judged_pairs_dataset(pairs: Sequence[dict[str, Any]]) -> Dataset:
     """The judged-pairs side table: one row per (query, retrieved candidate) with its similarity, its score, where
     the score came from (``judge`` / ``estimate``), the cascade's estimate and sigma, and the positive's score."""
-    return Dataset.from_dict({name: [pair[name] for pair in pairs] for name in JUDGED_PAIR_FEATURES},
+    return Dataset.from_dict({name: [pair.get(name) for pair in pairs] for name in JUDGED_PAIR_FEATURES},
                              features=JUDGED_PAIR_FEATURES)
 
 
@@ -495,7 +543,8 @@ def mine_with_pairs(
     result = to_dataset(mined)
     if verbose:
         print(mining_report(stats, result, timings, beta=config.beta,
-                            extra_lines=render_judge_audit(mining_judge_audit(pairs, judge))))
+                            extra_lines=render_judge_audit(mining_judge_audit(pairs, judge))
+                            + render_judge_agreement(mining_judge_agreement(pairs, judge))))
     else:
         warn_degenerate(stats, config.beta)
     return MiningResult(result, stats, judged_pairs_dataset(pairs), calibration)

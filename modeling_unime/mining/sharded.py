@@ -31,8 +31,10 @@ from .selection import (
     judge_progress,
     judged_pairs_dataset,
     mine_rows,
+    mining_judge_agreement,
     mining_judge_audit,
     mining_report,
+    render_judge_agreement,
     render_judge_audit,
     to_dataset,
     warn_degenerate,
@@ -171,11 +173,12 @@ def run_mining(
         f"judge pairs scored by this process: {cached_judge.pairs_scored}, from cache: {cached_judge.pairs_from_cache}",
     ]
     audit = mining_judge_audit(pairs, judge)
-    extra += render_judge_audit(audit)
+    agreement = mining_judge_agreement(pairs, judge)
+    extra += render_judge_audit(audit) + render_judge_agreement(agreement)
     report = mining_report(stats, result, timings, beta=config.beta, extra_lines=extra)
     (output_dir / "summary.txt").write_text(report + "\n", encoding="utf-8")
     summary = {"rows_written": len(result), "stats": asdict(stats), "judge_budget": stats.judge_budget(),
-               "judge_audit": audit,
+               "judge_audit": audit, "judge_agreement": agreement,
                "degenerate": stats.degenerate_warnings(config.beta), "config": asdict(config),
                "shards": shard_records, "seconds": timings}
     atomic_write(output_dir / "summary.json",
