@@ -44,7 +44,7 @@ def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkey
             assert "[skipped: on" in label and rows[label] == best
     # the judge budget (oracle with a trained embedder per budget), the judge audit, the slot bias
     budget = results["judge_budget"]
-    assert [row["budget"] for row in budget["oracle"]] == [1.0, 0.5] and budget["mllm"][1]["mean_p1"] is None
+    assert [row["budget"] for row in budget["oracle"]] == [1.0, 0.5, None] and budget["mllm"][1]["mean_p1"] is None
     assert budget["oracle"][0]["mean_p1"] == best["mean"] and budget["oracle"][1]["mean_p1"] is not None
     assert set(results["judge_audit"]) == {"oracle", "mllm", "reranker"}
     assert results["judge_audit"]["oracle"]["raw"]["auc"] == 1.0
@@ -94,8 +94,8 @@ def test_rerunning_the_quick_pipeline_resumes_from_the_saved_stages(tmp_path, mo
     run_pipeline_recipe(monkeypatch, "--quick", "--output_dir", str(output))
     second = json.loads((output / "results.json").read_text())
     resumed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[resume]")]
-    # baseline, judge, four variants, reranker, the embedder of the 50% judge budget: none trained again
-    assert len(resumed) == 8
+    # baseline, judge, four variants, reranker, the embedders of the 50% and uncapped judge budgets: none trained again
+    assert len(resumed) == 9
     assert second["table"] == first["table"] and second["judge_budget"] == first["judge_budget"]
     assert second["curves"] == first["curves"]
     # a changed setting is a different run: the saved stages are not reused

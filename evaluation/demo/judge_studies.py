@@ -39,14 +39,16 @@ FUSION_K = 60
 # ------------------------------------------------------------------------------------------------ judge budget
 
 
-def budget_label(budget: float) -> str:
-    return f"{100 * budget:g}%"
+def budget_label(budget: float | None) -> str:
+    """``50%`` for a cap on the calls; ``rules`` for the cascade without a cap (its rules decide the calls)."""
+    return "rules" if budget is None else f"{100 * budget:g}%"
 
 
-def mine_at_budget(rows, baseline, judge, budget: float, settings: MiningConfig, cache_dir: Path, folder: Path,
+def mine_at_budget(rows, baseline, judge, budget: float | None, settings: MiningConfig, cache_dir: Path, folder: Path,
                    stage) -> tuple[Any, dict[str, Any]]:
-    """Mining with the cascade at ``budget`` of the large-judge calls, audited against the full judge; saved in
-    ``folder`` (``stage`` is the caller's saved-stage marker: a re-run with the same settings loads it)."""
+    """Mining with the cascade at ``budget`` of the large-judge calls (None: as many as its rules ask for), audited
+    against the full judge; saved in ``folder`` (``stage`` is the caller's saved-stage marker: a re-run with the same
+    settings loads it)."""
     saved = stage.saved()
     if saved is not None:
         return load_from_disk(str(folder)), saved["budget"]
@@ -64,8 +66,10 @@ def render_judge_budget(study: Mapping[str, list[dict[str, Any]]]) -> str:
     """The ``judge_budget`` block of results.md: per judge and budget, the calls, the agreement with the full judge
     and, where an embedder was trained on the data, its mean P@1."""
     lines = ["Judge budget: mining with the judge cascade at a share of the large-judge calls (calibrated similarity "
-             "estimates for the rest), against the full judge on the same queries. P@1: an embedder trained on that "
-             "data as the '+ UniME-V2 soft labels' row.", "",
+             "estimates for the rest), against the full judge on the same queries; 'rules': no cap, the cascade's "
+             "rules decide (every decision that could flip and every picked negative judged). The share counts the "
+             "5% of queries judged in full to calibrate. P@1: an embedder trained on that data as the '+ UniME-V2 "
+             "soft labels' row.", "",
              "| judge | budget | calls (% of pairs) | pairs judged | identical negative sets | mean overlap | "
              "soft-label KL | mean P@1 |", "|---" * 8 + "|"]
     for judge, rows in study.items():

@@ -347,9 +347,10 @@ def mining_settings(config: PipelineConfig) -> MiningConfig:
 
 def judge_budget_study(world: DemoWorld, baseline: UniMEV2Model, judges: Mapping[str, Any], config: PipelineConfig,
                        output: Path) -> dict[str, list[dict[str, Any]]]:
-    """Mining with the judge cascade at each of ``config.judge_budgets`` (through the same judge cache as the full
-    runs: the audit's full judge costs nothing new), per judge; for the oracle, an embedder trained on each budget's
-    data as the soft-label row and its mean P@1. The 100% rows are the full runs (P@1 filled in by the caller)."""
+    """Mining with the judge cascade at each of ``config.judge_budgets`` and without a cap (its rules decide), through
+    the same judge cache as the full runs (the audit's full judge costs nothing new), per judge; for the oracle, an
+    embedder trained on each run's data as the soft-label row and its mean P@1. The 100% rows are the full runs (P@1
+    filled in by the caller)."""
     study: dict[str, list[dict[str, Any]]] = {}
     rows = mining_rows(world, config)
     for name, judge in judges.items():
@@ -357,7 +358,7 @@ def judge_budget_study(world: DemoWorld, baseline: UniMEV2Model, judges: Mapping
         judged = json.loads(full_pairs.read_text())["payload"].get("judge_pairs") if full_pairs.exists() else None
         study[name] = [{"budget": 1.0, "judge_share": 1.0, "judge_pairs": judged or 0, "identical_sets": 1.0,
                         "mean_overlap": 1.0, "mean_soft_label_kl": 0.0, "mean_p1": None}]
-        for budget in config.judge_budgets:
+        for budget in (*config.judge_budgets, None):
             folder = output / f"mined-{name}-budget-{budget_label(budget).rstrip('%')}"
             stage = SavedStage(folder, config.fingerprint("mining", *(("judge",) if name == "mllm" else ()))
                                + json.dumps({"judge_budget": budget}))
