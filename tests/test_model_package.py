@@ -312,7 +312,9 @@ def test_model_cards_carry_validated_card_data(tmp_path, kind, pipeline_tag):
 
 
 def test_dataset_card_lists_the_judge_row_columns():
-    from modeling_unime.data import JudgeRow
+    import typing
+
+    from modeling_unime.data import MinedRow
     from modeling_unime.export.card import render_dataset_card
 
     card = DatasetCard(render_dataset_card(
@@ -320,9 +322,12 @@ def test_dataset_card_lists_the_judge_row_columns():
         config=dict(top_k=50, similarity_threshold=0.9, beta=0.01, num_negatives=10, interval=5,
                     empty_fallback="paper", seed=3)))
     assert card.data.size_categories == ["1K<n<10K"] and "mllm-as-a-judge" in card.data.tags
-    assert card.data.configs[0]["data_files"][0]["path"] == "data/*.parquet"
+    assert card.data.configs[0]["data_files"][0]["path"] == "data/train-*.parquet"
+    assert card.data.configs[1]["config_name"] == "judged_pairs"
     rows = [line for line in card.text.splitlines() if line.startswith("| ") and not line.startswith("| column")]
-    assert [line.split(" | ")[0].removeprefix("| ") for line in rows] == list(JudgeRow.__annotations__)
+    assert [line.split(" | ")[0].removeprefix("| ") for line in rows] == list(typing.get_type_hints(MinedRow))
+    assert rows[-1].startswith("| judge_score_source | list[string] |")
+    assert "judge mode: full (the large judge scored every pair)" in card.text
     assert "| neg_images | list[string / null] |" in card.text and "| judge_scores | list[float64] |" in card.text
     assert "delta = 0.9, beta = 0.01" in card.text and "official_compat=True" in card.text
 

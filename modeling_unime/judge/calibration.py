@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..util.statistics import tied_ranks
 from . import Judge, judge_fingerprint
 
 CONTENT_FREE_TEXT = "N/A"
@@ -119,16 +120,7 @@ class ContextualCalibration:
 
 def _rank_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     """ROC AUC by ranks (Mann-Whitney U, tied scores share their mean rank): O(n log n), for millions of pairs."""
-    order = sorted(range(len(scores)), key=lambda index: scores[index])
-    ranks = [0.0] * len(scores)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
-            end += 1
-        for position in range(start, end + 1):
-            ranks[order[position]] = (start + end) / 2 + 1
-        start = end + 1
+    ranks = tied_ranks(scores)
     positives = sum(1 for label in labels if label)
     negatives = len(labels) - positives
     rank_sum = sum(rank for rank, label in zip(ranks, labels) if label)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..util.statistics import tied_ranks
 from . import Judge, judge_fingerprint
 
 __all__ = ["EnsembleJudge", "cohen_kappa", "judge_agreement", "spearman"]
@@ -73,28 +74,13 @@ class EnsembleJudge:
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks, tied values sharing their mean rank."""
-    order = sorted(range(len(values)), key=lambda index: values[index])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for position in range(start, end + 1):
-            ranks[order[position]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
-
-
 def spearman(first: Sequence[float], second: Sequence[float]) -> float:
     """Spearman's rank correlation (Pearson's of the ranks, ties averaged); NaN when either side is constant.
 
     >>> spearman([0.1, 0.4, 0.3], [1, 3, 2]), spearman([1, 2, 3], [3, 2, 1])
     (1.0, -1.0)
     """
-    ranks_a, ranks_b = _ranks(first), _ranks(second)
+    ranks_a, ranks_b = tied_ranks(first), tied_ranks(second)
     mean_a, mean_b = sum(ranks_a) / len(ranks_a), sum(ranks_b) / len(ranks_b)
     covariance = sum((a - mean_a) * (b - mean_b) for a, b in zip(ranks_a, ranks_b))
     spread = math.sqrt(sum((a - mean_a) ** 2 for a in ranks_a) * sum((b - mean_b) ** 2 for b in ranks_b))

@@ -5,6 +5,7 @@ sentence-transformers splits its ``util/``).
 - `embedding_cache`: embeddings on disk, keyed by the embedder's fingerprint and each item ("embed what is missing");
 - `fingerprint`: hashes of a model's weights and of a processor's settings, the keys of every cache;
 - `files`: atomic writes and the warning for a damaged cache file;
+- `statistics`: ranks with ties (the judge audits);
 - `images`: checking that the image files a job names exist, before any model runs;
 - `arguments`: recipe arguments as dataclasses, from a YAML file and flags.
 """
