@@ -254,13 +254,15 @@ def start_training_run(settings: Mapping[str, Any], args: Any, finetuning: str) 
 
 
 def load_training_model(
-    kind: RecipeKind, model_spec: str, settings: Mapping[str, Any], args: Any, finetuning: str
+    kind: RecipeKind, model_spec: str, settings: Mapping[str, Any], args: Any, finetuning: str,
+    run: RecipeRun | None = None,
 ) -> tuple[torch.nn.Module, Any]:
-    """The model to train (`start_training_run` decides its dtype and attention kernel) and its processor.
+    """The model to train (`start_training_run` decides its dtype and attention kernel; ``run`` when the recipe
+    started it already) and its processor.
 
     The model stays where it was loaded (CPU): the Trainer moves it to ``args.device``.
     """
-    run = start_training_run(settings, args, finetuning)
+    run = run or start_training_run(settings, args, finetuning)
     return run.load(kind.name, model_spec, device_map=False, tiny_device="cpu")
 
 
@@ -330,7 +332,7 @@ def run_training_recipe(kind: RecipeKind, arguments: TrainingRecipeArguments) ->
     script, data, args = arguments.script, arguments.data, arguments.training
     finetuning = script.finetuning or kind.default_finetuning
     settings = {"dtype": script.dtype, "attn_implementation": script.attn_implementation, "threads": script.threads}
-    start_training_run(settings, args, finetuning)  # threads before anything runs
+    run = start_training_run(settings, args, finetuning)  # threads before anything runs
     output_dir = Path(args.output_dir)
     # A re-run of the same command resumes from the last checkpoint: weights, optimizer, scheduler, random states,
     # the data position and the log history (tests/test_embedding_trainer.py checks the result equals an
@@ -348,7 +350,7 @@ def run_training_recipe(kind: RecipeKind, arguments: TrainingRecipeArguments) ->
         train_rows, image_root = load_judge_rows(data.data_train, image_root, args.seed, negatives)
         eval_rows = load_judge_rows(data.data_eval, image_root, args.seed + 1, negatives)[0] if data.data_eval else None
 
-    model, processor = load_training_model(kind, script.model, settings, args, finetuning)
+    model, processor = load_training_model(kind, script.model, settings, args, finetuning, run)
     if script.image_resize:  # the rule saved with the checkpoint, for inference (data_image_resize: training)
         processor.image_resize = script.image_resize
     adapter = arguments.adapter.settings(kind.default_adapter) if finetuning != "full" else {}

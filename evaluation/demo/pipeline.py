@@ -354,8 +354,8 @@ def judge_budget_study(world: DemoWorld, baseline: UniMEV2Model, judges: Mapping
     study: dict[str, list[dict[str, Any]]] = {}
     rows = mining_rows(world, config)
     for name, judge in judges.items():
-        full_pairs = SavedStage(output / f"mined-{name}", "").folder / SavedStage.MARKER
-        judged = json.loads(full_pairs.read_text())["payload"].get("judge_pairs") if full_pairs.exists() else None
+        marker = output / f"mined-{name}" / SavedStage.MARKER  # written by `mine` with the full run's count
+        judged = json.loads(marker.read_text())["payload"].get("judge_pairs") if marker.exists() else None
         study[name] = [{"budget": 1.0, "judge_share": 1.0, "judge_pairs": judged or 0, "identical_sets": 1.0,
                         "mean_overlap": 1.0, "mean_soft_label_kl": 0.0, "mean_p1": None}]
         for budget in (*config.judge_budgets, None):

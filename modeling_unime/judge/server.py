@@ -365,6 +365,12 @@ class ServerJudge(PromptBuilder):
             self._in_flight[chosen] += 1
             return chosen
 
+    def _hold(self, index: int) -> int:
+        """Count one more request in flight on server ``index`` (a request pinned to it)."""
+        with self._lock:
+            self._in_flight[index] += 1
+        return index
+
     def _send(self, method: str, path: str, payload: dict[str, Any] | None, what: str,
               server: int | None = None) -> dict[str, Any]:
         """One JSON request with retries (on another server when one fails); the decoded answer, or a
@@ -373,48 +379,39 @@ class ServerJudge(PromptBuilder):
         delay = self.backoff
         problems: list[str] = []
         for attempt in range(self.max_retries + 1):
-            index = self._pick_server() if server is None else server
-            if server is not None:
-                with self._lock:
-                    self._in_flight[index] += 1
+            index = self._pick_server() if server is None else self._hold(server)
             url = self.base_urls[index] + path
-            if server is None and index not in self._checked_servers and path != "/v1/models":
-                try:
+            status, problem = None, ""
+            try:  # the server counts as busy with this request until it is answered (or fails)
+                if server is None and index not in self._checked_servers and path != "/v1/models":
                     self._check_server(index)
-                except BaseException:
-                    with self._lock:
-                        self._in_flight[index] -= 1
-                    raise
-            self._count(requests=1)
-            with self._lock:
-                self.stats.requests_by_server[self.base_urls[index]] = (
-                    self.stats.requests_by_server.get(self.base_urls[index], 0) + 1)
-            try:
-                status, data = self._servers[index].request(method, path, body)
-            except (OSError, http.client.HTTPException) as error:
-                problem = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-            else:
-                if status == 200:
-                    try:
-                        return json.loads(data)
-                    except json.JSONDecodeError as error:
-                        raise ServerJudgeError(f"{url} answered {what} with a body that is not JSON ({error}): "
-                                               f"{data[:300]!r}") from error
-                    finally:
-                        with self._lock:
-                            self._in_flight[index] -= 1
+                self._count(requests=1)
+                with self._lock:
+                    self.stats.requests_by_server[self.base_urls[index]] = (
+                        self.stats.requests_by_server.get(self.base_urls[index], 0) + 1)
+                try:
+                    status, data = self._servers[index].request(method, path, body)
+                except (OSError, http.client.HTTPException) as error:
+                    problem = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            finally:
+                with self._lock:
+                    self._in_flight[index] -= 1
+            if status == 200:
+                try:
+                    return json.loads(data)
+                except json.JSONDecodeError as error:
+                    raise ServerJudgeError(f"{url} answered {what} with a body that is not JSON ({error}): "
+                                           f"{data[:300]!r}") from error
+            if status is not None:
                 detail = data[:500].decode("utf-8", errors="replace")
                 if status not in RETRY_STATUSES:
-                    with self._lock:
-                        self._in_flight[index] -= 1
                     hint = ""
                     if status in (401, 403):
                         hint = f" (wrong or missing API key: set {API_KEY_ENV} or pass api_key=)"
                     raise ServerJudgeError(f"{url} answered HTTP {status} to {what}{hint}: {detail}")
                 problem = f"HTTP {status}: {detail}"
-            with self._lock:
-                self._in_flight[index] -= 1
-                if len(self._servers) > 1:
+            if len(self._servers) > 1:
+                with self._lock:
                     self._down_until[index] = time.monotonic() + self.failover_cooldown
             problems.append(f"{self.base_urls[index]}: {problem}")
             if attempt == self.max_retries:

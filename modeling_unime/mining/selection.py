@@ -95,9 +95,7 @@ def row_scores(
     cascade = config.judge_mode != "full" and not context.fully_judged and candidates
     if not cascade:
         judged, details = checked_scores_with_details(judge, query, [positive, *candidates], row_index)
-        scores = RowScores(judged[0], judged[1:], ["judge"] * len(candidates))
-        scores.details = details[1:]
-        return scores
+        return RowScores(judged[0], judged[1:], ["judge"] * len(candidates), details=details[1:])
     if context.calibration is None or context.similarities is None:
         raise ValueError(f"judge_mode={config.judge_mode!r} needs the calibration and the candidates' similarities.")
     positive_score = checked_scores(judge, query, [positive], row_index)[0]
