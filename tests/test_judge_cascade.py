@@ -24,6 +24,7 @@ from modeling_unime.mining.cascade import (
     isotonic_predict,
     isotonic_values,
     kl_divergence,
+    soft_label_weight,
     soft_labels,
 )
 from modeling_unime.mining.selection import mine_with_pairs, walk
@@ -97,7 +98,7 @@ def select_like_mining(scores, positive, beta=0.01, num_negatives=4, interval=2)
     return [] if selection.used_fallback else selection.chosen
 
 
-def run_cascade(truth, estimates, sigmas, positive, margin=2.0, budget=None, exact=True):
+def run_cascade(truth, estimates, sigmas, positive, margin=2.0, budget=None, exact=True, label_weight=0.0):
     calls = []
 
     def judge(positions):
@@ -107,7 +108,7 @@ def run_cascade(truth, estimates, sigmas, positive, margin=2.0, budget=None, exa
     # residual tails at 0: the interval is estimate +- margin * sigma
     intervals = [Estimate(value, sigma, 0.0, 0.0) for value, sigma in zip(estimates, sigmas)]
     scored = decide_row(judge, positive, intervals, lambda scores: select_like_mining(scores, positive),
-                        positive - 0.01, "cascade", margin, budget, exact)
+                        positive - 0.01, "cascade", margin, budget, exact, label_weight=label_weight)
     return scored, calls
 
 
@@ -143,6 +144,27 @@ def test_a_wrong_estimate_of_a_picked_negative_moves_the_walk_and_the_cascade_fo
     scored, calls = run_cascade(truth, estimates, sigmas, positive)
     assert 1 in calls  # picked by the walk on the estimates, so judged: then dropped
     assert select_like_mining(scored.candidates, positive) == select_like_mining(truth, positive)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_picked_negative_keeps_its_estimate_only_where_its_soft_label_weight_cannot_reach_the_floor(seed):
+    rng = random.Random(seed)
+    count, positive, tau, floor = 16, 0.9, 0.02, 1e-3
+    truth = [rng.choice([rng.uniform(0.0, 0.6), rng.uniform(0.7, 0.88)]) for _ in range(count)]
+    sigmas = [0.03] * count
+    estimates = [value + rng.uniform(-0.05, 0.05) for value in truth]
+    scored, calls = run_cascade(truth, estimates, sigmas, positive, label_weight=floor)
+    chosen = select_like_mining(scored.candidates, positive)
+    for position in chosen:
+        top = estimates[position] + 2.0 * sigmas[position]
+        weight_at_top = math.exp((top - positive) / tau)  # the soft label's weight against the positive's
+        assert (scored.sources[position] == "judge") == (weight_at_top >= floor), (position, top)
+    # what the estimates changed in the soft labels is bounded by the floor: the KL stays tiny
+    kept = soft_labels([positive, *[scored.candidates[position] for position in chosen]], tau)
+    exact = soft_labels([positive, *[truth[position] for position in chosen]], tau)
+    assert kl_divergence(exact, kept) < 2 * floor * len(chosen)
+    assert soft_label_weight(0.81, 0.95) == pytest.approx(math.exp(-7.0))
+    assert soft_label_weight(0.99, 0.95) == 1.0  # above the positive it weighs as much as the positive
 
 
 def test_the_tail_quantiles_widen_the_interval_where_the_judge_strayed():
@@ -232,7 +254,12 @@ def test_cascade_mining_records_sources_pairs_and_budget(tmp_path):
     assert stats.estimated_pairs == pairs["source"].count("estimate") > 0
     for row in dataset:
         assert len(row["judge_score_source"]) == len(row["judge_scores"]) and row["judge_score_source"][0] == "judge"
-        assert set(row["judge_score_source"][1:]) <= {"judge", "fallback"}  # exact labels: every negative judged
+        # a negative keeps its estimate only where its soft label weighs under 1e-3 of the positive's
+        for score, source in zip(row["judge_scores"][1:], row["judge_score_source"][1:]):
+            assert source in ("judge", "fallback") or soft_label_weight(score, row["judge_scores"][0]) < 1e-3
+    exact = mine_with_pairs(rows, embedder, judge, config=config, image_root=tmp_path / "images", verbose=False,
+                            cascade_label_weight=0.0).dataset
+    assert {source for sources in exact["judge_score_source"] for source in sources[1:]} <= {"judge", "fallback"}
     budget = stats.judge_budget()
     assert budget["judge_share"] == pytest.approx(stats.judge_pairs / (stats.judge_pairs + stats.estimated_pairs))
     assert budget["audit_rows"] == len(rows)
@@ -403,7 +430,15 @@ def test_two_processes_give_the_one_process_cascade_dataset(tmp_path):
                          env=environment, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     datasets = [load_from_disk(str(tmp_path / name / "dataset")).to_list() for name in ("one", "two")]
-    assert datasets[0] == datasets[1]
+    # negatives that keep an estimate carry it as their score: equal up to the embeddings' last bits
+    assert [{k: v for k, v in row.items() if k != "judge_scores"} for row in datasets[0]] == \
+        [{k: v for k, v in row.items() if k != "judge_scores"} for row in datasets[1]]
+    assert any("estimate" in row["judge_score_source"] for row in datasets[0])
+    for one_row, two_row in zip(*datasets):
+        assert one_row["judge_scores"] == pytest.approx(two_row["judge_scores"], abs=1e-5)
+        judged = [index for index, source in enumerate(one_row["judge_score_source"]) if source != "estimate"]
+        assert [one_row["judge_scores"][index] for index in judged] == \
+            [two_row["judge_scores"][index] for index in judged]
     pairs = [load_from_disk(str(tmp_path / name / "judged_pairs")).to_list() for name in ("one", "two")]
     # embeddings computed in other batches differ in the last bits: so do similarities and estimates, nothing else
     floats = ("similarity", "estimate", "sigma", "score")

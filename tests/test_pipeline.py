@@ -46,6 +46,13 @@ def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkey
     budget = results["judge_budget"]
     assert [row["budget"] for row in budget["oracle"]] == [1.0, 0.5, None] and budget["mllm"][1]["mean_p1"] is None
     assert budget["oracle"][0]["mean_p1"] == best["mean"] and budget["oracle"][1]["mean_p1"] is not None
+    # the full judge's data and the uncapped cascade's trained at a second seed too: its own folder, its own score
+    full_seeds, cascade_seeds = budget["oracle"][0]["mean_p1_by_seed"], budget["oracle"][2]["mean_p1_by_seed"]
+    assert full_seeds[0] == best["mean"] and len(full_seeds) == len(cascade_seeds) == 2
+    assert cascade_seeds[0] == budget["oracle"][2]["mean_p1"]
+    seeded = json.loads((output / "embedder-mined-oracle-seed-1" / "pipeline_stage.json").read_text())
+    assert '"seed": 1' in seeded["fingerprint"]
+    assert "training seeds" in (output / "results.md").read_text()
     assert set(results["judge_audit"]) == {"oracle", "mllm", "reranker"}
     assert results["judge_audit"]["oracle"]["raw"]["auc"] == 1.0
     assert set(results["reranker_slot_bias"]) == set(TASKS)
@@ -94,8 +101,9 @@ def test_rerunning_the_quick_pipeline_resumes_from_the_saved_stages(tmp_path, mo
     run_pipeline_recipe(monkeypatch, "--quick", "--output_dir", str(output))
     second = json.loads((output / "results.json").read_text())
     resumed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[resume]")]
-    # baseline, judge, four variants, reranker, the embedders of the 50% and uncapped judge budgets: none trained again
-    assert len(resumed) == 9
+    # baseline, judge, four variants, reranker, the embedders of the 50% and uncapped judge budgets, and the full and
+    # uncapped runs' second training seed: none trained again
+    assert len(resumed) == 11
     assert second["table"] == first["table"] and second["judge_budget"] == first["judge_budget"]
     assert second["curves"] == first["curves"]
     # a changed setting is a different run: the saved stages are not reused
@@ -348,3 +356,22 @@ def test_summary_png_has_the_curves_and_the_table(tmp_path):
     assert image.size[0] == 1100 and image.size[1] > 400
     # not blank: the curves and the table put ink on the page
     assert len(image.convert("L").getcolors(1 << 16)) > 10
+
+
+def test_the_seeded_cascade_comparison_matches_statistics():
+    import statistics
+
+    from evaluation.demo.judge_studies import seeded_comparison
+
+    full, cascade = [62.0, 63.5, 61.0], [62.5, 62.0, 61.5]
+    rows = [{"budget": 1.0, "mean_p1_by_seed": full}, {"budget": 0.5, "mean_p1": 60.0},
+            {"budget": None, "mean_p1_by_seed": cascade}]
+    line = seeded_comparison(rows)[-1]
+    differences = [c - f for c, f in zip(cascade, full)]
+    assert f"full judge {statistics.mean(full):.1f} +- {statistics.stdev(full):.1f}" in line
+    assert f"uncapped cascade {statistics.mean(cascade):.1f} +- {statistics.stdev(cascade):.1f}" in line
+    assert f"{statistics.mean(differences):+.1f} +- {statistics.stdev(differences):.1f}" in line
+    assert line.endswith("within the seeds' noise.")
+    far = [{"budget": 1.0, "mean_p1_by_seed": full}, {"budget": None, "mean_p1_by_seed": [50.0, 51.0, 50.5]}]
+    assert seeded_comparison(far)[-1].endswith("outside the seeds' noise.")
+    assert seeded_comparison(rows[:2]) == []  # no uncapped cascade trained at several seeds: no line

@@ -80,7 +80,34 @@ def render_judge_budget(study: Mapping[str, list[dict[str, Any]]]) -> str:
                 f"{row['judge_pairs']:,} | "
                 f"{100 * row['identical_sets']:.1f} | {100 * row['mean_overlap']:.1f} | "
                 f"{row['mean_soft_label_kl']:.3f} | {p1} |")
+    lines += seeded_comparison(study.get("oracle", []))
     return "\n".join(lines)
+
+
+def seeded_comparison(rows: list[dict[str, Any]]) -> list[str]:
+    """The line comparing the embedders trained on the full judge's data and on the uncapped cascade's over the
+    training seeds (mean +- s.d., and the paired difference: same seed), when both were trained at several."""
+    full = next((row for row in rows if row["budget"] == 1.0 and row.get("mean_p1_by_seed")), None)
+    cascade = next((row for row in rows if row["budget"] is None and row.get("mean_p1_by_seed")), None)
+    if full is None or cascade is None or len(full["mean_p1_by_seed"]) < 2:
+        return []
+    count = min(len(full["mean_p1_by_seed"]), len(cascade["mean_p1_by_seed"]))
+    full_scores, cascade_scores = full["mean_p1_by_seed"][:count], cascade["mean_p1_by_seed"][:count]
+    differences = [mine - theirs for mine, theirs in zip(cascade_scores, full_scores)]
+    spread = mean_and_sd(full_scores)[1]
+    difference, difference_sd = mean_and_sd(differences)
+    verdict = ("within the seeds' noise" if abs(difference) <= max(spread, difference_sd) else
+               "outside the seeds' noise")
+    return ["", f"Over {count} training seeds (same baseline and data; data order and dropout vary): full judge "
+                f"{mean_and_sd(full_scores)[0]:.1f} +- {spread:.1f}, uncapped cascade "
+                f"{mean_and_sd(cascade_scores)[0]:.1f} +- {mean_and_sd(cascade_scores)[1]:.1f} mean P@1; paired "
+                f"difference (cascade - full) {difference:+.1f} +- {difference_sd:.1f}: {verdict}."]
+
+
+
+def mean_and_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def draw_judge_budget(study: Mapping[str, list[dict[str, Any]]], path: Path, pyplot) -> None:
@@ -323,7 +350,7 @@ def skipped_reason(check: Mapping[str, Any]) -> str:
 
 __all__ = [
     "RERANK_MODES", "RankFusion", "budget_label", "draw_judge_audits", "draw_judge_budget", "held_out_check_tasks",
-    "held_out_pairs", "judge_audits", "mine_at_budget", "render_judge_audits", "render_judge_budget",
+    "held_out_pairs", "judge_audits", "mean_and_sd", "mine_at_budget", "render_judge_audits", "render_judge_budget",
     "render_reranker_checks", "render_slot_bias", "reranker_checks", "reranker_slot_bias", "score_pairs",
-    "skipped_reason",
+    "seeded_comparison", "skipped_reason",
 ]

@@ -112,6 +112,7 @@ class PipelineConfig:
     rerank_top_k: int = 5
     listwise_eval_rows: int = 500
     judge_budgets: tuple[float, ...] = (0.5, 0.25, 0.1)
+    judge_budget_seeds: tuple[int, ...] = (1, 2)
     judge_audit_rows: int = 100
     reranker_check_rows: int = 100
     slot_bias_rows: int = 100
@@ -124,7 +125,8 @@ class PipelineConfig:
     def quick(cls, **overrides: Any) -> "PipelineConfig":
         sliver = dict(train_rows_per_task=24, test_rows_per_task=16, embedder_steps=3, finetune_steps=2, judge_steps=2,
                       judge_eval_rows=8, mining_queries=12, top_k=6, num_negatives=4, reranker_steps=2, batch_size=4,
-                      judge_budgets=(0.5,), judge_audit_rows=4, reranker_check_rows=4, slot_bias_rows=4)
+                      judge_budgets=(0.5,), judge_budget_seeds=(1,), judge_audit_rows=4, reranker_check_rows=4,
+                      slot_bias_rows=4)
         return cls(**{**sliver, **overrides})
 
     def fingerprint(self, *stages: str) -> str:
@@ -245,7 +247,7 @@ def _train(run: TrainingRun, rows: Dataset, processor: Any, config: PipelineConf
         str(run.folder), report_to=[], use_cpu=not accelerator_available(), save_strategy="no",
         per_device_train_batch_size=config.batch_size, learning_rate=run.learning_rate,
         warmup_steps=max(1, run.steps // 10), max_steps=run.steps, logging_steps=max(1, run.steps // 20),
-        seed=config.seed, disable_tqdm=False, **run.arguments,
+        disable_tqdm=False, **{"seed": config.seed, **run.arguments},
     )
     trainer = run.trainer_class(model=model, args=args, train_dataset=rows, processing_class=processor)
     trainer.train()
@@ -346,12 +348,15 @@ def mining_settings(config: PipelineConfig) -> MiningConfig:
 
 
 def judge_budget_study(world: DemoWorld, baseline: UniMEV2Model, judges: Mapping[str, Any], config: PipelineConfig,
-                       output: Path) -> dict[str, list[dict[str, Any]]]:
+                       output: Path, full_oracle_data: Dataset | None = None) -> dict[str, list[dict[str, Any]]]:
     """Mining with the judge cascade at each of ``config.judge_budgets`` and without a cap (its rules decide), through
     the same judge cache as the full runs (the audit's full judge costs nothing new), per judge; for the oracle, an
     embedder trained on each run's data as the soft-label row and its mean P@1. The 100% rows are the full runs (P@1
-    filled in by the caller)."""
+    filled in by the caller). For the oracle, the full run's data (``full_oracle_data``) and the uncapped cascade's
+    also train at the training seeds ``config.judge_budget_seeds``: their rows' ``mean_p1_by_seed`` (the caller adds
+    the full run's seed-``config.seed`` score first)."""
     study: dict[str, list[dict[str, Any]]] = {}
+    objective = dict(loss="soft_label", num_negatives=config.num_negatives)
     rows = mining_rows(world, config)
     for name, judge in judges.items():
         marker = output / f"mined-{name}" / SavedStage.MARKER  # written by `mine` with the full run's count
@@ -368,10 +373,25 @@ def judge_budget_study(world: DemoWorld, baseline: UniMEV2Model, judges: Mapping
                 "judge_share", "judge_pairs", "identical_sets", "mean_overlap", "mean_soft_label_kl")}, "mean_p1": None}
             if name == "oracle":
                 model, _ = continue_training(baseline, mined, world, config, output / f"embedder-{folder.name}",
-                                             "oracle", loss="soft_label", num_negatives=config.num_negatives)
+                                             "oracle", **objective)
                 row["mean_p1"] = evaluate_embedder(model, world.test_tasks).scores["mean"]
+                if budget is None:
+                    row["mean_p1_by_seed"] = [row["mean_p1"], *seeded_scores(
+                        baseline, mined, world, config, output / f"embedder-{folder.name}", objective)]
             study[name].append(row)
+    if full_oracle_data is not None and "oracle" in study:
+        study["oracle"][0]["mean_p1_by_seed"] = seeded_scores(baseline, full_oracle_data, world, config,
+                                                              output / "embedder-mined-oracle", objective)
     return study
+
+
+def seeded_scores(baseline: UniMEV2Model, rows: Dataset, world: DemoWorld, config: PipelineConfig, folder: Path,
+                  objective: Mapping[str, Any]) -> list[float]:
+    """Mean P@1 of the embedder trained on ``rows`` at each training seed of ``config.judge_budget_seeds`` (data
+    order and dropout change; the baseline and the data do not), each saved under ``folder-seed-N``."""
+    return [evaluate_embedder(continue_training(baseline, rows, world, config, Path(f"{folder}-seed-{seed}"), "oracle",
+                                                **objective, seed=seed)[0], world.test_tasks).scores["mean"]
+            for seed in config.judge_budget_seeds]
 
 
 def continue_training(baseline: UniMEV2Model, rows: Dataset, world: DemoWorld, config: PipelineConfig, folder: Path,
@@ -608,8 +628,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
     # 9. the judges measured: the budget of the judge cascade, and each judge's audit with and without contextual
     #    calibration of its Yes prior
-    budget = judge_budget_study(world, baseline, judges, config, output)
+    budget = judge_budget_study(world, baseline, judges, config, output, mined["oracle"])
     budget["oracle"][0]["mean_p1"] = table[best]["mean"]
+    budget["oracle"][0]["mean_p1_by_seed"] = [table[best]["mean"], *budget["oracle"][0].get("mean_p1_by_seed", [])]
     audits = judge_audits({**judges, "reranker": reranker.scorer(world.processor)}, world.test_tasks,
                           config.judge_audit_rows, config.seed, config.image_size)
     clock.lap("judge budget and audit")

@@ -17,7 +17,10 @@ training pairs). The cascade (``judge_mode="cascade"`` of `modeling_unime.mining
 4. **The selection walk.** With the decided scores, the false-negative filter and the cyclical walk pick the
    negatives (`modeling_unime.mining.rules`); every picked candidate not judged yet is judged (its score becomes a
    soft label, and judging it may drop it as a false negative, which moves the walk), and the walk is redone until
-   every picked negative carries a judge score (``cascade_exact_labels``). The rest keep their estimates.
+   every picked negative carries a judge score (``cascade_exact_labels``). Training aligns to softmax(score / tau),
+   so a negative whose weight against the positive stays below ``cascade_label_weight`` even at the top of its
+   interval (``exp((high - s_pos) / tau)``, tau = ``cascade_label_temperature``) adds nothing a judge score could
+   change: it keeps its estimate. The rest keep their estimates.
 
 ``judge_budget`` caps the large-judge calls per query (a share of its ``1 + top_k`` pairs, the positive included):
 candidates are then judged most-doubtful first (`flip_distance`: the threshold's distance from the estimate over the
@@ -286,6 +289,8 @@ def decide_row(
     budget: int | None = None,
     exact_labels: bool = True,
     top_m: int | None = None,
+    label_temperature: float = AUDIT_TEMPERATURE,
+    label_weight: float = 0.0,
 ) -> RowScores:
     """The cascade for one row (see the module docstring): which candidates the large judge scores.
 
@@ -299,7 +304,9 @@ def decide_row(
         margin: the cascade judges a candidate whose `Estimate.interval` (``margin`` sigmas, or the tail quantiles
             when wider) contains the threshold: its keep / drop decision could flip.
         budget: at most this many candidate calls (None: no cap).
-        exact_labels: judge every picked negative (the walk is redone until they all are).
+        exact_labels: judge every picked negative whose soft label could matter (the walk is redone until they all
+            are): one whose weight ``exp((high - positive_score) / label_temperature)`` at the top of its interval
+            reaches ``label_weight`` (0: every picked negative).
         top_m: ``top_m`` mode: how many of the most similar candidates to judge (the first ones: candidates come in
             retrieval order).
     """
@@ -319,6 +326,13 @@ def decide_row(
         remaining -= len(positions)
 
     uncertainty = [flip_distance(estimate, threshold, margin) for estimate in estimates]
+
+    def label_matters(position: int) -> bool:
+        return label_weight <= 0 or soft_label_weight(estimates[position].interval(margin)[1], positive_score,
+                                                      label_temperature) >= label_weight
+
+    def picked_mattering(scores: list[float]) -> list[int]:
+        return [position for position in dict.fromkeys(select(scores)) if label_matters(position)]
     if mode == "top_m":
         judge(list(range(min(count, top_m if top_m is not None else remaining))))
     elif mode == "cascade":
@@ -327,7 +341,7 @@ def decide_row(
         if budget is None:
             judge(doubtful)
             while exact_labels:
-                pending = [position for position in dict.fromkeys(select(scores)) if sources[position] != "judge"]
+                pending = [position for position in picked_mattering(scores) if sources[position] != "judge"]
                 if not pending:
                     break
                 judge(pending)
@@ -336,7 +350,7 @@ def decide_row(
             # moves the walk; a budget the rules do not use up goes to the next most doubtful candidates.
             round_size = max(1, math.ceil(budget / 4))
             while remaining > 0:
-                picked = set(select(scores)) if exact_labels else set()
+                picked = set(picked_mattering(scores)) if exact_labels else set()
                 waiting = [position for position in range(count) if sources[position] != "judge"]
                 if not waiting:
                     break
@@ -347,6 +361,16 @@ def decide_row(
         raise ValueError(f"judge mode {mode!r}: the cascade runs 'cascade' or 'top_m' ('full' judges everything).")
     return RowScores(positive_score, scores, sources, [estimate.value for estimate in estimates],
                      [estimate.sigma for estimate in estimates])
+
+
+def soft_label_weight(score: float, positive_score: float, temperature: float = AUDIT_TEMPERATURE) -> float:
+    """A negative's soft-label weight relative to the positive's: ``exp((score - positive_score) / temperature)``
+    (capped at 1 above the positive: it then matters as much as the positive).
+
+    >>> round(soft_label_weight(0.81, 0.95), 6)
+    0.000912
+    """
+    return math.exp(min(0.0, score - positive_score) / temperature)
 
 
 def flip_distance(estimate: Estimate, threshold: float, margin: float) -> float:
@@ -421,5 +445,6 @@ __all__ = [
     "isotonic_predict",
     "isotonic_values",
     "kl_divergence",
+    "soft_label_weight",
     "soft_labels",
 ]

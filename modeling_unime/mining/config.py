@@ -65,6 +65,13 @@ class MiningConfig:
         "help": "cascade: at least this many calibration queries (all of them in a smaller dataset)"})
     cascade_exact_labels: bool = field(default=True, metadata={
         "help": "cascade: judge every selected negative, so that every soft label is a judge score"})
+    cascade_label_weight: float = field(default=1e-3, metadata={
+        "help": "cascade: a picked negative keeps its estimate when its soft-label weight against the positive, "
+                "exp((s - s_pos) / cascade_label_temperature), stays below this even at the top of its interval (its "
+                "label then changes nothing the training sees); 0: judge every picked negative"})
+    cascade_label_temperature: float = field(default=0.02, metadata={
+        "help": "cascade: the soft labels' temperature tau the label weight is measured at (the training's, the "
+                "paper's 0.02)"})
     cascade_top_m: int = field(default=10, metadata={"help": "top_m: how many of the most similar candidates to judge"})
     cascade_audit: bool = field(default=False, metadata={
         "help": "cascade: also judge every pair and report how far the cascade's selection is from the full judge's "
@@ -81,6 +88,9 @@ class MiningConfig:
             raise ValueError(f"cascade_calibration_share={self.cascade_calibration_share}: a share in (0, 1].")
         if not 0 <= self.cascade_tail < 0.5:
             raise ValueError(f"cascade_tail={self.cascade_tail}: a quantile level in [0, 0.5).")
+        if not 0 <= self.cascade_label_weight < 1 or self.cascade_label_temperature <= 0:
+            raise ValueError(f"cascade_label_weight={self.cascade_label_weight} must be in [0, 1) and "
+                             f"cascade_label_temperature={self.cascade_label_temperature} positive.")
         if self.cascade_sigma_floor <= 0 or self.cascade_margin < 0:
             raise ValueError("cascade_sigma_floor must be positive and cascade_margin not negative, got "
                              f"{self.cascade_sigma_floor} and {self.cascade_margin}.")

@@ -121,7 +121,7 @@ def row_scores(
     scored = decide_row(
         judge_candidates, positive_score, predicted, picked,
         positive_score - config.beta, config.judge_mode, config.cascade_margin, budget, config.cascade_exact_labels,
-        top_m=budget,
+        top_m=budget, label_temperature=config.cascade_label_temperature, label_weight=config.cascade_label_weight,
     )
     scored.details = [details.get(position) for position in range(len(candidates))]
     return scored
