@@ -25,6 +25,8 @@ from typing import Any, TypedDict
 
 from datasets import Dataset, DatasetInfo, Features, List, Value
 
+from .util.files import read_json
+
 # Float64, not the float32 of the design draft: a JSON number is a float64, and only float64 stores every one exactly,
 # so the file round trip is bit-exact for any input. The released judge scores happen to be float32 values (all 550
 # in the sample widen back exactly), but a rescored file or a hand edit (0.1 -> 0.10000000149011612 in float32) would
@@ -205,8 +207,7 @@ def load_official_json(path: str | os.PathLike, image_root: str | os.PathLike | 
         '/data/MMEB-train/images/A-OKVQA/Train/1.jpg'
     """
     file = os.fspath(path)
-    with open(file, encoding="utf-8") as handle:
-        rows = json.load(handle)
+    rows = read_json(file, "the authors' judge-scored training file")
     if not isinstance(rows, list):
         kind = type(rows).__name__
         raise ValueError(f"{file}: expected a JSON list of row objects (the authors' format), not a {kind}.")

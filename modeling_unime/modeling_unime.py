@@ -24,8 +24,8 @@ from .configuration_unime import (
     UniMEV2Config,
     UniMEV2RerankerConfig,
 )
-from .processing_unime import ImageInput, UniMEV2Processor, align_rows
-from .scoring_unime import MultimodalScorer, as_item
+from .processing_unime import ImageInput, UniMEV2Processor, align_rows, check_instruction, missing_image_rows
+from .scoring_unime import MultimodalScorer, as_item, check_candidates
 
 logger = logging.get_logger(__name__)
 
@@ -141,8 +141,8 @@ def vision_start_position_ids(
 def truncate_and_normalize(embeddings: torch.Tensor, dim: int | None, normalize: bool = True) -> torch.Tensor:
     """Keep the first ``dim`` dimensions (Matryoshka) and L2-normalise again."""
     if dim is not None:
-        if dim < 1:
-            raise ValueError(f"truncate_dim must be a positive integer, got {dim}.")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"truncate_dim must be a positive integer, got {dim!r}.")
         if dim > embeddings.shape[-1]:
             raise ValueError(f"truncate_dim={dim} is larger than the embedding size {embeddings.shape[-1]}.")
         embeddings = embeddings[..., :dim]
@@ -346,14 +346,24 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        if truncate_dim is not None and (not isinstance(truncate_dim, int) or truncate_dim < 1):
+        if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                         or truncate_dim < 1):
             raise ValueError(f"truncate_dim must be a positive integer or None, got {truncate_dim!r}.")
+        check_instruction(instruction)
         if truncate_dim is not None and truncate_dim > self.config.hidden_size:
             raise ValueError(
                 f"truncate_dim={truncate_dim} is larger than the embedding size {self.config.hidden_size}."
             )
         processor = processor or self.processor
         texts, images = align_rows(texts, images)
+        missing = missing_image_rows(images, image_root)
+        if missing:
+            hint = "pass image_root=" if image_root is None else f"check image_root={os.fspath(image_root)!r}"
+            others = ", ".join(f"row {row}: {path!r}" for row, path in missing[1:4])
+            ellipsis = ", ..." if len(missing) > 4 else ""
+            more = f"; {len(missing) - 1} more missing ({others}{ellipsis})" if others else ""
+            raise ValueError(f"Row {missing[0][0]}: image file not found: {missing[0][1]!r} ({hint} or fix the path)"
+                             f"{more}; checked before encoding, nothing was encoded.")
         order = sorted(
             range(len(texts)),
             key=lambda row: (images[row] is not None, len(texts[row] or "")),
@@ -480,6 +490,7 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
         image_root: str | os.PathLike | None = None,
     ) -> torch.Tensor:
         """P(Yes) of each candidate for the query (pairwise prompt), in the candidates' order."""
+        check_candidates(candidates)
         with evaluation_mode(self):
             query_text, query_image = as_item(query, "the query")
             scorer = self.scorer(processor, batch_size=batch_size, image_root=image_root)
@@ -507,6 +518,11 @@ class UniMEV2Reranker(UniMEV2PreTrainedModel):
         """
         if mode not in ("listwise", "pairwise"):
             raise ValueError(f"mode={mode!r}: use 'listwise' or 'pairwise'.")
+        check_candidates(candidates)
+        candidates = list(candidates)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer (how many of the best to return) or None for all, got "
+                             f"{top_k!r}.")
         if mode == "pairwise":
             scores = self.score(query, candidates, processor, batch_size, image_root)
         else:

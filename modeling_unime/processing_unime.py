@@ -12,7 +12,7 @@ import inspect
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
 from PIL import Image
@@ -292,6 +292,9 @@ def align_rows(
     fills the side a row lacks); a row with neither, or lists of different lengths, raise ValueError naming the row."""
     if isinstance(texts, str):
         texts = [texts]
+    elif texts is not None and (not isinstance(texts, Iterable) or isinstance(texts, (bytes, dict))):
+        raise TypeError(f"texts must be a string, a list of strings (None for an image-only row) or None; got "
+                        f"{type(texts).__name__}.")
     if images is not None and not isinstance(images, (list, tuple)):
         images = [images]
     if texts is None and images is None:
@@ -307,9 +310,35 @@ def align_rows(
         row = row_ids[index] if row_ids is not None else index
         if text is not None and not isinstance(text, str):
             raise ValueError(f"Row {row}: text must be a string or None, got {type(text).__name__}.")
-        if not text and (image is None or (isinstance(image, str) and image == "")):
-            raise ValueError(f"Row {row}: the row has neither text nor image; give at least one.")
+        if (not text or text.isspace()) and (image is None or (isinstance(image, str) and image == "")):
+            what = f"only whitespace ({text!r})" if text else "neither text nor image"
+            raise ValueError(f"Row {row}: the row has {what}; give a text or an image.")
     return texts, images
+
+
+def check_instruction(instruction: Any) -> None:
+    """One instruction for the whole call: a string or None (a list per row is not supported)."""
+    if instruction is not None and not isinstance(instruction, str):
+        raise TypeError(f"instruction must be one string (prepended to every row) or None, got "
+                        f"{type(instruction).__name__}; to give rows different instructions, encode them in "
+                        "separate calls or put the instruction in each row's text.")
+
+
+def missing_image_rows(images: Sequence[ImageInput], image_root: str | os.PathLike | None = None
+                       ) -> list[tuple[int, str]]:
+    """(row, resolved path) of every image given as a path (or a ``datasets`` dict without bytes) whose file does
+    not exist: checked before any forward pass, so a bad row 40 is reported before 10 batches run."""
+    missing = []
+    for row, image in enumerate(images):
+        if isinstance(image, dict) and not image.get("bytes"):
+            image = image.get("path")
+        if isinstance(image, (str, os.PathLike)) and os.fspath(image):
+            path = os.fspath(image)
+            if image_root is not None and not os.path.isabs(path):
+                path = os.path.join(os.fspath(image_root), path)
+            if not os.path.isfile(path):
+                missing.append((row, path))
+    return missing
 
 
 def _read_backbone_type(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> str | None:
@@ -323,6 +352,23 @@ def _read_backbone_type(pretrained_model_name_or_path: str | os.PathLike, **hub_
     if config_dict.get("model_type") == "unime_v2":
         return (config_dict.get("backbone_config") or {}).get("model_type")
     return config_dict.get("model_type")
+
+
+def plain_checkpoint_image_rule(source: str | os.PathLike) -> str:
+    """The image rule the authors ran a checkpoint of their plain layout under: ``authors-reranker-eval`` for their
+    reranker, ``authors-eval`` for their embedders. Their folders carry no setting that tells the two apart (both
+    are stock Qwen-VL saves; they also trained Qwen2.5-VL embedders), so the reranker is known by its name, as
+    released (``TianchengGu/UniME-V2-Reranker-Qwen25VL-7B``, or a local copy whose path says ``rerank``). A folder
+    saved by `UniMEV2Processor` names its own rule and never needs this; ``plain_checkpoint_image_resize=``
+    overrides it.
+
+    Example:
+        >>> plain_checkpoint_image_rule("TianchengGu/UniME-V2-Reranker-Qwen25VL-7B")
+        'authors-reranker-eval'
+        >>> plain_checkpoint_image_rule("TianchengGu/UniME-V2-Qwen2VL-7B")
+        'authors-eval'
+    """
+    return "authors-reranker-eval" if "rerank" in os.fspath(source).lower() else "authors-eval"
 
 
 class UniMEV2Processor(ProcessorMixin):
@@ -432,15 +478,16 @@ class UniMEV2Processor(ProcessorMixin):
         pretrained_model_name_or_path: str | os.PathLike,
         backbone_type: str | None = None,
         image_resize: str | None = None,
-        plain_checkpoint_image_resize: str = "authors-eval",
+        plain_checkpoint_image_resize: str | None = None,
         **kwargs: Any,
     ) -> "UniMEV2Processor":
         """Load a UniME-V2 processor, or build one from a plain backbone checkpoint (the authors' layout).
 
         The backbone family comes from ``processor_config.json`` when it names one, else from the folder's
         ``config.json``; pass ``backbone_type=`` to override. ``image_resize`` overrides the saved policy; a plain
-        backbone checkpoint, which saves none, gets ``plain_checkpoint_image_resize`` (the authors' evaluation size;
-        the reranker asks for ``"authors-reranker-eval"``). Other keyword arguments (``cache_dir``, ``revision``,
+        backbone checkpoint, which saves none, gets ``plain_checkpoint_image_resize``, by default the authors' rule
+        for what the folder holds (`plain_checkpoint_image_rule`): their reranker's evaluation rule for their
+        reranker, their embedder evaluation size otherwise. Other keyword arguments (``cache_dir``, ``revision``,
         ``token``, ``local_files_only``...) work as for any processor.
         """
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
@@ -451,14 +498,16 @@ class UniMEV2Processor(ProcessorMixin):
         # preprocessor_config.json), then our own __init__. ProcessorMixin's private sub-processor loader changed
         # in transformers 5.25 (see tests/test_transformers_compat.py).
         processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **hub_kwargs)
-        if image_resize is not None:
-            processor_dict["image_resize"] = image_resize
-        elif "backbone_type" not in processor_dict:  # not saved by UniMEV2Processor: the authors' plain layout
-            processor_dict["image_resize"] = plain_checkpoint_image_resize
+        plain_layout = "backbone_type" not in processor_dict  # not saved by UniMEV2Processor: the authors' layout
         if backbone_type is None:
             backbone_type = processor_dict.get("backbone_type") or _read_backbone_type(
                 pretrained_model_name_or_path, **hub_kwargs
             )
+        if image_resize is not None:
+            processor_dict["image_resize"] = image_resize
+        elif plain_layout:
+            processor_dict["image_resize"] = plain_checkpoint_image_resize or plain_checkpoint_image_rule(
+                pretrained_model_name_or_path)
         if backbone_type is None:
             raise ValueError(
                 f"Cannot tell the backbone family of {os.fspath(pretrained_model_name_or_path)!r}: neither "
@@ -532,6 +581,7 @@ class UniMEV2Processor(ProcessorMixin):
         """
         if "text" in kwargs and texts is None:
             texts = kwargs.pop("text")
+        check_instruction(instruction)
         texts, images = align_rows(texts, images, row_ids)
         row_ids = list(row_ids) if row_ids is not None else list(range(len(texts)))
         image_resize = self.image_resize if image_resize is None else image_resize
@@ -560,6 +610,9 @@ class UniMEV2Processor(ProcessorMixin):
 __all__ = [
     "IMAGE_RESIZE_PRESETS",
     "align_rows",
+    "check_instruction",
+    "plain_checkpoint_image_rule",
+    "missing_image_rows",
     "UniMEV2Processor",
     "canonical_image_resize",
     "resize_image",

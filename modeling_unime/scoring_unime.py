@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,9 +101,17 @@ def as_item(value: Any, what: str = "item") -> Item:
         raise ValueError(f"{what}: the text must be a string or None, got {type(text).__name__}.")
     if image is not None and isinstance(image, str) and image == "":
         image = None
-    if not text and image is None:
-        raise ValueError(f"{what} has neither text nor image.")
+    if (not text or text.isspace()) and image is None:
+        raise ValueError(f"{what} has " + (f"only whitespace ({text!r})" if text else "neither text nor image") + ".")
     return (text or None), image
+
+
+def check_candidates(candidates: Any) -> None:
+    """A list (or tuple) of candidates: a lone string, image or dict is refused rather than scored item by item
+    (``rerank("q", "abc")`` would otherwise score the three characters)."""
+    if isinstance(candidates, (str, bytes, dict, Image.Image, os.PathLike)) or not isinstance(candidates, Iterable):
+        raise TypeError(f"candidates must be a list of candidates (texts, images, (text, image) pairs), got one "
+                        f"{type(candidates).__name__}: wrap a single candidate in a list, e.g. [candidate].")
 
 
 def strip_image_placeholders(text: str | None) -> str | None:
@@ -327,6 +335,7 @@ class MultimodalScorer(PromptBuilder):
         """
         query = as_item((query_text, query_image), "the query")
         query_text, query_image = query
+        check_candidates(candidates)
         candidates = [as_item(candidate, f"candidate {index}") for index, candidate in enumerate(candidates)]
         if not candidates:
             return torch.empty(0)
@@ -384,6 +393,7 @@ class MultimodalScorer(PromptBuilder):
         one-token rows on the cached list) gives the distribution over ")" and the second digit. The scores sum to 1.
         """
         query_text, query_image = as_item((query_text, query_image), "the query")
+        check_candidates(candidates)
         candidates = [as_item(candidate, f"candidate {index}") for index, candidate in enumerate(candidates)]
         count = len(candidates)
         if count == 0:
@@ -497,6 +507,7 @@ class MultimodalScorer(PromptBuilder):
 
 __all__ = [
     "as_item",
+    "check_candidates",
     "JUDGE_INSTRUCTION",
     "LISTWISE_INSTRUCTION",
     "LISTWISE_ANSWER_PREFIX",

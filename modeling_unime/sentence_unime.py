@@ -26,7 +26,11 @@ without one.
 
 ``truncate_dim``: sentence-transformers truncates the (unit) embeddings without normalising them again, which keeps
 cosine similarities; pass ``normalize_embeddings=True`` as well to get `UniMEV2Model.encode(truncate_dim=...)`'s
-unit vectors.
+unit vectors. sentence-transformers slices ``[..., :truncate_dim]`` itself, after this module, and checks nothing
+(-1 keeps all but one dimension, 0 none); it never hands the value to a module. The module checks the one it can
+see, the model's ``truncate_dim`` (``SentenceTransformer(..., truncate_dim=...)``, the saved config, the
+``truncate_embeddings`` context manager), when the model is built and at every forward: a ValueError unless it is a
+positive int up to the embedding size. A value given to one ``encode(..., truncate_dim=...)`` call alone is not seen.
 
 Example:
     >>> import tempfile
@@ -52,8 +56,10 @@ from __future__ import annotations
 
 import io
 import json
+import numbers
 import os
 import shutil
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -172,6 +178,8 @@ class UniMEV2SentenceEmbedder(InputModule):
         self.model = model
         self.processor = processor
         self.image_root = image_root
+        # The SentenceTransformer holding this module (`on_model_ready`), weakly: it owns this module.
+        self._owner: weakref.ReferenceType | None = None
         # Reported, never applied: UniME-V2 does not truncate its inputs (LlamaIndex needs a number here).
         backbone = model.config.backbone_config
         text_config = getattr(backbone, "text_config", None) or backbone
@@ -191,6 +199,38 @@ class UniMEV2SentenceEmbedder(InputModule):
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.get_embedding_dimension()
+
+    def check_truncate_dim(self, truncate_dim: Any) -> None:
+        """ValueError unless ``truncate_dim`` is None or a positive int up to the embedding size.
+
+        sentence-transformers slices the embeddings to ``[..., :truncate_dim]`` without a check: -1 would drop the
+        last dimension, 0 every one, True keep one, and a size past the embedding's would silently keep them all.
+        """
+        if truncate_dim is None:
+            return
+        size = self.get_embedding_dimension()
+        if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, numbers.Integral) or not (
+            1 <= truncate_dim <= size
+        ):
+            raise ValueError(
+                f"truncate_dim={truncate_dim!r}: give a positive int up to the embedding size {size}, or None for "
+                "the whole embedding."
+            )
+
+    def on_model_ready(self, model: Any) -> None:
+        """Checks the SentenceTransformer's ``truncate_dim`` once it is built, and keeps the model (weakly) so that
+        `forward` checks it again: sentence-transformers truncates after this module and never passes it the value."""
+        parent_hook = getattr(super(), "on_model_ready", None)
+        if parent_hook is not None:
+            parent_hook(model)
+        self.check_truncate_dim(getattr(model, "truncate_dim", None))
+        self._owner = weakref.ref(model)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A weak reference cannot be pickled (multi-process encoding pickles the model): the copy forgets its owner.
+        state = dict(self.__dict__)
+        state["_owner"] = None
+        return state
 
     def preprocess(self, inputs: Sequence[Any], prompt: str | None = None, **kwargs: Any) -> dict[str, Any]:
         """Processor outputs for a batch of inputs (see the module docstring), the prompt as the instruction.
@@ -213,6 +253,9 @@ class UniMEV2SentenceEmbedder(InputModule):
         return batch
 
     def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:  # set or changed after loading: `truncate_embeddings(...)`, an assignment
+            self.check_truncate_dim(getattr(owner, "truncate_dim", None))
         model_inputs = {
             key: value for key, value in features.items()
             if key not in ("num_images_per_sample", "sentence_embedding", "token_embeddings")

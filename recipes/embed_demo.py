@@ -9,6 +9,10 @@ The weights are random, so the similarities carry no meaning: the demo shows the
 Outputs go to ``--output-dir`` (default ``runs/embed-demo``).
 
     python recipes/embed_demo.py [--family qwen2_vl|qwen2_5_vl|llava_onevision] [--threads 1] [--output_dir DIR]
+                                 [--dtype auto] [--attn_implementation auto]
+
+The loaded model goes where the other recipes put theirs (`modeling_unime.placement`): this process's device, bf16
+and the best attention kernel on an accelerator, float32 and sdpa on CPU; the line ``placement: ...`` says where.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from transformers import AutoModel  # noqa: E402
 
 import modeling_unime  # noqa: E402,F401  (registers the auto classes)
 from modeling_unime.export.convert import convert_checkpoint  # noqa: E402
+from modeling_unime.placement import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, describe, pretrained_kwargs  # noqa: E402
+from modeling_unime.recipe_engine import start_recipe  # noqa: E402
 from modeling_unime.tiny import (  # noqa: E402  # noqa: E402
     build_tiny_causal_lm,
     build_tiny_processor,
@@ -44,11 +50,16 @@ class EmbedDemoArguments:
         "help": "backbone family of the tiny model", "choices": list(modeling_unime.SUPPORTED_BACKBONES)})
     output_dir: str = field(default="runs/embed-demo", metadata={"help": "where the checkpoints and embeddings go"})
     threads: int = field(default=1, metadata={"help": "torch threads"})
+    dtype: str = field(default="auto", metadata={
+        "choices": DTYPE_NAMES, "help": "model dtype; auto: bfloat16 on a GPU, float32 on CPU"})
+    attn_implementation: str = field(default="auto", metadata={
+        "choices": ATTN_IMPLEMENTATIONS,
+        "help": "attention kernel; auto: flash_attention_2 where it can run, else sdpa"})
 
 
 def main(argv: list[str] | None = None) -> None:
     (args,) = parse_recipe_arguments([EmbedDemoArguments], argv, description=__doc__)
-    torch.set_num_threads(args.threads)
+    run = start_recipe(args.threads, args.dtype, args.attn_implementation)
     output = Path(args.output_dir)
 
     tokenizer = build_tiny_tokenizer(args.family)
@@ -59,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[1/4] tiny {args.family} saved in the authors' layout: {authors_folder}")
     checkpoint = convert_checkpoint(authors_folder, output / "unime-v2-tiny", verify=True)
     print(f"[2/4] converted to a UniME-V2 checkpoint: {checkpoint} ({', '.join(sorted(os.listdir(checkpoint)))})")
-    model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True)
+    model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, **pretrained_kwargs(run.where))
     print(f"[3/4] loaded with AutoModel (trust_remote_code=True): {type(model).__name__}")
+    print(f"placement: {describe(model, 'embedder')}")
 
     captions = [f"a {colour} {shape}" for colour, shape in SHAPES]
     images = [draw_shape(colour, shape) for colour, shape in SHAPES]
@@ -79,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     summary = {
         "family": args.family,
+        "placement": describe(model, "embedder"),
         "checkpoint": str(checkpoint),
         "embedding_dim": caption_embeddings.shape[1],
         "rows": {"captions": len(captions), "images": len(images), "image_and_text": len(images)},

@@ -185,6 +185,22 @@ def test_reranker_image_cap_token_counts():
         assert [grid[2] * 14, grid[1] * 14] == case["capped_wh"], case["case"]
 
 
+def test_every_loader_gives_the_authors_reranker_folder_the_reranker_rule():
+    # The folder holds no UniME-V2 processor settings: the rule comes from what it is (the authors' reranker is their
+    # Qwen2.5-VL release), and the reranker's own lazy processor, a bare processor load and a reload all agree.
+    image = Image.new("RGB", (640, 480), (200, 60, 60))
+    direct = UniMEV2Processor.from_pretrained(authors_fixtures() / RERANKER)
+    lazy = UniMEV2Reranker.from_pretrained(authors_fixtures() / RERANKER, dtype=torch.float32).processor
+    assert direct.image_resize == lazy.image_resize == "square:1344,max_pixels:235200"
+    grids = [processor(texts=[None], images=[image])["image_grid_thw"][0].tolist() for processor in (direct, lazy)]
+    assert grids[0] == grids[1] == [1, 34, 34]  # 1344x1344 capped to 476x476: 17 x 17 = 289 merged tokens, not 2304
+    embedder = UniMEV2Processor.from_pretrained(authors_fixtures() / "qwen2vl-2b")
+    assert embedder.image_resize == "square:1344"
+    assert embedder(texts=[None], images=[image])["image_grid_thw"][0].tolist() == [1, 96, 96]  # 2304 tokens
+    assert UniMEV2Processor.from_pretrained(authors_fixtures() / RERANKER,
+                                            plain_checkpoint_image_resize="authors-eval").image_resize == "square:1344"
+
+
 # ------------------------------------------------------------------------------------------------------ reranker
 
 

@@ -217,3 +217,20 @@ def test_judge_row_declares_the_dataset_columns():
     from modeling_unime.data import UNIME_FEATURES, JudgeRow
 
     assert list(get_type_hints(JudgeRow)) == list(UNIME_FEATURES)
+
+
+def test_a_broken_json_file_names_the_file_and_the_place(tmp_path):
+    from accelerate import PartialState
+
+    from modeling_unime.data import load_official_json
+    from modeling_unime.mining.recipe import load_pairs
+
+    broken = tmp_path / "train_data_scores.json"
+    broken.write_text('[\n  {"query_text": "a",\n   "pos_text": "b",,\n')
+    with pytest.raises(ValueError, match=rf"{broken}: not valid JSON \(the authors' judge-scored training file\): "
+                                         r"Expecting property name enclosed in double quotes at line 3, column 20"):
+        load_official_json(broken)
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text('{"query_text": "a"}\n\n{"query_text": "b"\n')
+    with pytest.raises(ValueError, match=rf"{lines}, line 3: not valid JSON"):
+        load_pairs(str(lines), None, PartialState())

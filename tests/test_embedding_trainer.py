@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import TrainerCallback
 
 from conftest import REPO_ROOT, free_port, run_fresh_python, run_recipe
-from modeling_unime.tiny import build_tiny_processor, build_tiny_unime, synthetic_judge_dataset
+from modeling_unime.tiny import build_tiny_processor, build_tiny_reranker, build_tiny_unime, synthetic_judge_dataset
 from trainers import UniMEV2Collator, UniMEV2Trainer, UniMEV2TrainingArguments
 from trainers.adapters import LANGUAGE_MODEL_TARGETS, adapter_config, prepare_for_training, save_checkpoint
 from trainers.embedding_trainer import Loss, RandomState
@@ -144,13 +144,54 @@ def test_training_on_a_nan_judge_score_stops_with_the_row(tmp_path):
     rows[2]["query_text"], rows[2]["judge_scores"][3] = "the broken row", float("nan")
     from datasets import Dataset
 
-    trainer = UniMEV2Trainer(model=model, args=training_args(tmp_path, max_steps=1),
-                             train_dataset=Dataset.from_list(rows), processing_class=processor, image_root=root)
+    with pytest.raises(ValueError, match=r"train_dataset: 1 row\(s\) with judge_scores that are not finite .*"
+                                         r"row 2 \(query 'the broken row'"):
+        UniMEV2Trainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=Dataset.from_list(rows),
+                       processing_class=processor, image_root=root)
+    # The collator refuses it too, for batches that reach it some other way (a caller's own dataset object)...
     with pytest.raises(ValueError, match=r"Row with query 'the broken row' .*judge_scores\[3\] = nan"):
-        trainer.train()
-    # The loss refuses it too, for batches that reach it some other way.
+        UniMEV2Collator(processor)([rows[2]])
+    # ... and so does the loss.
     with pytest.raises(ValueError, match=r"judge_scores\[0, 1\] = nan"):
+        trainer = UniMEV2Trainer(model=model, args=training_args(tmp_path, max_steps=1),
+                                 train_dataset=Dataset.from_list(rows[:2]), processing_class=processor, image_root=root)
         trainer.objective(torch.eye(2)[:1], torch.eye(2)[[0, 1, 1]], torch.tensor([[0.5, float("nan"), 0.1]]))
+
+
+@pytest.mark.parametrize("trainer_class", ["embedder", "reranker"])
+def test_bad_rows_a_short_run_never_batches_are_caught_before_training(tmp_path, trainer_class):
+    from datasets import Dataset
+
+    from trainers.reranker_trainer import UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments
+
+    root = tmp_path / "images"
+    rows = synthetic_judge_dataset(40, root, num_negatives=4).to_list()
+    rows[37]["judge_scores"][1] = float("inf")       # a 2-step run at batch 2 reads rows 0-3 only
+    rows[38]["judge_scores"] = rows[38]["judge_scores"][:-1]
+    rows[39]["judge_scores"][0] = 1.5
+    if trainer_class == "embedder":
+        model, processor = build_tiny_unime("qwen2_vl")
+        build = lambda data: UniMEV2Trainer(model=model, args=training_args(tmp_path, max_steps=2),  # noqa: E731
+                                            train_dataset=data, processing_class=processor, image_root=root)
+    else:
+        model, processor = build_tiny_reranker("qwen2_vl")
+        arguments = UniMEV2RerankerTrainingArguments(str(tmp_path / "rr"), max_steps=2, per_device_train_batch_size=2,
+                                                     report_to=[], use_cpu=True)
+        build = lambda data: UniMEV2RerankerTrainer(model=model, args=arguments,  # noqa: E731
+                                                    train_dataset=data, processing_class=processor, image_root=root)
+    with pytest.raises(ValueError, match=r"1 row\(s\) with judge_scores of another length .*row 38 .*"):
+        build(Dataset.from_list(rows))
+    rows[38]["judge_scores"].append(0.1)
+    with pytest.raises(ValueError, match=r"2 row\(s\) with judge_scores that are not finite numbers in \[0, 1\]: "
+                                         r"row 37 .*inf.*row 39 .*1.5"):
+        build(Dataset.from_list(rows))
+    # the same rows after select: the reported index is the dataset's, not the file's
+    with pytest.raises(ValueError, match=r"row 1 \(query"):
+        build(Dataset.from_list(rows).select([0, 39]))
+    assert build(Dataset.from_list(rows[:37])).train_dataset.num_rows == 37
+    missing = Dataset.from_list(rows).remove_columns(["judge_scores", "pos_text"])
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['pos_text', 'judge_scores'\]; it has "):
+        build(missing)
 
 
 # ------------------------------------------------------------------------------------------------------- GradCache
@@ -601,7 +642,8 @@ def test_recipe_arguments_come_from_the_yaml_sections_and_the_flags(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("training: {num_negative: 4}", r"unknown key 'num_negative' \(did you mean 'num_negatives'"),
     ("data: {train: synthetic-judge:4, evl: x}", r"unknown key 'data.evl' \(did you mean 'data_eval'"),
-    ("adaptr: {r: 4}", r"unknown key 'adaptr'"),
+    ("adaptr: {r: 4}", r"unknown section 'adaptr' \(did you mean the section 'adapter'"),
+    ("trainig: {max_steps: 4}", r"unknown section 'trainig' \(did you mean the section 'training'\?\)"),
     ("training: {loss: soft-label}", r"loss='soft-label': use one of"),
 ])
 def test_a_misspelt_recipe_key_is_an_error(tmp_path, text, message):
@@ -617,3 +659,19 @@ def test_a_misspelt_recipe_key_is_an_error(tmp_path, text, message):
     config.write_text(yaml.safe_dump(base))
     with pytest.raises(ValueError, match=message):
         parse_training_recipe(EMBEDDER, ["--config", str(config)])
+
+
+def test_a_malformed_recipe_file_and_an_unknown_flag_get_a_message_not_a_traceback(tmp_path, capsys):
+    from trainers.recipe_runner import EMBEDDER, parse_training_recipe
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text("model: tiny:qwen2_vl\ntraining:\n  max_steps: 4\n   seed: 3\n")
+    with pytest.raises(ValueError, match=rf"{config}: not valid YAML at line 4, column 8: .*indentation"):
+        parse_training_recipe(EMBEDDER, ["--config", str(config)])
+    config.write_text("model: tiny:qwen2_vl\ndata: {train: synthetic-judge:4}\ntraining: {output_dir: out}\n")
+    with pytest.raises(SystemExit) as stopped:
+        parse_training_recipe(EMBEDDER, ["--config", str(config), "--max_stpes", "3"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: ") and "unrecognized arguments: --max_stpes 3 (did you mean --max_steps" in error
+    assert "Traceback" not in error

@@ -412,6 +412,23 @@ def test_mining_gives_the_same_judge_scores_and_keys_the_cache(stub, tmp_path):
     assert len(stub.requests) > requests  # the other served model's scores were computed, not reused
 
 
+def test_fingerprint_follows_the_served_model_id_and_not_the_address():
+    """Two servers that differ only in the served model's id (same root, same weights folder) hold different judges
+    (another --served-model-name is another deployment); the same id and root at another address is the same."""
+    model, processor = tiny_judge()
+    servers = [StubJudgeServer(model, processor, served_name=name, root="/models/tiny-judge")
+               for name in ("tiny-judge", "tiny-judge", "tiny-judge-v2")]
+    try:
+        reference, moved, renamed = (server_judge(server.url) for server in servers)
+        assert len({reference.base_url, moved.base_url, renamed.base_url}) == 3
+        assert [judge.served_model()["root"] for judge in (reference, moved, renamed)] == ["/models/tiny-judge"] * 3
+        assert moved.fingerprint() == reference.fingerprint()
+        assert renamed.fingerprint() != reference.fingerprint()
+    finally:
+        for server in servers:
+            server.close()
+
+
 def test_weights_digest_changes_with_one_byte(tmp_path, stub):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)

@@ -87,6 +87,26 @@ def test_soft_label_matches_formula(tau):
     torch.testing.assert_close(loss32.double(), expected["loss"], rtol=1e-4, atol=1e-5)
 
 
+def test_cached_sentence_transformers_loss_defaults_to_the_paper_tau():
+    """`CachedSoftLabelAlignmentLoss` built without a temperature gives the soft-label formula at tau 0.02 (the
+    paper's), from the query-candidate dot products of the embeddings it is handed, mini-batch by mini-batch."""
+    pytest.importorskip("sentence_transformers")
+    from trainers.sentence_losses import CachedSoftLabelAlignmentLoss
+
+    queries, positives, hard_negatives = _random_embeddings(batch=5, negatives=3, seed=11)
+    columns = [queries, positives, *hard_negatives.unbind(dim=1)]
+    per_mini_batch = [[column[:2], column[2:]] for column in columns]  # as GradCache hands them: 2 + 3 rows
+    _, judge_scores = _random_scores(batch=5, candidates=4, seed=11)
+    similarities = torch.tensor([[sum(float(a) * float(b) for a, b in zip(queries[row], candidate[row]))
+                                  for candidate in columns[1:]] for row in range(5)], dtype=torch.float64)
+
+    loss = CachedSoftLabelAlignmentLoss(model=None).calculate_loss(per_mini_batch, judge_scores)
+    expected = _reference_soft_label(similarities, judge_scores, 0.02)["loss"]
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    for other_tau in (0.01, 0.025, 0.05):  # a changed default would move the value far past the tolerance
+        assert abs(float(_reference_soft_label(similarities, judge_scores, other_tau)["loss"] - expected)) > 1e-3
+
+
 def test_soft_label_extreme_inputs_are_finite():
     # Judge scores exactly 0 and 1, similarities at +-1, tau 0.01: logits of +-100 and gaps of 100.
     similarities = torch.tensor(

@@ -120,6 +120,42 @@ def test_chunked_top_k_breaks_ties_by_lower_pool_index(chunk_size):
     assert scores.tolist() == [[1.0, 1.0, 0.5], [0.5, 0.5, 0.5], [0.5, 0.0, 0.0]]
 
 
+@pytest.mark.parametrize("chunk_size", [3, 7, 16, 25, 64])
+def test_chunked_top_k_orders_forty_ties_by_pool_index_across_chunks(chunk_size):
+    """40 bit-identical similarities spread over several chunks: CPU ``torch.sort`` is unstable from 17 entries, so
+    the running merge must sort stably for the lower pool index to come first. The reference is Python's stable
+    ``sorted`` over similarities computed by hand (0, 0.5 and 1 are exact)."""
+    e0, e1, half = [1.0, 0.0], [0.0, 1.0], [0.5, 0.0]
+    pool_rows = [e0 if index % 3 != 1 else (half if index % 2 else e1) for index in range(60)]
+    exact_similarity = [row[0] for row in pool_rows]  # the query is e0
+    assert exact_similarity.count(1.0) == 40
+    k = 45
+    reference = sorted(range(len(pool_rows)), key=lambda index: -exact_similarity[index])[:k]
+    scores, indices = chunked_top_k(torch.tensor([e0]), torch.tensor(pool_rows), k, chunk_size=chunk_size)
+    assert indices[0].tolist() == reference
+    assert scores[0].tolist() == [exact_similarity[index] for index in reference]
+
+
+@pytest.mark.parametrize("search, chunk_size", [("chunked", 1), ("chunked", 2), ("chunked", 5), ("faiss", None)])
+def test_a_candidate_exactly_at_delta_is_dropped(search, chunk_size):
+    """Eq. 1 drops similarity >= delta: pool item 2 sits exactly at delta = 0.5 (exact in float32: only the first
+    coordinate meets the query's non-zero one), so it goes, with the one above; the one just below stays."""
+    below = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
+    first_coordinates = [0.0, 0.75, 0.5, below, 0.25]
+    pool = torch.tensor([[value, math.sqrt(1 - value * value)] for value in first_coordinates], dtype=torch.float32)
+    query = torch.tensor([[1.0, 0.0]])
+    assert (query @ pool.T)[0].tolist() == first_coordinates
+    stats = SelectionStats()
+    if search == "faiss":
+        pytest.importorskip("faiss")
+        scores, indices = faiss_top_k(query, pool, 5, similarity_threshold=0.5, stats=stats)
+    else:
+        scores, indices = chunked_top_k(query, pool, 5, chunk_size=chunk_size, similarity_threshold=0.5, stats=stats)
+    assert indices[0].tolist() == [3, 4, 0, -1, -1]
+    assert scores[0, :3].tolist() == [below, 0.25, 0.0]
+    assert stats.removed_by_threshold == 2 and stats.candidates_retrieved == 3
+
+
 def test_chunked_top_k_never_forms_a_block_larger_than_query_chunk_by_pool_chunk(monkeypatch):
     num_queries, num_pool, k, query_chunk, pool_chunk = 40, 50, 6, 8, 16
     queries, pool = random_unit_vectors(num_queries, 8, seed=3), random_unit_vectors(num_pool, 8, seed=4)
@@ -261,6 +297,37 @@ def test_cyclical_sample_paper_fallback_with_a_small_pool_uses_it_evenly():
     assert used_fallback is True and len(positions) == 10
     assert sorted(positions.count(p) for p in range(4)) == [2, 2, 3, 3]
     assert set(positions[:4]) == set(positions[4:8]) == {0, 1, 2, 3}
+
+
+def test_cyclical_sample_paper_fallback_draws_from_the_given_rng():
+    """The fallback is the caller's generator's draw: each seed gives its own positions, the very ones that
+    generator yields for a sample of 10 from range(50)."""
+    draws = {}
+    for seed in range(5):
+        positions, _ = cyclical_sample([], fallback_pool=50, rng=random.Random(seed))
+        assert positions == random.Random(seed).sample(range(50), 10)
+        numpy_positions, _ = cyclical_sample([], fallback_pool=50, rng=np.random.default_rng(seed))
+        assert numpy_positions == np.random.default_rng(seed).choice(50, size=10, replace=False).tolist()
+        draws[seed] = tuple(positions)
+    assert len(set(draws.values())) == 5
+
+
+def test_walk_seeds_the_fallback_per_row():
+    """Rows whose candidates all fail the false-negative filter fall back to a random draw seeded by
+    ``seed * 1_000_003 + row``: two rows with the same scores draw differently, the same row always alike."""
+    from modeling_unime.mining.config import MiningConfig
+    from modeling_unime.mining.selection import walk
+
+    config = MiningConfig(num_negatives=4, beta=0.01, seed=3)
+    scores = [0.99] * 20  # every candidate above s_pos - beta: nothing survives the filter
+    selections = [walk(scores, 0.5, config, row_index=row) for row in range(4)]
+    assert all(selection.used_fallback and selection.ranked == [] for selection in selections)
+    for row, selection in enumerate(selections):
+        assert selection.positions == random.Random(3 * 1_000_003 + row).sample(range(20), 4)
+        assert walk(scores, 0.5, config, row_index=row).positions == selection.positions
+    assert len({tuple(selection.positions) for selection in selections}) == 4
+    other_seed = MiningConfig(num_negatives=4, beta=0.01, seed=4)
+    assert walk(scores, 0.5, other_seed, row_index=0).positions != selections[0].positions
 
 
 def test_cyclical_sample_drop_and_bad_fallback():

@@ -25,6 +25,7 @@ from modeling_unime.tiny import (
     synthetic_judge_dataset,
 )
 from trainers.adapters import RERANKER_ADAPTER, prepare_for_training, save_checkpoint
+from trainers.collator import negative_positions
 from trainers.reranker_trainer import (
     LISTWISE,
     PAIRWISE,
@@ -119,6 +120,39 @@ def test_listwise_label_follows_an_image_positive():
         assert (200, 200, 0) not in {image.getpixel((0, 0)) for image in row_images}  # score 0.1: not in the top 3
         seen.add(image_slots[red[0]])
     assert seen == {1, 2, 3, 4}
+
+
+def test_draws_do_not_depend_on_where_the_images_lie(tmp_path):
+    # Two runs that write the same images into their own output folders (absolute paths in the rows) must train on
+    # the same lists; with an image root, an absolute path under it draws as its relative path does.
+    processor = build_tiny_processor("qwen2_5_vl")
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0), (0, 200, 200)]
+    for run in ("run-a", "run-b/nested"):
+        (tmp_path / run / "shapes").mkdir(parents=True)
+        for index, colour in enumerate(colours):
+            Image.new("RGB", (56, 56), colour).save(tmp_path / run / "shapes" / f"{index}.png")
+
+    def rows(root):
+        return [dict(query_text=f"Which image is colour {query}?", query_image=None, pos_text="",
+                     pos_image=f"{root}shapes/{query}.png", neg_texts=[""] * 4,
+                     neg_images=[f"{root}shapes/{index}.png" for index in range(5) if index != query],
+                     judge_scores=[0.9, 0.5, 0.5, 0.5, 0.5]) for query in range(5)]
+
+    def draws(rows, image_root=None):
+        collator = RerankerCollator(processor, listwise_negatives=3, seed=0, image_root=image_root)
+        found = []
+        for epoch in range(6):
+            collator.set_epoch(epoch)
+            found += [(collator.listwise_candidates(row), collator.hardest_negative(row)) for row in rows]
+        return found
+
+    first, second = draws(rows(f"{tmp_path}/run-a/")), draws(rows(f"{tmp_path}/run-b/nested/"))
+    assert first == second and len({str(draw) for draw in first}) > 5  # equal, and not all one draw
+    relative = draws(rows(""), tmp_path / "run-a")
+    assert draws(rows(f"{tmp_path}/run-a/"), tmp_path / "run-a") == relative
+    assert relative != first  # keyed by the relative path there, by the content here: both stable, not the same
+    assert negative_positions(rows(f"{tmp_path}/run-a/")[0], 2, "random", seed=1) == \
+        negative_positions(rows(f"{tmp_path}/run-b/nested/")[0], 2, "random", seed=1)
 
 
 def test_listed_negatives_are_the_top_x_by_judge_score_ties_at_random():

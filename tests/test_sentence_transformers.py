@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from functools import lru_cache
@@ -127,6 +129,32 @@ def test_query_and_document_prompts_and_chats(checkpoints, tmp_path):
     )
 
 
+def test_chat_text_parts_are_joined_with_a_space_as_encode_sees_them(checkpoints):
+    """A chat whose system turn and user turn each hold two text parts embeds as `UniMEV2Model.encode` of the parts
+    joined with one space, the system parts as the instruction."""
+    folder = checkpoints("qwen2_vl")
+    st_model = SentenceTransformer(folder, trust_remote_code=True, device="cpu")
+    model = UniMEV2Model.from_pretrained(folder)
+    red = _image("red")
+    chats = [
+        [{"role": "system", "content": [{"type": "text", "text": "Find the answer."},
+                                        {"type": "text", "text": "Be brief."}]},
+         {"role": "user", "content": [{"type": "image", "image": red}, {"type": "text", "text": "which"},
+                                      {"type": "text", "text": "shape?"}]}],
+        [{"role": "system", "content": [{"type": "text", "text": "Find the answer."},
+                                        {"type": "text", "text": "Be brief."}]},
+         {"role": "user", "content": [{"type": "text", "text": "a red"}, {"type": "text", "text": "square"}]}],
+    ]
+    embedded = st_model.encode(chats, convert_to_tensor=True).cpu()
+    expected = model.encode(texts=["which shape?", "a red square"], images=[red, None],
+                            instruction="Find the answer. Be brief.")
+    torch.testing.assert_close(embedded, expected, atol=ATOL, rtol=0)
+    # Negative control: the parts run together are other inputs, so the comparison above can fail.
+    unspaced = model.encode(texts=["whichshape?", "a redsquare"], images=[red, None],
+                            instruction="Find the answer.Be brief.")
+    assert float((unspaced - expected).abs().max(dim=1).values.min()) > 1e-3
+
+
 def test_bad_inputs_get_clear_errors(checkpoints):
     st_model = SentenceTransformer(checkpoints("qwen2_vl"), trust_remote_code=True, device="cpu")
     with pytest.raises(ValueError, match="Row 0: a dict input has the keys"):
@@ -137,6 +165,39 @@ def test_bad_inputs_get_clear_errors(checkpoints):
         st_model.encode([{"image": None, "text": None}])
     with pytest.raises(ValueError, match="one image per row"):
         parse_row([{"role": "user", "content": [{"type": "image", "image": 1}, {"type": "image", "image": 2}]}])
+
+
+def test_truncate_dim_must_be_a_positive_int_up_to_the_embedding_size(checkpoints, tmp_path):
+    """sentence-transformers slices ``[..., :truncate_dim]`` after our module and checks nothing (-1 gave 63
+    dimensions, 0 none, True one); our module checks the model's truncate_dim when it is built and at each forward.
+    A value given to a single ``encode`` call never reaches a module (see the module docstring)."""
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(checkpoints("qwen2_vl"), folder)
+    model = UniMEV2Model.from_pretrained(folder)
+    size = model.config.hidden_size
+    for bad in (-1, 0, True, size + 1, 8.0):
+        message = re.escape(f"truncate_dim={bad!r}: give a positive int up to the embedding size {size}")
+        with pytest.raises(ValueError, match=message):
+            SentenceTransformer(str(folder), trust_remote_code=True, device="cpu", truncate_dim=bad)
+    whole = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu", truncate_dim=size)
+    assert whole.encode(["a red square"]).shape == (1, size)
+
+    st_model = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu", truncate_dim=16)
+    torch.testing.assert_close(
+        st_model.encode(["a red square"], normalize_embeddings=True, convert_to_tensor=True).cpu(),
+        model.encode(texts=["a red square"], truncate_dim=16), atol=ATOL, rtol=0,
+    )
+    with pytest.raises(ValueError, match="truncate_dim=0: "):  # set after loading: checked at the next forward
+        with st_model.truncate_embeddings(0):
+            st_model.encode(["a red square"])
+    st_model.truncate_dim = -1
+    with pytest.raises(ValueError, match="truncate_dim=-1: "):
+        st_model.encode(["a red square"])
+
+    settings_file = folder / "config_sentence_transformers.json"
+    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "truncate_dim": 0}))
+    with pytest.raises(ValueError, match="truncate_dim=0: "):  # a saved truncate_dim is checked at loading
+        SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
 
 
 def test_save_round_trip_and_automodel_in_the_same_folder(checkpoints, tmp_path):

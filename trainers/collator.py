@@ -55,7 +55,8 @@ def _as_float(value: Any) -> float | None:
 
 
 def negative_positions(
-    row: JudgeRow, k: int, selection: str = NegativeSelection.FIRST, seed: int = 0, epoch: int = 0
+    row: JudgeRow, k: int, selection: str = NegativeSelection.FIRST, seed: int = 0, epoch: int = 0,
+    image_root: Any = None,
 ) -> list[int]:
     """Positions of the ``k`` negatives of ``row`` to train on: its first ``k`` (``"first"``, as the authors' runs), or
     ``k`` drawn without replacement per epoch (``"random"``, `trainers.seeding.row_rng`); a row with fewer
@@ -75,7 +76,7 @@ def negative_positions(
         )
     if selection == NegativeSelection.FIRST or available <= k:
         return [position % available for position in range(k)]
-    return row_rng(seed, epoch, row, "negatives").sample(range(available), k)
+    return row_rng(seed, epoch, row, "negatives", image_root).sample(range(available), k)
 
 
 @dataclass
@@ -134,7 +135,8 @@ class UniMEV2Collator:
 
     def choose_negatives(self, row: JudgeRow) -> list[int]:
         """Positions of the row's negatives to train on (`negative_positions` under this collator's settings)."""
-        return negative_positions(row, self.num_negatives, self.negative_selection, self.seed, self.epoch)
+        return negative_positions(row, self.num_negatives, self.negative_selection, self.seed, self.epoch,
+                                  self.image_root)
 
     def _image(self, image: Any, where: str):
         return load_training_image(image, self.image_root, self.training_image_resize, where)

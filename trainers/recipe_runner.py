@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 from datasets import load_from_disk
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -40,7 +39,7 @@ from modeling_unime.placement import (
     training_dtype,
 )
 from modeling_unime.recipe_engine import RecipeRun, start_recipe
-from modeling_unime.util.arguments import flatten_config, parse_recipe_arguments
+from modeling_unime.util.arguments import flatten_config, load_recipe_yaml, parse_recipe_arguments
 
 from .adapters import FINETUNING_METHODS, RERANKER_ADAPTER, prepare_for_training, save_checkpoint
 from .embedding_trainer import UniMEV2Trainer, UniMEV2TrainingArguments
@@ -293,7 +292,7 @@ def _recipe_defaults(argv: Sequence[str]) -> tuple[list[str], bool]:
     explicit: dict[str, Any] = {}
     config = _command_line_values(argv).get("config")
     if isinstance(config, str) and Path(config).is_file():
-        loaded = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        loaded = load_recipe_yaml(config)
         if isinstance(loaded, Mapping):  # anything else: parse_recipe_arguments reports it
             explicit.update(flatten_config(loaded, SECTIONS, where=config))
     explicit.update(_command_line_values(argv))

@@ -235,7 +235,8 @@ class RerankerCollator:
         """Position (in ``neg_texts``) of the negative with the highest judge score; among equals, one at random
         (seeded per row and epoch)."""
         scores = self.negative_scores(row)
-        return self._ranked(scores, range(len(scores)), row_rng(self.seed, self.epoch, row, "pairwise"))[0]
+        return self._ranked(scores, range(len(scores)), row_rng(self.seed, self.epoch, row, "pairwise",
+                                                                             self.image_root))[0]
 
     def listwise_candidates(self, row: JudgeRow) -> tuple[list[int], int]:
         """(the listed negatives' positions in ``neg_texts``, in the order listed; the positive's 0-based slot).
@@ -245,7 +246,7 @@ class RerankerCollator:
         listed in random order. The positive's slot is uniform over the list's ``len(negatives) + 1`` slots.
         """
         scores = self.negative_scores(row)
-        rng = row_rng(self.seed, self.epoch, row, "listwise")
+        rng = row_rng(self.seed, self.epoch, row, "listwise", self.image_root)
         ranked = self._ranked(scores, range(len(scores)), rng)
         neg_images = row.get("neg_images") or [None] * len(scores)
         kind = candidate_kind(row.get("pos_text"), row.get("pos_image"))

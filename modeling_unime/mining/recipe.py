@@ -21,7 +21,6 @@ Each process prints where its models are (``placement: ...``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from ..placement import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, Placement, describe
 from ..recipe_engine import finish_distributed, start_recipe
 from ..tiny import SYNTHETIC_COLOURS, SYNTHETIC_SHAPES, OracleJudge, synthetic_pairs
 from ..util.arguments import parse_recipe_arguments
+from ..util.files import read_json, read_json_lines
 from .config import MiningConfig
 from .hub import push_mined_dataset
 from .sharded import run_mining
@@ -111,11 +111,8 @@ def load_pairs(spec: str, image_root: str | None, state) -> tuple[Dataset, str |
     if not path.is_file():
         raise FileNotFoundError(f"data: {spec!r} is neither synthetic:N, a file nor a save_to_disk folder.")
     if path.suffix == ".jsonl":
-        return (
-            Dataset.from_list([json.loads(line) for line in path.read_text().splitlines() if line.strip()]),
-            image_root,
-        )
-    content = json.loads(path.read_text(encoding="utf-8"))
+        return Dataset.from_list(read_json_lines(path, "the mining recipe's data")), image_root
+    content = read_json(path, "the mining recipe's data")
     if content and "hard_negatives" in content[0]:  # the authors' released file: re-mine its (query, positive) pairs
         return load_official_json(path, image_root).select_columns(["query_text", "query_image", "pos_text",
                                                                     "pos_image", "task", "source"]), image_root

@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["flatten_config", "parse_recipe_arguments", "recipe_parser"]
+__all__ = ["flatten_config", "load_recipe_yaml", "parse_recipe_arguments", "recipe_parser"]
 
 
 def recipe_parser(dataclass_types: Sequence[type], description: str | None = None):
@@ -82,13 +82,34 @@ def flatten_config(config: Mapping[str, Any], sections: Mapping[str, str], where
     return flat
 
 
-def _unknown_key_error(where: str, key: str, fields: Sequence[str], sections: Mapping[str, str]) -> ValueError:
+def _unknown_key_error(where: str, key: str, fields: Sequence[str], sections: Mapping[str, str],
+                       value: Any = None) -> ValueError:
     # Report the key as written in the file (a section key without its prefix) and suggest what was meant.
+    close_sections = difflib.get_close_matches(key, list(sections), n=2, cutoff=0.6)
+    if isinstance(value, Mapping) and close_sections:  # a mapping under a near-section name: a misspelt section
+        return ValueError(f"{where}: unknown section {key!r} (did you mean the section "
+                          f"{', '.join(repr(name) for name in close_sections)}?). The sections are {sorted(sections)}; "
+                          "other keys name recipe fields (see --help).")
     section = next((name for name, prefix in sections.items() if prefix and key.startswith(prefix)), None)
     written = f"{section}.{key[len(sections[section]):]}" if section else key
     close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(repr(name) for name in close)}?)" if close else ""
     return ValueError(f"{where}: unknown key {written!r}{hint}. Every key must name a recipe field; see --help.")
+
+
+def load_recipe_yaml(path: str | os.PathLike) -> Any:
+    """The content of a recipe's YAML file (an empty file is ``{}``); malformed YAML raises ValueError naming the file,
+    the line and the column rather than a bare ``yaml`` traceback."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{os.fspath(path)}: not valid YAML{place}: {problem}. Check the indentation and the "
+                         "quoting there.") from None
 
 
 def parse_recipe_arguments(
@@ -105,8 +126,6 @@ def parse_recipe_arguments(
         sections: YAML section name -> field-name prefix (see the module docstring).
         description: the ``--help`` text.
     """
-    import yaml
-
     sections = dict(sections or {})
     parser = recipe_parser(dataclass_types, description)
     # The file first, on its own: required fields may be in it.
@@ -118,16 +137,22 @@ def parse_recipe_arguments(
         path = Path(known.config)
         if not path.is_file():
             raise FileNotFoundError(f"--config {os.fspath(path)!r}: no such file.")
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        config = load_recipe_yaml(path)
         if not isinstance(config, Mapping):
             raise ValueError(f"{path}: a recipe config is a mapping of keys, got {type(config).__name__}.")
         flat = flatten_config(config, sections, where=str(path))
-        for key in flat:
+        for key, value in flat.items():
             if key not in fields:
-                raise _unknown_key_error(str(path), key, fields, sections)
+                raise _unknown_key_error(str(path), key, fields, sections, value)
         parser.set_defaults(**flat)
         for action in parser._actions:  # a value from the file satisfies a required field
             if action.dest in flat:
                 action.required = False
-    parsed = parser.parse_args_into_dataclasses(args=argv)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:  # argparse's own way: usage and the message on stderr, exit status 2, no traceback
+        flags = [option for action in parser._actions for option in action.option_strings]
+        unknown = [value for value in remaining if value.startswith("-")] or remaining
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}{hint}; --help lists every flag")
     return tuple(parsed[: len(dataclass_types)])
