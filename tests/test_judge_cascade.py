@@ -450,3 +450,63 @@ def test_two_processes_give_the_one_process_cascade_dataset(tmp_path):
     assert judged[0] == judged[1]  # judge scores are the same to the bit
     shards = json.loads((tmp_path / "two" / "summary.json").read_text())["shards"]
     assert {shard["mined_by"]["process_index"] for shard in shards} == {0, 1}
+
+
+class NoisyJudge:
+    """A smaller judge's stand-in: the oracle's score plus seeded noise per pair (the same pair, the same noise)."""
+
+    def __init__(self, judge, noise):
+        self.judge, self.noise, self.pairs = judge, noise, 0
+
+    def score(self, query_text, query_image, candidates):
+        self.pairs += len(candidates)
+        exact = self.judge.score(query_text, query_image, candidates)
+        return [float(value) + random.Random(repr((query_text, query_image, candidate))).uniform(-self.noise,
+                                                                                                 self.noise)
+                for value, candidate in zip(exact, candidates)]
+
+
+def test_a_cheap_judge_drives_the_cascade_and_saves_large_judge_calls(tmp_path):
+    rows, embedder, oracle = oracle_world(tmp_path, count=36)
+    config = MiningConfig(top_k=10, num_negatives=3, interval=2, judge_mode="cascade", cascade_calibration_min_rows=6,
+                          cascade_audit=True)
+    by_similarity = mine_with_pairs(rows, embedder, Counting(oracle), config=config, image_root=tmp_path / "images",
+                                    verbose=False)
+    cheap = NoisyJudge(oracle, noise=0.03)
+    result = mine_with_pairs(rows, embedder, Counting(oracle), config=config, image_root=tmp_path / "images",
+                             verbose=False, cheap_judge=cheap)
+    budget, baseline = result.stats.judge_budget(), by_similarity.stats.judge_budget()
+    # the cheap judge's estimates are far closer to the large judge than the similarity's, so the cascade keeps the
+    # full judge's negatives for no more large-judge calls (benchmarks/judge_cascade.py measures the saving where
+    # the similarity cannot tell false negatives apart)
+    assert budget["identical_sets"] == 1.0 and budget["mean_soft_label_kl"] < 1e-3
+    assert budget["judge_share"] <= baseline["judge_share"]
+    assert budget["mean_estimate_error"] < 0.25 * baseline["mean_estimate_error"]
+    assert result.calibration.feature == "cheap_judge" and by_similarity.calibration.feature == "similarity"
+    # every pair was scored once by the cheap judge while mining, and once more for the calibration rows
+    assert result.stats.cheap_judge_pairs == len(result.pairs) == budget["cheap_judge_pairs"]
+    assert cheap.pairs == result.stats.cheap_judge_pairs + result.calibration.pairs
+    replay = NoisyJudge(oracle, noise=0.03)
+    for pair in result.pairs.select(range(0, len(result.pairs), 7)):
+        image = None if pair["candidate_image"] is None else str(tmp_path / "images" / pair["candidate_image"])
+        query_image = None if pair["query_image"] is None else str(tmp_path / "images" / pair["query_image"])
+        expected = replay.score(pair["query_text"], query_image, [(pair["candidate_text"], image)])[0]
+        assert pair["cheap_score"] == pytest.approx(expected)
+    assert set(by_similarity.pairs["cheap_score"]) == {None}
+    with pytest.raises(ValueError, match="cheap_judge is the cascade's cheap stage"):
+        mine_with_pairs(rows, embedder, oracle, image_root=tmp_path / "images", verbose=False, cheap_judge=cheap)
+
+
+def test_a_resumed_run_with_another_cheap_judge_is_refused(tmp_path):
+    rows, embedder, oracle = oracle_world(tmp_path)
+    config = MiningConfig(top_k=8, num_negatives=3, interval=2, judge_mode="cascade", cascade_calibration_min_rows=6,
+                          shard_size=12)
+    first = run_mining(rows, embedder, oracle, tmp_path / "run", config, image_root=tmp_path / "images",
+                       verbose=False, cheap_judge=NoisyJudge(oracle, noise=0.03))
+    assert (tmp_path / "run" / "cache" / "cheap_judge").is_dir()
+    assert json.loads((tmp_path / "run" / "calibration.json").read_text())["feature"] == "cheap_judge"
+    again = run_mining(rows, embedder, oracle, tmp_path / "run", config, image_root=tmp_path / "images",
+                       verbose=False, cheap_judge=NoisyJudge(oracle, noise=0.03))
+    assert again.to_list() == first.to_list()
+    with pytest.raises(ValueError, match="was mined with another cheap judge"):
+        run_mining(rows, embedder, oracle, tmp_path / "run", config, image_root=tmp_path / "images", verbose=False)

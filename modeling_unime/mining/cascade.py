@@ -4,11 +4,13 @@ Every query's top-k candidates normally all go through the large MLLM judge (abo
 training pairs). The cascade (``judge_mode="cascade"`` of `modeling_unime.mining.config.MiningConfig`) does this:
 
 1. **Calibration.** A random share of the queries (``cascade_calibration_share``, seeded, the same for any number of
-   processes) is judged in full. On their (candidate similarity, judge score) pairs it fits, per group (the row's task
+   processes) is judged in full. On their (cheap feature, judge score) pairs it fits, per group (the row's task
    x the candidate's modality, falling back to the modality, then to all pairs), an increasing map from the
-   embedder's similarity to the judge's score (isotonic regression) and the spread of the judge around it (residual
-   standard deviation in similarity bins, never below ``cascade_sigma_floor``: a bin where the few calibration pairs
-   happened to agree must not look certain).
+   cheap feature to the judge's score. The cheap feature is the embedder's similarity (free: retrieval computed it),
+   or, given a ``cheap_judge`` (a smaller `modeling_unime.judge.Judge`), that judge's score of every pair
+   (isotonic regression), and the spread of the judge around it (residual standard deviation in feature bins,
+   never below ``cascade_sigma_floor``: a bin where the few calibration pairs happened to agree must not look
+   certain).
 2. **Estimates.** Every other query's positive is judged (its score sets the false-negative threshold
    ``s_pos - beta``); each candidate gets the calibrated estimate ``e`` and its uncertainty ``sigma``.
 3. **Decisions that could flip.** A candidate whose interval contains the threshold is judged: ``e +-
@@ -177,6 +179,9 @@ class JudgeCalibration:
     groups: dict[str, GroupCalibration]
     sigma_floor: float
     pairs: int = 0
+    feature: str = "similarity"
+    """What the estimates are read from: ``similarity`` (the embedder's) or ``cheap_judge`` (a smaller judge's
+    score)."""
 
     @staticmethod
     def key(group: tuple[str, str]) -> str:
@@ -192,6 +197,7 @@ class JudgeCalibration:
         sigma_floor: float = 0.05,
         min_points: int = 30,
         tail: float = 0.01,
+        feature: str = "similarity",
     ) -> JudgeCalibration:
         """Fit every group (and its broader groups) with at least ``min_points`` pairs; (all, all) always.
 
@@ -225,7 +231,7 @@ class JudgeCalibration:
                 if start + per_bin < len(ordered):
                     edges.append(x[ordered[start + per_bin - 1]])
             fitted[cls.key(group)] = GroupCalibration(knots_x, knots_y, edges, sigmas, len(indices), lows, highs)
-        return cls(fitted, sigma_floor, len(features))
+        return cls(fitted, sigma_floor, len(features), feature)
 
     def predict(self, feature: float, group: tuple[str, str]) -> tuple[float, float]:
         """(estimate, sigma) of one candidate: from its most specific fitted group."""
@@ -241,13 +247,13 @@ class JudgeCalibration:
         raise KeyError(f"no calibration for {group}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sigma_floor": self.sigma_floor, "pairs": self.pairs,
+        return {"sigma_floor": self.sigma_floor, "pairs": self.pairs, "feature": self.feature,
                 "groups": {key: vars(value) for key, value in self.groups.items()}}
 
     @classmethod
     def from_dict(cls, content: dict[str, Any]) -> JudgeCalibration:
         return cls({key: GroupCalibration(**value) for key, value in content["groups"].items()},
-                   content["sigma_floor"], content.get("pairs", 0))
+                   content["sigma_floor"], content.get("pairs", 0), content.get("feature", "similarity"))
 
 
 def calibration_rows(row_count: int, share: float, min_rows: int, seed: int) -> list[int]:

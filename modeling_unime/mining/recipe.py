@@ -64,6 +64,10 @@ class MiningScriptArguments:
                 "pair's disagreement in the judged-pairs table, their agreement in the summary)"})
     image_root: str | None = field(default=None, metadata={
         "help": "folder the image paths of data are relative to (synthetic:N default: output_dir/images)"})
+    cheap_judge: str | None = field(default=None, metadata={
+        "help": "judge_mode cascade: a smaller judge (folder, repo id or tiny:<family>) whose score of every pair, "
+                "calibrated against judge, decides which pairs the large judge scores (default: the embedder's "
+                "similarity)"})
     judge_server: str | None = field(default=None, metadata={
         "help": "score on an OpenAI-compatible server (vLLM) at this URL, serving the model named by judge (its "
                 "processor is loaded from there); several URLs, comma-separated: the requests are spread over them "
@@ -171,8 +175,15 @@ def run_mining_recipe(script: MiningScriptArguments, config: MiningConfig) -> Da
     if script.judge_calibration == "contextual":
         judge = ContextualCalibration(judge)
         judge_place += " (contextual calibration of its Yes prior)"
+    cheap_judge = None
+    if script.cheap_judge:
+        cheap_judge = load_judge(script.cheap_judge, where, official_compat=script.official_compat,
+                                 batch_size=script.judge_batch_size)
+        judge_place += "; cheap " + (describe(cheap_judge.model, "judge") if hasattr(cheap_judge, "model")
+                                     else f"judge: {script.cheap_judge} (no model)")
     print(f"placement: process {state.process_index}: {describe(embedder, 'embedder')}; {judge_place}", flush=True)
-    mined = run_mining(dataset, embedder, judge, output_dir, config, image_root=image_root, state=state)
+    mined = run_mining(dataset, embedder, judge, output_dir, config, image_root=image_root, state=state,
+                       cheap_judge=cheap_judge)
     if not state.is_main_process:
         return None
     card = render_dataset_card(

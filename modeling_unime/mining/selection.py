@@ -35,6 +35,7 @@ JUDGED_PAIR_FEATURES = Features({
     "candidate_text": Value("string"), "candidate_image": Value("string"), "similarity": Value("float64"),
     "score": Value("float64"), "source": Value("string"), "estimate": Value("float64"), "sigma": Value("float64"),
     "positive_score": Value("float64"), "member_scores": List(Value("float64")), "disagreement": Value("float64"),
+    "cheap_score": Value("float64"),
 })
 
 
@@ -79,6 +80,13 @@ class RowContext:
     calibration: JudgeCalibration | None = None
     fully_judged: bool = False
     pairs: list[dict[str, Any]] | None = None
+    cheap_scores: list[float] | None = None
+
+    @property
+    def features(self) -> list[float] | None:
+        """What the cascade's estimates are read from: the cheap judge's scores when there is one, else the
+        similarities."""
+        return self.cheap_scores if self.cheap_scores is not None else self.similarities
 
 
 def row_scores(
@@ -96,8 +104,12 @@ def row_scores(
     if not cascade:
         judged, details = checked_scores_with_details(judge, query, [positive, *candidates], row_index)
         return RowScores(judged[0], judged[1:], ["judge"] * len(candidates), details=details[1:])
-    if context.calibration is None or context.similarities is None:
+    if context.calibration is None or context.features is None:
         raise ValueError(f"judge_mode={config.judge_mode!r} needs the calibration and the candidates' similarities.")
+    if (context.cheap_scores is not None) != (context.calibration.feature == "cheap_judge"):
+        raise ValueError(f"the calibration reads {context.calibration.feature!r} but this row gives "
+                         f"{'cheap judge scores' if context.cheap_scores is not None else 'similarities'}: calibrate "
+                         "and mine with the same cheap scorer.")
     positive_score = checked_scores(judge, query, [positive], row_index)[0]
     details: dict[int, Any] = {}
 
@@ -107,8 +119,8 @@ def row_scores(
         details.update(zip(positions, found))
         return scores
     task = inputs.rows[row_index].get("task")
-    predicted = [context.calibration.estimate(similarity, (task, candidate_modality(candidate)))
-                 for similarity, candidate in zip(context.similarities, candidates)]
+    predicted = [context.calibration.estimate(feature, (task, candidate_modality(candidate)))
+                 for feature, candidate in zip(context.features, candidates)]
     pairs = 1 + len(candidates)
     budget = None if config.judge_budget is None else max(0, math.ceil(config.judge_budget * pairs) - 1)
     if config.judge_mode == "top_m" and budget is None:
@@ -221,7 +233,8 @@ def select_negatives(
              "estimate": scored.estimates[rank] if scored.estimates else None,
              "sigma": scored.sigmas[rank] if scored.sigmas else None,
              "positive_score": float(positive_score),
-             **member_columns(scored.details[rank] if scored.details else None)}
+             **member_columns(scored.details[rank] if scored.details else None),
+             "cheap_score": None if context.cheap_scores is None else float(context.cheap_scores[rank])}
             for rank, candidate in enumerate(candidates)
         )
     if dropped:
@@ -258,10 +271,12 @@ def mine_rows(
     calibration_indices: Sequence[int] = (),
     pairs: list[dict[str, Any]] | None = None,
     progress: Any = None,
+    cheap_judge: Judge | None = None,
 ) -> list[MinedRow]:
     """Retrieval, judging and selection for some rows of the inputs (one shard, or all of them).
 
-    ``calibration`` (with the rows of ``calibration_indices`` judged in full) drives the cascade; ``pairs`` receives
+    ``calibration`` (with the rows of ``calibration_indices`` judged in full) drives the cascade, its estimates read
+    from the similarities or, with ``cheap_judge``, from that judge's score of every candidate; ``pairs`` receives
     every candidate's score (`select_negatives`); ``progress`` (a tqdm bar) advances by each row's pairs.
     """
     similarities, indices = retrieve(row_indices, inputs, embeddings, config, stats)
@@ -272,6 +287,9 @@ def mine_rows(
         candidates = [inputs.pool[int(indices[position, column])] for column in valid]
         context = RowContext(similarities=[float(similarities[position, column]) for column in valid],
                              calibration=calibration, fully_judged=row_index in calibration_set, pairs=pairs)
+        if cheap_judge is not None and config.judge_mode != "full" and candidates:
+            context.cheap_scores = checked_scores(cheap_judge, inputs.queries[row_index], candidates, row_index)
+            stats.update(cheap_judge_pairs=len(candidates))
         selected = select_negatives(row_index, inputs, candidates, judge, config, stats, context)
         if selected is not None:
             mined.append(selected)
@@ -307,12 +325,15 @@ def fit_calibration(
     embeddings: MiningEmbeddings,
     judge: Judge,
     config: MiningConfig,
+    cheap_judge: Judge | None = None,
 ) -> JudgeCalibration:
     """The cascade's calibration from rows judged in full (through ``judge``: a cached judge answers pairs it has
-    scored from its logs): similarity -> judge score per (task, candidate modality)."""
-    features, scores, groups = judge_in_full(row_indices, inputs, embeddings, judge, config)
+    scored from its logs): similarity (or the ``cheap_judge``'s score) -> judge score per (task, candidate
+    modality)."""
+    features, scores, groups = judge_in_full(row_indices, inputs, embeddings, judge, config, cheap_judge)
     return JudgeCalibration.fit(features, scores, groups, sigma_floor=config.cascade_sigma_floor,
-                                tail=config.cascade_tail)
+                                tail=config.cascade_tail,
+                                feature="similarity" if cheap_judge is None else "cheap_judge")
 
 
 def judge_in_full(
@@ -321,8 +342,10 @@ def judge_in_full(
     embeddings: MiningEmbeddings,
     judge: Judge,
     config: MiningConfig,
+    cheap_judge: Judge | None = None,
 ) -> tuple[list[float], list[float], list[tuple[str | None, str]]]:
-    """Every retrieved candidate of these rows judged: (similarities, judge scores, (task, candidate modality))."""
+    """Every retrieved candidate of these rows judged: (similarities, or the ``cheap_judge``'s scores; judge scores;
+    (task, candidate modality))."""
     features: list[float] = []
     scores: list[float] = []
     groups: list[tuple[str | None, str]] = []
@@ -335,7 +358,10 @@ def judge_in_full(
         if not candidates:
             continue
         scores += checked_scores(judge, inputs.queries[row_index], candidates, row_index)
-        features += [float(similarities[position, column]) for column in valid]
+        if cheap_judge is None:
+            features += [float(similarities[position, column]) for column in valid]
+        else:
+            features += checked_scores(cheap_judge, inputs.queries[row_index], candidates, row_index)
         task = inputs.rows[row_index].get("task")
         groups += [(task, candidate_modality(candidate)) for candidate in candidates]
     return features, scores, groups
@@ -504,13 +530,17 @@ def mine_with_pairs(
     cache_dir: str | os.PathLike | None = None,
     verbose: bool = True,
     progress: bool | None = None,
+    cheap_judge: Judge | None = None,
     **config_overrides: Any,
 ) -> MiningResult:
     """`mine_hard_negatives`, returning also every judged pair (the side table) and the cascade's calibration.
 
     ``progress``: show the judge stage's progress bar (pairs done / total, pairs/s, ETA); default: on a terminal.
+    ``cheap_judge``: the cascade's cheap stage (``judge_mode`` cascade / top_m): a smaller judge that scores every
+    pair, calibrated against ``judge``, instead of the embedder's similarity (`modeling_unime.mining.cascade`).
     """
     config = MiningConfig(**{**asdict(config or MiningConfig()), **config_overrides})
+    check_cheap_judge(cheap_judge, config)
     inputs = MiningInputs.from_dataset(dataset, pool, image_root)
     timings = {}
     start = time.perf_counter()
@@ -518,8 +548,11 @@ def mine_with_pairs(
                               None if cache_dir is None else Path(cache_dir) / "embeddings")
     if cache_dir is None:
         scorer: Judge = RootedJudge(judge, image_root)
+        cheap = None if cheap_judge is None else RootedJudge(cheap_judge, image_root)
     else:
         scorer = CachedJudge(judge, Path(cache_dir) / "judge", judge_fingerprint(judge), image_root=image_root)
+        cheap = None if cheap_judge is None else CachedJudge(cheap_judge, Path(cache_dir) / "cheap_judge",
+                                                             judge_fingerprint(cheap_judge), image_root=image_root)
     timings["embedding"] = time.perf_counter() - start
     stats = SelectionStats(num_negatives=config.num_negatives)
     stats.update(duplicate_rows=count_duplicate_rows(inputs.queries, inputs.positives))
@@ -528,14 +561,14 @@ def mine_with_pairs(
     if config.judge_mode != "full":
         calibration_indices = calibration_rows(len(inputs), config.cascade_calibration_share,
                                                config.cascade_calibration_min_rows, config.seed)
-        calibration = fit_calibration(calibration_indices, inputs, embeddings, scorer, config)
+        calibration = fit_calibration(calibration_indices, inputs, embeddings, scorer, config, cheap)
         stats.update(calibration_queries=len(calibration_indices))
         timings["calibration"] = time.perf_counter() - start
         start = time.perf_counter()
     pairs: list[dict[str, Any]] = []
     with judge_progress(len(inputs) * (1 + min(config.top_k, len(inputs.pool))), "judge", progress) as bar:
         mined = mine_rows(range(len(inputs)), inputs, embeddings, scorer, config, stats, calibration=calibration,
-                          calibration_indices=calibration_indices, pairs=pairs, progress=bar)
+                          calibration_indices=calibration_indices, pairs=pairs, progress=bar, cheap_judge=cheap)
         bar.total = bar.n  # the pool's own positives were excluded: fewer candidates than top_k for some rows
     timings["retrieval, judge and selection"] = time.perf_counter() - start
     result = to_dataset(mined)
@@ -546,6 +579,13 @@ def mine_with_pairs(
     else:
         warn_degenerate(stats, config.beta)
     return MiningResult(result, stats, judged_pairs_dataset(pairs), calibration)
+
+
+def check_cheap_judge(cheap_judge: Judge | None, config: MiningConfig) -> None:
+    """A cheap judge feeds the cascade's estimates: with ``judge_mode: full`` it would be called for nothing."""
+    if cheap_judge is not None and config.judge_mode == "full":
+        raise ValueError("cheap_judge is the cascade's cheap stage: use it with judge_mode='cascade' (or 'top_m'); "
+                         "judge_mode='full' has the large judge score every pair.")
 
 
 def judge_progress(total: int, description: str, show: bool | None = None, position: int | None = None):

@@ -26,6 +26,7 @@ from .config import MiningConfig
 from .inputs import MiningInputs, count_duplicate_rows, embed_inputs
 from .judging import CachedJudge, judge_fingerprint
 from .selection import (
+    check_cheap_judge,
     fit_calibration,
     judge_in_full,
     judge_progress,
@@ -55,6 +56,7 @@ def run_mining(
     image_root: str | os.PathLike | None = None,
     state: Any = None,
     verbose: bool = True,
+    cheap_judge: Judge | None = None,
 ) -> Dataset | None:
     """Resumable, multi-process mining into ``output_dir``; the merged dataset on the main process, else None.
 
@@ -64,7 +66,8 @@ def run_mining(
     ``save_to_disk``), ``summary.txt`` (the report) and ``summary.json`` (the merged statistics, which are the sums of
     the shards', the degenerate-run reasons, and per shard its counts and process).
     ``state`` is an ``accelerate.PartialState`` (built when None): shard s goes to process s % num_processes
-    (`shards_of_process`), and only that process mines it.
+    (`shards_of_process`), and only that process mines it. ``cheap_judge``: the cascade's cheap stage (see
+    `modeling_unime.mining.selection.mine_with_pairs`), cached under ``cache/cheap_judge``.
 
     Example:
         >>> from modeling_unime.judge import MLLMJudge
@@ -80,6 +83,7 @@ def run_mining(
     """
     state = state or process_state()
     config = config or MiningConfig()
+    check_cheap_judge(cheap_judge, config)
     output_dir = Path(output_dir)
     shards_dir = output_dir / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
@@ -95,10 +99,14 @@ def run_mining(
     start = time.perf_counter()
     cached_judge = CachedJudge(judge, output_dir / "cache" / "judge", judge_fingerprint(judge),
                                f"rank-{state.process_index}", image_root=image_root)
+    cheap = None if cheap_judge is None else CachedJudge(
+        cheap_judge, output_dir / "cache" / "cheap_judge", judge_fingerprint(cheap_judge),
+        f"rank-{state.process_index}", image_root=image_root)
+    cheap_fingerprint = None if cheap_judge is None else judge_fingerprint(cheap_judge)
     state.wait_for_everyone()  # every process has read the judge logs before any process appends to them
     calibration, calibration_indices = None, []
     if config.judge_mode != "full":
-        calibration, calibration_indices = calibrate(inputs, embeddings, cached_judge, config, state)
+        calibration, calibration_indices = calibrate(inputs, embeddings, cached_judge, config, state, cheap)
         timings["calibration"] = time.perf_counter() - start
         start = time.perf_counter()
         if state.is_main_process:
@@ -121,11 +129,12 @@ def run_mining(
             scored_before, cached_before = cached_judge.pairs_scored, cached_judge.pairs_from_cache
             pairs: list[dict[str, Any]] = []
             mined = mine_rows(indices, inputs, embeddings, cached_judge, config, stats, calibration=calibration,
-                              calibration_indices=calibration_indices, pairs=pairs, progress=bar)
+                              calibration_indices=calibration_indices, pairs=pairs, progress=bar, cheap_judge=cheap)
             if shard == 0 and calibration is not None:
                 stats.update(calibration_queries=len(calibration_indices))
             payload = json.dumps({
                 "rows": mined, "stats": asdict(stats), "config": asdict(config), "pairs": pairs,
+                "cheap_judge": cheap_fingerprint,
                 "mined_by": {"process_index": state.process_index, "num_processes": state.num_processes},
                 "judge_pairs": {"scored": cached_judge.pairs_scored - scored_before,
                                 "from_cache": cached_judge.pairs_from_cache - cached_before},
@@ -153,6 +162,11 @@ def run_mining(
             raise ValueError(
                 f"{path} was mined with other settings ({content['config']}); use a new output_dir or delete the "
                 "shards folder to mine again."
+            )
+        if content.get("cheap_judge") != cheap_fingerprint:
+            raise ValueError(
+                f"{path} was mined with another cheap judge ({content.get('cheap_judge')}, this run: "
+                f"{cheap_fingerprint}); use a new output_dir or delete the shards folder to mine again."
             )
         mined.extend(content["rows"])
         pairs.extend(content.get("pairs") or [])
@@ -200,19 +214,25 @@ def save_dataset(dataset: Dataset, final: Path) -> None:
 
 
 def calibrate(
-    inputs: MiningInputs, embeddings: Any, cached_judge: CachedJudge, config: MiningConfig, state: Any
+    inputs: MiningInputs, embeddings: Any, cached_judge: CachedJudge, config: MiningConfig, state: Any,
+    cheap_judge: CachedJudge | None = None,
 ) -> tuple[JudgeCalibration, list[int]]:
     """The cascade's calibration, the same on every process: each judges its share of the calibration rows in full
     (into the shared judge logs), then every process reads all the logs and fits on every calibration row."""
     indices = calibration_rows(len(inputs), config.cascade_calibration_share, config.cascade_calibration_min_rows,
                                config.seed)
-    cached_judge.context = {"calibration": True}
-    judge_in_full(indices[state.process_index::state.num_processes], inputs, embeddings, cached_judge, config)
+    judges = [cached_judge] if cheap_judge is None else [cached_judge, cheap_judge]
+    for judge in judges:
+        judge.context = {"calibration": True}
+    judge_in_full(indices[state.process_index::state.num_processes], inputs, embeddings, cached_judge, config,
+                  cheap_judge)
     state.wait_for_everyone()
-    cached_judge.reload()
+    for judge in judges:
+        judge.reload()
     state.wait_for_everyone()  # nobody appends to the logs before every process has read them
-    cached_judge.context = {}
-    return fit_calibration(indices, inputs, embeddings, cached_judge, config), indices
+    for judge in judges:
+        judge.context = {}
+    return fit_calibration(indices, inputs, embeddings, cached_judge, config, cheap_judge), indices
 
 
 def shard_path(shards_dir: Path, shard: int) -> Path:

@@ -58,6 +58,7 @@ class SelectionStats:
     judge_pairs: int = 0
     estimated_pairs: int = 0
     calibration_queries: int = 0
+    cheap_judge_pairs: int = 0
     audit_rows: int = 0
     audit_identical_sets: int = 0
     audit_overlap_sum: float = 0.0
@@ -86,6 +87,7 @@ class SelectionStats:
         judge_pairs: int = 0,
         estimated_pairs: int = 0,
         calibration_queries: int = 0,
+        cheap_judge_pairs: int = 0,
     ) -> None:
         """Add counts in place; booleans count as 0 or 1 so per-query flags can be passed directly.
 
@@ -113,6 +115,7 @@ class SelectionStats:
             "judge_pairs": judge_pairs,
             "estimated_pairs": estimated_pairs,
             "calibration_queries": calibration_queries,
+            "cheap_judge_pairs": cheap_judge_pairs,
         }
         for name, increment in increments.items():
             increment = int(increment)
@@ -137,6 +140,7 @@ class SelectionStats:
         budget: dict[str, float | int] = {
             "judge_pairs": self.judge_pairs, "estimated_pairs": self.estimated_pairs, "pairs": pairs,
             "judge_share": self.judge_pairs / pairs if pairs else 0.0, "calibration_queries": self.calibration_queries,
+            "cheap_judge_pairs": self.cheap_judge_pairs,
         }
         if self.audit_rows:
             budget.update(
