@@ -4,7 +4,7 @@ The authors' recipe is a full causal-LM forward with ``output_hidden_states=True
 whole vocabulary at every position), then the last layer's last token, L2-normalised. Ours runs the base model only
 and gathers one row per sequence. The backbone is a tiny Qwen2-VL with the real 151,936-token vocabulary.
 
-    python benchmarks/embed_throughput.py [--threads 1] [--rows 48] [--batch-size 8] [--hidden-size 256]
+    python benchmarks/embed_throughput.py [--threads 1] [--rows 48] [--batch_size 8] [--hidden_size 256]
 
 Last line: JSON with ours_items_per_s, reference_items_per_s, speedup, max_abs_diff.
 """
@@ -75,8 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps ratios stable on shared CPUs)")
     parser.add_argument("--rows", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    parser.add_argument("--hidden_size", "--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

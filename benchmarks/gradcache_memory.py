@@ -6,7 +6,7 @@ memory GradCache bounds; the process RSS also holds the model and the interprete
 ``torch.cuda.max_memory_allocated`` during the step. ``grad_max_abs_diff`` compares the parameter gradients of the two
 modes on the same batch (batch 8, same random state).
 
-    python benchmarks/gradcache_memory.py [--threads 1] [--batches 8 32 128] [--chunk-size 4]
+    python benchmarks/gradcache_memory.py [--threads 1] [--batches 8 32 128] [--chunk_size 4]
 
 Last line: JSON with peak_mb and step_s (each {"plain": {batch: value}, "gradcache": {...}}) and grad_max_abs_diff.
 """
@@ -93,9 +93,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps ratios stable on shared CPUs)")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--chunk-size", type=int, default=4, help="GradCache chunk (rows per forward)")
-    parser.add_argument("--num-negatives", type=int, default=8)
-    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--chunk_size", "--chunk-size", type=int, default=4, help="GradCache chunk (rows per forward)")
+    parser.add_argument("--num_negatives", "--num-negatives", type=int, default=8)
+    parser.add_argument("--hidden_size", "--hidden-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

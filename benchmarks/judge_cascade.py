@@ -9,7 +9,7 @@ queries, a pool of 260 items, top-50 retrieval. The embedder is an attribute emb
 (`modeling_unime.tiny.OracleJudge`). Both are stand-ins: what a real MLLM judge gives is measured by the main job
 (``recipes/pipeline.py``, its ``judge_budget`` table).
 
-    python benchmarks/judge_cascade.py [--threads 1] [--queries 600] [--top-k 50] [--noise 0.35]
+    python benchmarks/judge_cascade.py [--threads 1] [--queries 600] [--top_k 50] [--noise 0.35]
 
 Each setting runs with the cascade's audit (the full judge on every pair, then a comparison): judge share (pairs the
 large judge scored / all pairs, positives and calibration included), identical negative sets, mean overlap, mean
@@ -123,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--queries", type=int, default=600)
-    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top_k", "--top-k", type=int, default=50)
     parser.add_argument("--noise", type=float, default=0.35)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.33, 0.5, 0.75])
     parser.add_argument("--margins", type=float, nargs="+", default=[1.0, 2.0, 3.0])

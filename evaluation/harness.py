@@ -19,13 +19,18 @@ any of its fields is set.
   ``authors-reranker-eval``; see `modeling_unime.processing_unime.canonical_image_resize`). The released checkpoints
   were evaluated with ``authors-eval`` (every image 1344x1344) and the reranker with ``authors-reranker-eval`` (that
   1344x1344 image capped at 300*28*28 pixels: 476x476).
+- ``max_rows``: only the first N rows of every benchmark (each MMEB dataset's first N rows, each retrieval set's
+  first N images with their captions, each SugarCrepe subset's first N examples): a smoke test of the whole path in
+  a minute, whose numbers are not the benchmarks'. Each section's own ``max_rows`` wins over it.
 - ``mmeb``: ``root`` (a clone of TIGER-Lab/MMEB-eval; the Hub when absent), ``image_root`` (default: found under
   ``root``, e.g. ``root/eval_images``), ``datasets`` (default: all 36), ``tie_rule`` (``argmax``, VLM2Vec's scorer,
-  default; or ``strict``), ``rerank_top_k``.
-- ``retrieval``: ``{flickr30k|coco|sharegpt4v|urban1k: {folder, image_root?, rerank_top_k?, limit?}}``; each folder's
-  layout is detected (`evaluation.retrieval`).
+  default; ``authors``, the UniME-V2 authors' scorer; or ``strict``: `evaluation.mmeb.TIE_RULES`), ``rerank_top_k``,
+  ``rerank_match`` (``content``, the authors' rule, default; or ``index``: `evaluation.mmeb.RERANK_MATCH_RULES`),
+  ``max_rows``.
+- ``retrieval``: ``{flickr30k|coco|sharegpt4v|urban1k: {folder, image_root?, rerank_top_k?, max_rows?, limit?}}``
+  (``limit``: ShareGPT4V's entry count, 1,000); each folder's layout is detected (`evaluation.retrieval`).
 - ``sugarcrepe``: ``annotations`` (the repo's ``data/`` folder, or the clone above it), ``image_root`` (COCO
-  val2017), ``subsets``.
+  val2017), ``subsets``, ``max_rows``.
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ class EvaluationArguments:
     dtype: str = field(default="auto",
                        metadata=_help("auto (bf16 on GPU, float32 on CPU), float32, bfloat16 or float16"))
     attn_implementation: str = field(default="auto", metadata=_help("auto, sdpa, eager or flash_attention_2"))
+    max_rows: Optional[int] = field(
+        default=None, metadata=_help("only the first N rows of every benchmark (a smoke test; the numbers are then not "
+                                     "the benchmarks'); a section's own max_rows wins"))
     image_resize: Optional[str] = field(
         default=None, metadata=_help("embedder images: native, authors-eval (the published numbers), square:N, ..."))
     reranker_image_resize: Optional[str] = field(
@@ -84,23 +92,31 @@ class EvaluationArguments:
         default=None, metadata=_help("MMEB: the image folder (default: found under mmeb_root, e.g. eval_images/)"))
     mmeb_datasets: Optional[list[str]] = field(default=None, metadata=_help("MMEB: dataset names (default: all 36)"))
     mmeb_tie_rule: Optional[str] = field(
-        default=None, metadata=_help("MMEB: argmax (VLM2Vec's scorer, the default) or strict"))
+        default=None, metadata=_help("MMEB: argmax (VLM2Vec's scorer, the default), authors (the UniME-V2 authors' "
+                                     "scorer) or strict"))
     mmeb_rerank_top_k: Optional[int] = field(
         default=None, metadata=_help("MMEB: candidates the reranker sees per query (default 10)"))
+    mmeb_rerank_match: Optional[str] = field(
+        default=None, metadata=_help("MMEB: a reranker's pick is right when its content equals the positive's "
+                                     "(content, the authors' rule, default) or only when it is candidate 0 (index)"))
+    mmeb_max_rows: Optional[int] = field(
+        default=None, metadata=_help("MMEB: only the first N rows of each dataset (default: max_rows)"))
     retrieval_flickr30k: Optional[str] = field(
-        default=None, metadata=_help("Flickr30K: {folder, image_root?, rerank_top_k?, limit?} (JSON on the command "
-                                     "line)"))
+        default=None, metadata=_help("Flickr30K: {folder, image_root?, rerank_top_k?, max_rows?} (JSON on the "
+                                     "command line)"))
     retrieval_coco: Optional[str] = field(
-        default=None, metadata=_help("COCO 5K: {folder, image_root?, rerank_top_k?, limit?}"))
+        default=None, metadata=_help("COCO 5K: {folder, image_root?, rerank_top_k?, max_rows?}"))
     retrieval_sharegpt4v: Optional[str] = field(
-        default=None, metadata=_help("ShareGPT4V: {folder, image_root?, rerank_top_k?, limit?}"))
+        default=None, metadata=_help("ShareGPT4V: {folder, image_root?, rerank_top_k?, max_rows?, limit?}"))
     retrieval_urban1k: Optional[str] = field(
-        default=None, metadata=_help("Urban1K: {folder, image_root?, rerank_top_k?, limit?}"))
+        default=None, metadata=_help("Urban1K: {folder, image_root?, rerank_top_k?, max_rows?}"))
     sugarcrepe_annotations: Optional[str] = field(
         default=None, metadata=_help("SugarCrepe: the sugar-crepe clone or its data/ folder"))
     sugarcrepe_image_root: Optional[str] = field(default=None, metadata=_help("SugarCrepe: COCO val2017 images"))
     sugarcrepe_subsets: Optional[list[str]] = field(
         default=None, metadata=_help("SugarCrepe: subsets (default: all seven)"))
+    sugarcrepe_max_rows: Optional[int] = field(
+        default=None, metadata=_help("SugarCrepe: only the first N examples of each subset (default: max_rows)"))
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -108,6 +124,10 @@ class EvaluationArguments:
                              "--model.")
         if self.reranker is not None and self.reranker.lower() == "none":
             self.reranker = None
+        for name in ("max_rows", "mmeb_max_rows", "sugarcrepe_max_rows"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset for every row), got {value}.")
         for name in RETRIEVAL_SETS:
             value = getattr(self, f"retrieval_{name}")
             if isinstance(value, str):
@@ -172,6 +192,16 @@ def _settings_tag(*parts: Any) -> str:
 # ------------------------------------------------------------------------------------------------ the run
 
 
+def row_limit(settings: dict[str, Any], options: dict[str, Any] | None) -> int | None:
+    """The row limit of one benchmark: its section's ``max_rows``, else the top-level one, else None (every row).
+
+    >>> row_limit({"max_rows": 8}, {}), row_limit({"max_rows": 8}, {"max_rows": 2}), row_limit({}, None)
+    (8, 2, None)
+    """
+    value = (options or {}).get("max_rows", settings.get("max_rows"))
+    return None if value is None else int(value)
+
+
 def prepare_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     """Load and check the data of every benchmark in ``settings`` before any model is loaded, so that a missing
     folder, an unknown layout, a Git LFS pointer or a missing image fails in seconds rather than after hours of MMEB.
@@ -192,7 +222,8 @@ def prepare_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     if settings.get("mmeb"):
         options = settings["mmeb"]
         prepared["mmeb"] = prepare_mmeb(options.get("datasets"), resolve_data_path(options.get("root"), data_root),
-                                        resolve_data_path(options.get("image_root"), data_root))
+                                        resolve_data_path(options.get("image_root"), data_root),
+                                        row_limit(settings, options))
     if settings.get("retrieval"):
         from .retrieval_data import load_retrieval_set
 
@@ -202,6 +233,8 @@ def prepare_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
             if "folder" not in options:
                 raise ValueError(f"retrieval.{name}: no 'folder' (the folder holding the {name} data).")
             extra = {key: options[key] for key in ("limit", "captions_per_image") if key in options}
+            if row_limit(settings, options) is not None:
+                extra["max_rows"] = row_limit(settings, options)
             if name in ("flickr30k", "coco"):
                 extra["extract_dir"] = output_dir / "cache" / "images" / name
             prepared["retrieval"][name] = load_retrieval_set(
@@ -217,7 +250,7 @@ def prepare_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
                              "(COCO val2017).")
         image_root = resolve_data_path(options["image_root"], data_root)
         annotations = check_sugarcrepe_data(resolve_data_path(options["annotations"], data_root), image_root,
-                                            options.get("subsets"))
+                                            options.get("subsets"), row_limit(settings, options))
         prepared["sugarcrepe"] = {"annotations": os.fspath(annotations), "image_root": image_root}
     return prepared
 
@@ -245,13 +278,15 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
                                                      where["attn_implementation"], image_resize)
     mmeb_options = settings.get("mmeb") or {}
     tie_rule = mmeb_options.get("tie_rule") or "argmax"
+    rerank_match = mmeb_options.get("rerank_match") or "content"
     run_settings = {
         "device": str(where["device"]), "dtype": str(where["dtype"]).replace("torch.", ""),
         "attn_implementation": where["attn_implementation"], "image_resize": image_resize,
         "reranker_image_resize": getattr(reranker.processor, "image_resize", "native") if reranker else None,
         "image_resize_requested": settings.get("image_resize"),
         "reranker_image_resize_requested": settings.get("reranker_image_resize") if reranker else None,
-        "mmeb_tie_rule": tie_rule, "data_root": settings.get("data_root"), "processes": state.num_processes,
+        "mmeb_tie_rule": tie_rule, "mmeb_rerank_match": rerank_match if reranker else None,
+        "data_root": settings.get("data_root"), "processes": state.num_processes, "max_rows": settings.get("max_rows"),
     }
     results: dict[str, Any] = {"model": settings["model"], "reranker": settings.get("reranker"),
                                "settings": run_settings, "data": {}, "seconds": {}}
@@ -260,12 +295,21 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
                 f"images: {image_resize} (embedder)"
                 + (f", {run_settings['reranker_image_resize']} (reranker)" if reranker else "")
                 + f"; MMEB ties: {tie_rule}.", ""]
+    # Which benchmarks ran on their first rows only, said at the top so that no one quotes those numbers.
+    sections = {name: settings.get(name) for name in ("mmeb", "sugarcrepe") if settings.get(name)}
+    sections.update({f"retrieval.{name}": options or {} for name, options in (settings.get("retrieval") or {}).items()})
+    limited = {name: row_limit(settings, options) for name, options in sections.items()
+               if row_limit(settings, options) is not None}
+    if limited:
+        markdown += ["**Row limit (a smoke test, not the benchmarks' numbers):** "
+                     + ", ".join(f"{section} first {rows}" for section, rows in limited.items()) + ".", ""]
 
     if "mmeb" in data:
         started = time.perf_counter()
         plain, reranked = evaluate_mmeb(
             embedder, prepared=data["mmeb"], cache_dir=cache_dir, batch_size=batch_size, reranker=reranker,
             rerank_top_k=int(mmeb_options.get("rerank_top_k", 10)), state=state, tie_rule=tie_rule,
+            rerank_match=rerank_match,
         )
         summaries = {"embedder": plain.summary()}
         if reranked is not None:
@@ -309,7 +353,7 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
         sugarcrepe = evaluate_sugarcrepe(
             embedder, where_data["annotations"], where_data["image_root"],
             subsets=settings["sugarcrepe"].get("subsets"), batch_size=batch_size, cache_dir=cache_dir / "sugarcrepe",
-            reranker=reranker,
+            reranker=reranker, max_rows=row_limit(settings, settings["sugarcrepe"]),
         )
         results["sugarcrepe"] = sugarcrepe
         results["data"]["sugarcrepe"] = where_data
@@ -332,5 +376,6 @@ __all__ = [
     "parse_evaluation_arguments",
     "prepare_data",
     "resolve_data_path",
+    "row_limit",
     "run_evaluation",
 ]

@@ -11,13 +11,23 @@ Local data: a clone of the Hub repo (``git clone https://huggingface.co/datasets
 config, CIFAR-100, which is not one of MMEB's 36 datasets and is never read. Query texts are used exactly as stored
 (instruction, ``<|image_1|>\n`` placeholder, trailing newline).
 
-Scoring rule (``tie_rule``): the score of a candidate is its cosine with the query.
+Scoring rule (``tie_rule``): the score of a candidate is its cosine with the query (both VLM2Vec's and the authors'
+scorers run with ``--normalize True``). The rules differ only when candidates tie for the top score:
 
-- ``"argmax"`` (default, VLM2Vec's official scorer): the prediction is ``argmax`` over the candidates, so when
-  candidates tie for the top score the first one wins, and candidate 0 is the positive: a tie with the positive
-  counts as correct. A row whose candidate list repeats the positive scores 100.
+- ``"argmax"`` (default, VLM2Vec's official scorer, ``np.argmax``; the rule of VLM2Vec's published numbers, e.g.
+  ``TIGER-Lab/VLM2Vec-Qwen2VL-2B`` 60.1): the first tied candidate wins, and candidate 0 is the positive, so a tie
+  with the positive counts as correct. A row whose candidate list repeats the positive scores 100.
+- ``"authors"`` (the UniME-V2 authors' ``Embedding/eval.py``: ``get_pred`` in ``evaluation/utils/utils.py`` orders
+  the top 10 with ``np.argpartition`` then ``np.argsort`` and the row is right when the first is index 0; the rule of
+  the published UniME-V2 numbers, e.g. 2B 63.6): numpy's unstable sorts decide a tie, so a tie with the positive is
+  right or wrong as numpy orders it (about half the time for lists of 10 or more). numpy itself is called, so a run
+  reproduces theirs on the same numpy and CPU (its SIMD sorts order ties differently across versions and CPUs).
 - ``"strict"``: correct only when the positive's cosine is strictly above every other candidate's; a tie counts as
   wrong (the repeated-positive row scores 0, and a collapsed embedder cannot score by ties).
+
+Rerank stage (``rerank_match``): the reranker's pick is right when its (text, image) equals the positive's
+(``"content"``, default: the authors' ``Embedding/eval_rerank.py`` compares the picked candidate's content with the
+positive's, so a repeated copy of the positive counts), or only when it is candidate 0 (``"index"``).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from modeling_unime.util.embedding_cache import Item, embed_with_cache
@@ -45,9 +56,19 @@ MMEB_IMAGE_FOLDER = "eval_images"
 UNUSED_CONFIGS = ("CIFAR-100",)
 """Configs of the Hub repo that are not among MMEB's 36 datasets."""
 TIE_RULES = {
-    "argmax": "VLM2Vec's official scorer: argmax over the candidates, the first index wins a tie, so a tie with the "
-              "positive counts as correct",
+    "argmax": "VLM2Vec's official scorer (the rule of VLM2Vec's published numbers): argmax over the candidates, the "
+              "first index wins a tie, so a tie with the positive counts as correct",
+    "authors": "the UniME-V2 authors' scorer (the rule of the published UniME-V2 numbers): numpy's argpartition then "
+               "argsort over the top 10, right when index 0 comes first, so numpy's unstable sort decides a tie",
     "strict": "correct only when the positive scores strictly above every other candidate, so a tie counts as wrong",
+}
+AUTHORS_TOP_K = 10
+"""``get_pred(..., topk=10)`` in the authors' ``Embedding/eval.py``: the candidates their scorer orders (and the list
+their rerank stage gets)."""
+RERANK_MATCH_RULES = {
+    "content": "the authors' rerank scorer: the pick is right when its (text, image) equals the positive's, so a "
+               "repeated copy of the positive counts",
+    "index": "the pick is right only when it is candidate 0",
 }
 MMEB_CATEGORIES: dict[str, dict[str, list[str]]] = {
     "Classification": {
@@ -126,22 +147,26 @@ def mmeb_dataset_folder(name: str, root: str | os.PathLike) -> Path:
     return folder
 
 
-def load_mmeb_dataset(name: str, root: str | os.PathLike | None = None) -> MMEBDataset:
+def load_mmeb_dataset(name: str, root: str | os.PathLike | None = None, max_rows: int | None = None) -> MMEBDataset:
     """Load one MMEB-eval dataset from a local copy of the Hub repo (``root/<name>/test-*.parquet``; see
     `mmeb_dataset_folder`) or, without ``root``, from the Hub (``TIGER-Lab/MMEB-eval``, config ``name``, split
-    ``test``).
+    ``test``); only its first ``max_rows`` rows when given.
 
     Raises:
-        ValueError: ``name`` is not one of the 36 datasets; a parquet file is a Git LFS pointer; a column is missing.
+        ValueError: ``name`` is not one of the 36 datasets; a parquet file is a Git LFS pointer; a column is missing;
+            ``max_rows`` < 1.
         FileNotFoundError: no parquet file for ``name`` (the message says where it looked and how to download).
     """
     if name not in MMEB_DATASETS:
         unused = f" ({name} is in the Hub repo but not one of MMEB's 36 datasets)" if name in UNUSED_CONFIGS else ""
         raise ValueError(f"{name!r} is not an MMEB-eval dataset{unused}; known: {', '.join(MMEB_DATASETS)}.")
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 (or None for every row), got {max_rows}.")
     if root is None:
         from datasets import load_dataset
 
-        return _rows_to_dataset(name, load_dataset(MMEB_HUB_ID, name, split="test").to_list())
+        split = "test" if max_rows is None else f"test[:{max_rows}]"
+        return _rows_to_dataset(name, load_dataset(MMEB_HUB_ID, name, split=split).to_list())
     import pyarrow.parquet as parquet
 
     from .data_files import check_not_lfs_pointers
@@ -156,7 +181,12 @@ def load_mmeb_dataset(name: str, root: str | os.PathLike | None = None) -> MMEBD
             f"--repo-type dataset --local-dir <root>`, and pass that folder as root)."
         )
     check_not_lfs_pointers(files, f"MMEB dataset {name!r}")
-    rows = [row for file in files for row in parquet.read_table(file).to_pylist()]
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        for batch in parquet.ParquetFile(file).iter_batches(batch_size=1024):
+            rows.extend(batch.to_pylist())
+            if max_rows is not None and len(rows) >= max_rows:
+                return _rows_to_dataset(name, rows[:max_rows], source=str(files[0]))
     return _rows_to_dataset(name, rows, source=str(files[0]))
 
 
@@ -227,12 +257,29 @@ def check_images(dataset: MMEBDataset, image_root: str | os.PathLike | None) -> 
     )
 
 
+def authors_order(row_scores: torch.Tensor, top_k: int = AUTHORS_TOP_K) -> list[int]:
+    """The first ``top_k`` candidate indices, best first, exactly as the authors' ``get_pred`` orders them:
+    ``np.argpartition(scores, -top_k)[-top_k:]``, then those sorted by ``np.argsort(-scores[...])``.
+
+    Both numpy calls are unstable, so the order of tied candidates is whatever numpy gives; numpy is called here on
+    the same float32 scores so that ties fall as they fell in the authors' run (on the same numpy and CPU).
+
+    >>> authors_order(torch.tensor([0.1, 0.9, 0.5, 0.3]), top_k=3)
+    [1, 2, 3]
+    """
+    scores = row_scores.detach().float().cpu().numpy()
+    top_k = min(top_k, len(scores))
+    head = np.argpartition(scores, -top_k)[-top_k:]
+    return [int(index) for index in head[np.argsort(-scores[head])]]
+
+
 def predictions_from_scores(scores: Sequence[torch.Tensor], tie_rule: str = "argmax") -> list[int]:
     """Index of the predicted candidate per query (candidate 0 is the positive).
 
     ``tie_rule="argmax"``: the first index among those with the top score (``torch.argmax``, like VLM2Vec's
-    ``np.argmax``), so a tie with the positive predicts the positive. ``"strict"``: when another candidate ties the
-    positive, that candidate wins (the first such one), so a tie counts as wrong.
+    ``np.argmax``), so a tie with the positive predicts the positive. ``"authors"``: the first of `authors_order`
+    (numpy decides a tie). ``"strict"``: when another candidate ties the positive, that candidate wins (the first
+    such one), so a tie counts as wrong.
 
     >>> scores = [torch.tensor([0.5, 0.5, 0.1]), torch.tensor([0.2, 0.9, 0.9])]
     >>> predictions_from_scores(scores), predictions_from_scores(scores, tie_rule="strict")
@@ -243,6 +290,9 @@ def predictions_from_scores(scores: Sequence[torch.Tensor], tie_rule: str = "arg
     for row in scores:
         if tie_rule == "argmax":
             predictions.append(int(torch.argmax(row)))
+            continue
+        if tie_rule == "authors":
+            predictions.append(authors_order(row)[0])
             continue
         others = row[1:]
         if len(others) == 0 or row[0] > others.max():
@@ -258,6 +308,12 @@ def _check_tie_rule(tie_rule: str) -> None:
         raise ValueError(f"tie_rule={tie_rule!r}: use one of {', '.join(TIE_RULES)} ({rules}).")
 
 
+def _check_rerank_match(rerank_match: str) -> None:
+    if rerank_match not in RERANK_MATCH_RULES:
+        rules = "; ".join(f"{name}: {meaning}" for name, meaning in RERANK_MATCH_RULES.items())
+        raise ValueError(f"rerank_match={rerank_match!r}: use one of {', '.join(RERANK_MATCH_RULES)} ({rules}).")
+
+
 @dataclass
 class MMEBTaskResult:
     """What `evaluate_task` measured on one dataset: precision@1 (%), the rows where another candidate ties the
@@ -270,6 +326,7 @@ class MMEBTaskResult:
     tie_rule: str = "argmax"
     reranked_score: float | None = None
     reranked_predictions: list[dict[str, Any]] | None = None
+    rerank_match: str | None = None
 
 
 @dataclass
@@ -277,7 +334,8 @@ class MMEBResult:
     """Per-dataset precision@1 (%), predictions, and the means over the datasets that ran.
 
     ``tie_rule`` is the rule the scores were computed with (see `TIE_RULES`); ``ties`` counts, per dataset, the rows
-    where another candidate ties the positive for the top score (the rows where the two rules disagree).
+    where another candidate ties the positive for the top score (the rows where the rules may disagree).
+    ``rerank_match`` (results after the rerank stage only) is the rule a pick was judged by (`RERANK_MATCH_RULES`).
     """
 
     scores: dict[str, float] = field(default_factory=dict)
@@ -285,6 +343,7 @@ class MMEBResult:
     tie_rule: str = "argmax"
     ties: dict[str, int] = field(default_factory=dict)
     data: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rerank_match: str | None = None
 
     @classmethod
     def from_tasks(cls, tasks: Sequence[MMEBTaskResult], tie_rule: str = "argmax", reranked: bool = False
@@ -300,6 +359,7 @@ class MMEBResult:
                 raise ValueError(f"MMEB dataset {task.name!r} was evaluated without a reranker.")
             else:
                 result.scores[task.name], result.predictions[task.name] = task.reranked_score, task.reranked_predictions
+                result.rerank_match = task.rerank_match
         return result
 
     def summary(self) -> dict[str, Any]:
@@ -315,8 +375,11 @@ class MMEBResult:
             means[group] = sum(self.scores[name] for name in present) / len(present)
             if len(present) < len(names):
                 incomplete[group] = sorted(set(names) - set(present))
-        return {"datasets": dict(self.scores), "means": means, "incomplete": incomplete, "tie_rule": self.tie_rule,
-                "ties": dict(self.ties)}
+        summary = {"datasets": dict(self.scores), "means": means, "incomplete": incomplete, "tie_rule": self.tie_rule,
+                   "ties": dict(self.ties)}
+        if self.rerank_match is not None:
+            summary["rerank_match"] = self.rerank_match
+        return summary
 
 
 @dataclass(frozen=True)
@@ -328,11 +391,15 @@ class MMEBOptions:
         cache_dir: on-disk embedding cache (keyed by model and content; ``<cache_dir>/mmeb``), so an interrupted run
             resumes; None embeds without a cache.
         state: an ``accelerate`` state: encoding is split over its processes.
-        tie_rule: ``"argmax"`` (VLM2Vec's scorer, the default) or ``"strict"``; see `TIE_RULES`.
+        tie_rule: ``"argmax"`` (VLM2Vec's scorer, the default), ``"authors"`` (the UniME-V2 authors' scorer) or
+            ``"strict"``; see `TIE_RULES`.
         reranker: optional; the embedder's top ``rerank_top_k`` candidates of each query are re-ordered by
             ``reranker.rerank(query, candidates, mode=rerank_mode)`` and the new first candidate is the prediction.
         rerank_top_k: how many of the embedder's candidates the reranker sees.
         rerank_mode: ``"listwise"`` or ``"pairwise"``, passed to ``reranker.rerank``.
+        rerank_match: how the reranker's pick is judged: ``"content"`` (the authors' rule, default: right when its
+            (text, image) equals the positive's) or ``"index"`` (right only when it is candidate 0); see
+            `RERANK_MATCH_RULES`.
     """
 
     batch_size: int = 32
@@ -342,9 +409,11 @@ class MMEBOptions:
     reranker: Any = None
     rerank_top_k: int = 10
     rerank_mode: str = "listwise"
+    rerank_match: str = "content"
 
     def __post_init__(self) -> None:
         _check_tie_rule(self.tie_rule)
+        _check_rerank_match(self.rerank_match)
 
 
 def evaluate_mmeb(
@@ -360,6 +429,8 @@ def evaluate_mmeb(
     state: Any = None,
     tie_rule: str = "argmax",
     prepared: Sequence[tuple[MMEBDataset, str | None]] | None = None,
+    rerank_match: str = "content",
+    max_rows: int | None = None,
 ) -> tuple[MMEBResult, MMEBResult | None]:
     """Evaluate on MMEB datasets (all 36 by default). Returns (embedder result, rerank result or None).
 
@@ -368,14 +439,19 @@ def evaluate_mmeb(
         datasets: names from `MMEB_DATASETS`; all 36 when None.
         root: a local copy of the Hub repo (see `load_mmeb_dataset`); the Hub when None.
         image_root: the folder image paths are relative to; found by `resolve_mmeb_image_root` when None.
-        prepared: the output of `prepare_mmeb` (datasets already loaded and checked); ``datasets``, ``root`` and
-            ``image_root`` are then not used.
-        cache_dir, batch_size, reranker, rerank_top_k, rerank_mode, state, tie_rule: see `MMEBOptions`.
+        prepared: the output of `prepare_mmeb` (datasets already loaded and checked); ``datasets``, ``root``,
+            ``image_root`` and ``max_rows`` are then not used.
+        max_rows: only the first ``max_rows`` rows of each dataset (a smoke test; the scores are then not MMEB's).
+        cache_dir, batch_size, reranker, rerank_top_k, rerank_mode, rerank_match, state, tie_rule: see
+            `MMEBOptions`.
     """
     options = MMEBOptions(batch_size=batch_size, cache_dir=cache_dir, state=state, tie_rule=tie_rule,
-                          reranker=reranker, rerank_top_k=rerank_top_k, rerank_mode=rerank_mode)
+                          reranker=reranker, rerank_top_k=rerank_top_k, rerank_mode=rerank_mode,
+                          rerank_match=rerank_match)
+    if prepared is None:
+        prepared = prepare_mmeb(datasets, root, image_root, max_rows)
     tasks, data = [], {}
-    for dataset, dataset_image_root in prepared if prepared is not None else prepare_mmeb(datasets, root, image_root):
+    for dataset, dataset_image_root in prepared:
         data[dataset.name] = {"source": dataset.source or f"{MMEB_HUB_ID} (Hub)", "image_root": dataset_image_root,
                               "rows": len(dataset)}
         tasks.append(evaluate_task(embedder, dataset, dataset_image_root, options))
@@ -388,12 +464,14 @@ def prepare_mmeb(
     datasets: Sequence[str] | None = None,
     root: str | os.PathLike | None = None,
     image_root: str | os.PathLike | None = None,
+    max_rows: int | None = None,
 ) -> list[tuple[MMEBDataset, str | None]]:
-    """Load every requested dataset, find its image folder and check that every image is there: the whole of MMEB's
-    data is validated (in seconds) before anything is embedded. Returns ``[(dataset, image_root)]`` in order."""
+    """Load every requested dataset (its first ``max_rows`` rows when given), find its image folder and check that
+    every image is there: the whole of MMEB's data is validated (in seconds) before anything is embedded. Returns
+    ``[(dataset, image_root)]`` in order."""
     prepared = []
     for name in datasets or MMEB_DATASETS:
-        dataset = load_mmeb_dataset(name, root)
+        dataset = load_mmeb_dataset(name, root, max_rows)
         dataset_image_root = resolve_mmeb_image_root(dataset, root, image_root)
         check_images(dataset, dataset_image_root)
         prepared.append((dataset, dataset_image_root))
@@ -409,17 +487,24 @@ def candidate_scores(embeddings: torch.Tensor, query: int, candidates: Sequence[
     return torch.stack([lookup[index] for index in candidates])
 
 
-def ranking_from_scores(row_scores: torch.Tensor, tie_rule: str = "argmax") -> list[int]:
+def ranking_from_scores(row_scores: torch.Tensor, tie_rule: str = "argmax", top_k: int = AUTHORS_TOP_K) -> list[int]:
     """Candidate indices best first. Equal scores keep candidate order under ``"argmax"`` (so a tie with the
     positive, candidate 0, puts it first) and put the positive after the candidates it ties under ``"strict"``.
+    Under ``"authors"`` the first ``top_k`` are `authors_order` (the list the authors' rerank stage gets), the rest
+    follow in ``"argmax"`` order.
 
     >>> ranking_from_scores(torch.tensor([0.5, 0.9, 0.5])), ranking_from_scores(torch.tensor([0.5, 0.9, 0.5]), "strict")
     ([1, 0, 2], [1, 2, 0])
     """
     _check_tie_rule(tie_rule)
     strict = tie_rule == "strict"
-    return sorted(range(len(row_scores)),
-                  key=lambda index: (-float(row_scores[index]), strict and index == 0, index))
+    ranking = sorted(range(len(row_scores)),
+                     key=lambda index: (-float(row_scores[index]), strict and index == 0, index))
+    if tie_rule != "authors":
+        return ranking
+    head = authors_order(row_scores, top_k)
+    chosen = set(head)
+    return head + [index for index in ranking if index not in chosen]
 
 
 def evaluate_task(
@@ -434,7 +519,8 @@ def evaluate_task(
 
     With a reranker, the candidates handed to it are the embedder's top ``options.rerank_top_k`` in the order
     `ranking_from_scores` gives (a tie with the positive puts the positive first under ``"argmax"``, last under
-    ``"strict"``); the reranker's order is checked (`evaluation.rerank.rerank_head`)."""
+    ``"strict"``, where numpy puts it under ``"authors"``); the reranker's order is checked
+    (`evaluation.rerank.rerank_head`), and its pick is judged by ``options.rerank_match``."""
     metric = load_metric("precision_at_1")
     check_images(dataset, image_root)
     items = list(dict.fromkeys([*dataset.queries, *(item for items in dataset.candidates for item in items)]))
@@ -463,14 +549,17 @@ def evaluate_task(
     if options.reranker is None:
         return result
     reranked = [
-        rerank_head(ranking_from_scores(row_scores, options.tie_rule), query, candidates, options.reranker,
-                    options.rerank_top_k, image_root, options.rerank_mode, query_index=row)[0]
+        rerank_head(ranking_from_scores(row_scores, options.tie_rule, options.rerank_top_k), query, candidates,
+                    options.reranker, options.rerank_top_k, image_root, options.rerank_mode, query_index=row)[0]
         for row, (query, candidates, row_scores) in enumerate(zip(dataset.queries, dataset.candidates, scores))
     ]
-    result.reranked_score = 100 * metric.compute(predictions=reranked, references=[0] * len(reranked))[
-        "precision_at_1"]
-    result.reranked_predictions = [{"row": row, "prediction": prediction, "correct": prediction == 0}
-                                   for row, prediction in enumerate(reranked)]
+    # Under "content" a pick whose (text, image) equals the positive's is the positive, whatever its index.
+    judged = [0 if options.rerank_match == "content" and candidates[prediction] == candidates[0] else prediction
+              for prediction, candidates in zip(reranked, dataset.candidates)]
+    result.reranked_score = 100 * metric.compute(predictions=judged, references=[0] * len(judged))["precision_at_1"]
+    result.reranked_predictions = [{"row": row, "prediction": prediction, "correct": verdict == 0}
+                                   for row, (prediction, verdict) in enumerate(zip(reranked, judged))]
+    result.rerank_match = options.rerank_match
     return result
 
 
@@ -487,13 +576,16 @@ __all__ = [
     "MMEB_DATASETS",
     "IND_DATASETS",
     "OOD_DATASETS",
+    "AUTHORS_TOP_K",
     "PUBLISHED_MMEB",
+    "RERANK_MATCH_RULES",
     "TIE_RULES",
     "UNUSED_CONFIGS",
     "MMEBDataset",
     "MMEBOptions",
     "MMEBResult",
     "MMEBTaskResult",
+    "authors_order",
     "candidate_scores",
     "check_images",
     "load_mmeb_dataset",

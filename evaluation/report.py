@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .mmeb import MMEB_CATEGORIES, PUBLISHED_MMEB, TIE_RULES
+from .mmeb import MMEB_CATEGORIES, PUBLISHED_MMEB, RERANK_MATCH_RULES, TIE_RULES
 
 MMEB_COLUMNS = [*MMEB_CATEGORIES, "IND", "OOD", "Overall"]
 RETRIEVAL_TITLES = {"flickr30k": "Flickr30K", "coco": "COCO 5K", "sharegpt4v": "ShareGPT4V", "urban1k": "Urban1K"}
@@ -55,6 +55,9 @@ def mmeb_table(results: dict[str, dict[str, Any]], model_name: str) -> str:
     ties = sum(first.get("ties", {}).values())
     lines.append(f"Ties: `{tie_rule}`, {TIE_RULES.get(tie_rule, tie_rule)}. {ties} quer{'y' if ties == 1 else 'ies'} "
                  "had another candidate tied with the positive for the top score.")
+    rerank_match = next((summary["rerank_match"] for summary in results.values() if "rerank_match" in summary), None)
+    if rerank_match is not None:
+        lines.append(f"Rerank stage: `{rerank_match}`, {RERANK_MATCH_RULES.get(rerank_match, rerank_match)}.")
     per_dataset = ["", "| dataset | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
     names = list(first["datasets"])
     per_dataset += [

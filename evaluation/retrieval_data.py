@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,15 +118,22 @@ class ImageTextRetrievalSet:
 # ---------------------------------------------------------------------------------- Flickr30K / COCO
 
 
+def _check_max_rows(max_rows: int | None) -> None:
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 (or None for every image), got {max_rows}.")
+
+
 def _from_karpathy(
     name: str, annotation: Path, image_root: Path, split: str, captions_per_image: int | None, with_filepath: bool,
-    how_to_get: str, check_images: bool,
+    how_to_get: str, check_images: bool, max_rows: int | None = None,
 ) -> ImageTextRetrievalSet:
     entries = read_json(annotation)
     if not isinstance(entries, dict) or "images" not in entries:
         raise ValueError(f"{annotation} is not a Karpathy split file: expected a JSON object with an 'images' list.")
     images, captions, caption_to_image = [], [], []
     for entry in entries["images"]:
+        if max_rows is not None and len(images) >= max_rows:
+            break
         if entry["split"] != split:
             continue
         path = entry["filename"]
@@ -176,6 +184,7 @@ def load_hub_parquet_set(
     image_dir: str | os.PathLike | None = None,
     split: str = "test",
     captions_per_image: int | None = 5,
+    max_rows: int | None = None,
 ) -> ImageTextRetrievalSet:
     """A retrieval set from a clone of its Hub dataset repo in parquet (``royokong/flickr30k_test``,
     ``royokong/coco_test``): one row per image, an ``image`` column and a ``text`` column (a list of captions).
@@ -184,7 +193,7 @@ def load_hub_parquet_set(
     written once, unchanged, to ``image_dir/<row>.<ext>`` (default ``root/images``), so that images can be referred to
     by path (and cached by path). A struct without bytes, or a plain string, is a path relative to ``root``.
     Captions are kept as stored, the first ``captions_per_image`` of each row (COCO rows have up to 7; the authors keep
-    5), in file order.
+    5), in file order. ``max_rows``: only the first rows (images), and only their images are written.
 
     Raises:
         FileNotFoundError: no parquet file of ``split`` under ``root``.
@@ -198,8 +207,11 @@ def load_hub_parquet_set(
         raise FileNotFoundError(f"{name}: no parquet file of the {split!r} split under {root.resolve()}.")
     check_not_lfs_pointers(files, f"{name} ({HUB_REPOS.get(name, 'Hub clone')})")
     image_dir = Path(image_dir) if image_dir is not None else root / "images"
+    _check_max_rows(max_rows)
     images, captions, caption_to_image = [], [], []
     for file in files:
+        if max_rows is not None and len(images) >= max_rows:
+            break
         reader = parquet.ParquetFile(file)
         columns = reader.schema_arrow.names
         missing = [column for column in ("image", "text") if column not in columns]
@@ -210,6 +222,8 @@ def load_hub_parquet_set(
             )
         for batch in reader.iter_batches(columns=["image", "text"], batch_size=64):
             for row in batch.to_pylist():
+                if max_rows is not None and len(images) >= max_rows:
+                    break
                 index = len(images)
                 where = f"{file}, row {index}"
                 texts = row["text"]
@@ -247,6 +261,7 @@ def load_flickr30k(
     captions_per_image: int | None = 5,
     check_images: bool = True,
     extract_dir: str | os.PathLike | None = None,
+    max_rows: int | None = None,
 ) -> ImageTextRetrievalSet:
     """Flickr30K retrieval test set (1,000 images x 5 captions) from a local folder, in either layout:
 
@@ -277,7 +292,7 @@ def load_flickr30k(
         f"{HUB_REPOS['flickr30k']} there."
     )
     return _load_caption_set("flickr30k", root, annotation_file, image_root, root / "flickr30k-images", split,
-                             captions_per_image, check_images, extract_dir, how_to_get)
+                             captions_per_image, check_images, extract_dir, how_to_get, max_rows)
 
 
 def load_coco5k(
@@ -288,6 +303,7 @@ def load_coco5k(
     captions_per_image: int | None = 5,
     check_images: bool = True,
     extract_dir: str | os.PathLike | None = None,
+    max_rows: int | None = None,
 ) -> ImageTextRetrievalSet:
     """COCO 5K retrieval test set (5,000 images, the first 5 captions of each) from a local folder, in either layout:
 
@@ -315,26 +331,27 @@ def load_coco5k(
         f"{HUB_REPOS['coco']} there."
     )
     return _load_caption_set("coco", root, annotation_file, image_root, root, split, captions_per_image, check_images,
-                             extract_dir, how_to_get)
+                             extract_dir, how_to_get, max_rows)
 
 
 def _load_caption_set(
     name: str, root: Path, annotation_file: str | os.PathLike, image_root: str | os.PathLike | None,
     default_image_root: Path, split: str, captions_per_image: int | None, check_images: bool,
-    extract_dir: str | os.PathLike | None, how_to_get: str,
+    extract_dir: str | os.PathLike | None, how_to_get: str, max_rows: int | None = None,
 ) -> ImageTextRetrievalSet:
     # Flickr30K and COCO: a Hub parquet clone or Karpathy's split file beside the images (COCO's entries carry a
-    # filepath folder).
+    # filepath folder). max_rows keeps the first images (a smoke test).
+    _check_max_rows(max_rows)
     title = _CAPTION_SET_TITLES[name]
     if not root.is_dir():
         raise FileNotFoundError(f"{title} folder not found: {root.resolve()}. {how_to_get}")
     if detect_caption_layout(name, root, annotation_file, how_to_get, split) == LAYOUT_HUB_PARQUET:
-        return load_hub_parquet_set(name, root, image_root or extract_dir, split, captions_per_image)
+        return load_hub_parquet_set(name, root, image_root or extract_dir, split, captions_per_image, max_rows)
     annotation = require_file(root / annotation_file, f"{title} Karpathy split file", how_to_get)
     image_root = require_file(Path(image_root) if image_root is not None else default_image_root,
                           f"{title} image folder", how_to_get)
     return _from_karpathy(name, annotation, image_root, split, captions_per_image, name == "coco", how_to_get,
-                          check_images)
+                          check_images, max_rows)
 
 
 # --------------------------------------------------------------------------------------- ShareGPT4V
@@ -344,14 +361,39 @@ def _first_existing(candidates: Sequence[Path]) -> Path | None:
     return next((path for path in candidates if path.is_file()), None)
 
 
+def image_folders(images: Sequence[str]) -> dict[str, int]:
+    """How many images each folder holds, in order of first appearance: for ShareGPT4V, the image sets to download.
+
+    >>> image_folders(["sam/images/sa_1.jpg", "coco/train2017/1.jpg", "sam/images/sa_2.jpg"])
+    {'sam/images': 2, 'coco/train2017': 1}
+    """
+    return dict(Counter(os.path.dirname(image) for image in images))
+
+
+def sharegpt4v_image_folders(annotation: str | os.PathLike, limit: int = 1000) -> dict[str, int]:
+    """The folders the first ``limit`` entries of the ShareCaptioner file name images in, with their counts (e.g.
+    ``{"sam/images": 1000}``): which of ShareGPT4V's image sets the benchmark needs. Reads only the file's head.
+
+    >>> import json, tempfile
+    >>> annotation = Path(tempfile.mkdtemp()) / SHAREGPT4V_ANNOTATION
+    >>> _ = annotation.write_text(json.dumps([{"image": "sam/images/sa_1.jpg"}, {"image": "sam/images/sa_7.jpg"}]))
+    >>> sharegpt4v_image_folders(annotation)
+    {'sam/images': 2}
+    """
+    return image_folders([entry.get("image") or "" for entry in read_json_list_head(annotation, limit)
+                          if isinstance(entry, dict)])
+
+
 def load_sharegpt4v(
     root: str | os.PathLike,
     annotation_file: str | os.PathLike = SHAREGPT4V_ANNOTATION,
     image_root: str | os.PathLike | None = None,
     limit: int = 1000,
     check_images: bool = True,
+    max_rows: int | None = None,
 ) -> ImageTextRetrievalSet:
-    """ShareGPT4V long-caption retrieval: the first ``limit`` (1,000) entries of the ShareCaptioner file.
+    """ShareGPT4V long-caption retrieval: the first ``limit`` (1,000) entries of the ShareCaptioner file (the first
+    ``max_rows`` of those when given, a smoke test).
 
     The JSON (a list of ``{"id", "image", "conversations"}``) is looked for at ``root/<annotation_file>``, then in
     the authors' layout ``root/data/shareGPT4v/<annotation_file>``, then ``root/data/``; ``annotation_file`` may
@@ -392,7 +434,8 @@ def load_sharegpt4v(
             f"({folder_listing(root)}). {how_to_get}"
         )
     check_not_lfs_pointers([annotation], "ShareGPT4V")
-    entries = read_json_list_head(annotation, limit)
+    _check_max_rows(max_rows)
+    entries = read_json_list_head(annotation, limit if max_rows is None else min(limit, max_rows))
     images, captions = [], []
     for position, entry in enumerate(entries):
         conversations = entry.get("conversations") if isinstance(entry, dict) else None
@@ -409,10 +452,15 @@ def load_sharegpt4v(
         roots = list(dict.fromkeys([root / "data", root, annotation.parent, annotation.parent.parent]))
         image_root = next((folder for folder in roots if (folder / images[0]).is_file()), None)
         if image_root is None:
+            needed = ", ".join(f"{folder}/ ({count})" for folder, count in image_folders(images).items())
             raise FileNotFoundError(
                 f"ShareGPT4V: the first image {images[0]!r} is under none of "
-                f"{', '.join(str(path.resolve()) for path in roots)}. {how_to_get}"
+                f"{', '.join(str(path.resolve()) for path in roots)}. {how_to_get} The {len(images)} entries read "
+                f"name images in {needed}."
             )
+    # Which image sets the entries read need: the one thing a user cannot tell from ShareGPT4V's docs.
+    needed = ", ".join(f"{folder}/ ({count})" for folder, count in image_folders(images).items())
+    how_to_get += f" The {len(images)} entries read name images in {needed}."
     image_root = Path(image_root)
     if check_images:
         check_image_files(images, image_root, how_to_get)
@@ -447,7 +495,8 @@ def _numeric_first(path: Path) -> tuple[bool, int, str]:
 
 
 def load_urban1k(
-    root: str | os.PathLike, image_root: str | os.PathLike | None = None, check_images: bool = True
+    root: str | os.PathLike, image_root: str | os.PathLike | None = None, check_images: bool = True,
+    max_rows: int | None = None,
 ) -> ImageTextRetrievalSet:
     """Urban1K long-caption retrieval (1,000 image / caption pairs).
 
@@ -463,7 +512,7 @@ def load_urban1k(
     ``image_root`` defaults to the ``image`` folder. The caption is the file's first line exactly as
     ``open(path).readlines()[0]`` returns it (the authors' loader), trailing newline included: with last-token
     pooling the newline is the pooled token. Pairs are ordered by id (numerically when ids are numbers); the order
-    does not change any recall.
+    does not change any recall. ``max_rows`` keeps the first pairs in that order (a smoke test).
 
     >>> data = load_urban1k("data/Urban1k")                                    # doctest: +SKIP
     >>> len(data.images), len(data.captions)                                   # doctest: +SKIP
@@ -480,7 +529,8 @@ def load_urban1k(
     caption_dir = folder / "caption"
     image_root = require_file(Path(image_root) if image_root is not None else folder / "image", "Urban1K image folder",
                           how_to_get)
-    caption_files = sorted(caption_dir.glob("*.txt"), key=_numeric_first)
+    _check_max_rows(max_rows)
+    caption_files = sorted(caption_dir.glob("*.txt"), key=_numeric_first)[:max_rows]
     if not caption_files:
         raise FileNotFoundError(f"No Urban1K captions: {caption_dir.resolve()} has no *.txt file. {how_to_get}")
     images = [f"{path.stem}.jpg" for path in caption_files]
@@ -509,7 +559,8 @@ def load_retrieval_set(
     name: str, root: str | os.PathLike, image_root: str | os.PathLike | None = None, **kwargs: Any
 ) -> ImageTextRetrievalSet:
     """Load ``flickr30k``, ``coco``, ``sharegpt4v`` or ``urban1k`` from its local folder, whichever of the known
-    layouts it holds (see each ``load_*``; ``ImageTextRetrievalSet.layout`` says which was found).
+    layouts it holds (see each ``load_*``; ``ImageTextRetrievalSet.layout`` says which was found). Every loader takes
+    ``max_rows``: only the first images (with their captions), for a smoke test.
 
     >>> data = load_retrieval_set("coco", "data/coco_test")                     # doctest: +SKIP
     """
@@ -602,6 +653,7 @@ __all__ = [
     "RETRIEVAL_LOADERS",
     "SHAREGPT4V_ANNOTATION",
     "detect_caption_layout",
+    "image_folders",
     "load_coco5k",
     "load_flickr30k",
     "load_hub_parquet_set",
@@ -609,4 +661,5 @@ __all__ = [
     "load_retrieval_set_from_hub",
     "load_sharegpt4v",
     "load_urban1k",
+    "sharegpt4v_image_folders",
 ]

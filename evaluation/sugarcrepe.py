@@ -8,10 +8,12 @@ sim(image, caption) > sim(image, negative_caption), cosine of L2-normalised embe
 Data: the seven annotation files of github.com/RAIVNLab/sugar-crepe (folder ``data/``; the clone itself may be given,
 its ``data/`` is found) and the COCO val2017 images (http://images.cocodataset.org/zips/val2017.zip).
 
-    python -m evaluation.sugarcrepe --annotations DIR --images DIR --model PATH_OR_tiny:qwen2_vl [--cache DIR]
+    python -m evaluation.sugarcrepe --annotations DIR --images DIR --model PATH_OR_tiny:qwen2_vl [--cache DIR] \
+        [--max_rows N]
 
 Models are loaded as the evaluation recipe loads them (`evaluation.loading.load_embedder`): on this process's device,
-bf16 on a GPU and float32 on CPU unless ``--dtype`` says otherwise, with ``--image-resize`` applied to the processor.
+bf16 on a GPU and float32 on CPU unless ``--dtype`` says otherwise, with ``--image_resize`` applied to the processor.
+Flags are snake_case like the recipes' (``--batch_size``); the kebab spellings (``--batch_size``) are still accepted.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def resolve_annotation_dir(annotation_dir: str | os.PathLike, subsets: Iterable[
 
 
 def load_sugarcrepe(
-    annotation_dir: str | os.PathLike, subsets: Iterable[str] | None = None
+    annotation_dir: str | os.PathLike, subsets: Iterable[str] | None = None, max_rows: int | None = None
 ) -> dict[str, list[SugarCrepeExample]]:
     """Read SugarCrepe annotation files ``<annotation_dir>/<subset>.json``, in the public format
     ``{"id": {"filename", "caption", "negative_caption"}}``.
@@ -148,9 +150,11 @@ def load_sugarcrepe(
         annotation_dir: folder holding the files (the repository's ``data/`` folder, or the clone: see
             `resolve_annotation_dir`).
         subsets: names from `SUGARCREPE_SUBSETS`; all seven when None.
+        max_rows: only the first ``max_rows`` examples of each subset (a smoke test); None for all.
 
     Returns:
-        {subset: examples in file order}. A row count that differs from the public release only warns.
+        {subset: examples in file order}. A row count that differs from the public release only warns (not when
+        ``max_rows`` cut the file).
 
     Raises:
         FileNotFoundError: a file is missing (the message names the path and where to download it).
@@ -170,6 +174,8 @@ def load_sugarcrepe(
         >>> example.id, example.filename, example.negative_caption
         ('0', '000000000139.jpg', 'A dog on a sofa.')
     """
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 (or None for every row), got {max_rows}.")
     folder = resolve_annotation_dir(annotation_dir, subsets)
     loaded = {}
     for name in _check_subsets(subsets):
@@ -182,11 +188,11 @@ def load_sugarcrepe(
                 "data/ folder) and pass the clone or its data/ folder."
             )
         examples = _read_subset(path)
-        if len(examples) != SUGARCREPE_SUBSETS[name]:
+        if len(examples) != SUGARCREPE_SUBSETS[name] and (max_rows is None or len(examples) < max_rows):
             warnings.warn(
                 f"{path} has {len(examples)} rows; the public release has {SUGARCREPE_SUBSETS[name]}.", stacklevel=2
             )
-        loaded[name] = examples
+        loaded[name] = examples[:max_rows]
     return loaded
 
 
@@ -201,10 +207,12 @@ def _check_images(filenames: Sequence[str], image_root: str | os.PathLike | None
 
 
 def check_sugarcrepe_data(
-    annotation_dir: str | os.PathLike, image_root: str | os.PathLike | None, subsets: Iterable[str] | None = None
+    annotation_dir: str | os.PathLike, image_root: str | os.PathLike | None, subsets: Iterable[str] | None = None,
+    max_rows: int | None = None,
 ) -> Path:
-    """Read the annotation files and check that every image they name is under ``image_root``, without embedding
-    anything; returns the folder the files were read from (see `resolve_annotation_dir`).
+    """Read the annotation files and check that every image they name (in the first ``max_rows`` rows of each, when
+    given) is under ``image_root``, without embedding anything; returns the folder the files were read from (see
+    `resolve_annotation_dir`).
 
     Raises:
         FileNotFoundError / ValueError: as `load_sugarcrepe` and `evaluate_sugarcrepe` would, but up front.
@@ -212,7 +220,7 @@ def check_sugarcrepe_data(
     folder = resolve_annotation_dir(annotation_dir, subsets)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the row-count warning comes again when the benchmark runs
-        examples = load_sugarcrepe(folder, subsets)
+        examples = load_sugarcrepe(folder, subsets, max_rows)
     _check_images(list(dict.fromkeys(example.filename for rows in examples.values() for example in rows)), image_root)
     return folder
 
@@ -255,6 +263,7 @@ def evaluate_sugarcrepe(
     reranker: Any = None,
     *,
     rerank_query_text: str | None = SUGARCREPE_IMAGE_INSTRUCTION,
+    max_rows: int | None = None,
 ) -> dict[str, Any]:
     """SugarCrepe accuracy of an embedder (and optionally of a pairwise reranker).
 
@@ -276,6 +285,8 @@ def evaluate_sugarcrepe(
             (``rerank_query_text``, image), candidates = (caption, None).
         rerank_query_text: the query's text for the reranker; the retrieval instruction by default, since the
             reranker was trained on MMEB queries that carry their task instruction. None sends the image alone.
+        max_rows: only the first ``max_rows`` examples of each subset (a smoke test; the accuracies are then not
+            SugarCrepe's).
 
     Returns:
         ``{"subsets": {name: accuracy}, "groups": {"Replace"|"Swap"|"Add": mean}, "incomplete_groups": {group:
@@ -301,7 +312,7 @@ def evaluate_sugarcrepe(
         >>> result["counts"], result["incomplete_groups"]["Swap"], sorted(result["groups"])
         ({'swap_att': 1}, ['swap_obj'], [])
     """
-    examples = load_sugarcrepe(annotation_dir, subsets)
+    examples = load_sugarcrepe(annotation_dir, subsets, max_rows)
     all_examples = [example for rows in examples.values() for example in rows]
     filenames = list(dict.fromkeys(example.filename for example in all_examples))
     _check_images(filenames, image_root)
@@ -404,14 +415,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reranker", help="optional reranker checkpoint (path or Hub id) or tiny:<family>")
     parser.add_argument("--cache", help="embedding cache folder (reused across runs)")
     parser.add_argument("--subsets", nargs="+", choices=list(SUGARCREPE_SUBSETS), help="default: all seven")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max_rows", "--max-rows", type=int, default=None,
+                        help="only the first N examples of each subset (a smoke test)")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=32)
     parser.add_argument("--output", help="also write the result as JSON here")
     parser.add_argument("--dtype", default="auto",
                         help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16")
-    parser.add_argument("--attn-implementation", default="auto", help="auto, sdpa, eager or flash_attention_2")
-    parser.add_argument("--image-resize", default=None,
+    parser.add_argument("--attn_implementation", "--attn-implementation", default="auto",
+                        help="auto, sdpa, eager or flash_attention_2")
+    parser.add_argument("--image_resize", "--image-resize", default=None,
                         help="embedder image policy, e.g. authors-eval (the published numbers: 1344x1344) or native")
-    parser.add_argument("--reranker-image-resize", default=None, help="reranker image policy, e.g. authors-reranker")
+    parser.add_argument("--reranker_image_resize", "--reranker-image-resize", default=None,
+                        help="reranker image policy, e.g. authors-reranker-eval (how the authors' rerank stage ran)")
     args = parser.parse_args(argv)
 
     placement_args = {"dtype": args.dtype, "attn_implementation": args.attn_implementation}
@@ -420,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = evaluate_sugarcrepe(
         _load(args.model, image_resize=args.image_resize, **placement_args), args.annotations, args.images,
         subsets=args.subsets, batch_size=args.batch_size, cache_dir=args.cache, reranker=reranker,
+        max_rows=args.max_rows,
     )
     print(format_table(result))
     if args.output:

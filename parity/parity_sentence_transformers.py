@@ -91,7 +91,7 @@ def authors_parity(folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip-authors", action="store_true", help="only the tiny checkpoints")
+    parser.add_argument("--skip_authors", "--skip-authors", action="store_true", help="only the tiny checkpoints")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:

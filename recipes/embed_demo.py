@@ -6,7 +6,7 @@
 4. embeds captions, images and image+text rows and prints the image-caption cosine matrix.
 
 The weights are random, so the similarities carry no meaning: the demo shows the API and the file layout.
-Outputs go to ``--output-dir`` (default ``runs/embed-demo``).
+Outputs go to ``--output_dir`` (default ``runs/embed-demo``).
 
     python recipes/embed_demo.py [--family qwen2_vl|qwen2_5_vl|llava_onevision] [--threads 1] [--output_dir DIR]
                                  [--dtype auto] [--attn_implementation auto]

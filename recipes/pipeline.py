@@ -9,8 +9,11 @@ reranker, MMEB-protocol evaluation), with the paper's Table 4 comparison, on a C
 Outputs under --output_dir (default runs/pipeline): images/, baseline/, mllm-judge/, mined-*/ (the judge datasets),
 the trained models' folders, results.json, results.md (the table) and summary.png (training curves and the table).
 Every trained model is saved with the run's settings: running the same command again resumes after the last
-finished stage. The ablation writes seed-N/ablation.json as it goes and ablation.md / ablation.json (mean, standard
-deviation, paired difference from the control) over every seed folder present.
+finished stage. Models go where the other recipes put theirs (`modeling_unime.placement`): this process's device,
+bf16 mixed precision and the best attention kernel on an accelerator, float32 and sdpa on CPU (``--dtype``,
+``--attn_implementation``); the line ``placement: ...`` says where. The ablation writes seed-N/ablation.json as it
+goes and ablation.md / ablation.json (mean, standard deviation, paired difference from the control) over every seed
+folder present.
 """
 
 import os
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from evaluation.demo.pipeline import PipelineConfig, run_ablation, run_pipeline
+from modeling_unime.placement import ATTN_IMPLEMENTATIONS, DTYPE_NAMES
 from modeling_unime.util.arguments import parse_recipe_arguments
 
 
@@ -35,10 +39,17 @@ class PipelineScriptArguments:
                                       metadata={"help": "default runs/pipeline (runs/ablation with --ablation)"})
     threads: int = field(default=1, metadata={"help": "torch threads (1 is fastest on a shared 2-core CPU)"})
     seed: int = field(default=0, metadata={"help": "seed of the data sample, the models and mining"})
+    dtype: str = field(default="auto", metadata={
+        "choices": DTYPE_NAMES,
+        "help": "compute precision; auto: bf16 mixed precision (float32 weights) on an accelerator, float32 on CPU"})
+    attn_implementation: str = field(default="auto", metadata={
+        "choices": ATTN_IMPLEMENTATIONS,
+        "help": "attention kernel; auto: flash_attention_2 where it can run, else sdpa"})
 
     def config(self) -> PipelineConfig:
         output_dir = self.output_dir or ("runs/ablation" if self.ablation else "runs/pipeline")
-        settings = dict(output_dir=output_dir, threads=self.threads, seed=self.seed)
+        settings = dict(output_dir=output_dir, threads=self.threads, seed=self.seed, dtype=self.dtype,
+                        attn_implementation=self.attn_implementation)
         return PipelineConfig.quick(**settings) if self.quick else PipelineConfig(**settings)
 
 

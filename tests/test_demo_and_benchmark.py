@@ -15,7 +15,7 @@ def _run_script(path, argv, monkeypatch):
 def test_embed_demo_writes_a_loadable_checkpoint_and_embeddings(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
-    _run_script(REPO_ROOT / "recipes" / "embed_demo.py", ["--output-dir", str(tmp_path)], monkeypatch)
+    _run_script(REPO_ROOT / "recipes" / "embed_demo.py", ["--output_dir", str(tmp_path)], monkeypatch)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rows"] == {"captions": 4, "images": 4, "image_and_text": 4}
     assert summary["max_norm_error"] < 1e-5
@@ -28,7 +28,7 @@ def test_embed_demo_writes_a_loadable_checkpoint_and_embeddings(tmp_path, monkey
 def test_embed_throughput_prints_its_json_line(monkeypatch, capsys):
     _run_script(
         REPO_ROOT / "benchmarks" / "embed_throughput.py",
-        ["--rows", "6", "--batch-size", "4", "--hidden-size", "64", "--repeats", "1"],
+        ["--rows", "6", "--batch_size", "4", "--hidden_size", "64", "--repeats", "1"],
         monkeypatch,
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -40,7 +40,7 @@ def test_embed_throughput_prints_its_json_line(monkeypatch, capsys):
 def test_judge_throughput_prints_its_json_line(monkeypatch, capsys):
     _run_script(
         REPO_ROOT / "benchmarks" / "judge_throughput.py",
-        ["--candidates", "3", "--hidden-size", "64", "--layers", "2", "--batch-size", "2"],
+        ["--candidates", "3", "--hidden_size", "64", "--layers", "2", "--batch_size", "2"],
         monkeypatch,
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -53,7 +53,7 @@ def test_judge_throughput_prints_its_json_line(monkeypatch, capsys):
 
 def test_gradcache_memory_prints_its_json_line(monkeypatch, capsys):
     _run_script(REPO_ROOT / "benchmarks" / "gradcache_memory.py",
-                ["--batches", "4", "8", "--chunk-size", "2", "--num-negatives", "2"], monkeypatch)
+                ["--batches", "4", "8", "--chunk_size", "2", "--num_negatives", "2"], monkeypatch)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result["peak_mb"]) == set(result["step_s"]) == {"plain", "gradcache"}
     plain, cached = result["peak_mb"]["plain"], result["peak_mb"]["gradcache"]

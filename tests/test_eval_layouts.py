@@ -11,7 +11,8 @@ data root changed:
 - with an embedder whose similarities the test controls: every number in results.json equals an independent
   computation from the files as the authors' loaders read them.
 
-Then the layout detection and its errors, model placement (device, dtype, attention kernel) and the image-resize guard.
+Then the row limit of a smoke test, the layout detection and its errors, model placement (device, dtype, attention
+kernel) and the image-resize guard.
 """
 
 from __future__ import annotations
@@ -326,8 +327,23 @@ def expected_recalls(images: list[Image.Image], captions: list[list[str]]) -> di
     return result
 
 
+def authors_get_pred(qry_t, tgt_t, normalization=False, topk=10):
+    """``get_pred`` of the authors' ``Embedding/evaluation/utils/utils.py`` (GaryGuTC/UniME-v2), replayed as written."""
+    if normalization:
+        qry_t_norm = np.linalg.norm(qry_t)
+        tgt_t_norms = np.linalg.norm(tgt_t, axis=1)
+        scores = np.dot(tgt_t, qry_t) / (tgt_t_norms * qry_t_norm)
+    else:
+        scores = np.dot(tgt_t, qry_t)
+    topk = min(topk, len(scores))
+    preds = np.argpartition(scores, -topk)[-topk:]
+    preds = preds[np.argsort(-scores[preds])]
+    return scores, preds
+
+
 def expected_mmeb(rows: list[dict], image_root: Path) -> float:
-    """Precision@1 (%) with np.argmax over cosines, VLM2Vec's rule."""
+    """Precision@1 (%) as the authors' eval.py counts it (the shipped configs' tie rule): float32 vectors, get_pred
+    with normalization=True (their --normalize True), right when pred[0] == 0."""
     def vector(text: str, path: str) -> np.ndarray:
         if not path:
             return item_vector(text, None)
@@ -336,9 +352,10 @@ def expected_mmeb(rows: list[dict], image_root: Path) -> float:
 
     correct = 0
     for row in rows:
-        query = vector(row["qry_text"], row["qry_img_path"])
-        scores = [float(vector(text, path) @ query) for text, path in zip(row["tgt_text"], row["tgt_img_path"])]
-        correct += int(np.argmax(scores) == 0)
+        query = vector(row["qry_text"], row["qry_img_path"]).astype(np.float32)
+        targets = np.stack([vector(text, path) for text, path in zip(row["tgt_text"], row["tgt_img_path"])])
+        _, preds = authors_get_pred(query, targets.astype(np.float32), normalization=True)
+        correct += int(preds[0] == 0)
     return 100 * correct / len(rows)
 
 
@@ -351,6 +368,41 @@ def expected_sugarcrepe(rows: dict, image_root: Path) -> float:
     return correct / len(rows)
 
 
+def watch_image_sizes(monkeypatch) -> dict[str, list[tuple[int, int]]]:
+    """The size of every image the processors hand the models, split by whether the reranker asked for it (its
+    ``rerank`` / ``score`` calls are wrapped as the recipe loads it)."""
+    from modeling_unime import processing_unime
+
+    fed: dict[str, list[tuple[int, int]]] = {"embedder": [], "reranker": []}
+    reranker_calls = [0]   # a depth: rerank may call score
+    resize_image = processing_unime.resize_image
+
+    def recording_resize(image, image_resize):
+        resized = resize_image(image, image_resize)
+        fed["reranker" if reranker_calls[0] else "embedder"].append(resized.size)
+        return resized
+
+    def flagged(method):
+        def call(*args, **kwargs):
+            reranker_calls[0] += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                reranker_calls[0] -= 1
+        return call
+
+    def load_watched_reranker(*args, **kwargs):
+        reranker = load_reranker(*args, **kwargs)
+        if reranker is not None:
+            reranker.rerank, reranker.score = flagged(reranker.rerank), flagged(reranker.score)
+        return reranker
+
+    load_reranker = harness.load_reranker
+    monkeypatch.setattr(processing_unime, "resize_image", recording_resize)
+    monkeypatch.setattr(harness, "load_reranker", load_watched_reranker)
+    return fed
+
+
 # ----------------------------------------------------------------------------------------------- the runs
 
 
@@ -359,18 +411,24 @@ def test_shipped_config_runs_every_benchmark_on_the_real_layouts_with_tiny_model
     data_root, _ = authors_data
     before = snapshot(data_root)
     out = tmp_path / "out"
+    fed = watch_image_sizes(monkeypatch)
     # Only the data root differs from the shipped config; tiny models stand in for the released ones (their processors
     # get the shipped image policies: every image resized to 1344x1344, reranker images capped at 300*28*28 px).
     run_evaluation_recipe(monkeypatch, "--data_root", str(data_root), "--output_dir", str(out),
                           "--model", "tiny:qwen2_vl", "--reranker", "tiny:qwen2_5_vl")
     results = json.loads((out / "results.json").read_text())
+    # What the models were fed (every picture in the data is 16x16): the embedder 1344x1344, as the published
+    # numbers; the reranker that 1344x1344 image capped at 300*28*28 pixels, 476x476, as the authors' rerank stage.
+    assert set(fed["embedder"]) == {(1344, 1344)} and set(fed["reranker"]) == {(476, 476)}
+    assert len(fed["reranker"]) >= 36   # at least one image query per MMEB dataset went through the reranker
 
     for stage in ("embedder", "embedder + rerank"):
         summary = results["mmeb"][stage]
         assert sorted(summary["datasets"]) == sorted(MMEB_DATASETS)   # all 36; the clone's CIFAR-100 is not read
-        assert summary["incomplete"] == {} and summary["tie_rule"] == "argmax"
+        assert summary["incomplete"] == {} and summary["tie_rule"] == "authors"
         assert set(summary["means"]) == {"Classification", "VQA", "Retrieval", "Visual Grounding", "IND", "OOD",
                                          "Overall"}
+    assert results["mmeb"]["embedder + rerank"]["rerank_match"] == "content"
     assert (out / "predictions" / "mmeb" / "CIRR.jsonl").read_text().count("\n") == 3
     assert all(entry["image_root"] == str(data_root / "MMEB-eval" / "eval_images")
                for entry in results["data"]["mmeb"].values())
@@ -393,11 +451,12 @@ def test_shipped_config_runs_every_benchmark_on_the_real_layouts_with_tiny_model
     assert results["settings"] | {"data_root": None} == {
         "device": "cpu", "dtype": "float32", "attn_implementation": "sdpa", "image_resize": "square:1344",
         "reranker_image_resize": "square:1344,max_pixels:235200", "image_resize_requested": "authors-eval",
-        "reranker_image_resize_requested": "authors-reranker-eval", "mmeb_tie_rule": "argmax", "data_root": None,
-        "processes": 1}
+        "reranker_image_resize_requested": "authors-reranker-eval", "mmeb_tie_rule": "authors",
+        "mmeb_rerank_match": "content", "data_root": None, "processes": 1, "max_rows": None}
     assert len(list((out / "predictions" / "mmeb").glob("*.jsonl"))) == 36
     markdown = (out / "results.md").read_text()
-    assert "Ties: `argmax`" in markdown and "| embedder + rerank |" in markdown
+    assert "Ties: `authors`" in markdown and "Rerank stage: `content`" in markdown and "Row limit" not in markdown
+    assert "| embedder + rerank |" in markdown
     assert "## MMEB" in capsys.readouterr().out
     assert snapshot(data_root) == before   # nothing written into the user's data
 
@@ -428,9 +487,10 @@ def test_shipped_config_numbers_equal_an_independent_computation(authors_data, t
     for name in MMEB_DATASETS:
         assert mmeb["datasets"][name] == pytest.approx(expected_mmeb(truth["mmeb"][name], truth["mmeb_images"])), name
     assert 0 < mmeb["means"]["Overall"] < 100
-    # The row whose candidates repeat the positive: a tie at the top, counted right (VLM2Vec's argmax).
+    # The row whose candidates repeat the positive: a tie at the top, decided as the authors' numpy decides it.
     cirr = [json.loads(line) for line in (out / "predictions" / "mmeb" / "CIRR.jsonl").read_text().splitlines()]
-    assert mmeb["ties"]["CIRR"] == 1 and (cirr[2]["positive_tied"], cirr[2]["correct"]) == (True, True)
+    assert mmeb["ties"]["CIRR"] == 1 and cirr[2]["positive_tied"]
+    assert cirr[2]["correct"] == (expected_mmeb(truth["mmeb"]["CIRR"][2:], truth["mmeb_images"]) == 100)
 
     for name in ("flickr30k", "coco", "sharegpt4v", "urban1k"):
         expected = expected_recalls(truth[name]["images"], truth[name]["captions"])
@@ -449,6 +509,44 @@ def test_shipped_config_numbers_equal_an_independent_computation(authors_data, t
     assert "| Urban1K | paper [1]: qt->ci, qi->ct | 92.2 | 95.6 | | |" in markdown
     assert "most likely swapped" in markdown and "| paper: Overall | " in markdown
     assert "| paper | 70.9 | 51.2 | 70.2 |" in markdown
+
+
+def test_max_rows_keeps_the_first_rows_of_every_benchmark(authors_data, tmp_path, monkeypatch):
+    """A smoke test of the shipped config on named MMEB datasets only: --max_rows 2 for every benchmark, SugarCrepe's
+    own max_rows (1) winning; the numbers equal an independent computation on those first rows."""
+    data_root, truth = authors_data
+    monkeypatch.setattr(harness, "load_embedder", lambda *args, **kwargs: ControlledEmbedder())
+    monkeypatch.setattr(harness, "load_reranker", lambda *args, **kwargs: None)
+    out = tmp_path / "out"
+    run_evaluation_recipe(monkeypatch, "--data_root", str(data_root), "--output_dir", str(out), "--max_rows", "2",
+                          "--sugarcrepe_max_rows", "1", "--mmeb_datasets", "ImageNet-1K", "CIRR")
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["max_rows"] == 2
+
+    mmeb = results["mmeb"]["embedder"]
+    assert set(mmeb["datasets"]) == {"ImageNet-1K", "CIRR"}   # the other 34 folders are not read
+    assert {name: entry["rows"] for name, entry in results["data"]["mmeb"].items()} == {"ImageNet-1K": 2, "CIRR": 2}
+    assert (out / "predictions" / "mmeb" / "CIRR.jsonl").read_text().count("\n") == 2   # CIRR has 3 rows
+    for name in ("ImageNet-1K", "CIRR"):
+        assert mmeb["datasets"][name] == pytest.approx(expected_mmeb(truth["mmeb"][name][:2], truth["mmeb_images"]))
+
+    for name in ("flickr30k", "coco", "sharegpt4v", "urban1k"):
+        found = results["data"]["retrieval"][name]
+        captions = truth[name]["captions"][:2]
+        assert (found["images"], found["captions"]) == (2, sum(len(group) for group in captions)), name
+        expected = expected_recalls(truth[name]["images"][:2], captions)
+        for direction in ("image_to_text", "text_to_image"):
+            assert results["retrieval"][name]["embedder"][direction] == pytest.approx(expected[direction]), name
+
+    sugarcrepe = results["sugarcrepe"]
+    assert sugarcrepe["counts"] == {subset: 1 for subset in SUGARCREPE_SUBSETS}
+    for subset, rows in truth["sugarcrepe"].items():
+        first = dict(list(rows.items())[:1])
+        assert sugarcrepe["subsets"][subset] == pytest.approx(expected_sugarcrepe(first, truth["coco_val2017"]))
+    markdown = (out / "results.md").read_text()
+    assert ("**Row limit (a smoke test, not the benchmarks' numbers):** mmeb first 2, sugarcrepe first 1, "
+            "retrieval.flickr30k first 2, retrieval.coco first 2, retrieval.sharegpt4v first 2, retrieval.urban1k "
+            "first 2.") in markdown
 
 
 def test_captions_are_read_as_the_authors_loaders_read_them(authors_data, tmp_path):
@@ -534,6 +632,29 @@ def test_unrecognised_layouts_say_what_was_found_and_what_to_do(tmp_path):
         load_retrieval_set("sharegpt4v", tmp_path / "shareGPT4v")
 
 
+def test_sharegpt4v_names_the_image_sets_its_entries_need(tmp_path):
+    """The ShareCaptioner file names images in several of ShareGPT4V's sets: a missing image is reported with the
+    folders (and counts) the entries read need, so a user knows which sets to download."""
+    from evaluation.retrieval_data import sharegpt4v_image_folders
+
+    folder = tmp_path / "shareGPT4v" / "data"
+    images = ["sam/images/sa_1.jpg", "sam/images/sa_2.jpg", "coco/train2017/000000000009.jpg", "sam/images/sa_3.jpg"]
+    entries = [{"id": str(index), "image": image, "conversations": [{"from": "human", "value": "<image>"},
+                                                                     {"from": "gpt", "value": "A long caption."}]}
+               for index, image in enumerate(images)]
+    (folder / "shareGPT4v").mkdir(parents=True)
+    (folder / "shareGPT4v" / SHARECAPTIONER).write_text(json.dumps(entries))
+    assert sharegpt4v_image_folders(folder / "shareGPT4v" / SHARECAPTIONER) == {"sam/images": 3, "coco/train2017": 1}
+    assert sharegpt4v_image_folders(folder / "shareGPT4v" / SHARECAPTIONER, limit=2) == {"sam/images": 2}
+    needed = r"The 4 entries read name images in sam/images/ \(3\), coco/train2017/ \(1\)"
+    with pytest.raises(FileNotFoundError, match=r"the first image 'sam/images/sa_1.jpg' is under none of .*" + needed):
+        load_retrieval_set("sharegpt4v", tmp_path / "shareGPT4v")
+    save_jpeg(picture("red", 1), folder / images[0])   # the first image found: the others are named as missing
+    with pytest.raises(FileNotFoundError, match=r"sa_2.jpg.*" + needed):
+        load_retrieval_set("sharegpt4v", tmp_path / "shareGPT4v")
+    assert load_retrieval_set("sharegpt4v", tmp_path / "shareGPT4v", max_rows=1).images == [images[0]]
+
+
 def test_mmeb_image_root_is_found_and_a_packed_zip_is_pointed_out(authors_data, tmp_path):
     data_root, _ = authors_data
     dataset = load_mmeb_dataset("ImageNet-1K", data_root / "MMEB-eval")
@@ -597,7 +718,7 @@ def test_config_errors_and_data_root(tmp_path):
     assert arguments.sugarcrepe_image_root == "coco2017/val2017" and arguments.threads == 8
     settings = harness.load_settings(arguments)
     assert settings["mmeb"] == {"root": "MMEB-eval", "image_root": "MMEB-eval/eval_images", "tie_rule": "strict",
-                                "rerank_top_k": 10}
+                                "rerank_top_k": 10, "rerank_match": "content"}
     assert set(settings["retrieval"]) == {"flickr30k", "coco", "sharegpt4v", "urban1k"}
     assert "sugarcrepe" in settings
     only_mmeb = harness.load_settings(harness.parse_evaluation_arguments("", ["--model", "m", "--mmeb_root", "x"]))

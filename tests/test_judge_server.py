@@ -443,7 +443,7 @@ def test_weights_digest_changes_with_one_byte(tmp_path, stub):
 
 
 def test_judge_throughput_times_a_server_beside_mllm_judge(tmp_path, monkeypatch, capsys):
-    """benchmarks/judge_throughput.py --server URL --judge-dir DIR, against the stub serving DIR's judge."""
+    """benchmarks/judge_throughput.py --server URL --judge_dir DIR, against the stub serving DIR's judge."""
     import importlib.util
     import runpy
 
@@ -456,8 +456,8 @@ def test_judge_throughput_times_a_server_beside_mllm_judge(tmp_path, monkeypatch
     server = StubJudgeServer(loaded.model, loaded.processor, served_name="judge", root=str(folder))
     try:
         script = REPO_ROOT / "benchmarks" / "judge_throughput.py"
-        monkeypatch.setattr(sys, "argv", [str(script), "--server", server.url, "--judge-dir", str(folder),
-                                          "--candidates", "3", "--batch-size", "2", "--concurrency", "2"])
+        monkeypatch.setattr(sys, "argv", [str(script), "--server", server.url, "--judge_dir", str(folder),
+                                          "--candidates", "3", "--batch_size", "2", "--concurrency", "2"])
         runpy.run_path(str(script), run_name="__main__")
     finally:
         server.close()

@@ -143,3 +143,25 @@ def test_pairwise_accuracy_duplicates_and_tiny_margins():
     metric = load_metric("pairwise_accuracy")
     result = metric.compute(positive_scores=[0.5, 0.5, 0.5], negative_scores=[0.5 - 1e-12, 0.5 - 1e-12, 0.6])
     assert result["accuracy"] == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------- recall_at_k over embeddings (evaluation.retrieval)
+
+
+def test_recall_at_k_ranks_the_whole_pool_when_k_reaches_its_size():
+    """Three candidates, k up to 10: a query whose relevant candidate ranks last is a hit at every k >= 3, so the
+    search must return all three (not max(k) clipped one short). Expected values from a full argsort in numpy."""
+    import numpy as np
+    import torch
+
+    from evaluation.retrieval import recall_at_k
+
+    queries = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
+    candidates = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], dtype=np.float32)
+    relevant = [[2], [0], [2]]   # query 0's candidate ranks third, query 1's third, query 2's second
+    order = np.argsort(-(queries @ candidates.T), axis=1, kind="stable")
+    expected = {f"recall@{k}": float(np.mean([any(item in order[row, :k] for item in relevant[row])
+                                               for row in range(len(relevant))])) for k in (1, 2, 3, 10)}
+    assert expected == {"recall@1": 0.0, "recall@2": 1 / 3, "recall@3": 1.0, "recall@10": 1.0}
+    assert recall_at_k(torch.from_numpy(queries), torch.from_numpy(candidates), relevant, ks=(1, 2, 3, 10)) == \
+        pytest.approx(expected)

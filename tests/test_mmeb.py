@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -21,6 +22,7 @@ from evaluation.mmeb import (
     evaluate_task,
     load_mmeb_dataset,
     predictions_from_scores,
+    ranking_from_scores,
 )
 
 
@@ -38,8 +40,51 @@ def test_tie_rules():
     assert predictions_from_scores(scores) == predictions_from_scores(scores, "argmax") == [0, 0, 2, 0, 1]
     # strict: a tie with the positive counts as wrong.
     assert predictions_from_scores(scores, "strict") == [0, 1, 2, 0, 1]
-    with pytest.raises(ValueError, match="tie_rule='first'.*argmax, strict"):
+    with pytest.raises(ValueError, match="tie_rule='first'.*argmax, authors, strict"):
         predictions_from_scores(scores, "first")
+
+
+def authors_get_pred(qry_t, tgt_t, normalization=False, topk=10):
+    """The body of ``get_pred`` in the authors' ``Embedding/evaluation/utils/utils.py`` (GaryGuTC/UniME-v2), replayed
+    here on its own; their eval.py counts a row right when ``pred[0] == 0``."""
+    if normalization:
+        qry_t_norm = np.linalg.norm(qry_t)
+        tgt_t_norms = np.linalg.norm(tgt_t, axis=1)
+        scores = np.dot(tgt_t, qry_t) / (tgt_t_norms * qry_t_norm)
+    else:
+        scores = np.dot(tgt_t, qry_t)
+    topk = min(topk, len(scores))
+    preds = np.argpartition(scores, -topk)[-topk:]
+    preds = preds[np.argsort(-scores[preds])]
+    return scores, preds
+
+
+def test_the_authors_tie_rule_is_their_get_pred_on_tied_and_untied_rows():
+    """Scores as float32 rows (one-hot candidates against a query vector give exactly these scores), tied at the top
+    with the positive or not, 2 to 60 candidates: the prediction is their pred[0] and the rerank list their pred."""
+    rng = np.random.default_rng(7)
+    rows, tied = [], []
+    for _ in range(1500):
+        length = int(rng.integers(2, 61))
+        scores = rng.integers(0, 50, length).astype(np.float32) / 64
+        if rng.random() < 0.7:   # another candidate (or several) ties the positive for the top score
+            copies = rng.choice(np.arange(1, length), int(rng.integers(1, min(length - 1, 5) + 1)), replace=False)
+            scores[[0, *copies]] = 1.0
+        rows.append(scores)
+        tied.append(bool(scores[0] == scores.max() and (scores[1:] == scores[0]).any()))
+    replayed = [authors_get_pred(scores, np.eye(len(scores), dtype=np.float32))[1] for scores in rows]
+
+    predictions = predictions_from_scores([torch.from_numpy(scores) for scores in rows], "authors")
+    assert predictions == [int(preds[0]) for preds in replayed]
+    for scores, preds in zip(rows[:300], replayed):
+        assert ranking_from_scores(torch.from_numpy(scores), "authors")[:len(preds)] == preds.tolist()
+    # A unique top score: every rule agrees with argmax. The positive tied at the top: numpy's unstable sorts put it
+    # first in some rows only, so the rule is neither argmax (always right) nor strict (always wrong).
+    untied = [row for row, scores in enumerate(rows) if (scores == scores.max()).sum() == 1]
+    assert len(untied) > 100
+    assert [predictions[row] for row in untied] == [int(np.argmax(rows[row])) for row in untied]
+    tied_right = sum(predictions[row] == 0 for row, is_tied in enumerate(tied) if is_tied)
+    assert 0 < tied_right < sum(tied)
 
 
 def write_mmeb(root, image_root, name, rows):
@@ -135,16 +180,16 @@ def test_precision_cache_resume_and_rerank(tmp_path):
     # row 2 [red+, blue] -> blue; row 3 (a tie) [cat, cat+] -> cat+, the only right answer after reversing.
     assert [row["correct"] for row in reranked.predictions["ImageNet-1K"]] == [False, False, False, True]
     # argmax orders ties by index: row 1 is [dog, car+] (car+ and bird tie at 0), reversed to the positive; row 3 is
-    # [cat+, cat], reversed to the negative.
+    # [cat+, cat], reversed to the copy of the positive: wrong by index, right by content (the default).
     _, reranked = evaluate_mmeb(embedder, ["ImageNet-1K"], root, image_root, cache_dir=tmp_path / "cache",
-                                reranker=Reverse(), rerank_top_k=2)
+                                reranker=Reverse(), rerank_top_k=2, rerank_match="index")
     assert [row["correct"] for row in reranked.predictions["ImageNet-1K"]] == [False, True, False, False]
 
     # One dataset on its own: the result comes back (nothing of the caller's is filled), reranked beside it.
     task = evaluate_task(embedder, dataset, image_root, MMEBOptions(reranker=Reverse(), rerank_top_k=2))
     assert isinstance(task, MMEBTaskResult) and (task.name, task.score, task.ties) == ("ImageNet-1K", 75.0, 1)
-    assert [row["correct"] for row in task.reranked_predictions] == [False, True, False, False]
-    assert task.reranked_score == pytest.approx(25.0)
+    assert [row["correct"] for row in task.reranked_predictions] == [False, True, False, True]
+    assert task.reranked_score == pytest.approx(50.0) and task.rerank_match == "content"
 
     class Repeats:
         """An order that is not distinct positions into the list: refused, naming the query."""
@@ -154,6 +199,67 @@ def test_precision_cache_resume_and_rerank(tmp_path):
 
     with pytest.raises(ValueError, match=r"Query 0: the reranker returned order \[0, 0\]"):
         evaluate_mmeb(embedder, ["ImageNet-1K"], root, image_root, reranker=Repeats(), rerank_top_k=2)
+
+
+def test_mmeb_scores_by_cosine_not_by_dot_product(tmp_path):
+    """Vectors of unequal lengths: the dot product prefers the long wrong candidate, the cosine the positive."""
+    vectors = {"cat": [1.0, 0.0], "kitten": [1.0, 0.15], "dog": [3.0, 3.0], "car": [0.2, 2.0]}
+
+    class LengthyEmbedder:
+        def encode(self, texts, images, image_root=None, batch_size=32, **kwargs):
+            return torch.tensor([vectors[text.split()[-1]] for text in texts])
+
+    root, image_root = tmp_path / "mmeb", tmp_path / "images"
+    rows = [{"qry_text": query, "qry_img_path": "", "tgt_text": targets, "tgt_img_path": ["", "", ""]}
+            for query, targets in (("a cat", ["kitten", "dog", "car"]), ("a car", ["car", "dog", "cat"]))]
+    write_mmeb(root, image_root, "HatefulMemes", rows)
+    expected = []
+    for row in rows:
+        query = np.array(vectors[row["qry_text"].split()[-1]])
+        candidates = np.array([vectors[text] for text in row["tgt_text"]])
+        cosines = candidates @ query / (np.linalg.norm(candidates, axis=1) * np.linalg.norm(query))
+        expected.append(int(np.argmax(cosines)) == 0)
+        assert int(np.argmax(candidates @ query)) != 0   # the dot product would get this row wrong
+    result, _ = evaluate_mmeb(LengthyEmbedder(), ["HatefulMemes"], root, image_root)
+    assert expected == [True, True]
+    assert [row["correct"] for row in result.predictions["HatefulMemes"]] == expected
+    assert result.scores == {"HatefulMemes": 100.0}
+
+
+def test_a_reranker_picking_a_repeated_copy_of_the_positive_is_right_by_content_not_by_index(tmp_path):
+    """The authors' rerank scorer compares the pick's (text, image) with the positive's: a copy of the positive at
+    another index is right; under "index" only candidate 0 is."""
+    root, image_root = tmp_path / "mmeb", tmp_path / "images"
+    write_mmeb(root, image_root, "ImageNet-R", [
+        {"qry_text": "<|image_1|>\nRepresent the given image for classification", "qry_img_path": "ImageNet-R/cat.jpg",
+         "tgt_text": ["cat", "cat", "dog"], "tgt_img_path": ["", "", ""]},   # the positive and a copy of it
+        {"qry_text": "<|image_1|>\nRepresent the given image for classification", "qry_img_path": "ImageNet-R/dog.jpg",
+         "tgt_text": ["dog", "cat", "car"], "tgt_img_path": ["", "", ""]},
+    ])
+
+    class PicksTheSecond:
+        """Puts the embedder's second candidate first."""
+
+        def rerank(self, query, candidates, mode="listwise", image_root=None):
+            return [1, 0, *range(2, len(candidates))], None
+
+    results = {}
+    for rerank_match in ("content", "index"):
+        _, reranked = evaluate_mmeb(WordEmbedder(), ["ImageNet-R"], root, image_root, reranker=PicksTheSecond(),
+                                    rerank_top_k=2, rerank_match=rerank_match)
+        results[rerank_match] = reranked
+    # Row 0 (argmax order [0, 1, 2]): the pick is candidate 1, the positive's copy. Row 1: the pick is a negative.
+    assert [row["prediction"] for row in results["content"].predictions["ImageNet-R"]] == [1, 1]
+    assert [row["correct"] for row in results["content"].predictions["ImageNet-R"]] == [True, False]
+    assert [row["correct"] for row in results["index"].predictions["ImageNet-R"]] == [False, False]
+    assert results["content"].scores == {"ImageNet-R": 50.0} and results["index"].scores == {"ImageNet-R": 0.0}
+    assert results["content"].summary()["rerank_match"] == "content"
+    # The authors' rule is the default, and a rule that does not exist is refused with the choices.
+    _, default = evaluate_mmeb(WordEmbedder(), ["ImageNet-R"], root, image_root, reranker=PicksTheSecond(),
+                               rerank_top_k=2)
+    assert default.scores == results["content"].scores
+    with pytest.raises(ValueError, match="rerank_match='first'.*content, index"):
+        MMEBOptions(rerank_match="first")
 
 
 def test_a_repeated_positive_scores_100_under_argmax_and_0_under_strict(tmp_path):

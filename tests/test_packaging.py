@@ -8,8 +8,8 @@ Two ways to run it:
   smoke test in a subprocess from a temporary working directory, with only that folder on PYTHONPATH for the package.
 - ``.ci/run`` (a clean virtual environment with the wheel and its dependencies installed, nothing else)::
 
-      python tests/test_packaging.py --build-wheel DIR         # in the checkout's environment
-      cd "$(mktemp -d)" && python copy/of/test_packaging.py --smoke WORKDIR --installed-outside CHECKOUT
+      python tests/test_packaging.py --build_wheel DIR         # in the checkout's environment
+      cd "$(mktemp -d)" && python copy/of/test_packaging.py --smoke WORKDIR --installed_outside CHECKOUT
 
   This file imports neither pytest nor the package at module level, so that it runs in that environment.
 """
@@ -188,7 +188,7 @@ def test_wheel_ships_every_file_the_package_reads_and_works_installed(tmp_path):
     shutil.copy2(__file__, script)
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     environment.update(PYTHONPATH=str(site), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(script), "--smoke", str(tmp_path / "work"), "--installed-outside",
+    result = subprocess.run([sys.executable, str(script), "--smoke", str(tmp_path / "work"), "--installed_outside",
                              str(REPO_ROOT)],
                             cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -208,10 +208,12 @@ def test_checkout_file_list_covers_the_metric_scripts_and_the_card_template():
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--build-wheel", metavar="DIR", help="build the wheel into DIR and check its file list")
-    parser.add_argument("--no-build-isolation", action="store_true", help="build with this environment's setuptools")
+    parser.add_argument("--build_wheel", "--build-wheel", metavar="DIR",
+                        help="build the wheel into DIR and check its file list")
+    parser.add_argument("--no_build_isolation", "--no-build-isolation", action="store_true",
+                        help="build with this environment's setuptools")
     parser.add_argument("--smoke", metavar="WORKDIR", help="run the smoke test, writing into WORKDIR")
-    parser.add_argument("--installed-outside", metavar="CHECKOUT",
+    parser.add_argument("--installed_outside", "--installed-outside", metavar="CHECKOUT",
                         help="the package must be an installed copy, not the modules of this source tree")
     args = parser.parse_args(argv)
     if args.build_wheel:

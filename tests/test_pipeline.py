@@ -70,7 +70,9 @@ def test_quick_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path, monkey
     assert "judge_scores" in mined.column_names and len(mined) > 0
     assert Image.open(output / "summary.png").size[0] == 1100
     assert "| setting | judge |" in (output / "results.md").read_text()
-    assert "Held-out pairwise accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Held-out pairwise accuracy" in printed
+    assert "placement: models: cpu torch.float32 attention=sdpa, compute torch.float32 (float32)" in printed
     assert set(results["reranker_pairwise_accuracy"]) == {"vqa_colour", "vqa_shape"}
     # listwise: trained on lists as long as the rerank stage's top-5, reported in the embedder's order
     marker = json.loads((output / "reranker" / "pipeline_stage.json").read_text())
@@ -307,6 +309,27 @@ def test_pipeline_flags_build_the_config():
     assert args.config() == PipelineConfig(output_dir="runs/ablation")
 
 
+def test_pipeline_models_go_where_the_placement_flags_say():
+    import torch
+
+    from evaluation.demo.pipeline import inference_precision, pipeline_placement
+    from modeling_unime.util.arguments import parse_recipe_arguments
+
+    arguments_class = runpy.run_path(str(REPO_ROOT / "recipes" / "pipeline.py"))["PipelineScriptArguments"]
+    (args,) = parse_recipe_arguments([arguments_class], ["--quick", "--dtype", "bfloat16",
+                                                         "--attn_implementation", "eager"])
+    where = pipeline_placement(args.config())
+    assert (where["device"].type, where["dtype"], where["attn_implementation"]) == ("cpu", torch.bfloat16, "eager")
+    with inference_precision(where):  # the inference stages compute in bf16 under autocast
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.bfloat16
+    (args,) = parse_recipe_arguments([arguments_class], ["--quick"])
+    where = pipeline_placement(args.config())  # CPU default: float32, sdpa, no autocast
+    assert (where["dtype"], where["attn_implementation"]) == (torch.float32, "sdpa")
+    with inference_precision(where):
+        assert not torch.is_autocast_enabled("cpu")
+
+
 def test_the_table_reads_each_rows_judge_from_data():
     from evaluation.demo.pipeline import render_table
 
@@ -368,10 +391,17 @@ def test_the_seeded_cascade_comparison_matches_statistics():
             {"budget": None, "mean_p1_by_seed": cascade}]
     line = seeded_comparison(rows)[-1]
     differences = [c - f for c, f in zip(cascade, full)]
-    assert f"full judge {statistics.mean(full):.1f} +- {statistics.stdev(full):.1f}" in line
-    assert f"uncapped cascade {statistics.mean(cascade):.1f} +- {statistics.stdev(cascade):.1f}" in line
-    assert f"{statistics.mean(differences):+.1f} +- {statistics.stdev(differences):.1f}" in line
+    # the paired difference's 95% interval: mean +- t(0.975, n - 1) * sd / sqrt(n), t(0.975, 2) = 4.303
+    half = 4.303 * statistics.stdev(differences) / 3 ** 0.5
+    mean = statistics.mean(differences)
+    assert f"full judge {statistics.mean(full):.2f} +- {statistics.stdev(full):.2f}" in line
+    assert f"uncapped cascade {statistics.mean(cascade):.2f} +- {statistics.stdev(cascade):.2f}" in line
+    assert f"{mean:+.2f}, 95% interval [{mean - half:+.2f}, {mean + half:+.2f}]" in line
     assert line.endswith("within the seeds' noise.")
-    far = [{"budget": 1.0, "mean_p1_by_seed": full}, {"budget": None, "mean_p1_by_seed": [50.0, 51.0, 50.5]}]
+    # the main job's measured case: a small but consistent difference is still inside a 3-seed interval
+    measured = [{"budget": 1.0, "mean_p1_by_seed": [62.507, 62.548, 62.579]},
+                {"budget": None, "mean_p1_by_seed": [62.524, 62.639, 62.721]}]
+    assert seeded_comparison(measured)[-1].endswith("within the seeds' noise.")
+    far = [{"budget": 1.0, "mean_p1_by_seed": full}, {"budget": None, "mean_p1_by_seed": [50.0, 51.6, 49.0]}]
     assert seeded_comparison(far)[-1].endswith("outside the seeds' noise.")
     assert seeded_comparison(rows[:2]) == []  # no uncapped cascade trained at several seeds: no line

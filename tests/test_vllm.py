@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,62 @@ def test_config_names_the_stock_architecture_and_backbone(exported):
             }
         }
         assert "--hf-overrides" in metadata["server_command"]
+
+
+def server_flags(command: str) -> dict[str, str]:
+    """``--flag value`` pairs of the server command, as a shell would split it."""
+    parts = shlex.split(command)
+    return {part: parts[index + 1] for index, part in enumerate(parts) if part.startswith("--")}
+
+
+def offline_from_server(command: str) -> dict:
+    """What ``LLM(...)`` must be given to run as the server command runs: the same runner, converter, pooler and
+    hf_overrides (None when the command has none)."""
+    flags = server_flags(command)
+    overrides = flags.get("--hf-overrides")
+    return {"runner": flags["--runner"], "convert": flags["--convert"],
+            "hf_overrides": json.loads(overrides) if overrides else None,
+            "pooler_config": json.loads(flags["--pooler-config"])}
+
+
+def test_offline_invocation_runs_as_the_server_command(exported):
+    """The offline invocation (``unime_vllm.json`` "offline": the LLM(...) keyword arguments) carries the same
+    hf_overrides and pooler as the server command; for Qwen embedders under vision_start_only that is plain RoPE with
+    the backbone's own theta."""
+    backbone_type, source, destination = exported
+    metadata = json.loads((destination / METADATA_FILE).read_text())
+    assert metadata["offline"] == offline_from_server(metadata["server_command"])
+    if backbone_type == "llava_onevision":
+        assert metadata["offline"]["hf_overrides"] is None
+        return
+    text_config = json.loads((source / "config.json").read_text())["backbone_config"]["text_config"]
+    theta = (text_config.get("rope_parameters") or {}).get("rope_theta", text_config.get("rope_theta"))
+    assert metadata["offline"]["hf_overrides"] == {
+        "text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": float(theta)}, "rope_scaling": None}}
+
+
+@pytest.mark.parametrize("settings", [{"image_position_rule": "all_images"}, {"normalize": False}])
+def test_metadata_follows_the_checkpoints_position_rule_and_normalisation(tmp_path, settings):
+    """An all_images checkpoint (image tokens already get 3-D positions, as stock vLLM gives them) needs no override
+    and says so; a checkpoint that does not normalise must not get a normalising pooler, offline or served."""
+    model, processor = build_tiny_unime("qwen2_vl")
+    for key, value in settings.items():
+        setattr(model.config, key, value)
+    model.save_pretrained(tmp_path / "unime")
+    processor.save_pretrained(tmp_path / "unime")
+    metadata = json.loads((export_for_vllm(tmp_path / "unime", tmp_path / "vllm") / METADATA_FILE).read_text())
+    rule = settings.get("image_position_rule", "vision_start_only")
+    normalize = settings.get("normalize", True)
+    assert metadata["image_position_rule"] == rule
+    assert metadata["pooler_config"] == {"pooling_type": "LAST", "use_activation": normalize}
+    assert metadata["offline"] == offline_from_server(metadata["server_command"])
+    assert metadata["offline"]["pooler_config"]["use_activation"] is normalize
+    if rule == "all_images":
+        assert metadata["hf_overrides"] == {} and metadata["offline"]["hf_overrides"] is None
+        assert "--hf-overrides" not in metadata["server_command"]
+        assert not any("vision_start_only" in note for note in metadata["notes"])
+    else:
+        assert metadata["hf_overrides"] == metadata["offline"]["hf_overrides"] != {}
 
 
 def test_key_names_are_the_stock_checkpoints(exported):

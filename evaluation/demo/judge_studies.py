@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -84,25 +85,28 @@ def render_judge_budget(study: Mapping[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (then 1.96 is close enough for a verdict).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
 def seeded_comparison(rows: list[dict[str, Any]]) -> list[str]:
     """The line comparing the embedders trained on the full judge's data and on the uncapped cascade's over the
-    training seeds (mean +- s.d., and the paired difference: same seed), when both were trained at several."""
+    training seeds: mean +- s.d. of each, and the paired difference (same seed) with its 95% interval (Student's t):
+    "within the seeds' noise" when the interval holds 0."""
     full = next((row for row in rows if row["budget"] == 1.0 and row.get("mean_p1_by_seed")), None)
     cascade = next((row for row in rows if row["budget"] is None and row.get("mean_p1_by_seed")), None)
     if full is None or cascade is None or len(full["mean_p1_by_seed"]) < 2:
         return []
     count = min(len(full["mean_p1_by_seed"]), len(cascade["mean_p1_by_seed"]))
     full_scores, cascade_scores = full["mean_p1_by_seed"][:count], cascade["mean_p1_by_seed"][:count]
-    differences = [mine - theirs for mine, theirs in zip(cascade_scores, full_scores)]
-    spread = mean_and_sd(full_scores)[1]
-    difference, difference_sd = mean_and_sd(differences)
-    verdict = ("within the seeds' noise" if abs(difference) <= max(spread, difference_sd) else
-               "outside the seeds' noise")
+    difference, difference_sd = mean_and_sd([mine - theirs for mine, theirs in zip(cascade_scores, full_scores)])
+    half_width = (T_975[count - 2] if count - 2 < len(T_975) else 1.96) * difference_sd / math.sqrt(count)
+    verdict = ("within the seeds' noise" if abs(difference) <= half_width else "outside the seeds' noise")
     return ["", f"Over {count} training seeds (same baseline and data; data order and dropout vary): full judge "
-                f"{mean_and_sd(full_scores)[0]:.1f} +- {spread:.1f}, uncapped cascade "
-                f"{mean_and_sd(cascade_scores)[0]:.1f} +- {mean_and_sd(cascade_scores)[1]:.1f} mean P@1; paired "
-                f"difference (cascade - full) {difference:+.1f} +- {difference_sd:.1f}: {verdict}."]
-
+                f"{mean_and_sd(full_scores)[0]:.2f} +- {mean_and_sd(full_scores)[1]:.2f}, uncapped cascade "
+                f"{mean_and_sd(cascade_scores)[0]:.2f} +- {mean_and_sd(cascade_scores)[1]:.2f} mean P@1; paired "
+                f"difference (cascade - full) {difference:+.2f}, 95% interval [{difference - half_width:+.2f}, "
+                f"{difference + half_width:+.2f}]: {verdict}."]
 
 
 def mean_and_sd(values: Sequence[float]) -> tuple[float, float]:

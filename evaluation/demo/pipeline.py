@@ -29,6 +29,7 @@ finished stage. ``run_ablation`` is the multi-seed investigation of tau, k, step
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -46,7 +47,7 @@ from datasets import Dataset, load_from_disk
 from modeling_unime import UniMEV2Config, UniMEV2Model, UniMEV2Reranker, UniMEV2RerankerConfig
 from modeling_unime.mining import MiningConfig
 from modeling_unime.mining.selection import mine_with_pairs
-from modeling_unime.placement import accelerator_available, process_device
+from modeling_unime.placement import Placement, accelerator_available, describe, place, placement
 from modeling_unime.recipe_engine import start_recipe
 
 # The demo trains a tiny model from scratch on purpose: its tokenizer, processor and backbone come from the builders.
@@ -91,6 +92,8 @@ class PipelineConfig:
 
     output_dir: str = "runs/pipeline"
     threads: int = 1
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
     seed: int = 0
     image_size: int = 112
     hidden_size: int = 128
@@ -241,10 +244,14 @@ def _train(run: TrainingRun, rows: Dataset, processor: Any, config: PipelineConf
     saved = stage.saved()
     if saved is not None:
         print(f"[resume] {run.folder} was trained by a run with the same settings: loaded", flush=True)
-        return run.model_class.from_pretrained(str(run.folder)).to(process_device()), saved["curve"]
-    model = run.build_model()
+        where = pipeline_placement(config)
+        model = run.model_class.from_pretrained(str(run.folder), attn_implementation=where["attn_implementation"])
+        return model.to(where["device"]), saved["curve"]
+    where = pipeline_placement(config)
+    model = place(run.build_model(), where["device"], attn_implementation=where["attn_implementation"])
     args = run.args_class(
         str(run.folder), report_to=[], use_cpu=not accelerator_available(), save_strategy="no",
+        bf16=where["dtype"] == torch.bfloat16, fp16=where["dtype"] == torch.float16,
         per_device_train_batch_size=config.batch_size, learning_rate=run.learning_rate,
         warmup_steps=max(1, run.steps // 10), max_steps=run.steps, logging_steps=max(1, run.steps // 20),
         disable_tqdm=False, **{"seed": config.seed, **run.arguments},
@@ -257,6 +264,20 @@ def _train(run: TrainingRun, rows: Dataset, processor: Any, config: PipelineConf
     trainer.model.save_pretrained(str(run.folder))
     stage.mark({"curve": curve})
     return trainer.model, curve
+
+
+def pipeline_placement(config: PipelineConfig) -> Placement:
+    """Where the main job's models run (`modeling_unime.placement`, as in the other recipes): this process's device
+    and attention kernel; ``dtype`` is the compute precision (bf16 on an accelerator with ``auto``): weights stay
+    float32 for training (mixed precision) and the inference stages run under autocast at that precision."""
+    return placement(config.dtype, config.attn_implementation, compute_dtype=None)
+
+
+def inference_precision(where: Placement) -> contextlib.AbstractContextManager:
+    """Autocast at the placement's dtype for the inference stages (nothing on CPU in float32)."""
+    if where["dtype"] == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(where["device"].type, dtype=where["dtype"])
 
 
 def _new_embedder(config: PipelineConfig, tokenizer) -> UniMEV2Model:
@@ -533,10 +554,15 @@ def variants(config: PipelineConfig) -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
-    start_recipe(config.threads)
+    where = start_recipe(config.threads, config.dtype, config.attn_implementation).where
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     clock = Stopwatch()
+    with inference_precision(where):
+        return _run_pipeline(config, output, clock, where)
+
+
+def _run_pipeline(config: PipelineConfig, output: Path, clock: Stopwatch, where: Placement) -> dict[str, Any]:
 
     # 1. data
     world = build_world(config, output)
@@ -545,6 +571,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     # 2. baseline embedder (in-batch InfoNCE)
     baseline, curve = train_baseline(world, config, output)
     curves_by_model = {"InfoNCE baseline": curve}
+    print(f"placement: {describe(baseline, 'models')}, compute {where['dtype']} "
+          f"({'float32' if where['dtype'] == torch.float32 else 'autocast; float32 weights'})", flush=True)
     clock.lap("baseline embedder")
 
     # 3. judges
@@ -700,8 +728,13 @@ def run_ablation(config: PipelineConfig, seeds: Sequence[int]) -> dict[str, Any]
     """Every ablation variant for each seed (own data sample, baseline and mining per seed), saved per seed as it
     goes under ``output_dir/seed-N``; then the table over every seed folder present (so seeds can run in separate
     processes on the same folder and the last one to finish reports them all)."""
-    start_recipe(config.threads)
+    where = start_recipe(config.threads, config.dtype, config.attn_implementation).where
     output = Path(config.output_dir)
+    with inference_precision(where):
+        return _run_ablation(config, seeds, output)
+
+
+def _run_ablation(config: PipelineConfig, seeds: Sequence[int], output: Path) -> dict[str, Any]:
     for seed in seeds:
         seeded = replace(config, seed=seed, output_dir=str(output / f"seed-{seed}"))
         folder = Path(seeded.output_dir)

@@ -1,6 +1,6 @@
 """Convert a checkpoint in the authors' layout into a self-contained UniME-V2 checkpoint.
 
-    python -m modeling_unime.convert SRC DST [--base-model ID] [--repo-id ORG/NAME] [--verify] [--vllm DIR]
+    python -m modeling_unime.convert SRC DST [--base_model ID] [--repo_id ORG/NAME] [--verify] [--vllm DIR]
 
 SRC is a folder or Hub repo id of a plain Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision checkpoint (e.g. the authors'
 TianchengGu/UniME-V2-Qwen2VL-2B). DST receives the config with ``auto_map``, the model code, the weights, the
@@ -166,8 +166,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="folder or Hub repo id in the authors' layout")
     parser.add_argument("destination", help="output folder")
-    parser.add_argument("--base-model", default=None, help="base_model recorded in the card (default: SOURCE)")
-    parser.add_argument("--repo-id", default=None, help="the Hub repo id the card's usage snippet should name")
+    # snake_case like the recipes' flags; the kebab spellings still work
+    parser.add_argument("--base_model", "--base-model", default=None,
+                        help="base_model recorded in the card (default: SOURCE)")
+    parser.add_argument("--repo_id", "--repo-id", default=None,
+                        help="the Hub repo id the card's usage snippet should name")
     parser.add_argument("--dtype", default="auto", help="weights dtype: auto, float32, bfloat16, float16")
     parser.add_argument("--verify", action="store_true",
                         help="reload the output; its probe embeddings (texts, image, image+text) must equal the "

@@ -271,6 +271,25 @@ def vllm_metadata(unime_config: Any, processor: Any, destination: str | os.PathL
     # vLLM's PoolerConfig: LAST pooling; use_activation is the L2 normalisation of embed poolers ("normalize" was
     # its old name, refused by vLLM 0.32).
     pooler = {"pooling_type": "LAST", "use_activation": normalize}
+    notes = [
+        "Prompts: send one string with ONE image token (vLLM expands it), or messages through /v1/embeddings "
+        "with the chat template of this folder (text parts: the instruction, then the text).",
+        "Images: vLLM feeds them at the size it receives them; resize them first under image_resize "
+        "(modeling_unime.processing_unime.resize_image) to embed like UniMEV2Model.encode.",
+    ]
+    # Each note only where it applies: an all_images checkpoint needs no override and must not be told it does.
+    if overrides:
+        notes.append("hf_overrides (Qwen2-VL/Qwen2.5-VL, image_position_rule vision_start_only): plain RoPE gives "
+                     "image tokens text positions, as transformers 4.49 did for the embedding prompt (which has no "
+                     "<|vision_start|>).")
+    elif backbone.model_type in MROPE_BACKBONES:
+        notes.append(f"No hf_overrides: under image_position_rule {rule} image tokens get 3-D M-RoPE positions, as "
+                     "stock vLLM gives them.")
+    if not normalize:
+        notes.append("The checkpoint does not normalise its embeddings (normalize=False): the pooler leaves them as "
+                     "they are (use_activation false).")
+    if getattr(unime_config, "matryoshka_dim", None):
+        notes.append("matryoshka_dim: keep the first dimensions and L2-normalise again on the client.")
     folder = os.fspath(destination)
     server = [
         "python", "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
@@ -295,15 +314,7 @@ def vllm_metadata(unime_config: Any, processor: Any, destination: str | os.PathL
         "embedding_dim": unime_config.hidden_size,
         "matryoshka_dim": getattr(unime_config, "matryoshka_dim", None),
         "chat_template": CHAT_TEMPLATE_FILE,
-        "notes": [
-            "Prompts: send one string with ONE image token (vLLM expands it), or messages through /v1/embeddings "
-            "with the chat template of this folder (text parts: the instruction, then the text).",
-            "Images: vLLM feeds them at the size it receives them; resize them first under image_resize "
-            "(modeling_unime.processing_unime.resize_image) to embed like UniMEV2Model.encode.",
-            "hf_overrides (Qwen2-VL/Qwen2.5-VL, image_position_rule vision_start_only): plain RoPE gives image tokens "
-            "text positions, as transformers 4.49 did for the embedding prompt (which has no <|vision_start|>).",
-            "matryoshka_dim, when set: keep the first dimensions and L2-normalise again on the client.",
-        ],
+        "notes": notes,
         "offline": {
             "runner": "pooling", "convert": "embed", "hf_overrides": overrides or None, "pooler_config": pooler,
         },

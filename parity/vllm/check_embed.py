@@ -132,7 +132,7 @@ def reference_rows(source: Path, workdir: Path, backbone_type: str) -> dict:
 
 def run_parity(python: Path, export: Path, reference: Path, mode: str, timeout: int = 900) -> dict:
     command = [str(python), str(HERE / "parity_embed.py"), "--model", str(export), "--reference", str(reference),
-               "--mode", mode, "--atol", str(ATOL), "--alarm-min", str(ALARM_MIN)]
+               "--mode", mode, "--atol", str(ATOL), "--alarm_min", str(ALARM_MIN)]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     env.pop("PYTHONPATH", None)  # the vLLM venv must not see this environment's packages
     started = time.time()
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None, help="where checkpoints and exports go (default: a temp dir)")
     parser.add_argument("--backbones", default=",".join(BACKBONES))
-    parser.add_argument("--no-alarm", action="store_true", help="skip the run without the position override")
+    parser.add_argument("--no_alarm", "--no-alarm", action="store_true",
+                        help="skip the run without the position override")
     args = parser.parse_args(argv)
 
     python = vllm_python()

@@ -14,7 +14,7 @@ reference prompt and both embeddings must equal the package's to ``--atol``.
 
 ``--mode alarm``: the same rows WITHOUT the recorded position override. Stock vLLM gives image tokens 3-D M-RoPE
 positions, the package (image_position_rule "vision_start_only") text positions, so image rows must differ by more
-than ``--alarm-min`` while text rows stay equal. If image rows come out equal, vLLM's behaviour changed (the override
+than ``--alarm_min`` while text rows stay equal. If image rows come out equal, vLLM's behaviour changed (the override
 may have become unnecessary or harmful): the check fails and says so.
 
 Prints max |diff| per modality and, as its last line, one JSON object with the results. Exit status 0 = pass.
@@ -61,9 +61,9 @@ def main() -> int:
     parser.add_argument("--reference", required=True, help="reference JSON written by check_embed.py")
     parser.add_argument("--mode", choices=("parity", "alarm"), default="parity")
     parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (float32)")
-    parser.add_argument("--alarm-min", type=float, default=1e-3,
+    parser.add_argument("--alarm_min", "--alarm-min", type=float, default=1e-3,
                         help="alarm mode: image rows must differ by more than this without the override")
-    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max_model_len", "--max-model-len", type=int, default=4096)
     args = parser.parse_args()
 
     from PIL import Image

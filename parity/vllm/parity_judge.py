@@ -1,6 +1,6 @@
 """Parity of `ServerJudge` on a real vLLM server with `MLLMJudge` (runs in the package's environment).
 
-    python parity/vllm/parity_judge.py [--workdir DIR] [--atol 1e-5] [--venv-wait 0]
+    python parity/vllm/parity_judge.py [--workdir DIR] [--atol 1e-5] [--venv_wait 0]
 
 What it does:
 
@@ -218,8 +218,9 @@ def main() -> int:
     parser.add_argument("--workdir", default=None, help="folder for the checkpoint and the server log (default: a "
                         "temporary folder)")
     parser.add_argument("--atol", type=float, default=1e-5)
-    parser.add_argument("--venv-wait", type=float, default=0, help="seconds to wait for the vLLM venv's .ready")
-    parser.add_argument("--ready-timeout", type=float, default=600)
+    parser.add_argument("--venv_wait", "--venv-wait", type=float, default=0,
+                        help="seconds to wait for the vLLM venv's .ready")
+    parser.add_argument("--ready_timeout", "--ready-timeout", type=float, default=600)
     args = parser.parse_args()
 
     import torch

@@ -9,9 +9,10 @@ index of its positive, else 0; the result is the mean over queries. On MMEB-eval
 ``references`` is all zeros there.
 
 Ties are decided upstream, by whoever turns scores into ``predictions``: this metric only compares integers. This
-package's MMEB caller (`evaluation.mmeb.predictions_from_scores`) offers two rules: ``"argmax"`` (the default, as
-VLM2Vec's official scorer: the first index wins a tie, so a tie with the positive, candidate 0, counts as correct)
-and ``"strict"`` (a tie with the positive counts as wrong, so a constant, collapsed embedder scores 0 instead of 100).
+package's MMEB caller (`evaluation.mmeb.predictions_from_scores`) offers three rules: ``"argmax"`` (the default, as
+VLM2Vec's official scorer: the first index wins a tie, so a tie with the positive, candidate 0, counts as correct),
+``"authors"`` (the UniME-V2 authors' scorer: numpy's argpartition and argsort over the top 10 decide a tie) and
+``"strict"`` (a tie with the positive counts as wrong, so a constant, collapsed embedder scores 0 instead of 100).
 The evaluation recipe reports which rule it used.
 """
 
