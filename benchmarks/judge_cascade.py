@@ -13,8 +13,11 @@ queries, a pool of 260 items, top-50 retrieval. The embedder is an attribute emb
 
 Each setting runs with the cascade's audit (the full judge on every pair, then a comparison): judge share (pairs the
 large judge scored / all pairs, positives and calibration included), identical negative sets, mean overlap, mean
-soft-label KL (tau 0.02), fallback agreement, mean |estimate - judge|. Last line: JSON with every row, whether the
-cascade beats top-m at every budget, and the smallest measured share that reaches 0.95 mean overlap.
+soft-label KL (tau 0.02), fallback agreement, mean |estimate - judge|. The cascade runs twice more: with exact labels
+(``cascade_label_weight: 0``, every picked negative judged) and with a smaller judge as the cheap stage
+(``cheap_judge``: the oracle's score plus seeded uniform noise of ``--cheap_noise`` per pair, a stand-in for a 2B
+judge that agrees with the 7B one up to noise). Last line: JSON with every row, whether the cascade beats top-m at
+every budget, and the smallest measured share that reaches 0.95 mean overlap.
 """
 
 from __future__ import annotations
@@ -105,10 +108,23 @@ class ImageRootedOracle(OracleJudge):
         super().__init__(COLOURS, SHAPES, {str(root / path): value for path, value in attributes.items()})
 
 
-def run(rows, embedder, judge, root, top_k, **settings):
+class NoisyOracle:
+    """The cheap stage's stand-in: the oracle's score plus seeded uniform noise in [-noise, noise] per pair."""
+
+    def __init__(self, oracle: OracleJudge, noise: float) -> None:
+        self.oracle, self.noise = oracle, noise
+
+    def score(self, query_text, query_image, candidates):
+        exact = self.oracle.score(query_text, query_image, candidates)
+        return [float(value) + random.Random(repr((query_text, query_image, candidate))).uniform(-self.noise,
+                                                                                                 self.noise)
+                for value, candidate in zip(exact, candidates)]
+
+
+def run(rows, embedder, judge, root, top_k, cheap_judge=None, **settings):
     started = time.perf_counter()
     result = mine_with_pairs(rows, embedder, judge, image_root=root, top_k=top_k, verbose=False, progress=False,
-                             **settings)
+                             cheap_judge=cheap_judge, **settings)
     budget = result.stats.judge_budget()
     if result.stats.estimated_pairs == 0 and "audit_rows" not in budget:
         budget.update(identical_sets=1.0, mean_overlap=1.0, mean_soft_label_kl=0.0, fallback_agreement=1.0,
@@ -129,6 +145,8 @@ def main() -> None:
     parser.add_argument("--margins", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     parser.add_argument("--tails", type=float, nargs="+", default=[0.01, 0.0],
                         help="cascade_tail of the adaptive runs (0: the largest residual seen in the bin)")
+    parser.add_argument("--cheap_noise", "--cheap-noise", type=float, default=0.05,
+                        help="noise of the smaller judge's stand-in (see the docstring)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,6 +168,12 @@ def main() -> None:
                       cascade_tail=tail, **common)
             results["cascade_adaptive"].append({"margin": margin, "tail": tail, **row})
             print(f"cascade margin {margin} tail {tail}: {row}", flush=True)
+    results["cascade_exact_labels"] = run(rows, embedder, judge, root, args.top_k, judge_mode="cascade",
+                                          cascade_label_weight=0.0, **common)
+    print(f"cascade, exact labels: {results['cascade_exact_labels']}", flush=True)
+    results["cascade_cheap_judge"] = run(rows, embedder, judge, root, args.top_k, judge_mode="cascade",
+                                         cheap_judge=NoisyOracle(judge, args.cheap_noise), **common)
+    print(f"cascade, cheap judge (noise {args.cheap_noise}): {results['cascade_cheap_judge']}", flush=True)
     # The cascade beats top-m at a budget when some cascade run spent no more and came closer to the full judge.
     cascade_points = results["cascade"] + results["cascade_adaptive"]
     beats = all(any(point["judge_share"] <= top_m["judge_share"] and point["mean_overlap"] > top_m["mean_overlap"]
@@ -157,7 +181,8 @@ def main() -> None:
                 for top_m in results["top_m"])
     reaching = [row["judge_share"] for row in cascade_points if row["mean_overlap"] >= 0.95]
     summary = {
-        "queries": args.queries, "top_k": args.top_k, "noise": args.noise, "threads": args.threads, "judge": "oracle",
+        "queries": args.queries, "top_k": args.top_k, "noise": args.noise, "cheap_noise": args.cheap_noise,
+        "threads": args.threads, "judge": "oracle",
         **results, "cascade_beats_top_m_at_every_budget": beats,
         "smallest_share_with_overlap_095": min(reaching) if reaching else None,
     }

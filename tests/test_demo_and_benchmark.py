@@ -18,6 +18,7 @@ def test_embed_demo_writes_a_loadable_checkpoint_and_embeddings(tmp_path, monkey
     _run_script(REPO_ROOT / "recipes" / "embed_demo.py", ["--output_dir", str(tmp_path)], monkeypatch)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rows"] == {"captions": 4, "images": 4, "image_and_text": 4}
+    assert summary["placement"] == "embedder: cpu torch.float32 attention=sdpa"  # CPU: float32, sdpa
     assert summary["max_norm_error"] < 1e-5
     embeddings = load_file(str(tmp_path / "embeddings.safetensors"))
     assert embeddings["images"].shape == (4, summary["embedding_dim"])
@@ -60,6 +61,21 @@ def test_gradcache_memory_prints_its_json_line(monkeypatch, capsys):
     assert plain["8"] > 1.5 * plain["4"]  # activations grow with the batch without GradCache
     assert cached["8"] < 0.6 * plain["8"] and abs(cached["8"] - cached["4"]) < 0.1 * cached["4"]  # flat with it
     assert result["grad_max_abs_diff"] < 1e-4
+
+
+def test_judge_cascade_prints_its_json_line(monkeypatch, capsys):
+    _run_script(REPO_ROOT / "benchmarks" / "judge_cascade.py",
+                ["--queries", "90", "--top_k", "12", "--budgets", "0.5", "--margins", "2", "--tails", "0.01"],
+                monkeypatch)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["full"]["judge_share"] == 1.0 and result["full"]["identical_sets"] == 1.0
+    similarity, exact = result["cascade_adaptive"][0], result["cascade_exact_labels"]
+    cheap = result["cascade_cheap_judge"]
+    # judging only the picked negatives whose labels can matter costs fewer calls than judging them all; a smaller
+    # judge that agrees with the large one up to noise leaves it even less to do, for the same negatives
+    assert similarity["judge_share"] < exact["judge_share"] and cheap["judge_share"] < similarity["judge_share"]
+    assert cheap["identical_sets"] == 1.0 and cheap["mean_soft_label_kl"] < 1e-3
+    assert 0 < result["top_m"][0]["judge_share"] <= 1
 
 
 def test_embed_demo_help_lists_every_field(capsys):
