@@ -68,9 +68,9 @@ def render_judge_budget(study: Mapping[str, list[dict[str, Any]]]) -> str:
     and, where an embedder was trained on the data, its mean P@1."""
     lines = ["Judge budget: mining with the judge cascade at a share of the large-judge calls (calibrated similarity "
              "estimates for the rest), against the full judge on the same queries; 'rules': no cap, the cascade's "
-             "rules decide (every decision that could flip and every picked negative judged). The share counts the "
-             "5% of queries judged in full to calibrate. P@1: an embedder trained on that data as the '+ UniME-V2 "
-             "soft labels' row.", "",
+             "rules decide (every decision that could flip judged, and every picked negative whose soft label can "
+             "matter). The share counts the 5% of queries judged in full to calibrate. P@1: an embedder trained on "
+             "that data as the '+ UniME-V2 soft labels' row.", "",
              "| judge | budget | calls (% of pairs) | pairs judged | identical negative sets | mean overlap | "
              "soft-label KL | mean P@1 |", "|---" * 8 + "|"]
     for judge, rows in study.items():
