@@ -316,6 +316,25 @@ def align_rows(
     return texts, images
 
 
+def drop_orphan_placeholder(text: str | None, has_image: bool) -> str | None:
+    """The text without its MMEB image placeholder (``<|image_1|>`` and the newline after it) when the row has no
+    image; otherwise unchanged. The authors' training file has such rows (WebQA queries: "<|image_1|>\\nFind a
+    Wikipedia image that answers this question: ...", no image); their code embedded the placeholder as a plain
+    ``<|image_pad|>`` token with no image behind it. `encode` refuses such a row (a placeholder without an image is
+    usually a mistake); the training collator and mining, which read released data, drop the placeholder instead and
+    say how often they did.
+
+    Example:
+        >>> drop_orphan_placeholder("<|image_1|>\\nFind a Wikipedia image: why?\\n", has_image=False)
+        'Find a Wikipedia image: why?\\n'
+        >>> drop_orphan_placeholder("<|image_1|>\\nWhat is it?", has_image=True)
+        '<|image_1|>\\nWhat is it?'
+    """
+    if has_image or not text or PHI3V_IMAGE_TOKEN not in text:
+        return text
+    return text.replace(PHI3V_IMAGE_TOKEN + "\n", "").replace(PHI3V_IMAGE_TOKEN, "")
+
+
 def check_instruction(instruction: Any) -> None:
     """One instruction for the whole call: a string or None (a list per row is not supported)."""
     if instruction is not None and not isinstance(instruction, str):
@@ -611,6 +630,7 @@ __all__ = [
     "IMAGE_RESIZE_PRESETS",
     "align_rows",
     "check_instruction",
+    "drop_orphan_placeholder",
     "plain_checkpoint_image_rule",
     "missing_image_rows",
     "UniMEV2Processor",

@@ -78,6 +78,19 @@ def test_judge_cascade_prints_its_json_line(monkeypatch, capsys):
     assert 0 < result["top_m"][0]["judge_share"] <= 1
 
 
+def test_dedup_savings_prints_its_json_line(monkeypatch, capsys):
+    _run_script(REPO_ROOT / "benchmarks" / "dedup_savings.py", ["--batch_size", "8"], monkeypatch)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kinds = result["kinds"]
+    # 8 image queries, each with its label and 8 negatives drawn from the other label (repeated): 80 rows, of which
+    # 8 queries and 2 label texts are distinct
+    memes = kinds["HatefulMemes (2 labels)"]
+    assert (memes["plain"]["rows"], memes["deduplicated"]["rows"]) == (80, 10) and memes["rows_ratio"] == 8.0
+    assert 1.0 < memes["tokens_ratio"] < memes["rows_ratio"]  # the distinct image queries carry most tokens
+    retrieval = kinds["retrieval (distinct captions and images)"]
+    assert retrieval["plain"] == retrieval["deduplicated"] and retrieval["rows_ratio"] == 1.0
+
+
 def test_embed_demo_help_lists_every_field(capsys):
     import dataclasses
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,8 +54,12 @@ def test_collator_first_random_and_cycling():
 
     few = dict(ROW, neg_texts=["n0", "n1"], neg_images=[None, None], judge_scores=[0.9, 0.5, 0.4])
     assert UniMEV2Collator(processor, num_negatives=5).choose_negatives(few) == [0, 1, 0, 1, 0]
-    chunked = UniMEV2Collator(processor, num_negatives=3, chunk_size=2)([ROW, ROW])
+    chunked = UniMEV2Collator(processor, num_negatives=3, chunk_size=2, deduplicate=False)([ROW, ROW])
     assert [chunk["input_ids"].shape[0] for chunk in chunked["chunks"]] == [2, 2, 2, 2, 2]  # 2 queries + 8 candidates
+    # the same row twice: its query and candidates are encoded once, and every row of the step points at them
+    shared = UniMEV2Collator(processor, num_negatives=3, chunk_size=2)([ROW, ROW])
+    assert [chunk["input_ids"].shape[0] for chunk in shared["chunks"]] == [2, 2, 1]  # 1 query + 4 candidates
+    assert shared["input_index"].tolist() == [0, 0, 1, 2, 3, 4, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="judge_scores has 2 values for 1 positive \\+ 5 negatives"):
         first([dict(ROW, judge_scores=[0.9, 0.5])])
     with pytest.raises(ValueError, match="negative_selection"):
@@ -217,7 +222,11 @@ def test_gradcache_gives_the_plain_gradients_with_dropout_on(tmp_path, loss):
     args = training_args(tmp_path, gradcache=True, gradcache_chunk_size=2, loss=loss, infonce_weight=0.5)
     trainer = UniMEV2Trainer(model=model, args=args, train_dataset=rows, processing_class=processor, image_root=root)
     inputs = trainer.data_collator([rows[i] for i in range(6)])
-    assert len(inputs["chunks"]) == 18  # (6 queries + 6 x 5 candidates) in chunks of 2
+    # 6 queries + 6 x 5 candidates, the distinct ones (captions recur as negatives) in chunks of 2
+    distinct = {(row["query_text"], row["query_image"]) for row in rows.select(range(6))} | {
+        (text, image) for row in rows.select(range(6))
+        for text, image in [(row["pos_text"], row["pos_image"]), *zip(row["neg_texts"][:4], row["neg_images"][:4])]}
+    assert len(inputs["input_index"]) == 36 and len(inputs["chunks"]) == math.ceil(len(distinct) / 2) < 18
     plain = _gradients(trainer, model, inputs, gradcache=False)
     cached = _gradients(trainer, model, inputs, gradcache=True)
     assert plain.keys() == cached.keys() and len(plain) > 0
@@ -232,6 +241,82 @@ def test_gradcache_gives_the_plain_gradients_with_dropout_on(tmp_path, loss):
     finally:
         RandomState.replay = original
     assert max((unreplayed[name] - plain[name]).abs().max() for name in plain) > 1e-4
+
+
+def classification_rows(count, labels=("red", "green", "blue")):
+    """Rows shaped like an MMEB classification task: the candidates are label texts, shared by many queries."""
+    rows = []
+    for index in range(count):
+        answer = labels[index % len(labels)]
+        others = [label for label in labels if label != answer]
+        rows.append(dict(query_text=f"what colour is shape {index}?", query_image=None, pos_text=answer,
+                         pos_image=None, neg_texts=others, neg_images=[None] * len(others),
+                         judge_scores=[0.9, *[0.1] * len(others)]))
+    return rows
+
+
+def test_a_placeholder_without_an_image_is_dropped_where_released_data_is_read(tmp_path):
+    # The authors' training file has WebQA queries whose text names an image they do not have (row 23 of their
+    # 50-row sample); encode() refuses such a row, the training collator and mining drop the placeholder.
+    from datasets import Dataset
+
+    from modeling_unime.mining.inputs import read_pairs
+
+    row = dict(query_text="<|image_1|>\nFind a Wikipedia image that answers this question: why?\n", query_image=None,
+               pos_text="a caption", pos_image=None, neg_texts=["another caption"], neg_images=[None],
+               judge_scores=[0.9, 0.1])
+    processor = build_tiny_processor("qwen2_vl")
+    with pytest.warns(UserWarning, match="1 input\\(s\\) of a batch have an image placeholder but no image"):
+        batch = UniMEV2Collator(processor, num_negatives=1)([row])
+    expected = processor(texts=["Find a Wikipedia image that answers this question: why?\n"])
+    assert batch["chunks"][0]["input_ids"][0].tolist()[-expected["input_ids"].shape[1]:] == \
+        expected["input_ids"][0].tolist()
+    with pytest.warns(UserWarning, match="1 row\\(s\\) have a text with an image placeholder but no image"):
+        _, queries, _ = read_pairs(Dataset.from_list([row]))
+    assert queries == [("Find a Wikipedia image that answers this question: why?\n", None)]
+    with pytest.raises(ValueError, match="image placeholder"):
+        build_tiny_unime("qwen2_vl")[0].encode(texts=[row["query_text"]], processor=processor)
+    sample = REPO_ROOT.parent / "shared" / "data" / "unime_v2_official_example_data.json"
+    if sample.is_file():  # the real file: its WebQA query is read without the placeholder, its other texts as they are
+        from modeling_unime.data import load_official_json
+
+        real = load_official_json(sample).select([23])
+        with pytest.warns(UserWarning, match="first: row 0"):
+            _, queries, positives = read_pairs(real)
+        assert queries[0] == (real[0]["query_text"].replace("<|image_1|>\n", ""), None)
+        assert positives[0] == (real[0]["pos_text"], real[0]["pos_image"])  # it has its image: untouched
+
+
+@pytest.mark.parametrize("gradcache", [False, True])
+def test_deduplicated_inputs_give_the_plain_gradients_and_loss(tmp_path, gradcache):
+    from datasets import Dataset
+
+    model, processor = build_tiny_unime("qwen2_vl")
+    model.train()  # no dropout in the tiny backbone: sharing an input changes nothing but the work
+    rows = classification_rows(6)
+    results = {}
+    for deduplicate in (False, True):
+        args = training_args(tmp_path, gradcache=gradcache, gradcache_chunk_size=3, num_negatives=2,
+                             deduplicate_inputs=deduplicate)
+        trainer = UniMEV2Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=processor)
+        inputs = trainer.data_collator(rows)
+        encoded = sum(chunk["input_ids"].shape[0] for chunk in inputs["chunks"])
+        model.zero_grad(set_to_none=True)
+        if gradcache:
+            loss = trainer.gradcache_step(model, inputs)
+        else:
+            loss = trainer.compute_loss(model, inputs)
+            loss.backward()
+        gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()
+                     if parameter.grad is not None}
+        results[deduplicate] = (encoded, float(loss), gradients)
+    (plain_rows, plain_loss, plain), (shared_rows, shared_loss, shared) = results[False], results[True]
+    assert (plain_rows, shared_rows) == (6 + 6 * 3, 6 + 3)  # 6 queries + 18 candidate rows over 3 label texts
+    assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain.keys() == shared.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(shared[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_gradcache_refuses_deepspeed_and_fsdp(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,10 +12,15 @@ from typing import Any
 import torch
 
 from modeling_unime.data import JudgeRow
-from modeling_unime.processing_unime import UniMEV2Processor, canonical_image_resize, load_image
+from modeling_unime.processing_unime import (
+    UniMEV2Processor,
+    canonical_image_resize,
+    drop_orphan_placeholder,
+    load_image,
+)
 
 from .common import Choice
-from .seeding import row_rng
+from .seeding import row_rng, stable_key
 
 
 class NegativeSelection(Choice):
@@ -95,7 +101,11 @@ class UniMEV2Collator:
     The output holds ``chunks``: processor batches over the rows [query_1..query_B, candidates of query_1, ...,
     candidates of query_B], of at most ``chunk_size`` rows each so that GradCache can run them one at a time (one
     chunk without it: one forward per step, which DDP needs when some parameters serve only some rows);
-    ``num_queries`` (B); and ``judge_scores`` (B, 1 + k).
+    ``num_queries`` (B); and ``judge_scores`` (B, 1 + k). With ``deduplicate=True`` (the default) an input that
+    occurs more than once in the step (the same text and the same image: a label text shared by many queries of a
+    classification task, a caption mined as a negative for several queries) is encoded once: ``chunks`` hold the
+    distinct inputs only and ``input_index`` maps every row above to its distinct input (the trainer gathers the
+    embeddings with it, so a shared representation receives the sum of its uses' gradients).
 
     Every row is checked first (`check_row`): judge scores must be finite probabilities in [0, 1], one for the
     positive and one per negative, and ``neg_images`` one per negative text (or None); a bad row raises
@@ -122,6 +132,7 @@ class UniMEV2Collator:
     image_resize: str | None = None
     instruction: str | None = None
     epoch: int = 0
+    deduplicate: bool = True
 
     def __post_init__(self) -> None:
         self.negative_selection = NegativeSelection(self.negative_selection)
@@ -208,12 +219,15 @@ class UniMEV2Collator:
 
     def __call__(self, rows: Sequence[JudgeRow]) -> dict[str, Any]:
         queries, candidates, scores = [], [], []
+        query_keys, candidate_keys = [], []
         for index, row in enumerate(rows):
             neg_images = self.check_row(row, index)
             chosen = self.choose_negatives(row)
             where = f"query {row['query_text']!r}"
             queries.append((row["query_text"] or None, self._image(row["query_image"], where)))
+            query_keys.append(self._input_key(row["query_text"], row["query_image"]))
             candidates.append((row["pos_text"] or None, self._image(row["pos_image"], where + " positive")))
+            candidate_keys.append(self._input_key(row["pos_text"], row["pos_image"]))
             for position in chosen:
                 candidates.append(
                     (
@@ -221,12 +235,34 @@ class UniMEV2Collator:
                         self._image(neg_images[position], where + f" negative {position}"),
                     )
                 )
+                candidate_keys.append(self._input_key(row["neg_texts"][position], neg_images[position]))
             scores.append([row["judge_scores"][0], *[row["judge_scores"][1 + position] for position in chosen]])
-        return {
-            "chunks": self._process([*queries, *candidates]),
-            "num_queries": len(queries),
-            "judge_scores": torch.tensor(scores, dtype=torch.float32),
-        }
+        items, keys = self._without_orphan_placeholders([*queries, *candidates]), [*query_keys, *candidate_keys]
+        batch = {"num_queries": len(queries), "judge_scores": torch.tensor(scores, dtype=torch.float32)}
+        if not self.deduplicate:
+            return {"chunks": self._process(items), **batch}
+        distinct: dict[str, int] = {}
+        index = [distinct.setdefault(key, len(distinct)) for key in keys]
+        first = {slot: position for position, slot in reversed(list(enumerate(index)))}
+        unique = [items[first[slot]] for slot in range(len(distinct))]
+        return {"chunks": self._process(unique), "input_index": torch.tensor(index, dtype=torch.long), **batch}
+
+    def _without_orphan_placeholders(self, items: list[tuple[str | None, Any]]) -> list[tuple[str | None, Any]]:
+        """Texts that name an image they do not have lose the placeholder (`drop_orphan_placeholder`); said once."""
+        fixed = [(drop_orphan_placeholder(text, image is not None), image) for text, image in items]
+        changed = [text for (text, _), (new, _) in zip(items, fixed) if new != text]
+        if changed and not self.__dict__.get("_warned_orphan_placeholders"):
+            self.__dict__["_warned_orphan_placeholders"] = True
+            warnings.warn(f"{len(changed)} input(s) of a batch have an image placeholder but no image (e.g. "
+                          f"{changed[0][:80]!r}; the authors' WebQA queries are such): the placeholder was dropped "
+                          "(modeling_unime.processing_unime.drop_orphan_placeholder). Said once per collator.",
+                          stacklevel=2)
+        return fixed
+
+    def _input_key(self, text: str | None, image: Any) -> str:
+        """What makes two inputs of a step the same (the instruction is the collator's, shared by all): the text and
+        the image (a path as written, relative to ``image_root``; bytes and pixels by their hash)."""
+        return repr((text or "", stable_key(image, self.image_root) if image is not None else None))
 
 
 __all__ = [

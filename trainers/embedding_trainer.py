@@ -74,6 +74,14 @@ class UniMEV2TrainingArguments(TrainingArguments):
             Embed in chunks without keeping activations, then replay each chunk for its gradients.
         gradcache_chunk_size (`int`, *optional*, defaults to `2`):
             Rows per chunk (``--gc_q_chunk_size 2 --gc_p_chunk_size 2`` in the authors' script).
+        deduplicate_inputs (`bool`, *optional*, defaults to `True`):
+            Encode an input that occurs several times in a step (the same text and image: a class label shared by
+            many queries, a caption mined for several queries) once, within each process, and share its embedding;
+            the loss then sees the same rows. Without dropout the gradients equal the plain step's (the shared
+            representation gets the sum of its uses' gradients). With dropout the copies share one dropout mask
+            instead of drawing their own: still a stochastic gradient of the same loss, under dropout noise that is
+            shared between copies (so neither bitwise nor in expectation the plain step's when the loss couples
+            the copies). ``False`` encodes every row.
 
         > Data
 
@@ -98,6 +106,9 @@ class UniMEV2TrainingArguments(TrainingArguments):
     )
     gradcache: bool = field(default=False, metadata={"help": "embed in chunks without activations kept"})
     gradcache_chunk_size: int = field(default=2, metadata={"help": "rows per GradCache chunk (authors' code: 2)"})
+    deduplicate_inputs: bool = field(default=True, metadata={
+        "help": "encode an input that occurs several times in a step (same text, same image) once and share its "
+                "embedding; without dropout the gradients are the plain step's"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "the collator needs every column"})
 
     def __post_init__(self) -> None:
@@ -184,7 +195,8 @@ class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
     def make_collator(self, args: UniMEV2TrainingArguments, processor: Any, **images: Any) -> UniMEV2Collator:
         return UniMEV2Collator(
             processor, num_negatives=args.num_negatives, negative_selection=args.negative_selection, seed=args.seed,
-            chunk_size=args.gradcache_chunk_size if args.gradcache else None, **images,
+            chunk_size=args.gradcache_chunk_size if args.gradcache else None, deduplicate=args.deduplicate_inputs,
+            **images,
         )
 
     def check_gradcache_support(self) -> None:
@@ -226,7 +238,7 @@ class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
         return loss, metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        embeddings = torch.cat([model(**chunk).embeddings for chunk in inputs["chunks"]])
+        embeddings = every_input(torch.cat([model(**chunk).embeddings for chunk in inputs["chunks"]]), inputs)
         query_embeddings, candidate_embeddings = (
             embeddings[: inputs["num_queries"]],
             embeddings[inputs["num_queries"] :],
@@ -258,7 +270,8 @@ class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
                 cached.append(model(**chunk).embeddings)
         cached = [embeddings.detach().requires_grad_() for embeddings in cached]
         with self.compute_loss_context_manager():
-            embeddings = torch.cat(cached)
+            # the gather's backward sums a shared input's gradients into its one cached leaf
+            embeddings = every_input(torch.cat(cached), inputs)
             queries = inputs["num_queries"]
             loss, metrics = self.objective(embeddings[:queries], embeddings[queries:], inputs["judge_scores"])
         self.accelerator.backward(loss * scale)
@@ -275,4 +288,12 @@ class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
         return loss.detach() * scale
 
 
-__all__ = ["LOSSES", "Loss", "RandomState", "UniMEV2Trainer", "UniMEV2TrainingArguments", "average_gradients"]
+def every_input(embeddings: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    """The embeddings of every row of the step ([queries, candidates of each query]) from those of its distinct inputs
+    (``input_index``, written by a de-duplicating collator); as they are without one."""
+    index = inputs.get("input_index")
+    return embeddings if index is None else embeddings.index_select(0, index.to(embeddings.device))
+
+
+__all__ = ["LOSSES", "Loss", "RandomState", "UniMEV2Trainer", "UniMEV2TrainingArguments", "average_gradients",
+           "every_input"]

@@ -4,6 +4,7 @@ never take as a negative, and the embeddings of all of them."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -11,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from datasets import Dataset
 
+from ..processing_unime import drop_orphan_placeholder
 from ..util.embedding_cache import Item, embed_with_cache
 from ..util.images import require_image_files
 
@@ -38,15 +40,23 @@ def read_pairs(dataset: Dataset) -> tuple[list[dict[str, Any]], list[Item], list
                 f"The dataset has no {column!r} column; it needs query_text/query_image/pos_text/pos_image."
             )
     rows = dataset.to_list()
-    queries, positives = [], []
+    queries, positives, orphans = [], [], []
     for index, row in enumerate(rows):
         query = (row["query_text"] or None, _image_key(row["query_image"], f"row {index} query_image"))
         positive = (row["pos_text"] or None, _image_key(row["pos_image"], f"row {index} pos_image"))
+        fixed = [(drop_orphan_placeholder(text, image is not None), image) for text, image in (query, positive)]
+        if fixed != [query, positive]:
+            orphans.append(index)
+            query, positive = fixed
         for name, item in (("query", query), ("positive", positive)):
             if item == (None, None):
                 raise ValueError(f"Row {index}: the {name} has neither text nor image.")
         queries.append(query)
         positives.append(positive)
+    if orphans:
+        warnings.warn(f"{len(orphans)} row(s) have a text with an image placeholder but no image (first: row "
+                      f"{orphans[0]}; the authors' WebQA queries are such): the placeholder was dropped for embedding "
+                      "and judging (modeling_unime.processing_unime.drop_orphan_placeholder).", stacklevel=2)
     return rows, queries, positives
 
 
