@@ -1,7 +1,7 @@
 """The main job: UniME-V2 end to end on the easy-vqa demo world (mining with a judge, soft-label training, the
 reranker, MMEB-protocol evaluation), with the paper's Table 4 comparison, on a CPU.
 
-    accelerate launch recipes/pipeline.py            # full run (about 14 minutes on 2 cores)
+    accelerate launch recipes/pipeline.py            # full run (about 24 minutes on 2 shared cores)
     accelerate launch recipes/pipeline.py --quick    # every stage on a sliver (under 2 minutes; CI's smoke test)
     python recipes/pipeline.py --ablation --seeds 0 1 2 --output_dir runs/ablation
                                                      # tau, k, steps, in-batch negatives, over seeds (~15 min a seed)
