@@ -95,3 +95,20 @@ def load_references(name: str) -> dict[str, Any]:
 
         data["tensors"] = load_file(tensors_path)
     return data
+
+
+def authors_get_pred(qry_t, tgt_t, normalization=False, topk=10):
+    """The body of ``get_pred`` in the authors' ``Embedding/evaluation/utils/utils.py`` (GaryGuTC/UniME-v2), replayed
+    as written (numpy imported here); their eval.py counts a row right when ``pred[0] == 0``."""
+    import numpy as np
+
+    if normalization:
+        qry_t_norm = np.linalg.norm(qry_t)
+        tgt_t_norms = np.linalg.norm(tgt_t, axis=1)
+        scores = np.dot(tgt_t, qry_t) / (tgt_t_norms * qry_t_norm)
+    else:
+        scores = np.dot(tgt_t, qry_t)
+    topk = min(topk, len(scores))
+    preds = np.argpartition(scores, -topk)[-topk:]
+    preds = preds[np.argsort(-scores[preds])]
+    return scores, preds

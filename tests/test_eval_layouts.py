@@ -32,6 +32,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from authors_fixtures import authors_get_pred
 from PIL import Image
 
 from conftest import REPO_ROOT, SHARED_DATA, run_recipe
@@ -325,20 +326,6 @@ def expected_recalls(images: list[Image.Image], captions: list[list[str]]) -> di
         result["text_to_image"][f"recall@{k}"] = float(np.mean(
             [owners[caption] in top for caption, top in enumerate(top_images)]))
     return result
-
-
-def authors_get_pred(qry_t, tgt_t, normalization=False, topk=10):
-    """``get_pred`` of the authors' ``Embedding/evaluation/utils/utils.py`` (GaryGuTC/UniME-v2), replayed as written."""
-    if normalization:
-        qry_t_norm = np.linalg.norm(qry_t)
-        tgt_t_norms = np.linalg.norm(tgt_t, axis=1)
-        scores = np.dot(tgt_t, qry_t) / (tgt_t_norms * qry_t_norm)
-    else:
-        scores = np.dot(tgt_t, qry_t)
-    topk = min(topk, len(scores))
-    preds = np.argpartition(scores, -topk)[-topk:]
-    preds = preds[np.argsort(-scores[preds])]
-    return scores, preds
 
 
 def expected_mmeb(rows: list[dict], image_root: Path) -> float:

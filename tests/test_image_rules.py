@@ -5,7 +5,6 @@ the same way, plain aranges for the others, PIL resizes written out by hand); th
 stack is in test_authors_checkpoints.py.
 """
 
-import math
 
 import pytest
 import torch
@@ -301,34 +300,19 @@ def test_a_changed_image_rule_never_reuses_cached_embeddings_or_scores(tmp_path)
     assert judge_fingerprint(judge) != before
 
 
-def authors_reranker_smart_resize(height, width, factor=28, min_pixels=4 * 28 * 28, max_pixels=300 * 28 * 28):
-    """The authors' reranker vision process (GaryGuTC/UniME-v2, Embedding/src/vlm_backbone/qwen2_5_vl_Rerank/
-    LamRA_qwen2_5_vision_process.py, `smart_resize`), replayed: it starts from max(factor, rounded side), where
-    transformers' own smart_resize starts from the rounded side (0 for a side under 14 px)."""
-    h_bar, w_bar = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar, w_bar = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    if h_bar / w_bar > 200:
-        h_bar = w_bar * 200
-    elif w_bar / h_bar > 200:
-        w_bar = h_bar * 200
-    return h_bar, w_bar
-
-
 @pytest.mark.parametrize("size", [(433, 12), (12, 433), (13, 13), (27, 600), (5, 900), (100, 100), (2000, 1000),
                                   (1344, 1344), (30, 20), (500, 1200), (2799, 14), (15, 2900)])
 def test_the_pixel_cap_is_the_authors_reranker_rule_also_under_14_px(size):
     # The authors resize with their vision process first, then the stock Qwen2-VL processor runs transformers'
     # smart_resize on the result, which leaves a size already on the 28 grid and within its bounds unchanged: so the
     # authors' rule decides, and for 433x12 that is 420x28 (transformers' rule alone would give 364x28).
+    from authors_fixtures import _builder
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+    # the builder's replay of the authors' reranker vision process (GaryGuTC/UniME-v2,
+    # Embedding/src/vlm_backbone/qwen2_5_vl_Rerank/LamRA_qwen2_5_vision_process.py, `smart_resize`)
     width, height = size
-    expected_height, expected_width = authors_reranker_smart_resize(height, width)
+    expected_height, expected_width = _builder().rerank_smart_resize(height, width)
     assert resized_size(width, height, "authors-reranker") == (expected_width, expected_height)
     assert smart_resize(expected_height, expected_width, 28, 56 * 56, 28 * 28 * 1280) == (expected_height,
                                                                                           expected_width)

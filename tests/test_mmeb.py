@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from authors_fixtures import authors_get_pred
 from datasets import Dataset
 from PIL import Image
 
@@ -42,21 +43,6 @@ def test_tie_rules():
     assert predictions_from_scores(scores, "strict") == [0, 1, 2, 0, 1]
     with pytest.raises(ValueError, match="tie_rule='first'.*argmax, authors, strict"):
         predictions_from_scores(scores, "first")
-
-
-def authors_get_pred(qry_t, tgt_t, normalization=False, topk=10):
-    """The body of ``get_pred`` in the authors' ``Embedding/evaluation/utils/utils.py`` (GaryGuTC/UniME-v2), replayed
-    here on its own; their eval.py counts a row right when ``pred[0] == 0``."""
-    if normalization:
-        qry_t_norm = np.linalg.norm(qry_t)
-        tgt_t_norms = np.linalg.norm(tgt_t, axis=1)
-        scores = np.dot(tgt_t, qry_t) / (tgt_t_norms * qry_t_norm)
-    else:
-        scores = np.dot(tgt_t, qry_t)
-    topk = min(topk, len(scores))
-    preds = np.argpartition(scores, -topk)[-topk:]
-    preds = preds[np.argsort(-scores[preds])]
-    return scores, preds
 
 
 def test_the_authors_tie_rule_is_their_get_pred_on_tied_and_untied_rows():
