@@ -486,6 +486,8 @@ def test_a_cheap_judge_drives_the_cascade_and_saves_large_judge_calls(tmp_path):
     # every pair was scored once by the cheap judge while mining, and once more for the calibration rows
     assert result.stats.cheap_judge_pairs == len(result.pairs) == budget["cheap_judge_pairs"]
     assert cheap.pairs == result.stats.cheap_judge_pairs + result.calibration.pairs
+    assert "pairs the cheap judge scored (its estimates)" in result.stats.summary()
+    assert f"{result.stats.cheap_judge_pairs:>10,}" in result.stats.summary()
     replay = NoisyJudge(oracle, noise=0.03)
     for pair in result.pairs.select(range(0, len(result.pairs), 7)):
         image = None if pair["candidate_image"] is None else str(tmp_path / "images" / pair["candidate_image"])

@@ -214,6 +214,8 @@ class SelectionStats:
                          f"{self.judge_pairs:>10,}  ({100 * budget['judge_share']:.1f}% of {budget['pairs']:,} "
                          f"pairs; {self.calibration_queries:,} calibration queries judged in full)")
             lines.append(f"  {'pairs given a calibrated estimate instead':<{width}}  {self.estimated_pairs:>10,}")
+        if self.cheap_judge_pairs:
+            lines.append(f"  {'pairs the cheap judge scored (its estimates)':<{width}}  {self.cheap_judge_pairs:>10,}")
         if self.audit_rows:
             budget = self.judge_budget()
             lines.append(
