@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 
 from modeling_unime.data import load_official_json  # noqa: E402
 from modeling_unime.tiny import build_tiny_processor  # noqa: E402
-from trainers.collator import UniMEV2Collator  # noqa: E402
+from trainers.collator import UniMEV2Collator, distinct_inputs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 AUTHORS_FILE = REPO.parent / "shared" / "data" / "unime_v2_official_example_data.json"
@@ -93,9 +93,7 @@ def count(rows: list[dict], root: Path, negatives: int, deduplicate: bool, text_
         items += [(row["pos_text"], row["pos_image"])]
         items += [(row["neg_texts"][position], (row["neg_images"] or [None] * 99)[position]) for position in chosen]
     if deduplicate:
-        index = batch["input_index"].tolist()
-        first = {slot: position for position, slot in reversed(list(enumerate(index)))}
-        items = [items[first[slot]] for slot in range(len(first))]
+        items, _ = distinct_inputs(batch["input_index"].tolist(), items)
     assert len(items) == encoded
     tokens = sum(text_tokens(text or "") + (IMAGE_TOKENS if image else 0) for text, image in items)
     return {"rows": encoded, "tokens": tokens}

@@ -44,6 +44,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa:
 from modeling_unime import UniMEV2Config, UniMEV2Model  # noqa: E402
 from modeling_unime.tiny import REAL_QWEN2_VOCAB_SIZE  # noqa: E402
 from trainers import UniMEV2Trainer, UniMEV2TrainingArguments  # noqa: E402
+from trainers.collator import distinct_inputs  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -91,9 +92,7 @@ def chunks_of(rows: list[list[int]], size: int) -> list[dict[str, torch.Tensor]]
 
 def our_inputs(rows, scores, queries: int, chunk_size: int) -> dict:
     """What the de-duplicating collator gives the trainer: the distinct rows in chunks and the index of every row."""
-    distinct: dict[tuple[int, ...], int] = {}
-    index = [distinct.setdefault(tuple(row), len(distinct)) for row in rows]
-    unique = [list(row) for row in distinct]
+    unique, index = distinct_inputs([tuple(row) for row in rows], rows)
     return {"chunks": chunks_of(unique, chunk_size), "input_index": torch.tensor(index), "num_queries": queries,
             "judge_scores": scores}
 

@@ -238,6 +238,21 @@ def resize_image(image: Image.Image, image_resize: str | None) -> Image.Image:
     return _to_rgb(image, composite_on_white=False)
 
 
+def resolve_image_path(path: str | os.PathLike, image_root: str | os.PathLike | None) -> str:
+    """``path`` under ``image_root`` unless it is absolute (or there is no root). The package's
+    `modeling_unime.util.images` has the same rule; this copy travels with the checkpoint's code, which imports only
+    torch and transformers.
+
+    Example:
+        >>> resolve_image_path("coco/1.jpg", "/data"), resolve_image_path("/abs/1.jpg", "/data")
+        ('/data/coco/1.jpg', '/abs/1.jpg')
+    """
+    path = os.fspath(path)
+    if image_root is None or os.fspath(image_root) == "" or os.path.isabs(path):
+        return path
+    return os.path.join(os.fspath(image_root), path)
+
+
 def load_image(
     image: ImageInput, row: int | str, image_root: str | os.PathLike | None = None, image_resize: str | None = None
 ) -> Image.Image | None:
@@ -264,11 +279,9 @@ def load_image(
         if not image:
             return None
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if path == "":
+        if os.fspath(image) == "":
             return None
-        if image_root is not None and not os.path.isabs(path):
-            path = os.path.join(os.fspath(image_root), path)
+        path = resolve_image_path(image, image_root)
         if not os.path.isfile(path):
             hint = "pass image_root=" if image_root is None else f"check image_root={os.fspath(image_root)!r}"
             raise ValueError(f"{where}: image file not found: {path!r} ({hint} or fix the path).")
@@ -352,9 +365,7 @@ def missing_image_rows(images: Sequence[ImageInput], image_root: str | os.PathLi
         if isinstance(image, dict) and not image.get("bytes"):
             image = image.get("path")
         if isinstance(image, (str, os.PathLike)) and os.fspath(image):
-            path = os.fspath(image)
-            if image_root is not None and not os.path.isabs(path):
-                path = os.path.join(os.fspath(image_root), path)
+            path = resolve_image_path(image, image_root)
             if not os.path.isfile(path):
                 missing.append((row, path))
     return missing
@@ -633,6 +644,7 @@ __all__ = [
     "drop_orphan_placeholder",
     "plain_checkpoint_image_rule",
     "missing_image_rows",
+    "resolve_image_path",
     "UniMEV2Processor",
     "canonical_image_resize",
     "resize_image",

@@ -6,7 +6,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +58,22 @@ def _as_float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def distinct_inputs(keys: Sequence[Any], inputs: Sequence[Any]) -> tuple[list[Any], list[int]]:
+    """(the inputs whose key comes first, in order; for every input the position of its key's first input).
+
+    >>> distinct_inputs(["a", "b", "a", "c", "b"], [10, 20, 11, 30, 21])
+    ([10, 20, 30], [0, 1, 0, 2, 1])
+    """
+    slots: dict[Any, int] = {}
+    unique, index = [], []
+    for key, item in zip(keys, inputs):
+        if key not in slots:
+            slots[key] = len(unique)
+            unique.append(item)
+        index.append(slots[key])
+    return unique, index
 
 
 def negative_positions(
@@ -133,6 +149,7 @@ class UniMEV2Collator:
     instruction: str | None = None
     epoch: int = 0
     deduplicate: bool = True
+    warned_orphan_placeholders: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.negative_selection = NegativeSelection(self.negative_selection)
@@ -218,41 +235,30 @@ class UniMEV2Collator:
         return list(neg_images)
 
     def __call__(self, rows: Sequence[JudgeRow]) -> dict[str, Any]:
-        queries, candidates, scores = [], [], []
-        query_keys, candidate_keys = [], []
+        queries, candidates, scores = [], [], []  # (text, image as given, where: for error messages)
         for index, row in enumerate(rows):
             neg_images = self.check_row(row, index)
             chosen = self.choose_negatives(row)
             where = f"query {row['query_text']!r}"
-            queries.append((row["query_text"] or None, self._image(row["query_image"], where)))
-            query_keys.append(self._input_key(row["query_text"], row["query_image"]))
-            candidates.append((row["pos_text"] or None, self._image(row["pos_image"], where + " positive")))
-            candidate_keys.append(self._input_key(row["pos_text"], row["pos_image"]))
-            for position in chosen:
-                candidates.append(
-                    (
-                        row["neg_texts"][position] or None,
-                        self._image(neg_images[position], where + f" negative {position}"),
-                    )
-                )
-                candidate_keys.append(self._input_key(row["neg_texts"][position], neg_images[position]))
+            queries.append((row["query_text"], row["query_image"], where))
+            candidates.append((row["pos_text"], row["pos_image"], where + " positive"))
+            candidates += [(row["neg_texts"][position], neg_images[position], where + f" negative {position}")
+                           for position in chosen]
             scores.append([row["judge_scores"][0], *[row["judge_scores"][1 + position] for position in chosen]])
-        items, keys = self._without_orphan_placeholders([*queries, *candidates]), [*query_keys, *candidate_keys]
+        inputs = [*queries, *candidates]
         batch = {"num_queries": len(queries), "judge_scores": torch.tensor(scores, dtype=torch.float32)}
-        if not self.deduplicate:
-            return {"chunks": self._process(items), **batch}
-        distinct: dict[str, int] = {}
-        index = [distinct.setdefault(key, len(distinct)) for key in keys]
-        first = {slot: position for position, slot in reversed(list(enumerate(index)))}
-        unique = [items[first[slot]] for slot in range(len(distinct))]
-        return {"chunks": self._process(unique), "input_index": torch.tensor(index, dtype=torch.long), **batch}
+        if self.deduplicate:  # before the images are read: a repeated image is read and resized once
+            inputs, index = distinct_inputs([self._input_key(text, image) for text, image, _ in inputs], inputs)
+            batch["input_index"] = torch.tensor(index, dtype=torch.long)
+        items = [(text or None, self._image(image, where)) for text, image, where in inputs]
+        return {"chunks": self._process(self._without_orphan_placeholders(items)), **batch}
 
     def _without_orphan_placeholders(self, items: list[tuple[str | None, Any]]) -> list[tuple[str | None, Any]]:
         """Texts that name an image they do not have lose the placeholder (`drop_orphan_placeholder`); said once."""
         fixed = [(drop_orphan_placeholder(text, image is not None), image) for text, image in items]
         changed = [text for (text, _), (new, _) in zip(items, fixed) if new != text]
-        if changed and not self.__dict__.get("_warned_orphan_placeholders"):
-            self.__dict__["_warned_orphan_placeholders"] = True
+        if changed and not self.warned_orphan_placeholders:
+            self.warned_orphan_placeholders = True
             warnings.warn(f"{len(changed)} input(s) of a batch have an image placeholder but no image (e.g. "
                           f"{changed[0][:80]!r}; the authors' WebQA queries are such): the placeholder was dropped "
                           "(modeling_unime.processing_unime.drop_orphan_placeholder). Said once per collator.",
@@ -266,6 +272,7 @@ class UniMEV2Collator:
 
 
 __all__ = [
-    "NEGATIVE_SELECTIONS", "NegativeSelection", "UniMEV2Collator", "load_training_image", "negative_positions",
+    "NEGATIVE_SELECTIONS", "NegativeSelection", "UniMEV2Collator", "distinct_inputs", "load_training_image",
+    "negative_positions",
     "training_image_resize",
 ]

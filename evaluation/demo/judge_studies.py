@@ -102,10 +102,10 @@ def seeded_comparison(rows: list[dict[str, Any]]) -> list[str]:
     difference, difference_sd = mean_and_sd([mine - theirs for mine, theirs in zip(cascade_scores, full_scores)])
     half_width = (T_975[count - 2] if count - 2 < len(T_975) else 1.96) * difference_sd / math.sqrt(count)
     verdict = ("within the seeds' noise" if abs(difference) <= half_width else "outside the seeds' noise")
+    (full_mean, full_sd), (cascade_mean, cascade_sd) = mean_and_sd(full_scores), mean_and_sd(cascade_scores)
     return ["", f"Over {count} training seeds (same baseline and data; data order and dropout vary): full judge "
-                f"{mean_and_sd(full_scores)[0]:.2f} +- {mean_and_sd(full_scores)[1]:.2f}, uncapped cascade "
-                f"{mean_and_sd(cascade_scores)[0]:.2f} +- {mean_and_sd(cascade_scores)[1]:.2f} mean P@1; paired "
-                f"difference (cascade - full) {difference:+.2f}, 95% interval [{difference - half_width:+.2f}, "
+                f"{full_mean:.2f} +- {full_sd:.2f}, uncapped cascade {cascade_mean:.2f} +- {cascade_sd:.2f} mean P@1; "
+                f"paired difference (cascade - full) {difference:+.2f}, 95% interval [{difference - half_width:+.2f}, "
                 f"{difference + half_width:+.2f}]: {verdict}."]
 
 

@@ -270,7 +270,7 @@ def pipeline_placement(config: PipelineConfig) -> Placement:
     """Where the main job's models run (`modeling_unime.placement`, as in the other recipes): this process's device
     and attention kernel; ``dtype`` is the compute precision (bf16 on an accelerator with ``auto``): weights stay
     float32 for training (mixed precision) and the inference stages run under autocast at that precision."""
-    return placement(config.dtype, config.attn_implementation, compute_dtype=None)
+    return placement(config.dtype, config.attn_implementation)
 
 
 def inference_precision(where: Placement) -> contextlib.AbstractContextManager:
