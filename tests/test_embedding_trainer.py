@@ -319,16 +319,6 @@ def test_deduplicated_inputs_give_the_plain_gradients_and_loss(tmp_path, gradcac
         torch.testing.assert_close(shared[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_gradcache_refuses_deepspeed_and_fsdp(tmp_path):
-    model, processor = build_tiny_unime("qwen2_vl")
-    rows = synthetic_judge_dataset(4, tmp_path, num_negatives=4)
-    trainer = UniMEV2Trainer(model=model, args=training_args(tmp_path, gradcache=True), train_dataset=rows,
-                             processing_class=processor, image_root=tmp_path)
-    trainer.is_fsdp_enabled = True
-    with pytest.raises(ValueError, match="gradcache=True does not work with DeepSpeed or FSDP"):
-        trainer.check_gradcache_support()
-
-
 # ------------------------------------------------------------------------------------------ gradient accumulation
 
 

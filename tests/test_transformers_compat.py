@@ -181,3 +181,33 @@ def test_no_module_of_the_package_calls_a_private_transformers_or_trainer_method
             text = path.read_text(encoding="utf-8")
             offenders += [f"{path.relative_to(root)}: {name}" for name in replaced if name in text]
     assert not offenders, offenders
+
+
+# ------------------------------------------------------------------------------------------- torch hooks
+
+
+def test_torch_hooks_of_the_memory_plan_and_fsdp_work():
+    """The memory plan (trainers/memory_plan.py) counts tensors with a ``TorchDispatchMode`` (importable only from
+    ``torch.utils._python_dispatch``), keys storages by their preserved Python object, and measures flash-style
+    attention on meta tensors with ``aten._scaled_dot_product_flash_attention_for_cpu``; FSDP2 training
+    (trainers/sharding.py) needs ``FSDPModule.set_reduce_scatter_unused_params``. Each named with the torch version."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from trainers.memory_plan import LiveTensorTracker, saved_activation_bytes
+
+    version = f"torch {torch.__version__}"
+    assert hasattr(FSDPModule, "set_reduce_scatter_unused_params"), (
+        f"{version} has no FSDPModule.set_reduce_scatter_unused_params: FSDP2 training refuses to start")
+    assert hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"), (
+        f"{version} removed aten._scaled_dot_product_flash_attention_for_cpu: the memory plan's attention probe")
+    tensor = torch.empty(4, device="meta")
+    assert tensor.untyped_storage() is tensor.untyped_storage(), (
+        f"{version} no longer preserves a storage's Python object: the memory plan's storage keys are wrong")
+    with LiveTensorTracker() as tracker:
+        kept = torch.ones(256)
+        del kept
+    assert tracker.peak == 1024 and tracker.current == 0, f"{version}: TorchDispatchMode no longer sees allocations"
+    query = torch.empty(1, 2, 8, 16, device="meta", requires_grad=True)
+    kept_bytes = saved_activation_bytes(
+        lambda: torch.nn.functional.scaled_dot_product_attention(query, query, query), exclude=[query])
+    assert kept_bytes > 0, f"{version}: the attention probe keeps nothing for backward"

@@ -7,8 +7,9 @@ baseline and the "hard negatives only" ablation), ``hybrid`` (soft label + ``inf
 
 GradCache (``gradcache=True``): embed every chunk without gradients, compute the loss on the cached embeddings, then
 re-run each chunk with the same random state and back-propagate its embedding gradients. Same gradients as the
-plain path, with activation memory of one chunk. Works under DDP; with DeepSpeed or FSDP it stops with a clear
-message (their sharded backward hooks expect one backward per step).
+plain path, with activation memory of one chunk. Works under DDP and FSDP2 (`trainers.sharding`: gradients reduced
+once per optimizer step, on the last chunk; tests/test_fsdp.py checks both against one process with the whole batch);
+DeepSpeed is refused (ZeRO reduces gradients in its own hooks on every backward).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import Trainer, TrainingArguments
 from .collator import NegativeSelection, UniMEV2Collator
 from .common import Choice, JudgeDatasetMixin, LoggedMetricsMixin, inputs_on_device
 from .losses import InfoNCELoss, SoftLabelAlignmentLoss
+from .sharding import ShardingMixin
 
 
 class Loss(Choice):
@@ -74,6 +76,12 @@ class UniMEV2TrainingArguments(TrainingArguments):
             Embed in chunks without keeping activations, then replay each chunk for its gradients.
         gradcache_chunk_size (`int`, *optional*, defaults to `2`):
             Rows per chunk (``--gc_q_chunk_size 2 --gc_p_chunk_size 2`` in the authors' script).
+        gradcache_reduce_each_chunk (`bool`, *optional*, defaults to `False`):
+            Under FSDP2 only. ``False``: gradients are reduce-scattered once per optimizer step, in the last chunk's
+            backward; until then every process keeps the unsharded gradients of the trainable parameters (megabytes
+            for an adapter; 4 bytes per parameter for a float32 full fine-tune). ``True``: a reduce-scatter after
+            every chunk, the gradients stay sharded (for a full fine-tune of a large model; more communication).
+            Both give the same gradients (tests/test_fsdp.py).
         deduplicate_inputs (`bool`, *optional*, defaults to `True`):
             Encode an input that occurs several times in a step (the same text and image: a class label shared by
             many queries, a caption mined for several queries) once, within each process, and share its embedding;
@@ -106,6 +114,9 @@ class UniMEV2TrainingArguments(TrainingArguments):
     )
     gradcache: bool = field(default=False, metadata={"help": "embed in chunks without activations kept"})
     gradcache_chunk_size: int = field(default=2, metadata={"help": "rows per GradCache chunk (authors' code: 2)"})
+    gradcache_reduce_each_chunk: bool = field(default=False, metadata={
+        "help": "FSDP2: reduce-scatter the gradients after every GradCache chunk (they stay sharded) instead of "
+                "once per step (unsharded trainable gradients kept until then)"})
     deduplicate_inputs: bool = field(default=True, metadata={
         "help": "encode an input that occurs several times in a step (same text, same image) once and share its "
                 "embedding; without dropout the gradients are the plain step's"})
@@ -155,7 +166,7 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
             gradient.copy_(averaged.view_as(gradient))
 
 
-class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
+class UniMEV2Trainer(ShardingMixin, JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
     """`Trainer` for UniME-V2 embedders on the judge dataset (see the module docstring for the objectives).
 
     Logged: ``loss_soft_label`` (with ``kl_pq`` and ``kl_qp``) and ``loss_infonce`` (the parts), ``p_positive``
@@ -200,12 +211,13 @@ class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
         )
 
     def check_gradcache_support(self) -> None:
-        """GradCache runs one backward per chunk: DeepSpeed and FSDP expect one per step, so they are refused."""
-        if self.args.gradcache and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        """GradCache runs one backward per chunk: DeepSpeed ZeRO reduces gradients in its own hooks on every backward,
+        so it is refused; DDP and FSDP2 work (FSDP1 is refused by `ShardingMixin`)."""
+        if self.args.gradcache and self.is_deepspeed_enabled:
             raise ValueError(
-                "gradcache=True does not work with DeepSpeed or FSDP (their sharded backward expects one backward "
-                "pass per step). Use DDP (recipes/accelerate/multi_gpu.yaml) with GradCache, or turn GradCache off "
-                "and lower the batch size / use gradient accumulation."
+                "gradcache=True does not work with DeepSpeed (ZeRO reduces gradients on every backward, GradCache runs "
+                "one per chunk). Use FSDP2 (recipes/accelerate/fsdp.yaml) or DDP (recipes/accelerate/multi_gpu.yaml) "
+                "with GradCache, or turn GradCache off and lower the batch size / use gradient accumulation."
             )
 
     # ------------------------------------------------------------------------------------------------- objective
@@ -256,6 +268,8 @@ class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.args.gradcache:
             return super().training_step(model, inputs, num_items_in_batch)
+        if self.is_fsdp_enabled:
+            self.prepare_sharded_model(model)
         model.train()
         inputs = inputs_on_device(inputs, self.args.device)
         return self.gradcache_step(model, inputs, scale=1.0 / self.current_gradient_accumulation_steps)
@@ -263,30 +277,60 @@ class UniMEV2Trainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
     def gradcache_step(self, model: torch.nn.Module, inputs: dict[str, Any], scale: float = 1.0) -> torch.Tensor:
         """One GradCache step: returns the (unscaled) loss; parameter gradients are accumulated into ``.grad``."""
         chunks = inputs["chunks"]
+        sharded = self.is_fsdp_enabled
+        # Under FSDP every forward gathers weights with the other processes: all must run as many forwards, so a
+        # process with fewer distinct inputs replays its last chunk with a zero gradient.
+        forwards = chunks + [chunks[-1]] * self.missing_forwards(len(chunks)) if sharded else chunks
         states, cached = [], []
         with torch.no_grad(), self.compute_loss_context_manager():
-            for chunk in chunks:
+            for chunk in forwards:
                 states.append(RandomState())
                 cached.append(model(**chunk).embeddings)
         cached = [embeddings.detach().requires_grad_() for embeddings in cached]
         with self.compute_loss_context_manager():
             # the gather's backward sums a shared input's gradients into its one cached leaf
-            embeddings = every_input(torch.cat(cached), inputs)
+            embeddings = every_input(torch.cat(cached[: len(chunks)]), inputs)
             queries = inputs["num_queries"]
             loss, metrics = self.objective(embeddings[:queries], embeddings[queries:], inputs["judge_scores"])
         self.accelerator.backward(loss * scale)
-        # Every chunk back-propagates locally; gradients are then averaged over the processes once. A DDP-synced
-        # last chunk would not do: a text-only chunk leaves the vision tower without gradients and DDP refuses that.
-        with self.accelerator.no_sync(model):
-            for chunk, state, embeddings in zip(chunks, states, cached):
-                with state.replay(), self.compute_loss_context_manager():
-                    replayed = model(**chunk).embeddings
-                torch.autograd.backward(replayed, grad_tensors=embeddings.grad)
-        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
-            average_gradients(model, self.accelerator.num_processes)
+        if sharded:
+            # FSDP2 reduce-scatters (and averages over processes) in the backward of the last chunk only, unless
+            # told to after each chunk, and only at the end of an accumulation: until then the chunks accumulate
+            # unsharded gradients.
+            last = len(forwards) - 1
+            each_chunk = self.args.gradcache_reduce_each_chunk
+            for index, (chunk, state, embeddings) in enumerate(zip(forwards, states, cached)):
+                model.set_requires_gradient_sync(self.accelerator.sync_gradients and (each_chunk or index == last))
+                self.replay_chunk(model, chunk, state, embeddings)
+            model.set_requires_gradient_sync(True)
+        else:
+            # Every chunk back-propagates locally; gradients are then averaged over the processes once. A DDP-synced
+            # last chunk would not do: a text-only chunk leaves the vision tower without gradients and DDP refuses
+            # that.
+            with self.accelerator.no_sync(model):
+                for chunk, state, embeddings in zip(forwards, states, cached):
+                    self.replay_chunk(model, chunk, state, embeddings)
+            if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+                average_gradients(model, self.accelerator.num_processes)
         self._record(metrics)
         return loss.detach() * scale
 
+    def replay_chunk(
+        self, model: torch.nn.Module, chunk: dict[str, Any], state: RandomState, cached: torch.Tensor
+    ) -> None:
+        """Re-run one chunk under the random state of its first pass and back-propagate its cached gradient (zero
+        for a chunk the loss did not read)."""
+        with state.replay(), self.compute_loss_context_manager():
+            replayed = model(**chunk).embeddings
+        gradient = cached.grad if cached.grad is not None else torch.zeros_like(replayed)
+        torch.autograd.backward(replayed, grad_tensors=gradient)
+
+    def missing_forwards(self, count: int) -> int:
+        """How many forwards this process runs fewer than the process with the most chunks in this step."""
+        if self.accelerator.num_processes == 1:
+            return 0
+        counts = self.accelerator.gather(torch.tensor([count], device=self.args.device))
+        return int(counts.max()) - count
 
 def every_input(embeddings: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
     """The embeddings of every row of the step ([queries, candidates of each query]) from those of its distinct inputs

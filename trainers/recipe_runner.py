@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 from datasets import load_from_disk
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_unime.data import image_root_of, load_official_json
@@ -44,6 +45,7 @@ from modeling_unime.util.arguments import flatten_config, load_recipe_yaml, pars
 from .adapters import FINETUNING_METHODS, RERANKER_ADAPTER, prepare_for_training, save_checkpoint
 from .embedding_trainer import UniMEV2Trainer, UniMEV2TrainingArguments
 from .reranker_trainer import UniMEV2RerankerTrainer, UniMEV2RerankerTrainingArguments
+from .sharding import gather_trained_model
 
 SYNTHETIC_JUDGE_PREFIX = "synthetic-judge:"
 SECTIONS = {"training": "", "data": "data_", "adapter": "adapter_"}
@@ -353,6 +355,9 @@ def run_training_recipe(kind: RecipeKind, arguments: TrainingRecipeArguments) ->
     if script.image_resize:  # the rule saved with the checkpoint, for inference (data_image_resize: training)
         processor.image_resize = script.image_resize
     adapter = arguments.adapter.settings(kind.default_adapter) if finetuning != "full" else {}
+    # The adapter's random initialisation follows the seed alone, not what loading drew before it (which differs
+    # between 1 and N processes, and under FSDP's loading on the main process only).
+    set_seed(args.seed)
     model = prepare_for_training(model, finetuning, **adapter)
     trainer = kind.trainer_class(
         model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=processor,
@@ -365,6 +370,9 @@ def run_training_recipe(kind: RecipeKind, arguments: TrainingRecipeArguments) ->
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     before = evaluations[0] if evaluations else {}
     after = trainer.evaluate() if eval_rows is not None else {}
+    trained = gather_trained_model(  # under FSDP, gathered from the shards into a fresh copy on the main process
+        trainer, lambda: prepare_for_training(load_training_model(kind, script.model, settings, args, finetuning,
+                                                                  run)[0], finetuning, **adapter))
     if not trainer.is_world_process_zero():
         return None
 
@@ -381,7 +389,7 @@ def run_training_recipe(kind: RecipeKind, arguments: TrainingRecipeArguments) ->
     )
     repo_id = script.push_to_hub
     final = save_checkpoint(
-        trainer.model, processor, output_dir / "final", merge=script.merge,
+        trained, processor, output_dir / "final", merge=script.merge,
         card=dict(training=training_text, evaluation=evaluation or None, repo_id=repo_id,
                   base_model=None if script.model.startswith("tiny:") else script.model),
     )

@@ -50,6 +50,7 @@ from modeling_unime.scoring_unime import LISTWISE_ANSWER_PREFIX, PromptBuilder, 
 from .collator import load_training_image, training_image_resize
 from .common import JudgeDatasetMixin, LoggedMetricsMixin
 from .seeding import row_rng
+from .sharding import ShardingMixin
 
 PAIRWISE, LISTWISE = 0, 1
 KIND_NAMES = {PAIRWISE: "pairwise", LISTWISE: "listwise"}
@@ -398,7 +399,7 @@ def listwise_index_cross_entropy(
     return total / lists if lists else None
 
 
-class UniMEV2RerankerTrainer(JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
+class UniMEV2RerankerTrainer(ShardingMixin, JudgeDatasetMixin, LoggedMetricsMixin, Trainer):
     """`Trainer` for `UniMEV2Reranker` on the judge dataset (see the module docstring).
 
     Logged: ``loss_pairwise``, ``loss_listwise`` (per list, -log P(index) over the vocabulary: what is trained),
