@@ -263,10 +263,60 @@ def run_recipe(config: Path) -> None:
     runpy.run_path(str(REPO_ROOT / "recipes" / "train_embedding.py"), run_name="__main__")
 
 
+class WeightChange(TrainerCallback):
+    """Each weight's change over the first step, whole (with plain SGD at lr 1: minus its gradient)."""
+
+    def __init__(self) -> None:
+        self.before: dict[str, torch.Tensor] = {}
+        self.change: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self.change:
+            self.change = {name: self.before[name] - parameter.detach()
+                           for name, parameter in model.named_parameters()}
+
+
+DEEPSPEED_ZERO2 = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+                   "gradient_clipping": 0.0, "train_micro_batch_size_per_gpu": "auto",
+                   "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}
+
+
+def run_sgd_case(case: str, mode: str, output: Path) -> None:
+    """One step of plain SGD at lr 1 (weights change by minus the gradient), under DeepSpeed ZeRO-2 (``mode``
+    "deepspeed") or in one process ("single"): written as ``{case}-{mode}-sgd.safetensors`` on the main process."""
+    finetuning, gradcache, loss, dropout = CASES[case]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    model, processor = build_tiny_unime("qwen2_vl")
+    model = prepare_for_training(model, finetuning, dropout=0.0) if finetuning != "full" else model
+    root = output / "images"
+    args = UniMEV2TrainingArguments(
+        str(output / f"{case}-{mode}-sgd"), report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=5,
+        max_steps=1, logging_steps=1, per_device_train_batch_size=GLOBAL_BATCH // world_size, optim="sgd",
+        learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, lr_scheduler_type="constant",
+        train_sampling_strategy="sequential", num_negatives=3, loss=loss, infonce_weight=0.5, gradcache=gradcache,
+        gradcache_chunk_size=2, deepspeed=DEEPSPEED_ZERO2 if mode == "deepspeed" else None,
+    )
+    recorder = WeightChange()
+    trainer = UniMEV2Trainer(model=model, args=args, train_dataset=mixed_rows(root), processing_class=processor,
+                             image_root=root, callbacks=[recorder])
+    assert trainer.is_deepspeed_enabled == (mode == "deepspeed")
+    trainer.train()
+    if trainer.is_world_process_zero():
+        from safetensors.torch import save_file
+
+        trainable = {name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad}
+        save_file({name: change.contiguous() for name, change in recorder.change.items() if name in trainable},
+                  str(output / f"{case}-{mode}-sgd.safetensors"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("output", type=Path)
-    parser.add_argument("--mode", choices=["fsdp", "ddp", "single"], required=True)
+    parser.add_argument("--mode", choices=["fsdp", "ddp", "single", "deepspeed"], required=True)
+    parser.add_argument("--sgd", action="store_true", help="one step of SGD at lr 1 (deepspeed and its reference)")
     parser.add_argument("--cases", nargs="+", default=list(CASES))
     parser.add_argument("--resume", action="store_true", help="also the resume and final-save check (fsdp only)")
     parser.add_argument("--recipe", type=Path, help="run recipes/train_embedding.py with this config (fsdp only)")
@@ -274,6 +324,10 @@ def main() -> None:
     torch.set_num_threads(1)
     if arguments.recipe:
         return run_recipe(arguments.recipe)
+    if arguments.sgd or arguments.mode == "deepspeed":
+        for case in arguments.cases:
+            run_sgd_case(case, arguments.mode, arguments.output)
+        return None
     for case in arguments.cases:
         run_case(case, arguments.mode, arguments.output)
     if arguments.resume:

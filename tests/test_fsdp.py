@@ -253,18 +253,29 @@ def test_the_plugin_gets_the_decoder_layers_unless_the_config_names_its_own(monk
     _Trainer(version_one, gradcache=False).configure_sharding()
 
 
-def test_gradcache_refuses_deepspeed(tmp_path):
-    model, processor = build_tiny_unime("qwen2_vl")
-    rows = synthetic_judge_dataset(4, tmp_path, num_negatives=4)
-    args = UniMEV2TrainingArguments(str(tmp_path / "out"), gradcache=True, use_cpu=True, report_to=[], num_negatives=4)
-    trainer = UniMEV2Trainer(model=model, args=args, train_dataset=rows, processing_class=processor,
-                             image_root=tmp_path)
-    trainer.check_gradcache_support()  # DDP / one process: accepted
-    trainer.is_fsdp_enabled = True
-    trainer.check_gradcache_support()  # FSDP2: accepted
-    trainer.is_deepspeed_enabled = True
-    with pytest.raises(ValueError, match="gradcache=True does not work with DeepSpeed"):
-        trainer.check_gradcache_support()
+class _DeepSpeedTrainer(ShardingMixin):
+    def __init__(self, stage, accumulation=1, finetuning="full"):
+        from trainers.adapters import prepare_for_training
+
+        self.model = prepare_for_training(build_tiny_unime("qwen2_vl")[0], finetuning)
+        self.args = UniMEV2TrainingArguments("unused", use_cpu=True, report_to=[],
+                                             gradient_accumulation_steps=accumulation)
+        self.accelerator = _Accelerator(None)
+        self.accelerator.state.deepspeed_plugin = type("Plugin", (), {"zero_stage": stage})()
+        self.is_deepspeed_enabled = True
+
+
+def test_deepspeed_settings_that_cannot_work_are_refused_with_the_alternative():
+    with pytest.raises(ValueError, match="ZeRO-3 gathers weights module by module"):
+        _DeepSpeedTrainer(3).check_deepspeed(coalesced=True)
+    with pytest.raises(ValueError, match="ZeRO-3 gathers weights"):
+        _DeepSpeedTrainer(3, finetuning="lora").check_deepspeed(coalesced=False)  # the reranker's path too
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2 under DeepSpeed"):
+        _DeepSpeedTrainer(2, accumulation=2).check_deepspeed(coalesced=True)
+    # the reranker's path (one reduction per backward, in hook order): a trained vision tower is refused...
+    with pytest.raises(ValueError, match="DeepSpeed with a trained vision tower"):
+        _DeepSpeedTrainer(2).check_deepspeed(coalesced=False)
+    _DeepSpeedTrainer(2, finetuning="lora").check_deepspeed(coalesced=False)  # ...a frozen one is not
 
 
 def test_an_fsdp_config_that_accelerate_drops_on_cpu_is_reported(tmp_path, monkeypatch):

@@ -138,6 +138,7 @@ def test_other_shipped_configs_plan_under_zero2(capsys, config):
     assert status == 0
     plan = json.loads(out.strip().splitlines()[-1])
     assert plan["total"] > plan["weights"] > 0 and plan["setting"]["strategy"] == "zero2"
+    assert plan["setting"]["gradcache"] is (config != "reranker-qwen25vl-7b")  # GradCache under ZeRO-2 (embedder)
 
 
 def test_reranker_plan_uses_its_lora_and_longest_list():
@@ -226,3 +227,10 @@ def test_under_fsdp_the_vision_tower_is_gathered_with_the_root_unit():
     assert facts.root_count > vision > 6e8  # Qwen2-VL's 675M-parameter vision tower
     layer_sizes = [sum(parameter.numel() for parameter in layer.parameters()) for layer in decoder_layers(model)]
     assert facts.largest_unit_count == max(layer_sizes)
+
+
+def test_zero3_is_refused_as_the_trainers_refuse_it(tmp_path, capsys):
+    zero3 = tmp_path / "zero3.yaml"
+    zero3.write_text((ACCELERATE / "zero2.yaml").read_text().replace("zero_stage: 2", "zero_stage: 3"))
+    status, _, err = run_cli(capsys, "--config", str(CONFIGS / "qwen2vl-7b.yaml"), "--accelerate_config", str(zero3))
+    assert status == 2 and "ZeRO-3 is refused by the trainers" in err

@@ -7,9 +7,8 @@ baseline and the "hard negatives only" ablation), ``hybrid`` (soft label + ``inf
 
 GradCache (``gradcache=True``): embed every chunk without gradients, compute the loss on the cached embeddings, then
 re-run each chunk with the same random state and back-propagate its embedding gradients. Same gradients as the
-plain path, with activation memory of one chunk. Works under DDP and FSDP2 (`trainers.sharding`: gradients reduced
-once per optimizer step, on the last chunk; tests/test_fsdp.py checks both against one process with the whole batch);
-DeepSpeed is refused (ZeRO reduces gradients in its own hooks on every backward).
+plain path, with activation memory of one chunk. Works under DDP, FSDP2 and DeepSpeed ZeRO-1/2 (`trainers.sharding`:
+gradients reduced once per optimizer step; tests/test_fsdp.py checks them against one process with the whole batch).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from transformers import Trainer, TrainingArguments
 from .collator import NegativeSelection, UniMEV2Collator
 from .common import Choice, JudgeDatasetMixin, LoggedMetricsMixin, inputs_on_device
 from .losses import InfoNCELoss, SoftLabelAlignmentLoss
-from .sharding import ShardingMixin
+from .sharding import ShardingMixin, fill_missing_gradients
 
 
 class Loss(Choice):
@@ -197,7 +196,7 @@ class UniMEV2Trainer(ShardingMixin, JudgeDatasetMixin, LoggedMetricsMixin, Train
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.check_gradcache_support()
+        self.check_deepspeed(coalesced=True)  # every step goes through deepspeed_step
         self.soft_label_loss = SoftLabelAlignmentLoss(self.args.contrastive_temperature)
         self.infonce_loss = InfoNCELoss(
             self.args.contrastive_temperature, hard_negatives_only=not self.args.infonce_in_batch
@@ -209,16 +208,6 @@ class UniMEV2Trainer(ShardingMixin, JudgeDatasetMixin, LoggedMetricsMixin, Train
             chunk_size=args.gradcache_chunk_size if args.gradcache else None, deduplicate=args.deduplicate_inputs,
             **images,
         )
-
-    def check_gradcache_support(self) -> None:
-        """GradCache runs one backward per chunk: DeepSpeed ZeRO reduces gradients in its own hooks on every backward,
-        so it is refused; DDP and FSDP2 work (FSDP1 is refused by `ShardingMixin`)."""
-        if self.args.gradcache and self.is_deepspeed_enabled:
-            raise ValueError(
-                "gradcache=True does not work with DeepSpeed (ZeRO reduces gradients on every backward, GradCache runs "
-                "one per chunk). Use FSDP2 (recipes/accelerate/fsdp.yaml) or DDP (recipes/accelerate/multi_gpu.yaml) "
-                "with GradCache, or turn GradCache off and lower the batch size / use gradient accumulation."
-            )
 
     # ------------------------------------------------------------------------------------------------- objective
 
@@ -266,6 +255,9 @@ class UniMEV2Trainer(ShardingMixin, JudgeDatasetMixin, LoggedMetricsMixin, Train
     # ------------------------------------------------------------------------------------------------- GradCache
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.is_deepspeed_enabled:
+            model.train()
+            return self.deepspeed_step(model, inputs_on_device(inputs, self.args.device))
         if not self.args.gradcache:
             return super().training_step(model, inputs, num_items_in_batch)
         if self.is_fsdp_enabled:
@@ -273,6 +265,23 @@ class UniMEV2Trainer(ShardingMixin, JudgeDatasetMixin, LoggedMetricsMixin, Train
         model.train()
         inputs = inputs_on_device(inputs, self.args.device)
         return self.gradcache_step(model, inputs, scale=1.0 / self.current_gradient_accumulation_steps)
+
+    def deepspeed_step(self, engine: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """One step under DeepSpeed ZeRO-1/2, with or without GradCache: every backward accumulates locally inside
+        DeepSpeed's ``coalesce_grad_reduction``, every trainable parameter gets a gradient (zero where this process
+        had none), and one reduction over all of them, in the same order on every process, precedes the step."""
+        with engine.coalesce_grad_reduction():
+            if self.args.gradcache:
+                loss = self.gradcache_step(engine, inputs)
+            else:
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(engine, inputs)
+                engine.backward(loss, scale_wrt_gas=False)
+                loss = loss.detach()
+            fill_missing_gradients(engine.module)
+        if self.accelerator.sync_gradients:
+            engine.step()
+        return loss
 
     def gradcache_step(self, model: torch.nn.Module, inputs: dict[str, Any], scale: float = 1.0) -> torch.Tensor:
         """One GradCache step: returns the (unscaled) loss; parameter gradients are accumulated into ``.grad``."""
@@ -292,7 +301,10 @@ class UniMEV2Trainer(ShardingMixin, JudgeDatasetMixin, LoggedMetricsMixin, Train
             embeddings = every_input(torch.cat(cached[: len(chunks)]), inputs)
             queries = inputs["num_queries"]
             loss, metrics = self.objective(embeddings[:queries], embeddings[queries:], inputs["judge_scores"])
-        self.accelerator.backward(loss * scale)
+        if self.is_deepspeed_enabled:  # accelerate's DeepSpeed backward would also step the engine
+            (loss * scale).backward()
+        else:
+            self.accelerator.backward(loss * scale)
         if sharded:
             # FSDP2 reduce-scatters (and averages over processes) in the backward of the last chunk only, unless
             # told to after each chunk, and only at the end of an accumulation: until then the chunks accumulate
@@ -303,6 +315,9 @@ class UniMEV2Trainer(ShardingMixin, JudgeDatasetMixin, LoggedMetricsMixin, Train
                 model.set_requires_gradient_sync(self.accelerator.sync_gradients and (each_chunk or index == last))
                 self.replay_chunk(model, chunk, state, embeddings)
             model.set_requires_gradient_sync(True)
+        elif self.is_deepspeed_enabled:  # inside deepspeed_step's coalesce_grad_reduction: reduced after the step
+            for chunk, state, embeddings in zip(forwards, states, cached):
+                self.replay_chunk(model, chunk, state, embeddings)
         else:
             # Every chunk back-propagates locally; gradients are then averaged over the processes once. A DDP-synced
             # last chunk would not do: a text-only chunk leaves the vision tower without gradients and DDP refuses

@@ -23,7 +23,8 @@ as `trainers.sharding` makes them: the decoder layers, the vision tower in the r
 optimizer state by ``num_processes`` (trainable weights as accelerate keeps them, float32 masters) and adds the
 unsharded root and two layers (current + prefetched) in the compute dtype; with GradCache reduced once per step
 (``gradcache_reduce_each_chunk: false``) every process also holds the unsharded float32 gradients until the last
-chunk. DeepSpeed ZeRO-2 divides gradients and optimizer state, ZeRO-3 everything (GradCache is refused there).
+chunk. DeepSpeed ZeRO-2 divides gradients and optimizer state; the embedding trainer reduces once per step there too
+(every process first holds the whole gradients); ZeRO-3 is refused by the trainers.
 
 Checked against the peak of live tensors measured on CPU (`measure_tiny_training_peak`, `LiveTensorTracker`) for
 tiny models: tests/test_memory_plan.py. Not checked here: CUDA kernels' own workspaces, allocator fragmentation
@@ -295,10 +296,10 @@ def training_shape(
     adapter_settings = adapter.settings(recipe.default_adapter) if finetuning != "full" else {}
 
     gradcache = bool(getattr(args, "gradcache", False))
-    if gradcache and sharding.strategy.startswith("zero"):
-        gradcache = False
-        notes.append("GradCache refuses DeepSpeed (trainers/embedding_trainer.py): planned with "
-                     "training.gradcache: false, as the run would need.")
+    if sharding.strategy == "zero3":
+        raise ValueError(f"{sharding.source}: ZeRO-3 is refused by the trainers (trainers/sharding.py: it gathers "
+                         "weights module by module and only processes with images run the vision tower); plan "
+                         "recipes/accelerate/fsdp.yaml to shard the weights.")
     image_rule = data.data_image_resize or (f"square:{data.data_image_size}" if data.data_image_size else None)
     if image_rule is None or image_rule == "native":
         image_rule = "square:672"
@@ -768,6 +769,10 @@ def _assemble(facts: _ModelFacts, profile: ActivationProfile, shape: TrainingSha
     if fsdp and shape.gradcache and not shape.gradcache_reduce_each_chunk:
         # Reduced once per step: until the last chunk every process accumulates the unsharded gradients (float32).
         gradients += facts.trainable_count * 4
+    if deepspeed and shape.kind == "embedder":
+        # The embedding trainer reduces once per step (coalesce_grad_reduction): every process first accumulates the
+        # whole gradients in the weights' dtype.
+        gradients += facts.trainable_count * (2 if half else 4)
     if sharding.shards_optimizer:
         optimizer //= world
     if sharding.strategy == "ddp":
@@ -852,12 +857,8 @@ def _advice(facts: _ModelFacts, profile: ActivationProfile, shape: TrainingShape
     advice = []
     ddp_like = sharding.strategy in ("single", "ddp")
     if not shape.gradcache and shape.kind == "embedder":
-        if not sharding.strategy.startswith("zero"):
-            advice.append(f"turn on GradCache (training.gradcache: true, gradcache_chunk_size: 2): "
-                          f"{total_with(gradcache=True, gradcache_chunk_size=2):.1f} GiB")
-        else:
-            advice.append("GradCache (activations of 2 rows instead of the batch) refuses DeepSpeed: use "
-                          "recipes/accelerate/fsdp.yaml or multi_gpu.yaml with training.gradcache: true")
+        advice.append(f"turn on GradCache (training.gradcache: true, gradcache_chunk_size: 2): "
+                      f"{total_with(gradcache=True, gradcache_chunk_size=2):.1f} GiB")
     if sharding.strategy == "fsdp" and shape.gradcache and not shape.gradcache_reduce_each_chunk:
         advice.append(f"keep the gradients sharded (training.gradcache_reduce_each_chunk: true): "
                       f"{total_with(gradcache_reduce_each_chunk=True):.1f} GiB")

@@ -1,4 +1,4 @@
-"""FSDP2 for the trainers: which layers become sharded units, and what GradCache needs under FSDP2.
+"""FSDP2 and DeepSpeed for the trainers: which layers become sharded units, and what GradCache needs there.
 
 Under FSDP2 every forward of a sharded unit all-gathers its weights and every synchronised backward reduce-scatters
 its gradients: collectives that every process must call in the same order. Two things in a multimodal step break
@@ -13,8 +13,14 @@ that order unless they are dealt with:
 - De-duplication makes the number of GradCache chunks differ between processes: the trainer pads every process to
   the largest count with a replayed chunk whose cached gradient is zero (`UniMEV2Trainer.gradcache_step`).
 
-Tested on CPU with gloo (tests/test_fsdp.py): accelerate selects FSDP only on accelerator devices, so that test forces
-it with a Trainer subclass of its own; nothing in this module changes what accelerate selects.
+DeepSpeed ZeRO-1/2 reduces gradients in hooks, bucket by bucket, in the order they are computed: a process that ran
+the vision tower and one that did not would reduce different buckets (a collective mismatch, seen here with gloo). The
+embedding trainer therefore runs each step inside DeepSpeed's ``coalesce_grad_reduction`` (every backward accumulates
+locally), gives every trainable parameter a gradient (`fill_missing_gradients`) and lets the one flush reduce all of
+them in parameter order; the reranker trainer refuses a trained vision tower under DeepSpeed.
+
+Tested on CPU with gloo (tests/test_fsdp.py, tests/test_deepspeed.py). accelerate selects FSDP only on accelerator
+devices, so the FSDP test forces it with a Trainer subclass of its own; nothing here changes what accelerate selects.
 """
 
 from __future__ import annotations
@@ -104,6 +110,20 @@ def gather_trained_model(trainer: Any, rebuild: Callable[[], torch.nn.Module]) -
     return model
 
 
+def fill_missing_gradients(module: torch.nn.Module) -> None:
+    """Give every trainable parameter without a gradient a zero one, so that a ZeRO reduction over all parameters
+    reduces the same tensors in the same order on every process (the vision tower has no gradient on a process whose
+    step held no image)."""
+    for parameter in module.parameters():
+        if parameter.requires_grad and parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+
+
+def vision_parameters_train(model: torch.nn.Module) -> bool:
+    """Whether any parameter of the vision tower (or its projector) is trained."""
+    return any(parameter.requires_grad for name, parameter in model.named_parameters() if is_vision_module(name))
+
+
 class ShardingMixin:
     """For the trainers: under FSDP, shard the language model's decoder layers unless the accelerate config names
     the layers itself; refuse FSDP1 with GradCache (the trainer drives FSDP2's gradient synchronisation)."""
@@ -147,9 +167,54 @@ class ShardingMixin:
         model.set_reduce_scatter_unused_params(True)
         self._sharded_model_prepared = model
 
+    def check_deepspeed(self, coalesced: bool) -> None:
+        """DeepSpeed ZeRO reduces the gradients of the parameters each process computed, in the order they were
+        computed: processes that ran the vision tower and processes that did not would reduce different tensors.
+        ``coalesced``: the trainer reduces once per step, over every parameter in a fixed order (ZeRO-1/2, DeepSpeed's
+        ``coalesce_grad_reduction``, one micro-batch per step); else a trained vision tower is refused."""
+        if not self.is_deepspeed_enabled:
+            return
+        stage = self.accelerator.state.deepspeed_plugin.zero_stage
+        if stage == 3:
+            raise ValueError(
+                "DeepSpeed ZeRO-3 gathers weights module by module in the forward, and only processes with images "
+                "run the vision tower: they would wait on different collectives. Use ZeRO-2, or FSDP2 "
+                "(recipes/accelerate/fsdp.yaml) to shard the weights."
+            )
+        if not coalesced:
+            if vision_parameters_train(self.model):
+                raise ValueError(
+                    "DeepSpeed with a trained vision tower: processes whose batch has no image would reduce other "
+                    "gradients than those whose batch has one. Freeze the vision tower (the default LoRA / DoRA "
+                    "targets the language model only) or use FSDP2 (recipes/accelerate/fsdp.yaml)."
+                )
+            return
+        if stage not in (1, 2):
+            raise ValueError(
+                f"DeepSpeed ZeRO-{stage}: the embedding trainer reduces with DeepSpeed's coalesce_grad_reduction, "
+                "which needs ZeRO-1 or ZeRO-2."
+            )
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"gradient_accumulation_steps={self.args.gradient_accumulation_steps} under DeepSpeed: the embedding "
+                "trainer reduces once per step (DeepSpeed's coalesce_grad_reduction spans one micro-batch). Raise "
+                "per_device_train_batch_size instead: GradCache keeps its memory flat."
+            )
+        from deepspeed import DeepSpeedEngine, __version__
+
+        if not hasattr(DeepSpeedEngine, "coalesce_grad_reduction"):
+            raise ValueError(
+                f"deepspeed {__version__} has no DeepSpeedEngine.coalesce_grad_reduction, which the embedding trainer "
+                "reduces gradients with: install deepspeed>=0.19.8 (tested), or use FSDP2 "
+                "(recipes/accelerate/fsdp.yaml)."
+            )
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.is_fsdp_enabled:
             self.prepare_sharded_model(model)
+        if self.is_deepspeed_enabled and not getattr(self, "_deepspeed_checked", False):
+            self.check_deepspeed(coalesced=False)
+            self._deepspeed_checked = True
         return super().training_step(model, inputs, num_items_in_batch)
 
     def warn_if_fsdp_was_dropped(self) -> None:
@@ -167,8 +232,10 @@ __all__ = [
     "ShardingMixin",
     "VISION_MODULE_NAMES",
     "check_units_run_on_every_forward",
+    "fill_missing_gradients",
     "gather_trained_model",
     "is_vision_module",
     "language_layer_classes",
     "sharded_units",
+    "vision_parameters_train",
 ]
