@@ -200,6 +200,19 @@ class Sharding:
         return self.strategy in ("fsdp", "zero1", "zero2", "zero3")
 
 
+def _read_config(path: Path, kind: str, required_key: str, example: str) -> Mapping[str, Any]:
+    """A YAML config file that must exist and hold ``required_key`` (``kind``: "an accelerate config", ...)."""
+    from modeling_unime.util.arguments import load_recipe_yaml
+
+    name = kind.split(" ", 1)[1]
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} {str(path)!r} does not exist (e.g. {example}).")
+    loaded = load_recipe_yaml(path)
+    if not isinstance(loaded, Mapping) or required_key not in loaded:
+        raise ValueError(f"{path}: not {kind} (no {required_key} key); see {Path(example).parent}/.")
+    return loaded
+
+
 def sharding_from_accelerate_config(path: str | os.PathLike | None) -> Sharding:
     """The `Sharding` of an ``accelerate`` config file (None: one process).
 
@@ -211,14 +224,8 @@ def sharding_from_accelerate_config(path: str | os.PathLike | None) -> Sharding:
     """
     if path is None:
         return Sharding("single")
-    from modeling_unime.util.arguments import load_recipe_yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"accelerate config {str(path)!r} does not exist (e.g. recipes/accelerate/fsdp.yaml).")
-    config = load_recipe_yaml(path)
-    if not isinstance(config, Mapping) or "distributed_type" not in config:
-        raise ValueError(f"{path}: not an accelerate config (no distributed_type key); see recipes/accelerate/.")
+    config = _read_config(path, "an accelerate config", "distributed_type", "recipes/accelerate/fsdp.yaml")
     distributed = str(config["distributed_type"]).upper()
     world_size = int(config.get("num_processes", 1) or 1)
     mixed = config.get("mixed_precision") or None
@@ -271,16 +278,11 @@ def training_shape(
     The recipe is parsed by `trainers.recipe_runner.parse_training_recipe` (``overrides``: more recipe flags, e.g.
     ``["--gradcache_chunk_size", "1"]``)."""
     from modeling_unime.placement import training_dtype
-    from modeling_unime.util.arguments import load_recipe_yaml
 
     from .recipe_runner import EMBEDDER, RERANKER, mixed_precision_of, parse_training_recipe
 
     path = Path(recipe_config_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe config {str(path)!r} does not exist (e.g. recipes/configs/qwen2vl-7b.yaml).")
-    loaded = load_recipe_yaml(path)
-    if not isinstance(loaded, Mapping) or "model" not in loaded:
-        raise ValueError(f"{path}: not a training recipe config (no model key); see recipes/configs/.")
+    loaded = _read_config(path, "a training recipe config", "model", "recipes/configs/qwen2vl-7b.yaml")
     kind = recipe_kind_of(loaded)
     recipe = RERANKER if kind == "reranker" else EMBEDDER
     # The output folder must not be created by a plan: a scratch one is named instead.
