@@ -44,6 +44,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa:
 from modeling_unime import UniMEV2Config, UniMEV2Model  # noqa: E402
 from modeling_unime.tiny import REAL_QWEN2_VOCAB_SIZE  # noqa: E402
 from trainers import UniMEV2Trainer, UniMEV2TrainingArguments  # noqa: E402
+from trainers.adapters import prepare_for_training  # noqa: E402
 from trainers.collator import distinct_inputs  # noqa: E402
 
 SHAPES = {
@@ -159,6 +160,13 @@ def measure(shape: str, args: argparse.Namespace) -> dict:
     causal_lm = Qwen2VLForConditionalGeneration(config).train()
     ours = UniMEV2Model(UniMEV2Config(backbone_config=config)).train()
     ours.model.load_state_dict(causal_lm.model.state_dict())
+    base_lm = causal_lm
+    if args.finetuning != "full":
+        # The same adapter on both, drawn from the same random state (the modules are created in the same order).
+        torch.manual_seed(args.seed + 1)
+        causal_lm = prepare_for_training(causal_lm, args.finetuning, dropout=0.0).train()
+        torch.manual_seed(args.seed + 1)
+        ours = prepare_for_training(ours, args.finetuning, dropout=0.0).train()
     trainer = UniMEV2Trainer(model=ours, args=UniMEV2TrainingArguments(
         tempfile.mkdtemp(prefix="train-step-"), gradcache=True, gradcache_chunk_size=args.chunk_size,
         num_negatives=args.num_negatives, use_cpu=True, report_to=[]))
@@ -170,7 +178,7 @@ def measure(shape: str, args: argparse.Namespace) -> dict:
     differences = {
         name: float((gradient - their_gradients[name]).norm() / their_gradients[name].norm().clamp_min(1e-30))
         for name, gradient in our_gradients.items() if name in their_gradients}
-    layer_seconds, head_seconds = layer_and_head_seconds(causal_lm, rows, args.repeats)
+    layer_seconds, head_seconds = layer_and_head_seconds(base_lm, rows, args.repeats)
     # At the real depth, per step: GradCache runs the layers forward twice and backward once (about two forwards),
     # on the distinct rows for us and on every row for them; theirs adds the LM head to both forwards (it gets no
     # gradient). Left out: what grows with the chunk count (the embedding gradient is accumulated once per chunk).
@@ -179,7 +187,8 @@ def measure(shape: str, args: argparse.Namespace) -> dict:
     passes_ours = 4 * per_row_layers * distinct_rows
     passes_theirs = (4 * per_row_layers + 2 * head_seconds / len(rows)) * len(rows)
     return {
-        "shape": shape, "layers": args.layers, "hidden_size": config.text_config.hidden_size,
+        "shape": shape, "finetuning": args.finetuning, "layers": args.layers,
+        "hidden_size": config.text_config.hidden_size,
         "rows_per_pass": {"ours": distinct_rows, "authors": len(rows)},
         "tokens_per_pass": {"ours": distinct_rows * args.tokens, "authors": len(rows) * args.tokens},
         "step_seconds": {"ours": round(our_seconds, 4), "authors": round(their_seconds, 4)},
@@ -202,6 +211,9 @@ def main() -> None:
     parser.add_argument("--duplicate_share", type=float, default=0.25,
                         help="share of the candidates that repeat another candidate of the step")
     parser.add_argument("--chunk_size", type=int, default=2, help="our GradCache chunk (the authors': 2)")
+    parser.add_argument("--finetuning", default="full", choices=["full", "dora", "lora"],
+                        help="full: every weight (the embedding's dense gradient per chunk); dora: the paper's adapter "
+                             "(r 16, language-model projections), the embedding frozen")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps ratios stable on shared CPUs)")
     parser.add_argument("--seed", type=int, default=0)
@@ -214,7 +226,8 @@ def main() -> None:
         print(f"{shape}: ours {result['step_seconds']['ours']:.3f} s, authors {result['step_seconds']['authors']:.3f} "
               f"s per step ({result['speedup']}x; implied at 28 layers {result['implied_speedup_at_28_layers']}x), "
               f"max relative gradient difference {result['max_relative_gradient_difference']:.2e}", flush=True)
-    print(json.dumps({"threads": args.threads, "queries": args.queries, "num_negatives": args.num_negatives,
+    print(json.dumps({"threads": args.threads, "finetuning": args.finetuning, "queries": args.queries,
+                      "num_negatives": args.num_negatives,
                       "tokens": args.tokens, "duplicate_share": args.duplicate_share, "chunk_size": args.chunk_size,
                       "median_speedup": statistics.median(result["speedup"] for result in results),
                       "shapes": results}))

@@ -93,16 +93,20 @@ def test_dedup_savings_prints_its_json_line(monkeypatch, capsys):
     assert retrieval["plain"] == retrieval["deduplicated"] and retrieval["rows_ratio"] == 1.0
 
 
-def test_train_step_prints_its_json_line_with_equal_gradients(monkeypatch, capsys):
+@pytest.mark.parametrize("finetuning", ["full", "dora"])
+def test_train_step_prints_its_json_line_with_equal_gradients(monkeypatch, capsys, finetuning):
     _run_script(REPO_ROOT / "benchmarks" / "train_step.py",
                 ["--shapes", "tiny", "--queries", "3", "--num_negatives", "3", "--tokens", "8", "--repeats", "1",
-                 "--duplicate_share", "0.5"], monkeypatch)
+                 "--duplicate_share", "0.5", "--finetuning", finetuning], monkeypatch)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (tiny,) = result["shapes"]
+    assert tiny["finetuning"] == finetuning
     # the authors' recipe replayed (full causal LM, all hidden states, chunks of 2, every row) and ours (base model,
     # de-duplicated rows) must train the same: equal loss, gradients to float32 round-off on every parameter
     assert tiny["loss"]["ours"] == pytest.approx(tiny["loss"]["authors"], rel=1e-6)
     assert tiny["max_relative_gradient_difference"] < 1e-5 and tiny["parameters_compared"] > 20
+    if finetuning == "dora":  # the adapter only: 5 projections x 2 layers x (A, B, magnitude)
+        assert tiny["parameters_compared"] == 30
     assert tiny["rows_per_pass"]["authors"] == 3 + 3 * 4 > tiny["rows_per_pass"]["ours"]
     assert tiny["tokens_per_pass"]["ours"] == 8 * tiny["rows_per_pass"]["ours"]
 
