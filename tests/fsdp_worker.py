@@ -312,6 +312,34 @@ def run_sgd_case(case: str, mode: str, output: Path) -> None:
                   str(output / f"{case}-{mode}-sgd.safetensors"))
 
 
+class FSDPOnCPUTrainer(ForcedFSDPOnCPU, UniMEV2Trainer):
+    pass
+
+
+def run_memory(output: Path) -> None:
+    """The memory plan's tiny GradCache settings under FSDP2 on 2 processes: each process's measured peak of live
+    tensors against the plan for one process of that run (`trainers.memory_plan`)."""
+    from trainers.memory_plan import (
+        TINY_SETTINGS,
+        Sharding,
+        _text_tokens_of,
+        measure_tiny_training_peak,
+        plan_tiny_setting,
+    )
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rows = []
+    for setting in (setting for setting in TINY_SETTINGS if setting.gradcache):
+        measured = measure_tiny_training_peak(setting, trainer_class=FSDPOnCPUTrainer)
+        plan = plan_tiny_setting(setting, _text_tokens_of(setting, measured["tokens_per_row"]),
+                                 Sharding("fsdp", world_size=world_size))
+        rows.append(dict(setting=setting.name, measured=measured["peak"], planned=plan.total,
+                         measured_weights=measured["weights"], planned_weights=plan.weights + plan.trainable_weights,
+                         measured_optimizer=measured["optimizer_state"], planned_optimizer=plan.optimizer_state))
+    rank = int(os.environ.get("RANK", "0"))
+    (output / f"memory-rank{rank}.json").write_text(json.dumps(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("output", type=Path)
@@ -319,6 +347,7 @@ def main() -> None:
     parser.add_argument("--sgd", action="store_true", help="one step of SGD at lr 1 (deepspeed and its reference)")
     parser.add_argument("--cases", nargs="+", default=list(CASES))
     parser.add_argument("--resume", action="store_true", help="also the resume and final-save check (fsdp only)")
+    parser.add_argument("--memory", action="store_true", help="also the memory plan against measured peaks (fsdp)")
     parser.add_argument("--recipe", type=Path, help="run recipes/train_embedding.py with this config (fsdp only)")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
@@ -332,6 +361,8 @@ def main() -> None:
         run_case(case, arguments.mode, arguments.output)
     if arguments.resume:
         run_resume(arguments.output)
+    if arguments.memory:
+        run_memory(arguments.output)
 
 
 if __name__ == "__main__":

@@ -447,9 +447,14 @@ def _first(model: torch.nn.Module, suffixes: tuple[str, ...]) -> torch.nn.Module
 # ------------------------------------------------------------------------------------------------------ probes
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (a sharded DTensor's local shard; any other tensor as it is)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def _storage_key(tensor: torch.Tensor) -> int:
     # The storage's Python object lives as long as the storage (torch preserves it), so its id is the storage's.
-    return id(tensor.untyped_storage())
+    return id(_local(tensor).untyped_storage())
 
 
 def saved_activation_bytes(run: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
@@ -921,8 +926,8 @@ def _tensors_in(output: Any) -> Iterable[torch.Tensor]:
 class LiveTensorTracker(TorchDispatchMode):
     """Peak bytes of live tensor storages on CPU (where there is no ``torch.cuda.max_memory_allocated``): every
     storage an operator returns is counted once until it is freed (a weakref finalizer on its storage), on top of
-    the ``track``-ed storages that existed before (parameters, inputs). ``phase`` names the part of the step the
-    peak happened in.
+    the ``track``-ed storages that existed before (parameters, inputs), with the storages resized in place (FSDP2's
+    unsharded parameters) at their current size. ``phase`` names the part of the step the peak happened in.
 
     Example:
         >>> with LiveTensorTracker() as tracker:
@@ -951,16 +956,46 @@ class LiveTensorTracker(TorchDispatchMode):
     def _add(self, tensor: torch.Tensor) -> None:
         if not isinstance(tensor, torch.Tensor) or (tensor.device.type == "meta" and not self.include_meta):
             return
-        storage = tensor.untyped_storage()
+        self._add_storage(_local(tensor).untyped_storage())
+
+    def _add_storage(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)
         if key in self.live:
             return
         self.live[key] = storage.nbytes()
         self.current += self.live[key]
         weakref.finalize(storage, self._free, key)
+        self._update_peak()
+
+    def _update_peak(self) -> None:
         if self.current > self.peak:
             self.peak, self.peak_phase = self.current, self.phase
             self.peak_keys = frozenset(self.live)
+
+    def __enter__(self):
+        # FSDP2 frees and re-allocates its unsharded parameters by resizing their storages in place, which no
+        # operator reports: follow the resizes too.
+        original = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage: torch.UntypedStorage, size: int):
+            result = original(storage, size)
+            key = id(storage)
+            if key in tracker.live:
+                tracker.current += storage.nbytes() - tracker.live[key]
+                tracker.live[key] = storage.nbytes()
+                tracker._update_peak()
+            elif storage.nbytes():
+                tracker._add_storage(storage)
+            return result
+
+        self._original_resize = original
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        torch.UntypedStorage.resize_ = self._original_resize
+        return super().__exit__(*exc_info)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
@@ -1034,11 +1069,13 @@ def _tiny_batch(setting: TinySetting, processor: Any) -> dict[str, Any]:
             "judge_scores": torch.rand(setting.queries, 1 + setting.num_negatives)}
 
 
-def measure_tiny_training_peak(setting: TinySetting, steps: int = 2) -> dict[str, Any]:
+def measure_tiny_training_peak(setting: TinySetting, steps: int = 2, trainer_class: type | None = None
+                               ) -> dict[str, Any]:
     """Build the tiny model of ``setting`` on CPU, run ``steps`` real training steps of `UniMEV2Trainer` (forward,
     backward, AdamW step, gradients set to None) and return the peak of live tensor bytes with its parts: weights,
     optimizer state and the rest (gradients, inputs, activations, temporaries) at that moment; and the batch's
-    padded tokens per row."""
+    padded tokens per row. ``trainer_class``: another `UniMEV2Trainer` (tests/fsdp_worker.py passes one that runs
+    under FSDP2 on CPU: the model is then sharded first, and the bytes are this process's)."""
     import tempfile
 
     from modeling_unime.configuration_unime import UniMEV2Config
@@ -1063,9 +1100,12 @@ def measure_tiny_training_peak(setting: TinySetting, steps: int = 2) -> dict[str
         disable_tqdm=True, max_steps=steps,
     )
     rows = synthetic_judge_dataset(2, folder, num_negatives=setting.num_negatives)
-    trainer = UniMEV2Trainer(model=model, args=args, train_dataset=rows, processing_class=processor,
-                             image_root=folder)
+    trainer = (trainer_class or UniMEV2Trainer)(model=model, args=args, train_dataset=rows,
+                                                processing_class=processor, image_root=folder)
     trainer.create_optimizer()
+    if trainer.is_fsdp_enabled:  # what Trainer.train() does first under FSDP2: shard the model with its optimizer
+        model, trainer.optimizer = trainer.accelerator.prepare(model, trainer.optimizer)
+        trainer.model = trainer.model_wrapped = model
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which this loop stands in for
     if setting.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -1089,16 +1129,16 @@ def measure_tiny_training_peak(setting: TinySetting, steps: int = 2) -> dict[str
                   if isinstance(value, torch.Tensor)}
     parameter_keys = {_storage_key(parameter) for parameter in parameters}
     at_peak = tracker.peak_keys
-    weights = _bytes(parameters)
+    weights = _bytes(_local(parameter) for parameter in parameters)
     optimizer = sum(tracker.live.get(key, 0) for key in state_keys & at_peak)
     return dict(peak=tracker.peak, phase=tracker.peak_phase, weights=weights, optimizer_state=optimizer,
                 rest=tracker.peak - weights - optimizer, tokens_per_row=tokens,
                 parameters=sum(p.numel() for p in parameters), parameter_storages=len(parameter_keys & at_peak))
 
 
-def plan_tiny_setting(setting: TinySetting, text_tokens: int) -> MemoryPlan:
-    """The plan of a tiny setting on one CPU process (float32, no mixed precision): what
-    `measure_tiny_training_peak` measures."""
+def plan_tiny_setting(setting: TinySetting, text_tokens: int, sharding: Sharding | None = None) -> MemoryPlan:
+    """The plan of a tiny setting on one CPU process (float32, no mixed precision; ``sharding``: one process of an
+    FSDP2 run): what `measure_tiny_training_peak` measures."""
     shape = TrainingShape(
         kind="embedder", finetuning=setting.finetuning,
         adapter=setting.adapter if setting.finetuning != "full" else {}, weights_dtype=torch.float32,
@@ -1108,7 +1148,7 @@ def plan_tiny_setting(setting: TinySetting, text_tokens: int) -> MemoryPlan:
         image_size=(setting.image_size, setting.image_size), images_per_row=1, images_per_forward_row=1.0,
         text_tokens=text_tokens, qwen_max_pixels=TINY_QWEN_MAX_PIXELS,
     )
-    return plan_for_shape(tiny_backbone_config(setting), "embedder", shape, Sharding("single"), gpu=False,
+    return plan_for_shape(tiny_backbone_config(setting), "embedder", shape, sharding or Sharding("single"), gpu=False,
                           config_source="tiny", recipe=setting.name)
 
 
