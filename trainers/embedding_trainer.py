@@ -347,6 +347,7 @@ class UniMEV2Trainer(ShardingMixin, JudgeDatasetMixin, LoggedMetricsMixin, Train
         counts = self.accelerator.gather(torch.tensor([count], device=self.args.device))
         return int(counts.max()) - count
 
+
 def every_input(embeddings: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
     """The embeddings of every row of the step ([queries, candidates of each query]) from those of its distinct inputs
     (``input_index``, written by a de-duplicating collator); as they are without one."""

@@ -126,7 +126,8 @@ def vision_parameters_train(model: torch.nn.Module) -> bool:
 
 class ShardingMixin:
     """For the trainers: under FSDP, shard the language model's decoder layers unless the accelerate config names
-    the layers itself; refuse FSDP1 with GradCache (the trainer drives FSDP2's gradient synchronisation)."""
+    the layers itself, and refuse FSDP1 with GradCache (the trainer drives FSDP2's gradient synchronisation); under
+    DeepSpeed, refuse the settings whose processes would reduce different tensors (`check_deepspeed`)."""
 
     model: Any
     args: Any
