@@ -420,6 +420,7 @@ class UniMEV2RerankerTrainer(ShardingMixin, JudgeDatasetMixin, LoggedMetricsMixi
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.check_deepspeed(coalesced=False)  # one reduction per backward, in hook order: no trained vision tower
         processor = kwargs.get("processing_class")
         tokenizer = getattr(processor, "tokenizer", None)
         self.answer_ids = [tokenizer.convert_tokens_to_ids(word) for word in ("Yes", "No")] if tokenizer else None

@@ -213,9 +213,6 @@ class ShardingMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.is_fsdp_enabled:
             self.prepare_sharded_model(model)
-        if self.is_deepspeed_enabled and not getattr(self, "_deepspeed_checked", False):
-            self.check_deepspeed(coalesced=False)
-            self._deepspeed_checked = True
         return super().training_step(model, inputs, num_items_in_batch)
 
     def warn_if_fsdp_was_dropped(self) -> None:
