@@ -9,9 +9,16 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-SUPPORTED_BACKBONES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+SUPPORTED_BACKBONES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_vl_moe")
 SUPPORTED_POOLING = ("last",)
+# Backbones whose released UniME-V2 checkpoints were made under transformers 4.49's M-RoPE rule (see below).
 MROPE_BACKBONES = ("qwen2_vl", "qwen2_5_vl")
+# Qwen3-VL (dense and MoE): 16-pixel patches, interleaved M-RoPE with positions from `mm_token_type_ids`, and deepstack
+# visual features added into the first decoder layers. No UniME-V2 checkpoint predates it, so it runs under the
+# backbone's own position rule.
+QWEN3_VL_BACKBONES = ("qwen3_vl", "qwen3_vl_moe")
+# Backbones whose embedding prompt is one user turn of the chat template, not the raw text (the Qwen2-VL family).
+CHAT_PROMPT_BACKBONES = ("llava_onevision", *QWEN3_VL_BACKBONES)
 # How image tokens of a Qwen2-VL / Qwen2.5-VL embedder get their M-RoPE positions:
 # - "vision_start_only": as transformers 4.49 (the authors' pinned version, and their own modeling copy) computes them:
 #   3-D (t, h, w) positions only for an image whose tokens follow <|vision_start|>; any other image token gets a plain
@@ -34,7 +41,7 @@ def check_backbone_type(model_type: str | None) -> str:
     if model_type not in SUPPORTED_BACKBONES:
         raise ValueError(
             f"Unsupported backbone model_type {model_type!r}. UniME-V2 supports {', '.join(SUPPORTED_BACKBONES)}: "
-            "pass a Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision config (or a checkpoint folder of one)."
+            "pass a Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision or Qwen3-VL config (or a checkpoint folder of one)."
         )
     return model_type
 
@@ -67,13 +74,14 @@ class UniMEV2Config(_BackboneProperties, PretrainedConfig):
 
     Args:
         backbone_config: the backbone's configuration (a config object or its dict, with ``model_type`` one of
-            ``qwen2_vl``, ``qwen2_5_vl``, ``llava_onevision``).
+            ``qwen2_vl``, ``qwen2_5_vl``, ``llava_onevision``, ``qwen3_vl``, ``qwen3_vl_moe``).
         pooling: how the sequence is reduced to one vector; ``"last"`` takes the final hidden state of the last
             non-padding token (the authors' recipe).
         normalize: L2-normalise the embeddings.
         matryoshka_dim: default truncation of the embedding (re-normalised after truncation); ``None`` keeps all
             dimensions.
-        image_position_rule: M-RoPE positions of image tokens (Qwen2-VL / Qwen2.5-VL backbones only).
+        image_position_rule: M-RoPE positions of image tokens (Qwen2-VL / Qwen2.5-VL backbones only; Qwen3-VL always
+            runs under its own rule, which gives every image token 3-D positions).
             ``"vision_start_only"`` (default) reproduces transformers 4.49, under which the released checkpoints were
             trained and evaluated: 3-D positions only for an image right after ``<|vision_start|>``, which the
             authors' embedding prompt never has, so image tokens get text positions. ``"all_images"`` gives every
@@ -155,5 +163,6 @@ class UniMEV2RerankerConfig(_BackboneProperties, PretrainedConfig):
 
 __all__ = [
     "UniMEV2Config", "UniMEV2RerankerConfig", "SUPPORTED_BACKBONES", "IMAGE_POSITION_RULES", "MROPE_BACKBONES",
+    "QWEN3_VL_BACKBONES", "CHAT_PROMPT_BACKBONES",
     "check_backbone_type", "backbone_config_from",
 ]

@@ -45,7 +45,10 @@ BACKBONE_KEY_MAPPINGS: dict[str, dict[str, str]] = {
         r"^image_newline": "model.image_newline",
     },
 }
-BACKBONE_KEY_MAPPINGS["qwen2_5_vl"] = BACKBONE_KEY_MAPPINGS["qwen2_vl"]
+# Qwen3-VL was published under today's names (model.language_model.*, model.visual.*), which the old Qwen2-VL
+# patterns leave alone; they still rename a Qwen3-VL folder saved under the old ones.
+for _family in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
+    BACKBONE_KEY_MAPPINGS[_family] = BACKBONE_KEY_MAPPINGS["qwen2_vl"]
 
 
 
@@ -188,10 +191,10 @@ class UniMEV2PreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
         """Load a UniME-V2 checkpoint, or a plain backbone checkpoint in the authors' layout.
 
-        A folder (or Hub repo) whose ``config.json`` is a Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision config is wrapped
-        as a UniME-V2 model and its weights are renamed from every known layout (``model.layers.*``, ``visual.*``,
-        ``language_model.model.*``, ...), so no weight stays randomly initialised. The embedder leaves the LM head
-        out; the reranker keeps it.
+        A folder (or Hub repo) whose ``config.json`` is a Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision or Qwen3-VL config is
+        wrapped as a UniME-V2 model and its weights are renamed from every known layout (``model.layers.*``,
+        ``visual.*``, ``language_model.model.*``, ...), so no weight stays randomly initialised. The embedder leaves
+        the LM head out; the reranker keeps it.
         """
         if kwargs.get("config") is None:
             hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
@@ -239,8 +242,8 @@ class UniMEV2PreTrainedModel(PreTrainedModel):
         self._processor = value
 
 class UniMEV2Model(UniMEV2PreTrainedModel):
-    """UniME-V2 embedder: a Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision base model (no LM head) whose final hidden state
-    at the last non-padding token, L2-normalised, is the embedding of a text, an image or both.
+    """UniME-V2 embedder: a Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision or Qwen3-VL base model (no LM head) whose final
+    hidden state at the last non-padding token, L2-normalised, is the embedding of a text, an image or both.
 
     Example:
         >>> from modeling_unime.tiny import build_tiny_unime

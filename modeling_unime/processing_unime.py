@@ -21,14 +21,24 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-from .configuration_unime import HUB_KWARGS, SUPPORTED_BACKBONES, check_backbone_type
+from .configuration_unime import (
+    CHAT_PROMPT_BACKBONES,
+    HUB_KWARGS,
+    QWEN3_VL_BACKBONES,
+    SUPPORTED_BACKBONES,
+    check_backbone_type,
+)
 
 ImageInput = Union[Image.Image, str, os.PathLike, dict, None]
 
 # MMEB stores its texts in the Phi-3V format; every backbone has its own placeholder.
 PHI3V_IMAGE_TOKEN = "<|image_1|>"
-BACKBONE_IMAGE_TOKENS = {"qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "llava_onevision": "<image>"}
+BACKBONE_IMAGE_TOKENS = {
+    "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "llava_onevision": "<image>",
+    "qwen3_vl": "<|image_pad|>", "qwen3_vl_moe": "<|image_pad|>",
+}
 
 
 class Qwen2VLImageTextProcessor(Qwen2VLProcessor):
@@ -40,6 +50,13 @@ class Qwen2VLImageTextProcessor(Qwen2VLProcessor):
 
 class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL processor without the video processor (which needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen3VLImageTextProcessor(Qwen3VLProcessor):
+    """Qwen3-VL processor (dense and MoE) without the video processor (which needs torchvision)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
@@ -91,6 +108,7 @@ class LlavaOnevisionImageProcessorFloorPadding(LlavaOnevisionImageProcessorPil):
 for _subclass, _stock in (
     (Qwen2VLImageTextProcessor, Qwen2VLProcessor),
     (Qwen2_5_VLImageTextProcessor, Qwen2_5_VLProcessor),
+    (Qwen3VLImageTextProcessor, Qwen3VLProcessor),
     (LlavaOnevisionImageTextProcessor, LlavaOnevisionProcessor),
     (LlavaOnevisionImageProcessorFloorPadding, LlavaOnevisionImageProcessorPil),
 ):
@@ -100,6 +118,8 @@ BACKBONE_PROCESSOR_CLASSES = {
     "qwen2_vl": Qwen2VLImageTextProcessor,
     "qwen2_5_vl": Qwen2_5_VLImageTextProcessor,
     "llava_onevision": LlavaOnevisionImageTextProcessor,
+    "qwen3_vl": Qwen3VLImageTextProcessor,
+    "qwen3_vl_moe": Qwen3VLImageTextProcessor,
 }
 LLAVA_ONEVISION_SETTINGS = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
 ANYRES_PADDINGS = ("transformers-4.49", "centered")
@@ -410,8 +430,11 @@ class UniMEV2Processor(ProcessorMixin):
       ``[<|image_pad|> ][instruction ][text]``; the image token goes where the text has a placeholder, else first,
       followed by a space (the authors' image prompt ``<|image_pad|> Find an image caption describing the given
       image.``). A caption is embedded as the raw text.
-    - ``llava_onevision``: the ``<image>`` placeholder is removed from the text, which goes into one user turn of
-      the chat template (with an image item when the row has an image), followed by the generation prompt.
+    - ``llava_onevision``, ``qwen3_vl`` and ``qwen3_vl_moe``: the image placeholder is removed from the text, which
+      goes into one user turn of the chat template (with an image item first when the row has an image), followed by
+      the generation prompt. The authors used this form for LLaVA-OneVision; Qwen3-VL has no UniME-V2 checkpoint of
+      theirs and gets the same form, the one it was instruction-tuned on (its template wraps the image in
+      ``<|vision_start|>`` / ``<|vision_end|>``), so its 3-D positions and deepstack features see what they expect.
 
     The Phi-3V placeholder ``<|image_1|>`` of MMEB texts is converted to the backbone's image token. Batches are
     left-padded. Text-only rows and image rows of any size can be mixed in one batch.
@@ -517,7 +540,8 @@ class UniMEV2Processor(ProcessorMixin):
         ``config.json``; pass ``backbone_type=`` to override. ``image_resize`` overrides the saved policy; a plain
         backbone checkpoint, which saves none, gets ``plain_checkpoint_image_resize``, by default the authors' rule
         for what the folder holds (`plain_checkpoint_image_rule`): their reranker's evaluation rule for their
-        reranker, their embedder evaluation size otherwise. Other keyword arguments (``cache_dir``, ``revision``,
+        reranker, their embedder evaluation size otherwise. A plain Qwen3-VL folder (a family the authors never
+        released) gets ``"native"``. Other keyword arguments (``cache_dir``, ``revision``,
         ``token``, ``local_files_only``...) work as for any processor.
         """
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
@@ -535,6 +559,9 @@ class UniMEV2Processor(ProcessorMixin):
             )
         if image_resize is not None:
             processor_dict["image_resize"] = image_resize
+        elif plain_layout and backbone_type in QWEN3_VL_BACKBONES:
+            # The authors released no Qwen3-VL model: a plain Qwen3-VL folder is the base model, at its own sizes.
+            processor_dict["image_resize"] = "native"
         elif plain_layout:
             processor_dict["image_resize"] = plain_checkpoint_image_resize or plain_checkpoint_image_rule(
                 pretrained_model_name_or_path)
@@ -573,7 +600,7 @@ class UniMEV2Processor(ProcessorMixin):
             raise ValueError(
                 f"Row {row}: the text has an image placeholder ({self.image_token}) but no image was given for it."
             )
-        if self.backbone_type == "llava_onevision":
+        if self.backbone_type in CHAT_PROMPT_BACKBONES:
             body = body.replace(self.image_token + "\n", "").replace(self.image_token, "").strip()
             content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": body}]
             conversation = [{"role": "user", "content": content}]
@@ -651,6 +678,7 @@ __all__ = [
     "resized_size",
     "Qwen2VLImageTextProcessor",
     "Qwen2_5_VLImageTextProcessor",
+    "Qwen3VLImageTextProcessor",
     "LlavaOnevisionImageTextProcessor",
     "load_image",
 ]

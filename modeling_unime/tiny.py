@@ -35,11 +35,15 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .configuration_unime import UniMEV2Config, check_backbone_type
+from .configuration_unime import QWEN3_VL_BACKBONES, UniMEV2Config, check_backbone_type
 from .processing_unime import BACKBONE_PROCESSOR_CLASSES, UniMEV2Processor
 
 REAL_QWEN2_VOCAB_SIZE = 151_936
@@ -73,6 +77,22 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
     "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# The structure of the Qwen3-VL-Instruct chat template for the messages UniME-V2 renders (text, image and video items;
+# its tool and reasoning branches are left out): unlike Qwen2-VL's, it adds no default system turn.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -157,7 +177,9 @@ def build_tiny_tokenizer(backbone_type: str = "qwen2_vl", vocab_size: int = 800)
         padding_side="left",
     )
     tokenizer.chat_template = (
-        LLAVA_ONEVISION_CHAT_TEMPLATE if backbone_type == "llava_onevision" else QWEN2_VL_CHAT_TEMPLATE
+        LLAVA_ONEVISION_CHAT_TEMPLATE if backbone_type == "llava_onevision"
+        else QWEN3_VL_CHAT_TEMPLATE if backbone_type in QWEN3_VL_BACKBONES
+        else QWEN2_VL_CHAT_TEMPLATE
     )
     return tokenizer
 
@@ -231,6 +253,19 @@ def build_tiny_backbone_config(
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     )
+    if backbone_type in QWEN3_VL_BACKBONES:
+        # Qwen3-VL: 16-pixel patches, a learned position table of 8x8 (interpolated to each grid) and deepstack
+        # features from both vision blocks, added into the first two decoder layers.
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size,
+                      patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        text_config.update(head_dim=head_dim, rope_parameters=dict(text_config["rope_parameters"],
+                                                                   mrope_interleaved=True))
+        if backbone_type == "qwen3_vl_moe":
+            text_config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size,
+                               decoder_sparse_step=1)
+            return Qwen3VLMoeConfig(text_config=text_config, vision_config=vision, tie_word_embeddings=False,
+                                    **token_ids)
+        return Qwen3VLConfig(text_config=text_config, vision_config=vision, tie_word_embeddings=False, **token_ids)
     if backbone_type == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2)
         return Qwen2VLConfig(text_config=text_config, vision_config=vision, tie_word_embeddings=False, **token_ids)
@@ -269,7 +304,14 @@ def build_tiny_processor(
             vision_feature_select_strategy="full",
             vision_aspect_ratio="anyres_max_9",
         )
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=max_pixels)
+    if backbone_type in QWEN3_VL_BACKBONES:
+        # Qwen3-VL's own settings: 16-pixel patches merged 2x2 (sides multiples of 32), mean and std 0.5.
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=4 * 32 * 32, max_pixels=max_pixels,
+            image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        )
+    else:
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=max_pixels)
     return UniMEV2Processor(image_processor=image_processor, tokenizer=tokenizer, backbone_type=backbone_type)
 
 
@@ -277,6 +319,8 @@ _CAUSAL_LM_CLASSES = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
+    "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
 }
 
 
@@ -537,11 +581,15 @@ def authors_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 
     Those checkpoints were written by transformers 4.4x: Qwen2-VL as ``model.layers.*``, ``model.embed_tokens``,
     ``visual.*``, ``lm_head.weight``; LLaVA-OneVision as ``language_model.model.*``, ``language_model.lm_head``,
-    ``vision_tower.vision_model.*``, ``multi_modal_projector.*``, ``image_newline``.
+    ``vision_tower.vision_model.*``, ``multi_modal_projector.*``, ``image_newline``. Qwen3-VL was published (under
+    transformers 4.57) with the names the model has today (``model.language_model.*``, ``model.visual.*``), which
+    are kept.
     """
     renamed = {}
     for key, tensor in model.state_dict().items():
-        if model.config.model_type == "llava_onevision":
+        if model.config.model_type in QWEN3_VL_BACKBONES:
+            pass
+        elif model.config.model_type == "llava_onevision":
             key = (
                 key.replace("model.language_model.", "language_model.model.", 1)
                 .replace("lm_head.", "language_model.lm_head.", 1)

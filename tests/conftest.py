@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Real data vendored with the tests (tests/data/README.md: sources, commits, licences): the authors' 50-row
 # judge-scored sample and the SugarCrepe annotation files. Tests read them here, so they run in a fresh clone.
 SHARED_DATA = REPO_ROOT / "tests" / "data"
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -191,7 +191,9 @@ def test_the_memory_plan_of_an_fsdp2_process_is_within_20_percent_of_its_measure
 
 @pytest.mark.parametrize("family, layer", [("qwen2_vl", "Qwen2VLDecoderLayer"),
                                            ("qwen2_5_vl", "Qwen2_5_VLDecoderLayer"),
-                                           ("llava_onevision", "Qwen2DecoderLayer")])
+                                           ("llava_onevision", "Qwen2DecoderLayer"),
+                                           ("qwen3_vl", "Qwen3VLTextDecoderLayer"),
+                                           ("qwen3_vl_moe", "Qwen3VLMoeTextDecoderLayer")])
 def test_the_decoder_layers_are_sharded_and_the_vision_tower_is_not(family, layer):
     model = build_tiny_unime(family)[0]
     assert language_layer_classes(model) == [layer]

@@ -65,7 +65,7 @@ def test_official_rule_matches_released_scores_grid():
     torch.testing.assert_close(penalised, torch.tensor([[2.5 / 1.05, 1.25 / 1.05], [-0.525, -1.8375], [0.0, -0.13125]]))
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 @pytest.mark.parametrize("query",
                          [("What colour is the shape?", QUERY_IMAGE), ("a red circle", None), (None, QUERY_IMAGE)])
 def test_prefix_sharing_equals_plain_path(family, query):

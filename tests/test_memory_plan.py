@@ -14,6 +14,7 @@ import torch
 
 from trainers.memory_plan import (
     GIB,
+    QWEN_PIXEL_LIMITS,
     TINY_SETTINGS,
     TinySetting,
     compare_tiny_settings,
@@ -92,6 +93,22 @@ def test_image_tokens_follow_each_processor():
     assert image_geometry(LlavaOnevisionConfig(), 336, 336) == (729 + 729 + 27, 2 * 729, 2)
 
 
+@pytest.mark.parametrize("width, height", [(672, 672), (1344, 1344), (500, 300)])
+def test_qwen3_vl_image_tokens_are_what_its_processor_makes(width, height):
+    from PIL import Image
+    from transformers import Qwen3VLConfig
+
+    from modeling_unime.tiny import build_tiny_processor
+
+    # Patches of 16 merged 2x2: 672 -> 42 x 42 patches, 21 x 21 tokens (576 on Qwen2-VL at the same size).
+    processor = build_tiny_processor("qwen3_vl", max_pixels=QWEN_PIXEL_LIMITS[1])
+    batch = processor(texts=[None], images=[Image.new("RGB", (width, height))])
+    grid = batch["image_grid_thw"][0]
+    tokens = int((batch["mm_token_type_ids"][0] == 1).sum())
+    assert image_geometry(Qwen3VLConfig(), width, height) == (tokens, int(grid.prod()), 1)
+    assert (width, height) != (672, 672) or tokens == 441
+
+
 def test_seven_b_configs_plan_offline_and_fsdp_shards_by_the_world_size(capsys):
     outputs = {}
     for accelerate in ("multi_gpu", "fsdp"):
@@ -131,7 +148,7 @@ def test_a_7b_full_fine_tune_fits_only_sharded_and_the_advice_says_how(capsys):
     assert each["fits"] is True and each["total"] < fsdp["total"] < ddp["total"]
 
 
-@pytest.mark.parametrize("config", ["llava-ov-7b", "reranker-qwen25vl-7b", "qwen2vl-2b"])
+@pytest.mark.parametrize("config", ["llava-ov-7b", "reranker-qwen25vl-7b", "qwen2vl-2b", "qwen3vl-2b"])
 def test_other_shipped_configs_plan_under_zero2(capsys, config):
     status, out, _ = run_cli(capsys, "--config", str(CONFIGS / f"{config}.yaml"), "--accelerate_config",
                              str(ACCELERATE / "zero2.yaml"), "--gpu_memory", "80")
@@ -234,3 +251,20 @@ def test_zero3_is_refused_as_the_trainers_refuse_it(tmp_path, capsys):
     zero3.write_text((ACCELERATE / "zero2.yaml").read_text().replace("zero_stage: 2", "zero_stage: 3"))
     status, _, err = run_cli(capsys, "--config", str(CONFIGS / "qwen2vl-7b.yaml"), "--accelerate_config", str(zero3))
     assert status == 2 and "ZeRO-3 is refused by the trainers" in err
+
+
+def test_qwen3_vl_deepstack_mergers_count_in_the_vision_activations():
+    """Each deepstack merger of Qwen3-VL projects one vision block's output: its saved activations are planned."""
+    from trainers.memory_plan import TrainingShape, activation_profile, build_meta_model
+
+    config = tiny_backbone_config(TinySetting("deepstack", family="qwen3_vl"))
+    shape = TrainingShape(
+        kind="embedder", finetuning="full", adapter={}, weights_dtype=torch.float32, compute_dtype=torch.float32,
+        mixed_precision=None, queries_per_device=1, rows_per_query=3, gradcache=False, gradcache_chunk_size=2,
+        gradient_checkpointing=False, image_size=(224, 224), images_per_row=1, images_per_forward_row=1.0,
+        text_tokens=16, qwen_max_pixels=224 * 224)
+    model = build_meta_model("embedder", config, shape)
+    with_mergers = activation_profile(model, config, shape).vision_edges_per_image
+    model.model.visual.deepstack_merger_list = torch.nn.ModuleList()
+    without = activation_profile(model, config, shape).vision_edges_per_image
+    assert with_mergers > without > 0

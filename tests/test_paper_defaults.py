@@ -114,6 +114,8 @@ PAPER_CONFIGS = {
     "qwen2vl-2b.yaml": (1e-4, "authors-train-qwen2vl"),
     "qwen2vl-7b.yaml": (1e-4, "authors-train-qwen2vl"),
     "llava-ov-7b.yaml": (2e-5, "authors-train-llava-ov"),
+    # The paper's Qwen2-VL-2B settings carried over to Qwen3-VL-2B (no run of the authors' to match).
+    "qwen3vl-2b.yaml": (1e-4, "square:672"),
 }
 
 
@@ -152,6 +154,7 @@ def test_the_readme_states_the_same_defaults():
 
 SHIPPED_TRAINING_CONFIGS = {
     "tiny-cpu.yaml": EMBEDDER, "qwen2vl-2b.yaml": EMBEDDER, "qwen2vl-7b.yaml": EMBEDDER, "llava-ov-7b.yaml": EMBEDDER,
+    "qwen3vl-2b.yaml": EMBEDDER,
     "reranker-tiny-cpu.yaml": RERANKER, "reranker-qwen25vl-7b.yaml": RERANKER,
 }
 

@@ -141,6 +141,7 @@ def _module_kernels(model):
     (UniMEV2Model, build_tiny_unime, "qwen2_vl", "visual"),
     (UniMEV2Reranker, build_tiny_reranker, "qwen2_5_vl", "visual"),
     (UniMEV2Model, build_tiny_unime, "llava_onevision", "vision_tower"),
+    (UniMEV2Reranker, build_tiny_reranker, "qwen3_vl", "visual"),
 ])
 def test_attn_implementation_reaches_the_wrapped_backbone(tmp_path, model_class, build, family, vision):
     model, _ = build(family)

@@ -29,7 +29,7 @@ from modeling_unime.sentence_unime import (  # noqa: E402
 from modeling_unime.tiny import build_tiny_unime, synthetic_judge_dataset  # noqa: E402
 from trainers.sentence_losses import CachedSoftLabelAlignmentLoss, judge_rows_for_sentence_transformers  # noqa: E402
 
-BACKBONES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
+BACKBONES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl"]
 ATOL = 1e-5
 
 

@@ -38,7 +38,7 @@ from modeling_unime.tiny import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl")
 TEXTS = ["A man is crossing the street with a red car parked nearby.", "a photo of a dog"]
 # (text, has_image, instruction): text, image and image+text rows, with and without an instruction.
 PROMPT_ROWS = [
@@ -87,7 +87,7 @@ def test_config_names_the_stock_architecture_and_backbone(exported):
     assert (metadata["runner"], metadata["convert"]) == ("pooling", "embed")
     assert metadata["pooler_config"] == {"pooling_type": "LAST", "use_activation": True}
     assert metadata["architecture"] == STOCK_ARCHITECTURES[backbone_type]
-    if backbone_type == "llava_onevision":
+    if backbone_type in ("llava_onevision", "qwen3_vl"):
         assert metadata["hf_overrides"] == {}
     else:  # the released Qwen embedders' rule: plain RoPE = text positions for image tokens (see position_overrides)
         assert metadata["image_position_rule"] == "vision_start_only"
@@ -122,7 +122,7 @@ def test_offline_invocation_runs_as_the_server_command(exported):
     backbone_type, source, destination = exported
     metadata = json.loads((destination / METADATA_FILE).read_text())
     assert metadata["offline"] == offline_from_server(metadata["server_command"])
-    if backbone_type == "llava_onevision":
+    if backbone_type in ("llava_onevision", "qwen3_vl"):
         assert metadata["offline"]["hf_overrides"] is None
         return
     text_config = json.loads((source / "config.json").read_text())["backbone_config"]["text_config"]
@@ -202,7 +202,8 @@ def test_chat_template_renders_the_embedding_prompt(exported, image_part):
     tokenizer = transformers.AutoTokenizer.from_pretrained(destination)
     template = (destination / CHAT_TEMPLATE_FILE).read_text()
     assert tokenizer.chat_template == template
-    for text, has_image, instruction in PROMPT_ROWS:
+    # Also a text that carries the backbone's own image token where the image goes.
+    for text, has_image, instruction in [*PROMPT_ROWS, (f"{processor.image_token}\nWhat is it?", True, None)]:
         expected = processor.format_prompt(text, has_image, instruction)
         # /v1/embeddings defaults to False; the prompt must not depend on it
         for add_generation_prompt in (False, True):

@@ -62,6 +62,7 @@ DEFAULT_TEXT_TOKENS = {"embedder": 128, "reranker": 256}
 template are mostly under 128 tokens; the reranker prompt (the judge's instruction, query and candidate texts, a list
 of five for listwise rows) under 256. The collator does not truncate, so a longer dataset needs ``text_tokens``."""
 
+QWEN_VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 QWEN_PIXEL_LIMITS = (56 * 56, 28 * 28 * 1280 * 10)  # the released processors' min_pixels, max_pixels (12845056)
 TINY_QWEN_MAX_PIXELS = 64 * 28 * 28  # modeling_unime.tiny.build_tiny_processor's default
 
@@ -73,6 +74,10 @@ _QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, pat
                         temporal_patch_size=2)
 _QWEN_TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                        vision_end_token_id=151653)
+_QWEN3_VL_VISION = dict(num_heads=16, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                        num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh")
+_QWEN3_ROPE = dict(rope_parameters=dict(rope_type="default", rope_theta=5_000_000.0, mrope_section=[24, 20, 20],
+                                        mrope_interleaved=True))
 PUBLISHED_BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
     # The config.json values of the Hub repos (transformers' default Qwen2VLConfig() is the 72B, not these).
     "Qwen/Qwen2-VL-7B-Instruct": ("qwen2_vl", dict(
@@ -88,6 +93,20 @@ PUBLISHED_BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu"),
+        tie_word_embeddings=False, **_QWEN_TOKEN_IDS)),
+    "Qwen/Qwen3-VL-2B-Instruct": ("qwen3_vl", dict(
+        text_config=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
+                         max_position_embeddings=262144, tie_word_embeddings=True, **_QWEN3_ROPE),
+        vision_config={**_QWEN3_VL_VISION, "depth": 24, "hidden_size": 1024, "intermediate_size": 4096,
+                       "out_hidden_size": 2048, "deepstack_visual_indexes": [5, 11, 17]},
+        tie_word_embeddings=True, **_QWEN_TOKEN_IDS)),
+    "Qwen/Qwen3-VL-8B-Instruct": ("qwen3_vl", dict(
+        text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
+                         max_position_embeddings=262144, tie_word_embeddings=False, **_QWEN3_ROPE),
+        vision_config={**_QWEN3_VL_VISION, "depth": 27, "hidden_size": 1152, "intermediate_size": 4304,
+                       "out_hidden_size": 4096, "deepstack_visual_indexes": [8, 16, 24]},
         tie_word_embeddings=False, **_QWEN_TOKEN_IDS)),
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": ("llava_onevision", dict(
         text_config={**_QWEN2_7B_TEXT, "vocab_size": 152128, "model_type": "qwen2"},
@@ -343,8 +362,10 @@ def image_geometry(backbone_config: Any, width: int, height: int, qwen_max_pixel
     """(language-model tokens, vision-tower patches, vision crops) of one image of ``width`` x ``height``.
 
     Qwen2-VL / Qwen2.5-VL: the processor's ``smart_resize`` to multiples of patch x merge (28), patches of 14, and 2x2
-    patches merged into one token; LLaVA-OneVision: anyres crops of the SigLIP size (the base image and the tiles of
-    the best grid pinpoint), tokens as its processor counts them (unpadded tiles, a newline per row, the base).
+    patches merged into one token; Qwen3-VL the same with patches of 16 (multiples of 32; its published processor
+    allows 256x256 to 4096x4096 pixels, which changes nothing for the 336 to 1344 pixel images of the recipes);
+    LLaVA-OneVision: anyres crops of the SigLIP size (the base image and the tiles of the best grid pinpoint), tokens
+    as its processor counts them (unpadded tiles, a newline per row, the base).
 
     Example:
         >>> from transformers import Qwen2VLConfig
@@ -353,7 +374,7 @@ def image_geometry(backbone_config: Any, width: int, height: int, qwen_max_pixel
     """
     model_type = backbone_config.model_type
     vision = backbone_config.vision_config
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if model_type in QWEN_VISION_FAMILIES:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         merge, patch = vision.spatial_merge_size, vision.patch_size
@@ -363,7 +384,8 @@ def image_geometry(backbone_config: Any, width: int, height: int, qwen_max_pixel
         return patches // (merge * merge), patches, 1
     if model_type == "llava_onevision":
         return _llava_onevision_geometry(backbone_config, width, height)
-    raise ValueError(f"backbone {model_type!r}: no image geometry (qwen2_vl, qwen2_5_vl, llava_onevision).")
+    raise ValueError(f"backbone {model_type!r}: no image geometry ({', '.join(QWEN_VISION_FAMILIES)}, "
+                     "llava_onevision).")
 
 
 @functools.lru_cache(maxsize=64)
@@ -577,7 +599,7 @@ def activation_profile(model: torch.nn.Module, backbone_config: Any, shape: Trai
     text_model = _first(model, ("TextModel", "Qwen2Model"))
     rotary = text_model.rotary_emb
     hidden = torch.empty(1, tokens, hidden_size, device=meta, dtype=compute, requires_grad=True)
-    if backbone_config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if backbone_config.model_type in QWEN_VISION_FAMILIES:
         position_ids = torch.arange(tokens, device=meta).view(1, 1, -1).expand(3, 1, -1)
     else:
         position_ids = torch.arange(tokens, device=meta).view(1, -1)
@@ -599,7 +621,7 @@ def activation_profile(model: torch.nn.Module, backbone_config: Any, shape: Trai
     # Under an adapter on the language model the vision tower is frozen and its input needs no gradient: autograd
     # then keeps nothing of it. Its blocks' inputs need one when any of its weights train.
     vision_trains = any(parameter.requires_grad for block in vision_blocks(model) for parameter in block.parameters())
-    if backbone_config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if backbone_config.model_type in QWEN_VISION_FAMILIES:
         vision_width = getattr(vision_config, "embed_dim", None) or vision_config.hidden_size
         head_dim = vision_width // vision_config.num_heads
         vision_hidden = torch.empty(patches, vision_width, device=meta, dtype=compute, requires_grad=vision_trains)
@@ -611,13 +633,18 @@ def activation_profile(model: torch.nn.Module, backbone_config: Any, shape: Trai
                 lambda: vision_block(vision_hidden, cu_seqlens=cu_seqlens,
                                      position_embeddings=(vision_cos, vision_sin)),
                 exclude=[*vision_block.parameters(), vision_cos, vision_sin])
-        visual = _first(model, ("VisionTransformerPretrainedModel", "VisionTransformer"))
+        visual = _first(model, ("VisionTransformerPretrainedModel", "VisionTransformer", "VLVisionModel",
+                                "VLMoeVisionModel"))
         patch_embed, merger = probe_copy(visual.patch_embed), probe_copy(visual.merger)
+        # Qwen3-VL: each deepstack merger projects the output of one vision block to the language width.
+        deepstack_mergers = [probe_copy(extra) for extra in getattr(visual, "deepstack_merger_list", ())]
         channels = vision_config.in_channels if hasattr(vision_config, "in_channels") else 3
         pixels = torch.empty(patches, channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2,
                              device=meta, dtype=compute)
         vision_edges = saved_activation_bytes(lambda: patch_embed(pixels), exclude=[*patch_embed.parameters(), pixels])
         vision_edges += saved_activation_bytes(lambda: merger(vision_hidden * 1), exclude=[*merger.parameters()])
+        for extra in deepstack_mergers:
+            vision_edges += saved_activation_bytes(lambda: extra(vision_hidden * 1), exclude=[*extra.parameters()])
         vision_edges += 2 * vision_cos.numel() * vision_cos.element_size()
     else:
         vision_width = vision_config.hidden_size
@@ -1030,6 +1057,7 @@ TINY_SETTINGS = (
     TinySetting("dora, one forward", finetuning="dora"),
     TinySetting("lora, GradCache chunk 2", finetuning="lora", gradcache=True),
     TinySetting("full, gradient checkpointing", gradient_checkpointing=True),
+    TinySetting("qwen3_vl full, one forward", family="qwen3_vl"),  # 16-pixel patches, deepstack mergers
 )
 
 
@@ -1043,7 +1071,7 @@ def tiny_backbone_config(setting: TinySetting) -> Any:
     vision = config.vision_config
     if setting.family == "qwen2_vl":
         vision.embed_dim, vision.num_heads = setting.vision_width, 4
-    elif setting.family == "qwen2_5_vl":
+    elif setting.family in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         vision.hidden_size, vision.num_heads = setting.vision_width, 4
         vision.intermediate_size = 2 * setting.vision_width
     return config

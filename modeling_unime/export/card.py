@@ -109,6 +109,10 @@ def describe_inputs(
             if rule == "vision_start_only" else "every image token takes 3-D M-RoPE positions (transformers 5.x)"
         )
         lines.append(f"- Image positions: `image_position_rule = \"{rule}\"` in the config: {meaning}.")
+    elif kind == "embedder" and backbone_type in ("qwen3_vl", "qwen3_vl_moe"):
+        lines.append("- Prompt and positions: each input is one user turn of Qwen3-VL's chat template (the image "
+                     "wrapped in `<|vision_start|>`/`<|vision_end|>`, then the instruction and the text), followed "
+                     "by the assistant prompt; image tokens take Qwen3-VL's own 3-D M-RoPE positions.")
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ DST receives what vLLM (``--runner pooling --convert embed``) loads without cust
 
 - ``config.json``: the backbone's own config, ``architectures`` naming the stock class
   (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
-  ``LlavaOnevisionForConditionalGeneration``) and ``model_type`` the backbone's;
+  ``LlavaOnevisionForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+  ``Qwen3VLMoeForConditionalGeneration``) and ``model_type`` the backbone's;
 - the weights under the key names transformers writes for that stock class (its default ``save_pretrained``), with
   the LM head tied to the input embeddings: an embedder has no LM head and the export invents no weights;
 - the backbone's processor and tokenizer files, and ``chat_template.jinja``: a chat template that renders a
@@ -40,8 +41,12 @@ STOCK_ARCHITECTURES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
 MROPE_BACKBONES = ("qwen2_vl", "qwen2_5_vl")
+# Embedders whose prompt is one user turn of the checkpoint's own chat template (the image placeholder removed).
+CHAT_PROMPT_BACKBONES = {"llava_onevision": "<image>", "qwen3_vl": "<|image_pad|>", "qwen3_vl_moe": "<|image_pad|>"}
 
 # Content-part types vLLM (and transformers) hand to a chat template for an image.
 _IMAGE_PART_TYPES = "('image', 'image_url', 'image_pil', 'image_embeds')"
@@ -82,13 +87,13 @@ _QWEN_TEMPLATE = (
     "{{- body -}}"
 )
 
-# LLaVA-OneVision embedders: the placeholder is removed from the text, which goes into ONE user turn of the
-# checkpoint's own chat template (an image item first when there is an image), plus the generation prompt.
-_LLAVA_PREAMBLE = (
-    "{#- UniME-V2 embedding prompt (llava_onevision), written by modeling_unime.export.vllm: the messages are reduced\n"
+# LLaVA-OneVision and Qwen3-VL embedders: the placeholder is removed from the text, which goes into ONE user turn of
+# the checkpoint's own chat template (an image item first when there is an image), plus the generation prompt.
+_CHAT_PREAMBLE = (
+    "{#- UniME-V2 embedding prompt (BACKBONE), written by modeling_unime.export.vllm: the messages are reduced\n"
     "    to one user turn (image first, text parts joined with one space) and rendered by the checkpoint's own chat\n"
     "    template below, with the generation prompt. -#}\n"
-    "{%- set IMAGE_TOKEN = '<image>' -%}\n"
+    "{%- set IMAGE_TOKEN = 'PLACEHOLDER' -%}\n"
     + _COLLECT_PARTS
     + "{%- set body = body | replace(IMAGE_TOKEN ~ '\\n', '') | replace(IMAGE_TOKEN, '') | trim -%}\n"
     "{%- set messages = [{'role': 'user', 'content': ([{'type': 'image'}] if unime.images else [])"
@@ -113,10 +118,12 @@ def embedding_chat_template(backbone_type: str, backbone_chat_template: str | No
     """
     if backbone_type in MROPE_BACKBONES:
         return _QWEN_TEMPLATE
-    if backbone_type == "llava_onevision":
+    if backbone_type in CHAT_PROMPT_BACKBONES:
         if not backbone_chat_template:
-            raise ValueError("A LLaVA-OneVision export needs the checkpoint's chat template (none was found).")
-        return _LLAVA_PREAMBLE + backbone_chat_template
+            raise ValueError(f"A {backbone_type} export needs the checkpoint's chat template (none was found).")
+        preamble = _CHAT_PREAMBLE.replace("BACKBONE", backbone_type, 1).replace(
+            "PLACEHOLDER", CHAT_PROMPT_BACKBONES[backbone_type], 1)
+        return preamble + backbone_chat_template
     raise ValueError(f"No vLLM export for backbone {backbone_type!r}; supported: {', '.join(STOCK_ARCHITECTURES)}.")
 
 
@@ -167,6 +174,9 @@ RELEASE_KEY_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 RELEASE_KEY_NAMES["qwen2_5_vl"] = RELEASE_KEY_NAMES["qwen2_vl"]
+# Qwen3-VL's published checkpoints already use the names the model has today.
+RELEASE_KEY_NAMES["qwen3_vl"] = RELEASE_KEY_NAMES["qwen3_vl_moe"] = (
+    ("model.language_model.", "model.language_model."), ("model.visual.", "model.visual."))
 
 
 def release_state_dict(unime_model: Any) -> dict[str, torch.Tensor]:
@@ -237,6 +247,8 @@ VIDEO_PROCESSOR_TYPES = {
     "qwen2_vl": "Qwen2VLVideoProcessor",
     "qwen2_5_vl": "Qwen2VLVideoProcessor",
     "llava_onevision": "LlavaOnevisionVideoProcessor",
+    "qwen3_vl": "Qwen3VLVideoProcessor",
+    "qwen3_vl_moe": "Qwen3VLVideoProcessor",
 }
 _SHARED_WITH_VIDEO = ("do_convert_rgb", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
                       "resample", "patch_size", "temporal_patch_size", "merge_size")
