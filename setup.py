@@ -67,7 +67,10 @@ setup(
         # setuptools: tests/test_packaging.py builds the wheel offline (no build isolation; 70.1+ has bdist_wheel).
         # ruff: `ruff check` in .ci/run (lines within 120, imports ordered, no unused names; ruff.toml).
         "dev": ["pytest>=8", "faiss-cpu>=1.8", "setuptools>=70.1", "sentence-transformers>=6.2,<7", "mteb>=2.26,<3",
-                "ruff>=0.6"],
+                "ruff>=0.6", "av>=12.0.0"],
+        # encode(videos=[...]) of a video FILE (frame folders and frame lists need nothing more): PyAV decodes it.
+        # 12.0.0 is PyAV's oldest wheel for Python 3.11; tests/test_video.py passes on 12.0.0, 14.0.0 and 18.1.0.
+        "video": ["av>=12.0.0"],
         "faiss": ["faiss-cpu>=1.8"],
         # The main job (recipes/pipeline.py): the easy-vqa demo world (3 MB of 64x64 images) and its summary.png.
         "demo": ["easy-vqa>=1.0", "matplotlib>=3.8"],

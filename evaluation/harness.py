@@ -31,6 +31,13 @@ any of its fields is set.
   (``limit``: ShareGPT4V's entry count, 1,000); each folder's layout is detected (`evaluation.retrieval`).
 - ``sugarcrepe``: ``annotations`` (the repo's ``data/`` folder, or the clone above it), ``image_root`` (COCO
   val2017), ``subsets``, ``max_rows``.
+- ``mmeb_v2``: ``root`` (a clone of TIGER-Lab/MMEB-V2 with its frame archives unpacked), ``annotations`` (the Hub
+  annotation repos as ``<owner>/<name>`` folders; default ``root/annotations``), ``image_tasks`` (a clone of
+  TIGER-Lab/MMEB-eval for the 36 image tasks; default ``annotations/TIGER-Lab/MMEB-eval``), ``image_root`` (default
+  ``root/image-tasks``), ``pages_dir`` (where visual-document pages are written; default in ``root/visdoc-tasks``, as
+  VLM2Vec), ``tasks`` (names, ``image`` / ``video`` / ``visdoc`` or ``video/MRET``; default all 78),
+  ``num_frames`` (8), ``tie_rule`` (``numpy``, VLM2Vec's, default; ``stable``; ``strict``), ``image_tie_rule``
+  (the image tasks', as ``mmeb.tie_rule``; default ``argmax``), ``max_rows``: `evaluation.mmeb_v2`.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from modeling_unime.util.arguments import parse_recipe_arguments
 
 from .loading import load_embedder, load_reranker
 from .mmeb import evaluate_mmeb, write_predictions
-from .report import RETRIEVAL_SETS, mmeb_table, retrieval_table, sugarcrepe_table
+from .report import RETRIEVAL_SETS, mmeb_table, mmeb_v2_table, retrieval_table, sugarcrepe_table
 
 # ------------------------------------------------------------------------------------------------ config
 
@@ -61,7 +68,7 @@ def _help(text: str) -> dict[str, str]:
 @dataclass
 class EvaluationArguments:
     """The evaluation recipe's arguments (``recipes/run_evaluation.py --help`` lists them); the YAML sections
-    ``mmeb:``, ``retrieval:`` and ``sugarcrepe:`` set the fields with those prefixes.
+    ``mmeb:``, ``mmeb_v2:``, ``retrieval:`` and ``sugarcrepe:`` set the fields with those prefixes.
 
     A ``retrieval_*`` field is a mapping in the YAML file and JSON (or a bare folder) on the command line; either way
     it holds a dict once parsed.
@@ -101,6 +108,31 @@ class EvaluationArguments:
                                      "(content, the authors' rule, default) or only when it is candidate 0 (index)"))
     mmeb_max_rows: Optional[int] = field(
         default=None, metadata=_help("MMEB: only the first N rows of each dataset (default: max_rows)"))
+    mmeb_v2_root: Optional[str] = field(
+        default=None, metadata=_help("MMEB-V2: a clone of TIGER-Lab/MMEB-V2 with its frame archives unpacked"))
+    mmeb_v2_annotations: Optional[str] = field(
+        default=None, metadata=_help("MMEB-V2: the Hub annotation repos as <owner>/<name> folders (default: "
+                                     "mmeb_v2_root/annotations)"))
+    mmeb_v2_image_tasks: Optional[str] = field(
+        default=None, metadata=_help("MMEB-V2: a clone of TIGER-Lab/MMEB-eval for the 36 image tasks (default: "
+                                     "<annotations>/TIGER-Lab/MMEB-eval)"))
+    mmeb_v2_image_root: Optional[str] = field(
+        default=None, metadata=_help("MMEB-V2: the image-task images (default: mmeb_v2_root/image-tasks)"))
+    mmeb_v2_pages_dir: Optional[str] = field(
+        default=None, metadata=_help("MMEB-V2: where visual-document pages are written (default: "
+                                     "mmeb_v2_root/visdoc-tasks, as VLM2Vec)"))
+    mmeb_v2_tasks: Optional[list[str]] = field(
+        default=None, metadata=_help("MMEB-V2: task names, modalities (image, video, visdoc) or modality/category "
+                                     "(default: all 78)"))
+    mmeb_v2_num_frames: Optional[int] = field(
+        default=None, metadata=_help("MMEB-V2: frames per video (default 8, VLM2Vec's)"))
+    mmeb_v2_tie_rule: Optional[str] = field(
+        default=None, metadata=_help("MMEB-V2: ties of video and visdoc rankings: numpy (VLM2Vec's np.argsort, the "
+                                     "default), stable or strict"))
+    mmeb_v2_image_tie_rule: Optional[str] = field(
+        default=None, metadata=_help("MMEB-V2: ties of the image tasks, as mmeb_tie_rule (default argmax)"))
+    mmeb_v2_max_rows: Optional[int] = field(
+        default=None, metadata=_help("MMEB-V2: only the first N rows of each task (default: max_rows)"))
     retrieval_flickr30k: Optional[str] = field(
         default=None, metadata=_help("Flickr30K: {folder, image_root?, rerank_top_k?, max_rows?} (JSON on the "
                                      "command line)"))
@@ -124,7 +156,7 @@ class EvaluationArguments:
                              "--model.")
         if self.reranker is not None and self.reranker.lower() == "none":
             self.reranker = None
-        for name in ("max_rows", "mmeb_max_rows", "sugarcrepe_max_rows"):
+        for name in ("max_rows", "mmeb_max_rows", "mmeb_v2_max_rows", "sugarcrepe_max_rows"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset for every row), got {value}.")
@@ -142,11 +174,16 @@ class EvaluationArguments:
     def section(self, prefix: str) -> dict[str, Any]:
         """The fields of one YAML section that are set (not None), without the prefix: ``section("mmeb")`` ->
         ``{"root": ...}``."""
+        # A longer prefix is another section's (mmeb_v2_ is not part of mmeb_).
+        others = tuple(other for other in EVALUATION_SECTIONS.values()
+                       if other != prefix + "_" and other.startswith(prefix + "_"))
         return {item.name[len(prefix) + 1:]: getattr(self, item.name) for item in fields(self)
-                if item.name.startswith(prefix + "_") and getattr(self, item.name) is not None}
+                if item.name.startswith(prefix + "_") and not item.name.startswith(others)
+                and getattr(self, item.name) is not None}
 
 
-EVALUATION_SECTIONS = {"mmeb": "mmeb_", "retrieval": "retrieval_", "sugarcrepe": "sugarcrepe_"}
+# mmeb_v2 first: argument errors name the section of the longest matching prefix.
+EVALUATION_SECTIONS = {"mmeb_v2": "mmeb_v2_", "mmeb": "mmeb_", "retrieval": "retrieval_", "sugarcrepe": "sugarcrepe_"}
 
 
 def parse_evaluation_arguments(description: str | None = None,
@@ -206,8 +243,9 @@ def prepare_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     """Load and check the data of every benchmark in ``settings`` before any model is loaded, so that a missing
     folder, an unknown layout, a Git LFS pointer or a missing image fails in seconds rather than after hours of MMEB.
 
-    Returns ``{"mmeb": [(dataset, image_root)], "retrieval": {name: ImageTextRetrievalSet},
-    "sugarcrepe": {"annotations": folder, "image_root": folder}}`` for the benchmarks the config names.
+    Returns ``{"mmeb": [(dataset, image_root)], "mmeb_v2": [MMEBV2Dataset], "retrieval": {name:
+    ImageTextRetrievalSet}, "sugarcrepe": {"annotations": folder, "image_root": folder}}`` for the benchmarks the
+    config names.
     """
     from .mmeb import prepare_mmeb
 
@@ -224,6 +262,20 @@ def prepare_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         prepared["mmeb"] = prepare_mmeb(options.get("datasets"), resolve_data_path(options.get("root"), data_root),
                                         resolve_data_path(options.get("image_root"), data_root),
                                         row_limit(settings, options))
+    if settings.get("mmeb_v2"):
+        from .mmeb_v2 import prepare_mmeb_v2
+
+        options = settings["mmeb_v2"]
+        if "root" not in options:
+            raise ValueError("mmeb_v2: give 'root' (a clone of TIGER-Lab/MMEB-V2 with its frame archives unpacked).")
+        prepared["mmeb_v2"] = prepare_mmeb_v2(
+            options.get("tasks"), resolve_data_path(options["root"], data_root),
+            resolve_data_path(options.get("annotations"), data_root),
+            resolve_data_path(options.get("image_tasks"), data_root),
+            resolve_data_path(options.get("image_root"), data_root),
+            resolve_data_path(options.get("pages_dir"), data_root), int(options.get("num_frames") or 8),
+            row_limit(settings, options),
+        )
     if settings.get("retrieval"):
         from .retrieval_data import load_retrieval_set
 
@@ -259,7 +311,7 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
     """Run every benchmark named in the config; returns the results on the main process (None on the others).
 
     The data of every benchmark is loaded and checked first (`prepare_data`), then the models are loaded, then the
-    benchmarks run in the order MMEB, retrieval, SugarCrepe.
+    benchmarks run in the order MMEB, MMEB-V2, retrieval, SugarCrepe.
     """
     settings = load_settings(arguments)
     output_dir = Path(settings["output_dir"])
@@ -279,6 +331,7 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
     mmeb_options = settings.get("mmeb") or {}
     tie_rule = mmeb_options.get("tie_rule") or "argmax"
     rerank_match = mmeb_options.get("rerank_match") or "content"
+    mmeb_v2_options = settings.get("mmeb_v2") or {}
     run_settings = {
         "device": str(where["device"]), "dtype": str(where["dtype"]).replace("torch.", ""),
         "attn_implementation": where["attn_implementation"], "image_resize": image_resize,
@@ -288,6 +341,8 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
         "mmeb_tie_rule": tie_rule, "mmeb_rerank_match": rerank_match if reranker else None,
         "data_root": settings.get("data_root"), "processes": state.num_processes, "max_rows": settings.get("max_rows"),
     }
+    if mmeb_v2_options:  # only a run with MMEB-V2 names its tie rule
+        run_settings["mmeb_v2_tie_rule"] = mmeb_v2_options.get("tie_rule") or "numpy"
     results: dict[str, Any] = {"model": settings["model"], "reranker": settings.get("reranker"),
                                "settings": run_settings, "data": {}, "seconds": {}}
     markdown = [f"# Evaluation of `{settings['model']}`", "",
@@ -296,7 +351,7 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
                 + (f", {run_settings['reranker_image_resize']} (reranker)" if reranker else "")
                 + f"; MMEB ties: {tie_rule}.", ""]
     # Which benchmarks ran on their first rows only, said at the top so that no one quotes those numbers.
-    sections = {name: settings.get(name) for name in ("mmeb", "sugarcrepe") if settings.get(name)}
+    sections = {name: settings.get(name) for name in ("mmeb", "mmeb_v2", "sugarcrepe") if settings.get(name)}
     sections.update({f"retrieval.{name}": options or {} for name, options in (settings.get("retrieval") or {}).items()})
     limited = {name: row_limit(settings, options) for name, options in sections.items()
                if row_limit(settings, options) is not None}
@@ -322,6 +377,23 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
             if reranked is not None:
                 write_predictions(reranked, output_dir / "predictions" / "mmeb_rerank")
         markdown += ["## MMEB (precision@1, %)", "", mmeb_table(summaries, settings["model"]), ""]
+
+    if "mmeb_v2" in data:
+        from .mmeb_v2 import evaluate_mmeb_v2
+
+        started = time.perf_counter()
+        mmeb_v2 = evaluate_mmeb_v2(
+            embedder, prepared=data["mmeb_v2"], cache_dir=cache_dir, batch_size=batch_size, state=state,
+            tie_rule=mmeb_v2_options.get("tie_rule") or "numpy",
+            image_tie_rule=mmeb_v2_options.get("image_tie_rule") or "argmax",
+            num_frames=int(mmeb_v2_options.get("num_frames") or 8), max_rows=row_limit(settings, mmeb_v2_options),
+            predictions_dir=output_dir / "predictions" / "mmeb_v2",
+        )
+        results["mmeb_v2"] = mmeb_v2.summary()
+        results["data"]["mmeb_v2"] = mmeb_v2.data
+        results["seconds"]["mmeb_v2"] = round(time.perf_counter() - started, 1)
+        markdown += ["## MMEB-V2 (hit@1 for image and video tasks, NDCG@5 for visual documents, %)", "",
+                     mmeb_v2_table(results["mmeb_v2"], settings["model"]), ""]
 
     if "retrieval" in data:
         from .retrieval import evaluate_retrieval

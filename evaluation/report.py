@@ -1,11 +1,20 @@
-"""The evaluation report: markdown tables in the layout of the paper's (MMEB, zero-shot retrieval, SugarCrepe), with
-the published numbers beside ours where they are known."""
+"""The evaluation report: markdown tables in the layout of the paper's (MMEB, MMEB-V2, zero-shot retrieval,
+SugarCrepe), with the published numbers beside ours where they are known."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from .mmeb import MMEB_CATEGORIES, PUBLISHED_MMEB, RERANK_MATCH_RULES, TIE_RULES
+from .mmeb_v2 import (
+    MMEB_V2_CATEGORIES,
+    MMEB_V2_TASKS,
+    MODALITIES,
+    MODALITY_METRIC,
+    MODALITY_TITLES,
+    PUBLISHED_MMEB_V2,
+)
+from .mmeb_v2 import TIE_RULES as MMEB_V2_TIE_RULES
 
 MMEB_COLUMNS = [*MMEB_CATEGORIES, "IND", "OOD", "Overall"]
 RETRIEVAL_TITLES = {"flickr30k": "Flickr30K", "coco": "COCO 5K", "sharegpt4v": "ShareGPT4V", "urban1k": "Urban1K"}
@@ -67,6 +76,44 @@ def mmeb_table(results: dict[str, dict[str, Any]], model_name: str) -> str:
     return "\n".join(lines + per_dataset)
 
 
+MMEB_V2_SHORT = {"Image/Classification": "I-CLS", "Image/VQA": "I-QA", "Image/Retrieval": "I-RET",
+                 "Image/Visual Grounding": "I-VG", "Video/CLS": "V-CLS", "Video/QA": "V-QA", "Video/RET": "V-RET",
+                 "Video/MRET": "V-MRET", "VisDoc/ViDoRe-V1": "VDRv1", "VisDoc/ViDoRe-V2": "VDRv2",
+                 "VisDoc/VisRAG": "VR", "VisDoc/OOD": "OOD"}
+"""The column titles of `mmeb_v2_table` (VLM2Vec-V2's table: I- image, V- video, VDR ViDoRe, VR VisRAG)."""
+MMEB_V2_COLUMNS = [column for modality in MODALITIES for column in
+                   [f"{MODALITY_TITLES[modality]}/{category}" for category in MMEB_V2_CATEGORIES[modality]]
+                   + [MODALITY_TITLES[modality]]] + ["Overall"]
+
+
+def mmeb_v2_table(summary: dict[str, Any], model_name: str) -> str:
+    """Markdown in the layout of VLM2Vec-V2's table: per modality its categories and its overall score, then the
+    overall score over all tasks; the published row when known; then one row per task."""
+    titles = [MMEB_V2_SHORT.get(column, column) for column in MMEB_V2_COLUMNS]
+    means, incomplete = summary["means"], summary["incomplete"]
+    lines = ["| model | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|",
+             "| embedder | " + " | ".join(f"{means[column]:.1f}" + ("*" if column in incomplete else "")
+                                          if column in means else "-" for column in MMEB_V2_COLUMNS) + " |"]
+    for label, values in PUBLISHED_MMEB_V2.items():
+        if label == model_name:
+            lines.append(f"| paper: {label} | " + " | ".join(f"{values[column]:.1f}" if column in values else ""
+                                                            for column in MMEB_V2_COLUMNS) + " |")
+    settings = summary.get("settings", {})
+    tie_rule = settings.get("tie_rule", "numpy")
+    ties = sum(summary.get("ties", {}).values())
+    lines += ["", "\\* mean over the tasks that ran (incomplete: see results.json). A modality's score is the mean of "
+              "its tasks, Overall the mean of all tasks (VLM2Vec's experiments/report_score_v2.py).",
+              f"Ties (video, visual documents): `{tie_rule}`, {MMEB_V2_TIE_RULES.get(tie_rule, tie_rule)}; image "
+              f"tasks: `{settings.get('image_tie_rule', 'argmax')}`. {ties} quer{'y' if ties == 1 else 'ies'} had a "
+              "relevant and an irrelevant candidate tied for the top score.", "",
+              "| task | modality | category | metric | score |", "|---|---|---|---|---|"]
+    for name, score in summary["tasks"].items():
+        task = MMEB_V2_TASKS[name]
+        lines.append(f"| {name} | {MODALITY_TITLES[task.modality]} | {task.category} | "
+                     f"{MODALITY_METRIC[task.modality]} | {score:.1f} |")
+    return "\n".join(lines)
+
+
 def retrieval_table(results: dict[str, dict[str, Any]], model_name: str) -> str:
     """Markdown: R@1 image->text and text->image per set (labelled by what they measure), then R@5 / R@10; the
     paper's numbers beside ours with its columns taken as swapped (`RETRIEVAL_COLUMN_NOTE`, printed under the table)."""
@@ -109,12 +156,14 @@ def sugarcrepe_table(result: dict[str, Any], model_name: str) -> str:
 
 __all__ = [
     "MMEB_COLUMNS",
+    "MMEB_V2_COLUMNS",
     "PAPER_COLUMN_FOR",
     "PUBLISHED_ZERO_SHOT",
     "RETRIEVAL_COLUMN_NOTE",
     "RETRIEVAL_SETS",
     "RETRIEVAL_TITLES",
     "mmeb_table",
+    "mmeb_v2_table",
     "retrieval_table",
     "sugarcrepe_table",
 ]

@@ -24,7 +24,16 @@ from .configuration_unime import (
     UniMEV2Config,
     UniMEV2RerankerConfig,
 )
-from .processing_unime import ImageInput, UniMEV2Processor, align_rows, check_instruction, missing_image_rows
+from .processing_unime import (
+    ImageInput,
+    UniMEV2Processor,
+    VideoInput,
+    align_rows,
+    align_videos,
+    check_instruction,
+    missing_image_rows,
+    resolve_image_path,
+)
 from .scoring_unime import MultimodalScorer, as_item, check_candidates
 
 logger = logging.get_logger(__name__)
@@ -312,9 +321,17 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
         if input_ids is None or backbone_inputs.get("position_ids") is not None:
             return False
         if backbone_inputs.get("video_grid_thw") is not None:
-            raise ValueError(
-                "image_position_rule='vision_start_only' covers images, not videos; UniME-V2 embeds images."
-            )
+            # Under 4.49 a video right after <|vision_start|> got 3-D positions from its grid, which this rule does
+            # not reproduce; the embedding prompt puts none there, so its video tokens take text positions.
+            config = self.config.backbone_config
+            follows_start = (input_ids[:, :-1] == config.vision_start_token_id) & (
+                input_ids[:, 1:] == config.video_token_id)
+            if bool(follows_start.any()):
+                raise ValueError(
+                    "image_position_rule='vision_start_only' gives video tokens text positions, as transformers 4.49 "
+                    "did for a video without <|vision_start|>; this prompt has <|vision_start|> before a video. Use "
+                    "image_position_rule='all_images' (3-D positions) or the processor's prompt."
+                )
         return True
 
     @torch.inference_mode()
@@ -328,8 +345,9 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
         truncate_dim: int | None = None,
         processor: UniMEV2Processor | None = None,
         image_root: str | os.PathLike | None = None,
+        videos: Sequence[VideoInput] | None = None,
     ) -> torch.Tensor:
-        """Embed texts, images or image+text rows.
+        """Embed texts, images, videos, or an image or video with a text.
 
         Rows are sorted by modality and length so that each batch carries little padding; the output keeps the
         input order.
@@ -342,10 +360,22 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
             show_progress_bar: defaults to showing one when there is more than one batch.
             truncate_dim: Matryoshka truncation (re-normalised); defaults to ``config.matryoshka_dim``.
             processor: defaults to the processor saved with the checkpoint.
-            image_root: folder that relative image paths are resolved against.
+            image_root: folder that relative image and video paths are resolved against.
+            videos: one entry per row, None for a row without a video (Qwen2-VL, Qwen2.5-VL, Qwen3-VL backbones):
+                a video file (decoding needs ``pip install "unime-v2[video]"``), a folder of frame images (the
+                MMEB-V2 layout), or a list of frames (PIL images or paths). Frames are sampled under the processor's
+                ``video_num_frames`` / ``video_fps`` / ``video_max_frames`` settings, saved with it.
 
         Returns:
             A float32 CPU tensor of shape (rows, dim), L2-normalised when ``config.normalize``.
+
+        Example:
+            >>> from PIL import Image
+            >>> from modeling_unime.tiny import build_tiny_unime
+            >>> model, processor = build_tiny_unime("qwen2_vl")
+            >>> frames = [Image.new("RGB", (56, 56), (20 * i, 0, 0)) for i in range(4)]
+            >>> model.encode(texts=["a red car", "What happens?"], videos=[None, frames], processor=processor).shape
+            torch.Size([2, 64])
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -358,18 +388,25 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
                 f"truncate_dim={truncate_dim} is larger than the embedding size {self.config.hidden_size}."
             )
         processor = processor or self.processor
-        texts, images = align_rows(texts, images)
-        missing = missing_image_rows(images, image_root)
+        videos = align_videos(videos)
+        texts, images = align_rows(texts, images, videos=videos)
+        videos = videos if videos is not None else [None] * len(texts)
+        missing = [(row, path, "image file") for row, path in missing_image_rows(images, image_root)] + [
+            (row, resolve_image_path(video, image_root), "video file or frame folder")
+            for row, video in enumerate(videos)
+            if isinstance(video, (str, os.PathLike)) and not os.path.exists(resolve_image_path(video, image_root))]
+        missing.sort()
         if missing:
             hint = "pass image_root=" if image_root is None else f"check image_root={os.fspath(image_root)!r}"
-            others = ", ".join(f"row {row}: {path!r}" for row, path in missing[1:4])
+            others = ", ".join(f"row {row}: {path!r}" for row, path, _ in missing[1:4])
             ellipsis = ", ..." if len(missing) > 4 else ""
             more = f"; {len(missing) - 1} more missing ({others}{ellipsis})" if others else ""
-            raise ValueError(f"Row {missing[0][0]}: image file not found: {missing[0][1]!r} ({hint} or fix the path)"
-                             f"{more}; checked before encoding, nothing was encoded.")
+            row, path, what = missing[0]
+            raise ValueError(f"Row {row}: {what} not found: {path!r} ({hint} or fix the path){more}; checked before "
+                             "encoding, nothing was encoded.")
         order = sorted(
             range(len(texts)),
-            key=lambda row: (images[row] is not None, len(texts[row] or "")),
+            key=lambda row: (videos[row] is not None, images[row] is not None, len(texts[row] or "")),
             reverse=True,
         )
         starts = range(0, len(order), batch_size)
@@ -388,9 +425,11 @@ class UniMEV2Model(UniMEV2PreTrainedModel):
                     instruction=instruction,
                     image_root=image_root,
                     row_ids=rows,
+                    videos=[videos[row] for row in rows] if any(videos[row] is not None for row in rows) else None,
                 )
+                # Pixels in the model's dtype; other floats (Qwen2.5-VL's seconds per grid) keep their precision.
                 batch = {
-                    key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+                    key: value.to(device=device, dtype=dtype) if key.startswith("pixel_values") else value.to(device)
                     for key, value in batch.items()
                 }
                 pieces.append(self(**batch, truncate_dim=dim).embeddings.cpu())

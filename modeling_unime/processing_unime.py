@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
+import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
@@ -30,8 +31,25 @@ from .configuration_unime import (
     SUPPORTED_BACKBONES,
     check_backbone_type,
 )
+from .video_unime import (
+    STOCK_VIDEO_DEFAULTS,
+    VIDEO_TOKEN,
+    VideoFrames,
+    VideoSettings,
+    expand_video_placeholders,
+    load_video_frames,
+    patchify_video,
+    second_per_grid_ts,
+    video_placeholder_text,
+)
 
 ImageInput = Union[Image.Image, str, os.PathLike, dict, None]
+# A video: a file (decoded with PyAV), a folder of frame images, or a list of frames (PIL images or image paths).
+VideoInput = Union[str, os.PathLike, Sequence[Union[Image.Image, str, os.PathLike]], None]
+# Backbones whose video processing is reproduced (modeling_unime.video_unime), and the rules each follows.
+VIDEO_FAMILY_OF = {
+    "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl",
+}
 
 # MMEB stores its texts in the Phi-3V format; every backbone has its own placeholder.
 PHI3V_IMAGE_TOKEN = "<|image_1|>"
@@ -319,10 +337,14 @@ def load_image(
 
 
 def align_rows(
-    texts: Any, images: Any, row_ids: Sequence[int] | None = None
+    texts: Any, images: Any, row_ids: Sequence[int] | None = None, videos: Sequence[VideoInput] | None = None
 ) -> tuple[list[str | None], list[ImageInput]]:
     """The texts and images of a batch as two lists of one entry per row (a single text or image becomes a list; None
-    fills the side a row lacks); a row with neither, or lists of different lengths, raise ValueError naming the row."""
+    fills the side a row lacks); a row with nothing to embed, or lists of different lengths, raise ValueError naming
+    the row. ``videos`` (a list, one entry per row, None where a row has none) counts as a row's content and must be
+    as long as the other lists; it is returned by `align_videos`."""
+    if videos is not None and texts is None and images is None:
+        texts = [None] * len(videos)
     if isinstance(texts, str):
         texts = [texts]
     elif texts is not None and (not isinstance(texts, Iterable) or isinstance(texts, (bytes, dict))):
@@ -339,14 +361,35 @@ def align_rows(
             f"texts has {len(texts)} rows but images has {len(images)}; use None for a missing text or image so "
             "that both lists have one entry per row."
         )
+    if videos is not None and len(videos) != len(texts):
+        raise ValueError(f"videos has {len(videos)} rows but texts and images have {len(texts)}; use None for a row "
+                         "without a video so that every list has one entry per row.")
     for index, (text, image) in enumerate(zip(texts, images)):
         row = row_ids[index] if row_ids is not None else index
         if text is not None and not isinstance(text, str):
             raise ValueError(f"Row {row}: text must be a string or None, got {type(text).__name__}.")
-        if (not text or text.isspace()) and (image is None or (isinstance(image, str) and image == "")):
+        has_video = videos is not None and videos[index] is not None
+        has_image = not (image is None or (isinstance(image, str) and image == ""))
+        if has_video and has_image:
+            raise ValueError(f"Row {row}: the row has both an image and a video; give one of them (one visual "
+                             "input per row).")
+        if (not text or text.isspace()) and not has_image and not has_video:
             what = f"only whitespace ({text!r})" if text else "neither text nor image"
-            raise ValueError(f"Row {row}: the row has {what}; give a text or an image.")
+            raise ValueError(f"Row {row}: the row has {what}; give a text, an image or a video.")
     return texts, images
+
+
+def align_videos(videos: Any, rows: int | None = None) -> list[VideoInput] | None:
+    """``videos`` as a list of one entry per row (None for none). A single video (a path, or a list of frames for
+    one row) must be wrapped in a list: ``videos=[frames]``; a string is taken as one video."""
+    if videos is None:
+        return None
+    if isinstance(videos, (str, os.PathLike)):
+        videos = [videos]
+    if not isinstance(videos, (list, tuple)):
+        raise TypeError(f"videos must be a list with one video (a file or folder path, or a list of frames) or None "
+                        f"per row; got {type(videos).__name__}.")
+    return list(videos)
 
 
 def drop_orphan_placeholder(text: str | None, has_image: bool) -> str | None:
@@ -470,9 +513,25 @@ class UniMEV2Processor(ProcessorMixin):
         vision_aspect_ratio: str | None = None,
         image_resize: str = "native",
         anyres_padding: str = "transformers-4.49",
+        video_num_frames: int | None = None,
+        video_fps: float = 2.0,
+        video_max_frames: int = 64,
+        video_min_pixels: int | None = None,
+        video_max_pixels: int | None = None,
         **kwargs: Any,
     ) -> None:
         check_backbone_type(backbone_type)
+        if video_num_frames is not None and (isinstance(video_num_frames, bool) or int(video_num_frames) < 1):
+            raise ValueError(f"video_num_frames={video_num_frames!r}: a positive number of frames, or None.")
+        if not video_fps or float(video_fps) <= 0:
+            raise ValueError(f"video_fps={video_fps!r}: a positive frame rate (frames kept per second of video).")
+        if isinstance(video_max_frames, bool) or int(video_max_frames) < 1:
+            raise ValueError(f"video_max_frames={video_max_frames!r}: a positive number of frames.")
+        self.video_num_frames = video_num_frames
+        self.video_fps = float(video_fps)
+        self.video_max_frames = int(video_max_frames)
+        self.video_min_pixels = video_min_pixels
+        self.video_max_pixels = video_max_pixels
         if anyres_padding not in ANYRES_PADDINGS:
             raise ValueError(f"anyres_padding={anyres_padding!r}: use one of {ANYRES_PADDINGS}.")
         self.anyres_padding = anyres_padding
@@ -512,6 +571,42 @@ class UniMEV2Processor(ProcessorMixin):
     @property
     def image_token(self) -> str:
         return BACKBONE_IMAGE_TOKENS[self.backbone_type]
+
+    @property
+    def video_settings(self) -> VideoSettings:
+        """How videos are cut into patches: the image processor's patching, mean and std, and the video pixel budget
+        (``video_min_pixels`` / ``video_max_pixels``, else the stock video processor's defaults: per frame for
+        Qwen2-VL / Qwen2.5-VL, for the whole clip for Qwen3-VL)."""
+        family = self._video_family()
+        stock = STOCK_VIDEO_DEFAULTS[family]
+        return VideoSettings.from_image_processor(
+            self.image_processor, family,
+            min_pixels=self.video_min_pixels if self.video_min_pixels is not None else stock["min_pixels"],
+            max_pixels=self.video_max_pixels if self.video_max_pixels is not None else stock["max_pixels"],
+            max_video_tokens=stock["max_video_tokens"],
+        )
+
+    def _video_family(self) -> str:
+        if self.backbone_type not in VIDEO_FAMILY_OF:
+            raise ValueError(f"Videos are supported for {', '.join(VIDEO_FAMILY_OF)} backbones, not "
+                             f"{self.backbone_type}.")
+        return VIDEO_FAMILY_OF[self.backbone_type]
+
+    def load_video(self, video: VideoInput, row: int | str, image_root: str | os.PathLike | None = None
+                   ) -> VideoFrames:
+        """The frames of one video under this processor's settings: ``video_num_frames`` frames spread evenly when
+        set (VLM2Vec's MMEB-V2 rule, 8 there), else a video file sampled at ``video_fps`` frames per second of
+        video, and a folder or list of frames taken as given; at most ``video_max_frames`` in every case."""
+        family = self._video_family()
+        path = video if isinstance(video, (str, os.PathLike)) else None
+        is_file = path is not None and os.path.isfile(resolve_image_path(path, image_root))
+        settings = self.video_settings
+        return load_video_frames(
+            video, row, image_root=image_root, num_frames=self.video_num_frames,
+            fps=self.video_fps if is_file and self.video_num_frames is None else None,
+            max_frames=self.video_max_frames, fps_rule="qwen3_vl" if family == "qwen3_vl" else "qwen2_vl",
+            temporal_patch_size=settings.temporal_patch_size,
+        )
 
     @property
     def model_input_names(self) -> list[str]:
@@ -587,9 +682,31 @@ class UniMEV2Processor(ProcessorMixin):
         }
         return cls(**{**saved_settings, **settings_given})
 
-    def format_prompt(self, text: str | None, has_image: bool, instruction: str | None = None, row: int = 0) -> str:
-        """The prompt string of one row, before image-token expansion (see the class docstring)."""
+    def format_prompt(self, text: str | None, has_image: bool, instruction: str | None = None, row: int = 0,
+                      has_video: bool = False) -> str:
+        """The prompt string of one row, before image- and video-token expansion (see the class docstring). A video
+        goes where an image would, as ``<|video_pad|>`` (the form VLM2Vec's MMEB-V2 prompts use for Qwen2-VL) or as a
+        video item of the chat turn."""
         body = " ".join(part for part in (instruction, text) if part)
+        if has_video:
+            self._video_family()
+            videos = body.count(VIDEO_TOKEN)
+            if videos > 1:
+                raise ValueError(f"Row {row}: the text has {videos} video placeholders; one video per row is "
+                                 "supported.")
+            if PHI3V_IMAGE_TOKEN in body or self.image_token in body:
+                raise ValueError(f"Row {row}: the text has an image placeholder but the row has a video.")
+            if self.backbone_type in CHAT_PROMPT_BACKBONES:
+                body = body.replace(VIDEO_TOKEN + "\n", "").replace(VIDEO_TOKEN, "").strip()
+                conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": body}]}]
+                return self._backbone_processor.apply_chat_template(
+                    conversation, tokenize=False, add_generation_prompt=True
+                )
+            if not videos:
+                body = f"{VIDEO_TOKEN} {body}" if body else VIDEO_TOKEN
+            return body
+        if VIDEO_TOKEN in body:
+            raise ValueError(f"Row {row}: the text has a video placeholder ({VIDEO_TOKEN}) but no video was given.")
         body = body.replace(PHI3V_IMAGE_TOKEN, self.image_token)
         placeholders = body.count(self.image_token)
         if placeholders > 1:
@@ -620,6 +737,7 @@ class UniMEV2Processor(ProcessorMixin):
         return_tensors: str = "pt",
         row_ids: Sequence[int] | None = None,
         image_resize: str | None = None,
+        videos: Sequence[VideoInput] | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Build one left-padded batch.
@@ -627,6 +745,9 @@ class UniMEV2Processor(ProcessorMixin):
         Args:
             texts: one text or a list (None for an image-only row).
             images: one image or a list (PIL image, path, ``datasets`` image dict, or None for a text-only row).
+            videos: a list with one video per row or None (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): a video file, a folder
+                of frame images, or a list of frames; sampled under the processor's ``video_*`` settings
+                (`load_video`). A row has at most one image or one video.
             instruction: prepended to every row's text (e.g. ``"Find an image caption describing the given image."``).
             image_root: folder that relative image paths are resolved against.
             row_ids: the caller's numbers for these rows, used in error messages (default 0, 1, ...).
@@ -639,15 +760,23 @@ class UniMEV2Processor(ProcessorMixin):
         if "text" in kwargs and texts is None:
             texts = kwargs.pop("text")
         check_instruction(instruction)
-        texts, images = align_rows(texts, images, row_ids)
+        videos = align_videos(videos)
+        texts, images = align_rows(texts, images, row_ids, videos=videos)
         row_ids = list(row_ids) if row_ids is not None else list(range(len(texts)))
+        videos = videos if videos is not None else [None] * len(texts)
         image_resize = self.image_resize if image_resize is None else image_resize
         pil_images = [load_image(image, row, image_root, image_resize) for row, image in zip(row_ids, images)]
+        clips = [self.load_video(video, row, image_root) if video is not None else None
+                 for row, video in zip(row_ids, videos)]
         prompts = [
-            self.format_prompt(text, image is not None, instruction, row)
-            for row, text, image in zip(row_ids, texts, pil_images)
+            self.format_prompt(text, image is not None, instruction, row, has_video=clip is not None)
+            for row, text, image, clip in zip(row_ids, texts, pil_images, clips)
         ]
         present_images = [image for image in pil_images if image is not None]
+        if any(clip is not None for clip in clips):
+            if return_tensors != "pt":
+                raise ValueError("Video rows are built as torch tensors: use return_tensors='pt'.")
+            return self._batch_with_videos(prompts, present_images, clips, **kwargs)
         return self._backbone_processor(
             text=prompts,
             images=present_images or None,
@@ -656,6 +785,54 @@ class UniMEV2Processor(ProcessorMixin):
             return_tensors=return_tensors,
             **kwargs,
         )
+
+    def _batch_with_videos(self, prompts: list[str], images: list[Image.Image], clips: list[VideoFrames | None],
+                           **kwargs: Any) -> BatchFeature:
+        """A batch with video rows, built as the backbone processor builds one: the stock processors need a video
+        processor (torchvision) for videos, and refuse pre-expanded video tokens. Images go through the image
+        processor and are expanded to ``t*h*w / merge**2`` image tokens, videos through `patchify_video` and
+        `video_placeholder_text`; the tokenizer tokenizes and left-pads, and ``mm_token_type_ids`` marks image (1) and
+        video (2) tokens. Checked against the backbone processor on batches without videos
+        (tests/test_video_rows.py)."""
+        settings, family = self.video_settings, self._video_family()
+        merge = settings.merge_size
+        features: dict[str, torch.Tensor] = {}
+        prompts = list(prompts)
+        if images:
+            image_features = self.image_processor(images=images, return_tensors="pt")
+            features.update(image_features)
+            counts = iter((image_features["image_grid_thw"].prod(-1) // merge**2).tolist())
+            prompts = [self._expand_image_tokens(prompt, counts) for prompt in prompts]
+        pixel_values, grids, seconds = [], [], []
+        for index, clip in enumerate(clips):
+            if clip is None:
+                continue
+            patches = patchify_video(clip, settings)
+            replacement = video_placeholder_text(
+                patches["video_grid_thw"][0], family, merge, frame_indices=clip.frame_indices, fps=clip.fps,
+                temporal_patch_size=settings.temporal_patch_size)
+            prompts[index] = expand_video_placeholders(prompts[index], [replacement], family)
+            pixel_values.append(patches["pixel_values_videos"])
+            grids.append(patches["video_grid_thw"])
+            seconds.append(second_per_grid_ts(len(clip), settings.temporal_patch_size, clip.fps, clip.total_frames))
+        text = self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
+        input_ids = text["input_ids"]
+        video_id = self.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        mm_token_type_ids = (input_ids == image_id).long() + 2 * (input_ids == video_id).long()
+        batch = {"input_ids": input_ids, "attention_mask": text["attention_mask"],
+                 "mm_token_type_ids": mm_token_type_ids, **features,
+                 "pixel_values_videos": torch.cat(pixel_values), "video_grid_thw": torch.cat(grids)}
+        if self.backbone_type == "qwen2_5_vl":
+            batch["second_per_grid_ts"] = torch.tensor(seconds)
+        return BatchFeature(batch)
+
+    def _expand_image_tokens(self, prompt: str, counts: Iterable[int]) -> str:
+        pieces = prompt.split(self.image_token)
+        expanded = [pieces[0]]
+        for piece in pieces[1:]:
+            expanded += [self.image_token * next(counts), piece]
+        return "".join(expanded)
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -667,6 +844,7 @@ class UniMEV2Processor(ProcessorMixin):
 __all__ = [
     "IMAGE_RESIZE_PRESETS",
     "align_rows",
+    "align_videos",
     "check_instruction",
     "drop_orphan_placeholder",
     "plain_checkpoint_image_rule",

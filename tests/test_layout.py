@@ -26,6 +26,8 @@ TRAVELING = {
     "modeling_unime.processing_unime": set(),
     "modeling_unime.scoring_unime": set(),
     "modeling_unime.sentence_unime": {"sentence_transformers"},
+    # numpy comes with transformers; PyAV only decodes video files, imported when one is given.
+    "modeling_unime.video_unime": {"numpy", "av"},
 }
 TRAVELING_ALLOWED = {"torch", "transformers", "PIL"}
 
