@@ -37,7 +37,8 @@ any of its fields is set.
   ``root/image-tasks``), ``pages_dir`` (where visual-document pages are written; default in ``root/visdoc-tasks``, as
   VLM2Vec), ``tasks`` (names, ``image`` / ``video`` / ``visdoc`` or ``video/MRET``; default all 78),
   ``num_frames`` (8), ``tie_rule`` (``numpy``, VLM2Vec's, default; ``stable``; ``strict``), ``image_tie_rule``
-  (the image tasks', as ``mmeb.tie_rule``; default ``argmax``), ``max_rows``: `evaluation.mmeb_v2`.
+  (the image tasks', as ``mmeb.tie_rule``; default ``argmax``), ``video_pixels`` (``vlm2vec``, default;
+  ``processor``; ``MIN,MAX``: `video_pixels_setting`), ``max_rows``: `evaluation.mmeb_v2`.
 """
 
 from __future__ import annotations
@@ -131,6 +132,10 @@ class EvaluationArguments:
                                      "default), stable or strict"))
     mmeb_v2_image_tie_rule: Optional[str] = field(
         default=None, metadata=_help("MMEB-V2: ties of the image tasks, as mmeb_tie_rule (default argmax)"))
+    mmeb_v2_video_pixels: Optional[str] = field(
+        default=None, metadata=_help("MMEB-V2: the frame pixel budget during the run: vlm2vec (default: VLM2Vec-V2's "
+                                     "4*28*28 to 1280*28*28 per frame, Qwen2-VL/Qwen2.5-VL), processor (the "
+                                     "processor's own video_min_pixels / video_max_pixels) or MIN,MAX"))
     mmeb_v2_max_rows: Optional[int] = field(
         default=None, metadata=_help("MMEB-V2: only the first N rows of each task (default: max_rows)"))
     retrieval_flickr30k: Optional[str] = field(
@@ -184,6 +189,27 @@ class EvaluationArguments:
 
 # mmeb_v2 first: argument errors name the section of the longest matching prefix.
 EVALUATION_SECTIONS = {"mmeb_v2": "mmeb_v2_", "mmeb": "mmeb_", "retrieval": "retrieval_", "sugarcrepe": "sugarcrepe_"}
+
+
+def video_pixels_setting(value: str | Sequence[int] | None) -> tuple[int, int] | str | None:
+    """``mmeb_v2.video_pixels`` as `evaluation.mmeb_v2.evaluate_mmeb_v2` takes it: ``"vlm2vec"`` (also when unset),
+    None for ``"processor"``, or ``(min, max)`` from ``"MIN,MAX"`` (or a YAML list of two).
+
+    Example:
+        >>> video_pixels_setting(None), video_pixels_setting("processor"), video_pixels_setting("3136, 200704")
+        ('vlm2vec', None, (3136, 200704))
+    """
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(part) for part in value)
+    if value is None or str(value).strip() == "vlm2vec":
+        return "vlm2vec"
+    if str(value).strip() == "processor":
+        return None
+    parts = [part.strip() for part in str(value).split(",")]
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts) or int(parts[0]) > int(parts[1]):
+        raise ValueError(f"mmeb_v2 video_pixels={value!r}: use vlm2vec, processor, or MIN,MAX (two positive integers, "
+                         "MIN <= MAX).")
+    return int(parts[0]), int(parts[1])
 
 
 def parse_evaluation_arguments(description: str | None = None,
@@ -266,6 +292,7 @@ def prepare_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         from .mmeb_v2 import prepare_mmeb_v2
 
         options = settings["mmeb_v2"]
+        video_pixels_setting(options.get("video_pixels"))  # a bad value fails before any data or model is read
         if "root" not in options:
             raise ValueError("mmeb_v2: give 'root' (a clone of TIGER-Lab/MMEB-V2 with its frame archives unpacked).")
         prepared["mmeb_v2"] = prepare_mmeb_v2(
@@ -387,6 +414,7 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
             tie_rule=mmeb_v2_options.get("tie_rule") or "numpy",
             image_tie_rule=mmeb_v2_options.get("image_tie_rule") or "argmax",
             num_frames=int(mmeb_v2_options.get("num_frames") or 8), max_rows=row_limit(settings, mmeb_v2_options),
+            video_pixels=video_pixels_setting(mmeb_v2_options.get("video_pixels")),
             predictions_dir=output_dir / "predictions" / "mmeb_v2",
         )
         results["mmeb_v2"] = mmeb_v2.summary()

@@ -58,6 +58,7 @@ are 64.9 / 34.6 / 65.4 and 58.0 overall (`PUBLISHED_MMEB_V2`); the means of its 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import io
@@ -79,6 +80,10 @@ from .mmeb import MMEB_CATEGORIES, MMEBDataset, MMEBOptions, evaluate_task, prep
 
 VLM2VEC_REPO = "TIGER-AI-Lab/VLM2Vec"
 VLM2VEC_COMMIT = "6e1e1d42d4cba85ae4db4d3f7a25cba2465d1e16"
+# VLM2Vec-V2's evaluation (experiments/public/eval/eval_8gpu.sh: the defaults of src/arguments.py, resize_use_processor
+# true, no image_resolution) gives its Qwen2-VL processor size {shortest_edge: resize_min_pixels, longest_edge:
+# resize_max_pixels} (src/model/processor.py), which bounds every frame: 4*28*28 to 1280*28*28 pixels.
+VLM2VEC_FRAME_PIXELS = (28 * 28 * 4, 28 * 28 * 1280)
 """The commit of VLM2Vec every rule of this module was read at."""
 MMEB_V2_HUB_ID = "TIGER-Lab/MMEB-V2"
 MMEB_EVAL_HUB_ID = "TIGER-Lab/MMEB-eval"
@@ -1263,6 +1268,7 @@ def evaluate_mmeb_v2(
     prepared: Sequence[MMEBV2Dataset] | None = None,
     predictions_dir: str | os.PathLike | None = None,
     show_progress: bool | None = None,
+    video_pixels: tuple[int | None, int | None] | str | None = "vlm2vec",
 ) -> MMEBV2Result:
     """Evaluate an embedder on MMEB-V2 tasks (all 78 by default; names, modalities or ``modality/category``).
 
@@ -1278,6 +1284,10 @@ def evaluate_mmeb_v2(
             image tasks' (`evaluation.mmeb.TIE_RULES`, default ``"argmax"``, VLM2Vec's V1 scorer).
         max_rows: the first N rows of every task (a smoke test; the numbers are then not MMEB-V2's).
         predictions_dir: when given, one JSON-lines file of predictions per task is written there.
+        video_pixels: the frame pixel budget ``(min, max)`` set on the embedder's processor for the run
+            (`video_protocol`): ``"vlm2vec"`` (default) is VLM2Vec-V2's, 4*28*28 to 1280*28*28 per frame, for
+            Qwen2-VL and Qwen2.5-VL embedders (a Qwen3-VL processor keeps its own: VLM2Vec has no Qwen3-VL rule);
+            None leaves the processor's settings.
     """
     from tqdm.auto import tqdm
 
@@ -1292,6 +1302,47 @@ def evaluate_mmeb_v2(
     main = state is None or state.is_main_process
     progress = tqdm(prepared, desc="MMEB-V2", unit="task", disable=not main if show_progress is None
                     else not show_progress)
+    with video_protocol(model, video_pixels, num_frames) as applied:
+        result.settings["video"] = applied
+        _evaluate_tasks(model, progress, result, batch_size, cache_dir, state, tie_rule, image_tie_rule)
+    if predictions_dir is not None and main:
+        write_mmeb_v2_predictions(result, predictions_dir)
+    return result
+
+
+@contextlib.contextmanager
+def video_protocol(model: Any, video_pixels: tuple[int | None, int | None] | str | None, num_frames: int | None):
+    """The embedder's processor set, for the run, to take the harness's frames as they are (``video_num_frames``
+    None, ``video_max_frames`` at least ``num_frames``) with the frame pixel budget ``video_pixels`` (see
+    `evaluate_mmeb_v2`); everything is restored afterwards, also on an error. Yields the settings used (None for an
+    embedder without a UniME-V2 processor)."""
+    try:
+        processor = model.processor
+    except (AttributeError, ValueError):
+        processor = None
+    if processor is None or not hasattr(processor, "video_num_frames"):
+        yield None
+        return
+    names = ("video_num_frames", "video_max_frames", "video_min_pixels", "video_max_pixels")
+    saved = {name: getattr(processor, name) for name in names}
+    changes: dict[str, Any] = {"video_num_frames": None,
+                               "video_max_frames": max(processor.video_max_frames, num_frames or 0)}
+    if video_pixels == "vlm2vec":
+        if processor.backbone_type in ("qwen2_vl", "qwen2_5_vl"):
+            changes["video_min_pixels"], changes["video_max_pixels"] = VLM2VEC_FRAME_PIXELS
+    elif video_pixels is not None:
+        changes["video_min_pixels"], changes["video_max_pixels"] = video_pixels
+    try:
+        for name, value in changes.items():
+            setattr(processor, name, value)
+        yield {name: getattr(processor, name) for name in names}
+    finally:
+        for name, value in saved.items():
+            setattr(processor, name, value)
+
+
+def _evaluate_tasks(model: Any, progress: Any, result: MMEBV2Result, batch_size: int, cache_dir: Any, state: Any,
+                    tie_rule: str, image_tie_rule: str) -> None:
     for dataset in progress:
         task = dataset.task
         progress.set_postfix_str(task.name)
@@ -1314,9 +1365,6 @@ def evaluate_mmeb_v2(
         result.metrics[task.name] = scored["metrics"]
         result.ties[task.name] = scored["ties"]
         result.predictions[task.name] = scored["predictions"]
-    if predictions_dir is not None and main:
-        write_mmeb_v2_predictions(result, predictions_dir)
-    return result
 
 
 def write_mmeb_v2_predictions(result: MMEBV2Result, folder: str | os.PathLike) -> None:

@@ -671,6 +671,36 @@ def test_tiny_model_runs_the_video_tasks(layouts, tiny_model):
     assert all(0.0 <= score <= 100.0 for score in result.scores.values())
 
 
+def test_video_tasks_run_under_vlm2vecs_frame_budget_and_the_processor_is_restored(layouts, tiny_model,
+                                                                                   monkeypatch):
+    """VLM2Vec-V2 bounds every frame by its processor's 4*28*28 to 1280*28*28 pixels and takes the 8 sampled frames as
+    they are: the run sets that on the processor (a video_num_frames of 3 would subsample again) and restores it."""
+    processor = tiny_model.processor
+    seen = []
+    encode = type(tiny_model).encode
+
+    def recording(self, *args, **kwargs):
+        if kwargs.get("videos"):
+            seen.append((processor.video_min_pixels, processor.video_max_pixels, processor.video_num_frames))
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_model), "encode", recording)
+    processor.video_num_frames = 3
+    try:
+        result = evaluate_mmeb_v2(tiny_model, layouts, VIDEO_LAYOUT_TASKS, batch_size=4)
+        assert seen and set(seen) == {(28 * 28 * 4, 28 * 28 * 1280, None)}
+        assert result.settings["video"] == {"video_num_frames": None, "video_max_frames": 64,
+                                            "video_min_pixels": 3136, "video_max_pixels": 1003520}
+        assert (processor.video_num_frames, processor.video_min_pixels, processor.video_max_pixels) == (3, None, None)
+        seen.clear()
+        evaluate_mmeb_v2(tiny_model, layouts, ["MSR-VTT"], batch_size=4, video_pixels=None)
+        assert seen and set(seen) == {(None, None, None)}
+    finally:
+        processor.video_num_frames = None
+    with pytest.raises(ValueError, match="video_pixels='1,x'"):
+        harness.video_pixels_setting("1,x")
+
+
 # ------------------------------------------------------------------------------------------------ the harness
 
 
