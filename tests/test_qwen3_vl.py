@@ -248,3 +248,23 @@ def test_recipes_mine_train_rerank_and_evaluate_with_qwen3_vl(tmp_path, monkeypa
     run_recipe(monkeypatch, "run_evaluation.py", "--config", str(tmp_path / "eval.yaml"))
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(results["retrieval"]["urban1k"]) == {"embedder", "embedder + rerank"}
+
+
+def test_a_plain_tied_qwen3_vl_folder_loads_as_a_reranker_with_its_tied_head(tmp_path):
+    """Qwen3-VL-2B ties its LM head to the input embeddings (tie_word_embeddings in both configs): the reranker keeps
+    the tie and gives the stock model's logits."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from modeling_unime import UniMEV2Reranker
+
+    tokenizer = build_tiny_tokenizer("qwen3_vl")
+    config = build_tiny_causal_lm("qwen3_vl", tokenizer=tokenizer).config
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    stock = Qwen3VLForConditionalGeneration(config).eval()
+    processor = build_tiny_processor("qwen3_vl", tokenizer)
+    reranker = UniMEV2Reranker.from_pretrained(save_in_authors_layout(stock, processor, tmp_path / "plain")).eval()
+    assert reranker.lm_head.weight.data_ptr() == reranker.model.language_model.embed_tokens.weight.data_ptr()
+    batch = processor(texts=["What colour is the shape?"], images=[RED])
+    with torch.no_grad():
+        torch.testing.assert_close(reranker(**batch).logits, stock(**batch).logits, atol=1e-5, rtol=0)
