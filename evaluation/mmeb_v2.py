@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import io
 import json
 import math
@@ -74,7 +73,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modeling_unime.util.embedding_cache import EmbeddingCache, item_key
+from modeling_unime.util.embedding_cache import embed_with_cache
 
 from .mmeb import MMEB_CATEGORIES, MMEBDataset, MMEBOptions, evaluate_task, prepare_mmeb
 
@@ -1149,85 +1148,6 @@ def mmeb_v2_means(scores: dict[str, float]) -> tuple[dict[str, float], dict[str,
 # ------------------------------------------------------------------------------------------------ embedding
 
 
-class MediaEmbeddingCache(EmbeddingCache):
-    """`EmbeddingCache` whose items may carry a video: (text, image, frames). An item without frames keeps the key
-    `EmbeddingCache` gives (text, image) (the same key as in every other benchmark's cache); a video's key adds its
-    frame paths in order."""
-
-    def key(self, item: Sequence[Any]) -> str:
-        text, image, *rest = item
-        frames = rest[0] if rest else None
-        if frames is None:
-            return super().key((text, image))
-        return item_key(text, image, [os.fspath(frame) for frame in frames], self.image_root)
-
-
-def accepts_videos(embedder: Any) -> bool:
-    """Whether ``embedder.encode`` takes ``videos=`` (by name or through ``**kwargs``)."""
-    try:
-        parameters = inspect.signature(embedder.encode).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(parameter.name == "videos" or parameter.kind is inspect.Parameter.VAR_KEYWORD
-               for parameter in parameters)
-
-
-def encode_media(embedder: Any, items: Sequence[MediaItem], image_root: Any, batch_size: int) -> torch.Tensor:
-    """``embedder.encode(texts=, images=, videos=, image_root=, batch_size=)``; ``videos`` (a list of frame paths or
-    None per row) is passed only when some row has one, so embedders without video support still run image and text
-    tasks.
-
-    Raises:
-        TypeError: rows have videos but ``encode`` takes no ``videos=``.
-    """
-    kwargs: dict[str, Any] = {"texts": [item[0] for item in items], "images": [item[1] for item in items],
-                              "image_root": image_root, "batch_size": batch_size}
-    videos = [list(item[2]) if item[2] is not None else None for item in items]
-    if any(video is not None for video in videos):
-        if not accepts_videos(embedder):
-            raise TypeError(f"{type(embedder).__name__}.encode() takes no videos= argument, which the MMEB-V2 video "
-                            "tasks need (one list of frame paths per row); run the image and visdoc tasks only "
-                            "(tasks: [image, visdoc]) or use an embedder with video support.")
-        kwargs["videos"] = videos
-    return embedder.encode(**kwargs)
-
-
-def _fingerprint(embedder: Any) -> str:
-    # As modeling_unime.util.embedding_cache.cached_embeddings: the weights and the processor's settings.
-    from modeling_unime.util.fingerprint import model_fingerprint, processor_settings
-
-    if not isinstance(embedder, torch.nn.Module):
-        return type(embedder).__name__
-    try:
-        processor = embedder.processor
-    except (AttributeError, ValueError):
-        processor = None
-    return model_fingerprint(embedder, processor_settings(processor))
-
-
-def embed_media_with_cache(embedder: Any, items: Sequence[MediaItem], batch_size: int,
-                           cache_dir: str | os.PathLike | None = None, state: Any = None,
-                           image_root: Any = None) -> torch.Tensor:
-    """One row per item: through a `MediaEmbeddingCache` under ``cache_dir`` (only what it lacks is embedded, split
-    over the processes of ``state``, saved part by part so that an interrupted run resumes), or plainly without
-    one."""
-    if cache_dir is None:
-        return encode_media(embedder, items, image_root, batch_size)
-    cache = MediaEmbeddingCache(cache_dir, _fingerprint(embedder), image_root)
-    missing = cache.missing(items)
-    if state is not None:
-        state.wait_for_everyone()
-        missing = missing[state.process_index :: state.num_processes]
-    flush_every = max(batch_size * 8, 1)
-    for start in range(0, len(missing), flush_every):
-        part = missing[start : start + flush_every]
-        cache.add(part, torch.as_tensor(encode_media(embedder, part, image_root, batch_size)))
-    if state is not None:
-        state.wait_for_everyone()
-        cache.reload()
-    return cache.lookup(items)
-
-
 # ------------------------------------------------------------------------------------------------ the run
 
 
@@ -1358,7 +1278,7 @@ def _evaluate_tasks(model: Any, progress: Any, result: MMEBV2Result, batch_size:
             continue
         items = list(dict.fromkeys([*dataset.queries, *dataset.corpus.values()]))
         cache = None if cache_dir is None else Path(cache_dir) / "mmeb_v2"
-        vectors = embed_media_with_cache(model, items, batch_size, cache, state)
+        vectors = embed_with_cache(model, items, None, batch_size, cache, state)
         vectors = torch.nn.functional.normalize(torch.as_tensor(vectors).float(), dim=-1).numpy()
         scored = score_task(dataset, vectors, {item: index for index, item in enumerate(items)}, tie_rule)
         result.scores[task.name] = scored["score"]
@@ -1528,16 +1448,12 @@ __all__ = [
     "TIE_RULES",
     "VIDEO_CLS_LABELS",
     "VLM2VEC_COMMIT",
-    "MediaEmbeddingCache",
     "MMEBV2Dataset",
     "MMEBV2Paths",
     "MMEBV2Result",
     "MMEBV2Task",
-    "accepts_videos",
     "annotation_files",
     "annotation_repos",
-    "embed_media_with_cache",
-    "encode_media",
     "evaluate_mmeb_v2",
     "hit_at_k",
     "join_instruction",

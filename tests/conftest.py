@@ -59,6 +59,26 @@ def shared_data() -> Path:
 
 
 @lru_cache(maxsize=None)
+def tiny_backbone_and_embedder(family: str):
+    """(the stock ``*ForConditionalGeneration`` backbone, a UniMEV2Model with its weights, the processor) of one
+    family, built once. Query/key projections are sharpened x4 so that a position or padding slip moves the outputs
+    well above float noise. Shared: do not modify them."""
+    from modeling_unime import UniMEV2Config, UniMEV2Model
+    from modeling_unime.tiny import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(family)
+    processor = build_tiny_processor(family, tokenizer)
+    causal_lm = build_tiny_causal_lm(family, tokenizer=tokenizer)
+    with torch.no_grad():
+        for name, parameter in causal_lm.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.mul_(4)
+    model = UniMEV2Model(UniMEV2Config(backbone_config=causal_lm.config.to_dict())).eval()
+    model.model.load_state_dict(causal_lm.model.state_dict(), strict=True)
+    return causal_lm, model, processor
+
+
+@lru_cache(maxsize=None)
 def tiny_judge(family: str = "qwen2_5_vl"):
     """A tiny judge (model, processor), built once per family, whose Yes/No rows of the LM head are scaled by 30: a
     wrong prompt, image or answer id then moves P(Yes) well above float noise. Shared: do not modify it."""

@@ -26,11 +26,9 @@ from evaluation.mmeb_v2 import (
     MMEB_V2_CATEGORIES,
     MMEB_V2_TASKS,
     VIDEO_CLS_LABELS,
-    MediaEmbeddingCache,
     MMEBV2Dataset,
     MMEBV2Paths,
     annotation_repos,
-    embed_media_with_cache,
     evaluate_mmeb_v2,
     hit_at_k,
     list_frames,
@@ -43,7 +41,7 @@ from evaluation.mmeb_v2 import (
     score_task,
     select_tasks,
 )
-from modeling_unime.util.embedding_cache import EmbeddingCache
+from modeling_unime.util.embedding_cache import EmbeddingCache, embed_with_cache
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
 QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. Return only "
@@ -593,8 +591,8 @@ class ContentEmbedder:
 
 
 def test_media_cache_keys_resume_and_the_videos_contract(tmp_path):
-    cache = MediaEmbeddingCache(tmp_path / "c", "fp", None)
-    assert cache.key(("a text", "x.png", None)) == EmbeddingCache(tmp_path / "c", "fp", None).key(("a text", "x.png"))
+    cache = EmbeddingCache(tmp_path / "c", "fp", None)
+    assert cache.key(("a text", "x.png", None)) == cache.key(("a text", "x.png"))
     assert cache.key(("t", None, ("f1.jpg", "f2.jpg"))) != cache.key(("t", None, ("f2.jpg", "f1.jpg")))
     assert cache.key(("t", None, ("f1.jpg",))) != cache.key(("t", None, None))
 
@@ -602,18 +600,18 @@ def test_media_cache_keys_resume_and_the_videos_contract(tmp_path):
     write_frames(frames, 2, "blue")
     items = [("a red thing", None, None), ("video", None, tuple(list_frames(frames))), ("a red thing", None, None)]
     embedder = ContentEmbedder()
-    first = embed_media_with_cache(embedder, items, 4, tmp_path / "cache")
+    first = embed_with_cache(embedder, items, None, 4, tmp_path / "cache")
     assert embedder.rows == 2                     # the repeated item is embedded once
-    again = embed_media_with_cache(embedder, items, 4, tmp_path / "cache")
+    again = embed_with_cache(embedder, items, None, 4, tmp_path / "cache")
     assert embedder.rows == 2 and torch.equal(first, again)   # resumed from the cache: nothing embedded
 
     class ImageOnly:
         def encode(self, texts, images, image_root=None, batch_size=32):
             return torch.ones(len(texts), 3)
 
-    assert embed_media_with_cache(ImageOnly(), items[:1], 4).shape == (1, 3)   # no video: no videos= passed
+    assert embed_with_cache(ImageOnly(), items[:1], None, 4).shape == (1, 3)   # no video: no videos= passed
     with pytest.raises(TypeError, match="ImageOnly.encode\\(\\) takes no videos= argument"):
-        embed_media_with_cache(ImageOnly(), items, 4)
+        embed_with_cache(ImageOnly(), items, None, 4)
 
 
 def test_evaluate_on_every_layout_with_a_controlled_embedder(layouts, tmp_path):

@@ -2,7 +2,6 @@
 
 import json
 import textwrap
-from functools import lru_cache
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from huggingface_hub import DatasetCard, ModelCard
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import FAMILIES, run_fresh_python
+from conftest import FAMILIES, run_fresh_python, tiny_backbone_and_embedder
 from modeling_unime import UniMEV2Config, UniMEV2Model, UniMEV2Processor
 from modeling_unime.configuration_unime import QWEN3_VL_BACKBONES
 from modeling_unime.export.convert import convert_checkpoint
@@ -19,9 +18,6 @@ from modeling_unime.modeling_unime import pool_last_token
 from modeling_unime.tiny import (
     REAL_QWEN2_VOCAB_SIZE,
     build_tiny_backbone_config,
-    build_tiny_causal_lm,
-    build_tiny_processor,
-    build_tiny_tokenizer,
     save_in_authors_layout,
 )
 
@@ -31,20 +27,9 @@ MIXED_TEXTS = ["a red car parked nearby", None, "What colour is the shape?", "a 
 MIXED_IMAGES = [None, RED, BLUE, None]
 
 
-@lru_cache(maxsize=None)
 def tiny(family):
     """(causal LM in the authors' class, UniMEV2Model with the same weights, processor) for one family."""
-    tokenizer = build_tiny_tokenizer(family)
-    processor = build_tiny_processor(family, tokenizer)
-    causal_lm = build_tiny_causal_lm(family, tokenizer=tokenizer)
-    # Sharper attention than the random init so that position or padding bugs change the embeddings visibly.
-    with torch.no_grad():
-        for name, parameter in causal_lm.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                parameter.mul_(4)
-    model = UniMEV2Model(UniMEV2Config(backbone_config=causal_lm.config.to_dict())).eval()
-    model.model.load_state_dict(causal_lm.model.state_dict(), strict=True)
-    return causal_lm, model, processor
+    return tiny_backbone_and_embedder(family)
 
 
 def authors_recipe(causal_lm, batch):

@@ -2,15 +2,14 @@
 variant, the reranker, and the recipes (mine -> train -> rerank -> evaluate) on tiny models."""
 
 import json
-from functools import lru_cache
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import run_recipe
-from modeling_unime import UniMEV2Config, UniMEV2Model, UniMEV2Processor
+from conftest import run_recipe, tiny_backbone_and_embedder
+from modeling_unime import UniMEV2Model, UniMEV2Processor
 from modeling_unime.tiny import (
     build_tiny_causal_lm,
     build_tiny_processor,
@@ -25,20 +24,9 @@ TEXTS = ["a red car parked nearby", None, "What colour is the shape?", "dog"]
 IMAGES = [None, RED, BLUE, None]
 
 
-@lru_cache(maxsize=None)
 def tiny(family="qwen3_vl"):
-    """(Qwen3VLForConditionalGeneration, UniMEV2Model with its weights, processor); attention sharpened so that a
-    position or padding slip moves the output well above float noise."""
-    tokenizer = build_tiny_tokenizer(family)
-    processor = build_tiny_processor(family, tokenizer)
-    causal_lm = build_tiny_causal_lm(family, tokenizer=tokenizer)
-    with torch.no_grad():
-        for name, parameter in causal_lm.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                parameter.mul_(4)
-    model = UniMEV2Model(UniMEV2Config(backbone_config=causal_lm.config.to_dict())).eval()
-    model.model.load_state_dict(causal_lm.model.state_dict(), strict=True)
-    return causal_lm, model, processor
+    """(Qwen3VLForConditionalGeneration, UniMEV2Model with its weights, processor); attention sharpened."""
+    return tiny_backbone_and_embedder(family)
 
 
 def backbone_embedding(causal_lm, processor, text, image):

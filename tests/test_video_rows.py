@@ -14,9 +14,10 @@ from PIL import Image
 from test_video import REFERENCE, TENSORS, case_video, collapse_runs, write_video
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from modeling_unime import UniMEV2Config, UniMEV2Model, UniMEV2Processor
+from conftest import tiny_backbone_and_embedder
+from modeling_unime import UniMEV2Model, UniMEV2Processor
 from modeling_unime.configuration_unime import QWEN3_VL_BACKBONES
-from modeling_unime.tiny import build_tiny_causal_lm, build_tiny_processor, build_tiny_tokenizer
+from modeling_unime.tiny import build_tiny_processor, build_tiny_tokenizer
 from modeling_unime.video_unime import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -30,18 +31,11 @@ def clip(count=5, width=72, height=56, shift=0):
 
 @lru_cache(maxsize=None)
 def tiny(family):
-    """(stock causal LM, UniMEV2Model with its weights, processor with a small video budget); sharpened attention."""
-    tokenizer = build_tiny_tokenizer(family)
-    processor = build_tiny_processor(family, tokenizer)
+    """(stock causal LM, UniMEV2Model with its weights, a processor of its own with a small video budget)."""
+    causal_lm, model, shared = tiny_backbone_and_embedder(family)
+    processor = build_tiny_processor(family, shared.tokenizer)
     for name, value in SMALL_VIDEO.items():
         setattr(processor, name, value)
-    causal_lm = build_tiny_causal_lm(family, tokenizer=tokenizer)
-    with torch.no_grad():
-        for name, parameter in causal_lm.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                parameter.mul_(4)
-    model = UniMEV2Model(UniMEV2Config(backbone_config=causal_lm.config.to_dict())).eval()
-    model.model.load_state_dict(causal_lm.model.state_dict(), strict=True)
     return causal_lm, model, processor
 
 

@@ -4,6 +4,7 @@ mining and by every evaluation ("embed what the cache lacks, read the rest")."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import uuid
@@ -19,8 +20,11 @@ from .files import atomic_write, warn_damaged
 from .fingerprint import model_fingerprint, processor_settings
 
 Item = tuple[str | None, str | None]
+"""(text, image) of one row to embed; an item may carry a third element, its video (a sequence of frame paths, or
+None), which `embed_items` passes as ``encode(videos=...)`` and the cache key includes."""
 
-__all__ = ["EmbeddingCache", "Item", "cached_embeddings", "embed_items", "embed_with_cache", "item_key", "root_key"]
+__all__ = ["EmbeddingCache", "Item", "accepts_videos", "cached_embeddings", "embed_items", "embed_with_cache",
+           "item_key", "root_key"]
 
 
 def item_key(*parts: Any) -> str:
@@ -63,7 +67,11 @@ class EmbeddingCache:
             self.vectors.update(vectors)
 
     def key(self, item: Item) -> str:
-        return item_key(item[0], item[1], self.image_root)
+        text, image, *video = item
+        frames = video[0] if video else None
+        if frames is None:  # the key every (text, image) item has always had
+            return item_key(text, image, self.image_root)
+        return item_key(text, image, [os.fspath(frame) for frame in frames], self.image_root)
 
     def missing(self, items: Sequence[Item]) -> list[Item]:
         return list(dict.fromkeys(item for item in items if self.key(item) not in self.vectors))
@@ -78,11 +86,32 @@ class EmbeddingCache:
         return torch.stack([self.vectors[self.key(item)] for item in items])
 
 
+def accepts_videos(embedder: Any) -> bool:
+    """Whether ``embedder.encode`` takes ``videos=`` (by name or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(embedder.encode).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(parameter.name == "videos" or parameter.kind is inspect.Parameter.VAR_KEYWORD
+               for parameter in parameters)
+
+
 def embed_items(embedder: Any, items: Sequence[Item], image_root: Any, batch_size: int) -> torch.Tensor:
-    return embedder.encode(
-        texts=[text for text, _ in items], images=[image for _, image in items], image_root=image_root,
-        batch_size=batch_size,
-    )
+    """``embedder.encode`` on the items; ``videos=`` (a list of frame paths or None per row) only when some item has a
+    video, so embedders without video support still embed texts and images.
+
+    Raises:
+        TypeError: items have videos but ``encode`` takes no ``videos=``.
+    """
+    kwargs: dict[str, Any] = {"texts": [item[0] for item in items], "images": [item[1] for item in items],
+                              "image_root": image_root, "batch_size": batch_size}
+    videos = [list(item[2]) if len(item) > 2 and item[2] is not None else None for item in items]
+    if any(video is not None for video in videos):
+        if not accepts_videos(embedder):
+            raise TypeError(f"{type(embedder).__name__}.encode() takes no videos= argument, which video rows need "
+                            "(one list of frame paths per row): use an embedder with video support.")
+        kwargs["videos"] = videos
+    return embedder.encode(**kwargs)
 
 
 def cached_embeddings(
