@@ -38,7 +38,8 @@ any of its fields is set.
   VLM2Vec), ``tasks`` (names, ``image`` / ``video`` / ``visdoc`` or ``video/MRET``; default all 78),
   ``num_frames`` (8), ``tie_rule`` (``numpy``, VLM2Vec's, default; ``stable``; ``strict``), ``image_tie_rule``
   (the image tasks', as ``mmeb.tie_rule``; default ``argmax``), ``video_pixels`` (``vlm2vec``, default;
-  ``processor``; ``MIN,MAX``: `video_pixels_setting`), ``max_rows``: `evaluation.mmeb_v2`.
+  ``processor``; ``MIN,MAX``: `video_pixels_setting`), ``rerank_top_k`` and ``rerank_match`` (the rerank stage, as
+  ``mmeb``'s; video tasks are not reranked), ``max_rows``: `evaluation.mmeb_v2`.
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ class EvaluationArguments:
         default=None, metadata=_help("MMEB-V2: the frame pixel budget during the run: vlm2vec (default: VLM2Vec-V2's "
                                      "4*28*28 to 1280*28*28 per frame, Qwen2-VL/Qwen2.5-VL), processor (the "
                                      "processor's own video_min_pixels / video_max_pixels) or MIN,MAX"))
+    mmeb_v2_rerank_top_k: Optional[int] = field(
+        default=None, metadata=_help("MMEB-V2: how many of the embedder's candidates the reranker re-orders (default "
+                                     "10; with a reranker; video tasks are not reranked)"))
+    mmeb_v2_rerank_match: Optional[str] = field(
+        default=None, metadata=_help("MMEB-V2 image tasks: how a reranked pick is judged, as mmeb_rerank_match "
+                                     "(default content)"))
     mmeb_v2_max_rows: Optional[int] = field(
         default=None, metadata=_help("MMEB-V2: only the first N rows of each task (default: max_rows)"))
     retrieval_flickr30k: Optional[str] = field(
@@ -416,8 +423,10 @@ def run_evaluation(arguments: EvaluationArguments) -> dict[str, Any] | None:
             num_frames=int(mmeb_v2_options.get("num_frames") or 8), max_rows=row_limit(settings, mmeb_v2_options),
             video_pixels=video_pixels_setting(mmeb_v2_options.get("video_pixels")),
             predictions_dir=output_dir / "predictions" / "mmeb_v2",
+            reranker=reranker, rerank_top_k=int(mmeb_v2_options.get("rerank_top_k", 10)),
+            rerank_match=mmeb_v2_options.get("rerank_match") or "content",
         )
-        results["mmeb_v2"] = mmeb_v2.summary()
+        results["mmeb_v2"] = mmeb_v2.stages()
         results["data"]["mmeb_v2"] = mmeb_v2.data
         results["seconds"]["mmeb_v2"] = round(time.perf_counter() - started, 1)
         markdown += ["## MMEB-V2 (hit@1 for image and video tasks, NDCG@5 for visual documents, %)", "",

@@ -76,6 +76,7 @@ import torch
 from modeling_unime.util.embedding_cache import embed_with_cache
 
 from .mmeb import MMEB_CATEGORIES, MMEBDataset, MMEBOptions, evaluate_task, prepare_mmeb
+from .rerank import rerank_head
 
 VLM2VEC_REPO = "TIGER-AI-Lab/VLM2Vec"
 VLM2VEC_COMMIT = "6e1e1d42d4cba85ae4db4d3f7a25cba2465d1e16"
@@ -1074,10 +1075,11 @@ def _tied_at_top(row_scores: np.ndarray, relevant: np.ndarray) -> bool:
 
 
 def score_task(dataset: MMEBV2Dataset, embeddings: np.ndarray, position: dict[MediaItem, int],
-               tie_rule: str = "numpy", keep: int = 10) -> dict[str, Any]:
+               tie_rule: str = "numpy", keep: int = 10, depth: int = 10) -> dict[str, Any]:
     """Rank and score one (non-image) task from the embeddings of its items (rows of ``embeddings``, found by
-    ``position``). Returns ``{"metrics", "score" (main metric, %), "ties", "predictions"}``; a prediction keeps the
-    first ``keep`` candidate names."""
+    ``position``). Returns ``{"metrics", "score" (main metric, %), "ties", "predictions", "rankings"}``; a prediction
+    keeps the first ``keep`` candidate names, a ranking the first ``depth`` (at least the 10 the metrics read) of a
+    global task, every candidate of a local one."""
     queries = embeddings[[position[item] for item in dataset.queries]]
     predictions: list[list[str]] = []
     ties = 0
@@ -1090,7 +1092,7 @@ def score_task(dataset: MMEBV2Dataset, embeddings: np.ndarray, position: dict[Me
         for row, labels in enumerate(dataset.labels):
             relevant[row, [lookup[label] for label in labels if label in lookup]] = True
         ranking = rank_scores(scores, tie_rule, relevant)
-        predictions = [[names[index] for index in row[:max(keep, max(METRIC_KS))]] for row in ranking]
+        predictions = [[names[index] for index in row[:max(keep, depth, max(METRIC_KS))]] for row in ranking]
         ties = sum(_tied_at_top(scores[row], relevant[row]) for row in range(len(scores))) if names else 0
     else:
         for query, names, labels in zip(queries, dataset.candidates, dataset.labels):
@@ -1108,7 +1110,39 @@ def score_task(dataset: MMEBV2Dataset, embeddings: np.ndarray, position: dict[Me
         if dataset.rel_scores is not None:
             rows[-1]["rel_scores"] = dataset.rel_scores[row]
             rows[-1]["ndcg_linear@5"] = ndcg_linear_at_k(prediction, labels, 5, dataset.rel_scores[row])
-    return {"metrics": metrics, "score": 100 * metrics[dataset.task.metric], "ties": int(ties), "predictions": rows}
+    return {"metrics": metrics, "score": 100 * metrics[dataset.task.metric], "ties": int(ties), "predictions": rows,
+            "rankings": predictions}
+
+
+def reranks_task(dataset: MMEBV2Dataset) -> bool:
+    """Whether the rerank stage can run on a task: the reranker takes texts and images, so a task with a video on
+    either side (every video task) is left out; image and visual-document tasks are reranked."""
+    return dataset.mmeb is not None or not any(
+        item[2] is not None for item in (*dataset.queries, *dataset.corpus.values()))
+
+
+def rerank_task(dataset: MMEBV2Dataset, rankings: Sequence[Sequence[str]], reranker: Any, top_k: int = 10,
+                mode: str = "listwise", image_root: Any = None) -> dict[str, Any]:
+    """The rerank stage on one scored (non-image) task: each query's first ``top_k`` candidates of the embedder's
+    ranking, as embedded (text and image), re-ordered by ``reranker.rerank(query, candidates, mode=mode)``
+    (`evaluation.rerank.rerank_head`: positions it leaves out keep the embedder's order), the rest after them; then
+    the task's metrics on the new rankings. Returns ``{"metrics", "score", "predictions"}`` as `score_task`."""
+    if not reranks_task(dataset):
+        raise ValueError(f"MMEB-V2 task {dataset.task.name!r} has videos, which the reranker does not take.")
+    reranked = []
+    for row, (query, names) in enumerate(zip(dataset.queries, rankings)):
+        candidates = [dataset.corpus[name][:2] for name in names]
+        order = rerank_head(list(range(len(names))), query[:2], candidates, reranker, top_k, image_root, mode,
+                            query_index=row)
+        reranked.append([names[index] for index in order])
+    metrics = ranking_metrics(reranked, dataset.labels, dataset.rel_scores)
+    predictions = []
+    for row, (prediction, labels) in enumerate(zip(reranked, dataset.labels)):
+        predictions.append({"row": row, "prediction": prediction[:10], "labels": labels,
+                            "hit@1": hit_at_k(prediction, labels, 1)})
+        if dataset.rel_scores is not None:
+            predictions[-1]["ndcg_linear@5"] = ndcg_linear_at_k(prediction, labels, 5, dataset.rel_scores[row])
+    return {"metrics": metrics, "score": 100 * metrics[dataset.task.metric], "predictions": predictions}
 
 
 # ------------------------------------------------------------------------------------------------ averages
@@ -1161,12 +1195,25 @@ class MMEBV2Result:
     predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     data: dict[str, dict[str, Any]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    reranked: "MMEBV2Result | None" = None
+    not_reranked: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """``{"tasks", "means", "incomplete", "metrics", "ties", "settings"}`` (see `mmeb_v2_means`)."""
+        """``{"tasks", "means", "incomplete", "metrics", "ties", "settings"}`` (see `mmeb_v2_means`); after the rerank
+        stage also ``"not_reranked"``: the tasks whose scores are the embedder's (videos)."""
         means, incomplete = mmeb_v2_means(self.scores)
-        return {"tasks": dict(self.scores), "means": means, "incomplete": incomplete, "metrics": dict(self.metrics),
-                "ties": dict(self.ties), "settings": dict(self.settings)}
+        summary = {"tasks": dict(self.scores), "means": means, "incomplete": incomplete,
+                   "metrics": dict(self.metrics), "ties": dict(self.ties), "settings": dict(self.settings)}
+        if self.not_reranked:
+            summary["not_reranked"] = list(self.not_reranked)
+        return summary
+
+    def stages(self) -> dict[str, dict[str, Any]]:
+        """``{"embedder": summary}``, and ``"embedder + rerank"`` after a rerank stage (the layout of MMEB's)."""
+        stages = {"embedder": self.summary()}
+        if self.reranked is not None:
+            stages["embedder + rerank"] = self.reranked.summary()
+        return stages
 
 
 def evaluate_mmeb_v2(
@@ -1189,6 +1236,10 @@ def evaluate_mmeb_v2(
     predictions_dir: str | os.PathLike | None = None,
     show_progress: bool | None = None,
     video_pixels: tuple[int | None, int | None] | str | None = "vlm2vec",
+    reranker: Any = None,
+    rerank_top_k: int = 10,
+    rerank_mode: str = "listwise",
+    rerank_match: str = "content",
 ) -> MMEBV2Result:
     """Evaluate an embedder on MMEB-V2 tasks (all 78 by default; names, modalities or ``modality/category``).
 
@@ -1208,6 +1259,11 @@ def evaluate_mmeb_v2(
             (`video_protocol`): ``"vlm2vec"`` (default) is VLM2Vec-V2's, 4*28*28 to 1280*28*28 per frame, for
             Qwen2-VL and Qwen2.5-VL embedders (a Qwen3-VL processor keeps its own: VLM2Vec has no Qwen3-VL rule);
             None leaves the processor's settings.
+        reranker, rerank_top_k, rerank_mode, rerank_match: the rerank stage (``result.reranked``): each query's first
+            ``rerank_top_k`` candidates re-ordered by ``reranker.rerank`` (`rerank_task`; image tasks through
+            `evaluation.mmeb.evaluate_task`, whose picks are judged by ``rerank_match``). The reranker takes no
+            videos: a video task keeps the embedder's ranking in that stage, listed in
+            ``result.reranked.not_reranked``, so both stages average the same tasks.
     """
     from tqdm.auto import tqdm
 
@@ -1222,11 +1278,19 @@ def evaluate_mmeb_v2(
     main = state is None or state.is_main_process
     progress = tqdm(prepared, desc="MMEB-V2", unit="task", disable=not main if show_progress is None
                     else not show_progress)
+    if reranker is not None:
+        if isinstance(rerank_top_k, bool) or not isinstance(rerank_top_k, int) or rerank_top_k < 1:
+            raise ValueError(f"rerank_top_k must be a positive integer, got {rerank_top_k!r}.")
+        result.reranked = MMEBV2Result(settings={**result.settings, "rerank_top_k": rerank_top_k,
+                                                 "rerank_mode": rerank_mode, "rerank_match": rerank_match})
+    stage = dict(reranker=reranker, rerank_top_k=rerank_top_k, rerank_mode=rerank_mode, rerank_match=rerank_match)
     with video_protocol(model, video_pixels, num_frames) as applied:
         result.settings["video"] = applied
-        _evaluate_tasks(model, progress, result, batch_size, cache_dir, state, tie_rule, image_tie_rule)
+        _evaluate_tasks(model, progress, result, batch_size, cache_dir, state, tie_rule, image_tie_rule, stage)
     if predictions_dir is not None and main:
         write_mmeb_v2_predictions(result, predictions_dir)
+        if result.reranked is not None:
+            write_mmeb_v2_predictions(result.reranked, Path(predictions_dir).parent / "mmeb_v2_rerank")
     return result
 
 
@@ -1262,7 +1326,8 @@ def video_protocol(model: Any, video_pixels: tuple[int | None, int | None] | str
 
 
 def _evaluate_tasks(model: Any, progress: Any, result: MMEBV2Result, batch_size: int, cache_dir: Any, state: Any,
-                    tie_rule: str, image_tie_rule: str) -> None:
+                    tie_rule: str, image_tie_rule: str, stage: dict[str, Any]) -> None:
+    reranked, reranker = result.reranked, stage["reranker"]
     for dataset in progress:
         task = dataset.task
         progress.set_postfix_str(task.name)
@@ -1270,21 +1335,41 @@ def _evaluate_tasks(model: Any, progress: Any, result: MMEBV2Result, batch_size:
         if dataset.mmeb is not None:
             mmeb_dataset, mmeb_image_root = dataset.mmeb
             outcome = evaluate_task(model, mmeb_dataset, mmeb_image_root, MMEBOptions(
-                batch_size=batch_size, cache_dir=cache_dir, state=state, tie_rule=image_tie_rule))
+                batch_size=batch_size, cache_dir=cache_dir, state=state, tie_rule=image_tie_rule,
+                reranker=reranker, rerank_top_k=stage["rerank_top_k"], rerank_mode=stage["rerank_mode"],
+                rerank_match=stage["rerank_match"]))
             result.scores[task.name] = outcome.score
             result.metrics[task.name] = {"hit@1": outcome.score / 100}
             result.ties[task.name] = outcome.ties
             result.predictions[task.name] = outcome.predictions
+            if reranked is not None:
+                reranked.scores[task.name] = outcome.reranked_score
+                reranked.metrics[task.name] = {"hit@1": outcome.reranked_score / 100}
+                reranked.predictions[task.name] = outcome.reranked_predictions
             continue
         items = list(dict.fromkeys([*dataset.queries, *dataset.corpus.values()]))
         cache = None if cache_dir is None else Path(cache_dir) / "mmeb_v2"
         vectors = embed_with_cache(model, items, None, batch_size, cache, state)
         vectors = torch.nn.functional.normalize(torch.as_tensor(vectors).float(), dim=-1).numpy()
-        scored = score_task(dataset, vectors, {item: index for index, item in enumerate(items)}, tie_rule)
+        scored = score_task(dataset, vectors, {item: index for index, item in enumerate(items)}, tie_rule,
+                            depth=stage["rerank_top_k"])
         result.scores[task.name] = scored["score"]
         result.metrics[task.name] = scored["metrics"]
         result.ties[task.name] = scored["ties"]
         result.predictions[task.name] = scored["predictions"]
+        if reranked is None:
+            continue
+        if not reranks_task(dataset):
+            # The two-stage system on a video task: the reranker takes no videos, so the embedder's ranking stands.
+            reranked.not_reranked.append(task.name)
+            reranked.scores[task.name] = scored["score"]
+            reranked.metrics[task.name] = scored["metrics"]
+            reranked.predictions[task.name] = scored["predictions"]
+            continue
+        again = rerank_task(dataset, scored["rankings"], reranker, stage["rerank_top_k"], stage["rerank_mode"])
+        reranked.scores[task.name] = again["score"]
+        reranked.metrics[task.name] = again["metrics"]
+        reranked.predictions[task.name] = again["predictions"]
 
 
 def write_mmeb_v2_predictions(result: MMEBV2Result, folder: str | os.PathLike) -> None:
@@ -1474,4 +1559,6 @@ __all__ = [
     "select_tasks",
     "visrag_page_name",
     "write_mmeb_v2_predictions",
+    "rerank_task",
+    "reranks_task",
 ]

@@ -86,31 +86,45 @@ MMEB_V2_COLUMNS = [column for modality in MODALITIES for column in
                    + [MODALITY_TITLES[modality]]] + ["Overall"]
 
 
-def mmeb_v2_table(summary: dict[str, Any], model_name: str) -> str:
+def mmeb_v2_table(stages: dict[str, dict[str, Any]], model_name: str) -> str:
     """Markdown in the layout of VLM2Vec-V2's table: per modality its categories and its overall score, then the
-    overall score over all tasks; the published row when known; then one row per task."""
+    overall score over all tasks, one row per stage (``embedder``, ``embedder + rerank``); the published row when
+    known; then one row per task with each stage's score."""
     titles = [MMEB_V2_SHORT.get(column, column) for column in MMEB_V2_COLUMNS]
-    means, incomplete = summary["means"], summary["incomplete"]
-    lines = ["| model | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|",
-             "| embedder | " + " | ".join(f"{means[column]:.1f}" + ("*" if column in incomplete else "")
-                                          if column in means else "-" for column in MMEB_V2_COLUMNS) + " |"]
+    lines = ["| model | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
+    for stage, summary in stages.items():
+        means, incomplete = summary["means"], summary["incomplete"]
+        lines.append(f"| {stage} | " + " | ".join(f"{means[column]:.1f}" + ("*" if column in incomplete else "")
+                                                 if column in means else "-" for column in MMEB_V2_COLUMNS) + " |")
     for label, values in PUBLISHED_MMEB_V2.items():
         if label == model_name:
             lines.append(f"| paper: {label} | " + " | ".join(f"{values[column]:.1f}" if column in values else ""
                                                             for column in MMEB_V2_COLUMNS) + " |")
-    settings = summary.get("settings", {})
+    embedder = stages["embedder"]
+    settings = embedder.get("settings", {})
     tie_rule = settings.get("tie_rule", "numpy")
-    ties = sum(summary.get("ties", {}).values())
+    ties = sum(embedder.get("ties", {}).values())
     lines += ["", "\\* mean over the tasks that ran (incomplete: see results.json). A modality's score is the mean of "
               "its tasks, Overall the mean of all tasks (VLM2Vec's experiments/report_score_v2.py).",
               f"Ties (video, visual documents): `{tie_rule}`, {MMEB_V2_TIE_RULES.get(tie_rule, tie_rule)}; image "
               f"tasks: `{settings.get('image_tie_rule', 'argmax')}`. {ties} quer{'y' if ties == 1 else 'ies'} had a "
-              "relevant and an irrelevant candidate tied for the top score.", "",
-              "| task | modality | category | metric | score |", "|---|---|---|---|---|"]
-    for name, score in summary["tasks"].items():
+              "relevant and an irrelevant candidate tied for the top score."]
+    reranked = stages.get("embedder + rerank")
+    if reranked is not None:
+        rerank = reranked.get("settings", {})
+        left_out = reranked.get("not_reranked", [])
+        lines.append(f"Rerank stage: the first {rerank.get('rerank_top_k')} candidates re-ordered "
+                     f"({rerank.get('rerank_mode')}; image-task picks judged by `{rerank.get('rerank_match')}`)"
+                     + (f"; {len(left_out)} video task(s) keep the embedder's ranking (the reranker takes no "
+                        "videos)." if left_out else "."))
+    names = list(stages)
+    lines += ["", "| task | modality | category | metric | " + " | ".join(names) + " |",
+              "|---|---|---|---|" + "---|" * len(names)]
+    for name in embedder["tasks"]:
         task = MMEB_V2_TASKS[name]
+        cells = [f"{stages[stage]['tasks'][name]:.1f}" if name in stages[stage]["tasks"] else "-" for stage in names]
         lines.append(f"| {name} | {MODALITY_TITLES[task.modality]} | {task.category} | "
-                     f"{MODALITY_METRIC[task.modality]} | {score:.1f} |")
+                     f"{MODALITY_METRIC[task.modality]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

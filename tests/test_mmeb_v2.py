@@ -41,6 +41,7 @@ from evaluation.mmeb_v2 import (
     score_task,
     select_tasks,
 )
+from evaluation.report import mmeb_v2_table
 from modeling_unime.util.embedding_cache import EmbeddingCache, embed_with_cache
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
@@ -699,6 +700,75 @@ def test_video_tasks_run_under_vlm2vecs_frame_budget_and_the_processor_is_restor
         harness.video_pixels_setting("1,x")
 
 
+class ReverseHeadReranker:
+    """Reverses the candidates it is given (the embedder's head), with every call recorded: an adversary whose
+    effect on each list is known exactly."""
+
+    def __init__(self):
+        self.calls = []
+
+    def rerank(self, query, candidates, mode="listwise", image_root=None):
+        self.calls.append((query, list(candidates), mode))
+        return list(range(len(candidates)))[::-1], None
+
+
+def test_rerank_stage_reorders_the_head_and_rescores_against_a_plain_computation(layouts, tmp_path):
+    """The rerank stage on visual documents: the reranker sees each query's first k pages as embedded (instruction
+    and page), its order replaces theirs, the rest stays; NDCG@5 and hit@1 recomputed by hand on the new lists. Video
+    tasks are left out and said so."""
+    embedder = ContentEmbedder()
+    plain = evaluate_mmeb_v2(embedder, layouts, VISDOC_LAYOUT_TASKS, pages_dir=tmp_path / "p", batch_size=4)
+    pages = prepare_mmeb_v2(VISDOC_LAYOUT_TASKS, layouts, pages_dir=tmp_path / "p")
+    oracle = ReverseHeadReranker()
+    result = evaluate_mmeb_v2(embedder, layouts, [*VISDOC_LAYOUT_TASKS, "MSR-VTT"], pages_dir=tmp_path / "p",
+                              batch_size=4, reranker=oracle, rerank_top_k=3, rerank_mode="pairwise")
+    # The reranker takes no videos: MSR-VTT keeps the embedder's ranking in the two-stage result, and says so.
+    assert result.reranked.not_reranked == ["MSR-VTT"]
+    assert result.reranked.scores["MSR-VTT"] == result.scores["MSR-VTT"]
+    assert result.reranked.predictions["MSR-VTT"] == result.predictions["MSR-VTT"]
+    assert len(oracle.calls) == sum(len(dataset.queries) for dataset in pages)   # no call for a video query
+    assert {mode for *_, mode in oracle.calls} == {"pairwise"}
+    for dataset in pages:
+        name = dataset.task.name
+        assert result.scores[name] == plain.scores[name]   # the embedder's own scores are unchanged
+        calls = [call for call in oracle.calls if call[0] in {query[:2] for query in dataset.queries}]
+        assert len(calls) == len(dataset.queries)
+        assert all(len(candidates) == min(3, len(dataset.corpus)) for _, candidates, _ in calls)
+        assert all(text == "Understand the content of the provided document image." for _, candidates, _ in calls
+                   for text, _ in candidates)
+        ndcg, hits = [], []
+        for row, labels in enumerate(dataset.labels):
+            before = plain.predictions[name][row]["prediction"]
+            after = before[:3][::-1] + before[3:]
+            assert result.reranked.predictions[name][row]["prediction"][:5] == after[:5]
+            grades = dict(zip(labels, dataset.rel_scores[row]))
+            dcg = sum(grades.get(page, 0) / math.log2(rank + 1) for rank, page in enumerate(after[:5], start=1))
+            ideal = sorted(grades.values(), reverse=True)[:5]
+            ndcg.append(dcg / sum(grade / math.log2(rank + 1) for rank, grade in enumerate(ideal, start=1)))
+            hits.append(float(after[0] in labels))
+        assert result.reranked.scores[name] == pytest.approx(100 * sum(ndcg) / len(ndcg))
+        assert result.reranked.metrics[name]["hit@1"] == pytest.approx(sum(hits) / len(hits))
+    assert any(result.reranked.scores[name] < plain.scores[name] for name in VISDOC_LAYOUT_TASKS)
+
+
+def test_rerank_stage_with_tiny_models_covers_the_image_and_visdoc_tasks(layouts, tiny_model, tmp_path):
+    from modeling_unime.tiny import build_tiny_reranker
+
+    reranker, processor = build_tiny_reranker("qwen2_5_vl")
+    reranker.processor = processor
+    result = evaluate_mmeb_v2(tiny_model, layouts, ["ImageNet-1K", *VISDOC_LAYOUT_TASKS, "MSR-VTT"],
+                              pages_dir=tmp_path / "p", batch_size=4, reranker=reranker, rerank_top_k=2,
+                              predictions_dir=tmp_path / "out" / "mmeb_v2")
+    stages = result.stages()
+    assert set(stages) == {"embedder", "embedder + rerank"}
+    assert set(stages["embedder + rerank"]["tasks"]) == {"ImageNet-1K", *VISDOC_LAYOUT_TASKS, "MSR-VTT"}
+    assert stages["embedder + rerank"]["not_reranked"] == ["MSR-VTT"]
+    assert (tmp_path / "out" / "mmeb_v2_rerank" / "VisRAG_ArxivQA.jsonl").is_file()
+    table = mmeb_v2_table(stages, "tiny")
+    assert "| embedder + rerank |" in table and "1 video task(s) keep the embedder's ranking" in table
+    assert "| MSR-VTT | Video | RET | hit@1 |" in table
+
+
 # ------------------------------------------------------------------------------------------------ the harness
 
 
@@ -718,8 +788,9 @@ def test_the_harness_runs_mmeb_v2_from_a_config(layouts, tmp_path, monkeypatch):
     assert "mmeb" not in settings and settings["mmeb_v2"]["tie_rule"] == "strict"
     run_recipe(monkeypatch, "run_evaluation.py", "--config", str(config))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert set(results["mmeb_v2"]["tasks"]) == {"ImageNet-1K", "ViDoRe_arxivqa", "VisRAG_ArxivQA"}
-    assert results["mmeb_v2"]["settings"]["tie_rule"] == "strict" and "mmeb" not in results
+    assert set(results["mmeb_v2"]) == {"embedder"}   # no reranker configured: no rerank stage
+    assert set(results["mmeb_v2"]["embedder"]["tasks"]) == {"ImageNet-1K", "ViDoRe_arxivqa", "VisRAG_ArxivQA"}
+    assert results["mmeb_v2"]["embedder"]["settings"]["tie_rule"] == "strict" and "mmeb" not in results
     markdown = (tmp_path / "run" / "results.md").read_text()
     assert "## MMEB-V2" in markdown and "| ViDoRe_arxivqa | VisDoc | ViDoRe-V1 | ndcg_linear@5 |" in markdown
     assert (tmp_path / "run" / "predictions" / "mmeb_v2" / "VisRAG_ArxivQA.jsonl").is_file()
@@ -729,6 +800,23 @@ def test_the_harness_runs_mmeb_v2_from_a_config(layouts, tmp_path, monkeypatch):
     assert shipped.mmeb_v2_root == "MMEB-V2" and shipped.mmeb_root is None
     only = harness.load_settings(harness.parse_evaluation_arguments("", ["--model", "m", "--mmeb_v2_root", "x"]))
     assert only["mmeb_v2"] == {"root": "x"} and "mmeb" not in only
+
+
+def test_the_harness_runs_the_mmeb_v2_rerank_stage_from_a_config(layouts, tmp_path, monkeypatch):
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"model: tiny:qwen2_vl\nreranker: tiny:qwen2_5_vl\noutput_dir: {tmp_path / 'run'}\nbatch_size: 4\n"
+        f"mmeb_v2: {{root: {layouts}, pages_dir: {tmp_path / 'pages'}, tasks: [ImageNet-1K, VisRAG_ArxivQA, MSR-VTT],"
+        " rerank_top_k: 2}\n")
+    run_recipe(monkeypatch, "run_evaluation.py", "--config", str(config))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    stages = results["mmeb_v2"]
+    assert set(stages) == {"embedder", "embedder + rerank"}
+    assert stages["embedder + rerank"]["settings"]["rerank_top_k"] == 2
+    assert stages["embedder + rerank"]["not_reranked"] == ["MSR-VTT"]
+    assert set(stages["embedder + rerank"]["tasks"]) == {"ImageNet-1K", "VisRAG_ArxivQA", "MSR-VTT"}
+    assert "| embedder + rerank |" in (tmp_path / "run" / "results.md").read_text()
+    assert (tmp_path / "run" / "predictions" / "mmeb_v2_rerank" / "ImageNet-1K.jsonl").is_file()
 
 
 @pytest.mark.skipif(not (SHARED / "MMEB-V2").is_dir(), reason=f"no MMEB-V2 copy under {SHARED}")
