@@ -270,8 +270,8 @@ def _vllm_python() -> Path:
 
 @pytest.mark.vllm
 def test_vllm_embeddings_equal_the_package(request):
-    """Opt-in: ``python -m pytest tests/test_vllm.py -m vllm`` (or UNIME_VLLM_CHECK=1). Several minutes: three vLLM
-    engine starts (Qwen2-VL parity, its alarm run, LLaVA-OneVision parity)."""
+    """Opt-in: ``python -m pytest tests/test_vllm.py -m vllm`` (or UNIME_VLLM_CHECK=1). Several minutes: four vLLM
+    engine starts (Qwen2-VL parity, its alarm run, LLaVA-OneVision parity, Qwen3-VL parity)."""
     markexpr = request.config.getoption("markexpr") or ""
     selected = ("vllm" in markexpr and "not vllm" not in markexpr) or os.environ.get("UNIME_VLLM_CHECK") == "1"
     if not selected:

@@ -1,17 +1,19 @@
 """vLLM embedding parity check, one command (run in the package's environment, not the vLLM one):
 
-    python parity/vllm/check_embed.py [--workdir DIR] [--keep] [--backbones qwen2_vl,llava_onevision]
+    python parity/vllm/check_embed.py [--workdir DIR] [--backbones qwen2_vl,llava_onevision,qwen3_vl] [--no_alarm]
 
-1. builds two tiny checkpoints with head_dim 32 (vLLM's CPU attention refuses 16): a Qwen2-VL written in the
-   authors' plain layout (so its processor gets their evaluation rule, 1344x1344 images, and its image tokens the
-   "vision_start_only" position rule) and a LLaVA-OneVision saved as a UniME-V2 checkpoint;
-2. exports both with ``modeling_unime.export.vllm.export_for_vllm``;
+1. builds tiny checkpoints with head_dim 32 (vLLM's CPU attention refuses 16): a Qwen2-VL written in the authors'
+   plain layout (so its processor gets their evaluation rule, 1344x1344 images, and its image tokens the
+   "vision_start_only" position rule), a LLaVA-OneVision and a Qwen3-VL saved as UniME-V2 checkpoints (Qwen3-VL:
+   mrope_section [4, 6, 6], deepstack from both vision blocks, image tokens with its own 3-D M-RoPE positions);
+2. exports each with ``modeling_unime.export.vllm.export_for_vllm``;
 3. embeds text, image and image+text rows (with and without an instruction) with ``UniMEV2Model.encode`` and
    writes them, with each row's prompt, to a reference JSON (images saved already resized, as a client must send
    them);
 4. runs ``parity_embed.py`` with the vLLM venv's python (``$UNIME_VLLM_VENV``, default
-   ``~/.cache/unime-v2/vllm-venv``; build it with ``parity/vllm/build_venv.sh``): parity for both backbones, and
+   ``~/.cache/unime-v2/vllm-venv``; build it with ``parity/vllm/build_venv.sh``): parity for every backbone, and
    for Qwen2-VL the alarm run without the position override, which must still differ (see parity_embed.py).
+   Qwen3-VL and LLaVA-OneVision exports carry no override, so they get no alarm run.
 
 Exits 0 when every check passes; prints the per-modality max |diff| and, last, one JSON line with everything.
 """
@@ -34,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_VENV = Path.home() / ".cache" / "unime-v2" / "vllm-venv"
-BACKBONES = ("qwen2_vl", "llava_onevision")
+BACKBONES = ("qwen2_vl", "llava_onevision", "qwen3_vl")
 ATOL = 1e-4          # float32 parity, vLLM against UniMEV2Model
 ALARM_MIN = 1e-3     # image rows without the position override must differ by more than this
 SHARPEN = 4.0        # q/k scaled as in testing.build_tiny_judge: random attention is nearly uniform, hiding positions
@@ -54,7 +56,8 @@ def _sharpen(model) -> None:
 
 
 def build_checkpoint(backbone_type: str, directory: Path) -> Path:
-    """A tiny head_dim-32 checkpoint: Qwen2-VL in the authors' layout, LLaVA-OneVision as a UniME-V2 checkpoint."""
+    """A tiny head_dim-32 checkpoint: Qwen2-VL in the authors' layout, LLaVA-OneVision and Qwen3-VL as UniME-V2
+    checkpoints."""
     from modeling_unime.tiny import (
         build_tiny_causal_lm,
         build_tiny_processor,
@@ -63,7 +66,8 @@ def build_checkpoint(backbone_type: str, directory: Path) -> Path:
         save_in_authors_layout,
     )
 
-    if backbone_type == "llava_onevision":
+    if backbone_type in ("llava_onevision", "qwen3_vl"):
+        # Qwen3-VL: head_dim 32 gives mrope_section [4, 6, 6] (sums to head_dim / 2, see tiny._mrope_section).
         model, processor = build_tiny_unime(backbone_type, hidden_size=64, num_attention_heads=2)
         _sharpen(model)
         model.save_pretrained(directory)
@@ -98,7 +102,8 @@ def reference_rows(source: Path, workdir: Path, backbone_type: str) -> dict:
 
     model = UniMEV2Model.from_pretrained(source).eval()
     processor = UniMEV2Processor.from_pretrained(source)
-    # LLaVA-OneVision: a 56x56 image is one anyres tile plus the base image with no resampling anywhere.
+    # LLaVA-OneVision: a 56x56 image is one anyres tile plus the base image with no resampling anywhere. Qwen3-VL:
+    # the 96x64 probe already has sides that are multiples of 32 (16-pixel patches merged 2x2), so no resampling.
     image_name = "square" if backbone_type == "llava_onevision" else "probe"
     image = _images()[image_name]
     resized = resize_image(image, processor.image_resize)
@@ -127,7 +132,36 @@ def reference_rows(source: Path, workdir: Path, backbone_type: str) -> dict:
             "embedding": embedding.tolist(),
         })
     return {"backbone": backbone_type, "image_resize": processor.image_resize,
-            "image_position_rule": getattr(model.config, "image_position_rule", None), "rows": rows}
+            # The rule applies to Qwen2-VL / Qwen2.5-VL only (Qwen3-VL always gives image tokens 3-D positions).
+            "image_position_rule": getattr(model.config, "image_position_rule", None)
+            if backbone_type in ("qwen2_vl", "qwen2_5_vl") else None, "rows": rows,
+            "sensitivity": sensitivity(model, processor, image, rows) if backbone_type == "qwen3_vl" else None}
+
+
+def sensitivity(model, processor, image, rows: list[dict]) -> dict:
+    """Qwen3-VL (no alarm run: its export has no override to leave out): how far the image+instruction row moves
+    when its image tokens get text positions instead of 3-D M-RoPE ones, and when the deepstack features are
+    dropped. Both must exceed ALARM_MIN, or the tiny checkpoint could not tell a vLLM that gets them wrong."""
+    import torch
+
+    row = next(row for row in rows if row["name"] == "image+instruction")
+    expected = torch.tensor(row["embedding"])
+    batch = processor(texts=[row["text"]], images=[image], instruction=row["instruction"])
+    length = batch["input_ids"].shape[1]
+    text_positions = torch.arange(length).view(1, 1, length).expand(3, 1, length)
+    mergers = model.model.visual.deepstack_merger_list
+    saved = [(merger.linear_fc2.weight.clone(), merger.linear_fc2.bias.clone()) for merger in mergers]
+    with torch.inference_mode():
+        positions = model(**batch, position_ids=text_positions).embeddings[0]
+        for merger in mergers:
+            merger.linear_fc2.weight.zero_()
+            merger.linear_fc2.bias.zero_()
+        no_deepstack = model(**batch).embeddings[0]
+        for merger, (weight, bias) in zip(mergers, saved):
+            merger.linear_fc2.weight.copy_(weight)
+            merger.linear_fc2.bias.copy_(bias)
+    return {"text_positions": float((positions - expected).abs().max()),
+            "no_deepstack": float((no_deepstack - expected).abs().max())}
 
 
 def run_parity(python: Path, export: Path, reference: Path, mode: str, timeout: int = 900) -> dict:
@@ -156,6 +190,7 @@ def run_parity(python: Path, export: Path, reference: Path, mode: str, timeout: 
     if process.returncode != 0 and result.get("ok"):
         result["ok"] = False
         result.setdefault("failures", []).append(f"parity_embed.py exited {process.returncode}")
+        print(process.stderr[-2000:], file=sys.stderr)
     return result
 
 
@@ -183,7 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         source = build_checkpoint(backbone_type, workdir / f"{backbone_type}-source")
         export = export_for_vllm(source, workdir / f"{backbone_type}-vllm")
         reference = workdir / f"{backbone_type}-reference.json"
-        reference.write_text(json.dumps(reference_rows(source, workdir, backbone_type)))
+        rows = reference_rows(source, workdir, backbone_type)
+        reference.write_text(json.dumps(rows))
+        if rows["sensitivity"] is not None:
+            weak = {key: value for key, value in rows["sensitivity"].items() if not value > ALARM_MIN}
+            summary["results"].append({"backbone": backbone_type, "mode": "sensitivity",
+                                       "by_modality": rows["sensitivity"], "alarm_image_diff": None,
+                                       "ok": not weak, "seconds": 0.0,
+                                       "failures": [f"the tiny checkpoint barely moves without {key} ({value:.3g} <= "
+                                                    f"{ALARM_MIN:g}): parity would not show a vLLM that gets it wrong"
+                                                    for key, value in weak.items()]})
+            summary["ok"] = summary["ok"] and not weak
         metadata = json.loads((export / "unime_vllm.json").read_text())
         modes = ["parity"] + (["alarm"] if metadata["hf_overrides"] and not args.no_alarm else [])
         for mode in modes:
@@ -192,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                                        ("backbone", "mode", "by_modality", "alarm_image_diff", "ok", "failures",
                                         "seconds")} | {"backbone": backbone_type, "mode": mode})
             summary["ok"] = summary["ok"] and bool(result.get("ok"))
-    print("\nSummary (max |diff| per modality; parity tolerance %g, alarm needs > %g):" % (ATOL, ALARM_MIN))
+    print("\nSummary (max |diff| per modality; parity tolerance %g, alarm and sensitivity need > %g):"
+          % (ATOL, ALARM_MIN))
     for result in summary["results"]:
         modalities = ", ".join(f"{key} {value:.2e}" for key, value in (result["by_modality"] or {}).items())
-        print(f"  {result['backbone']:<16} {result['mode']:<7} {'ok ' if result['ok'] else 'FAIL'} {modalities} "
+        print(f"  {result['backbone']:<16} {result['mode']:<11} {'ok ' if result['ok'] else 'FAIL'} {modalities} "
               f"({result['seconds']} s)")
         for failure in result["failures"] or []:
             print(f"    {failure}")
