@@ -492,6 +492,12 @@ class UniMEV2Processor(ProcessorMixin):
     ``anyres_padding`` (LLaVA-OneVision only, saved): ``"transformers-4.49"`` (default) pads anyres tiles as the
     authors' stack did (see `LlavaOnevisionImageProcessorFloorPadding`); ``"centered"`` as transformers 5.x does.
 
+    Videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; ``videos=`` of `__call__`) go where an image would, sampled and cut into
+    patches as the backbone's video processor does (`modeling_unime.video_unime`, no torchvision), under the saved
+    settings ``video_num_frames`` (frames spread evenly; None: a file sampled at ``video_fps``, a folder or list
+    taken as given), ``video_fps`` (2), ``video_max_frames`` (64) and ``video_min_pixels`` / ``video_max_pixels``
+    (default: the stock video processor's budget).
+
     Example:
         >>> from modeling_unime.tiny import build_tiny_processor
         >>> processor = build_tiny_processor("qwen2_vl")

@@ -356,3 +356,17 @@ def test_errors_name_the_row(tmp_path, monkeypatch):
     video.write_bytes(b"x")
     with pytest.raises(ImportError, match=r'Row 9: decoding a video file needs PyAV.*pip install "unime-v2\[video\]"'):
         load_video_frames(str(video), row=9)
+
+
+def test_a_file_without_a_video_stream_names_the_row(tmp_path):
+    """An audio-only mp4 (PyAV opens it; it holds no picture) is refused with the row, not decoded to zero frames."""
+    av = pytest.importorskip("av")
+    path = tmp_path / "sound.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    with pytest.raises(ValueError, match=r"Row 4: .*sound\.mp4.* has no video stream"):
+        load_video_frames(str(path), row=4)
