@@ -447,6 +447,31 @@ def _read_backbone_type(pretrained_model_name_or_path: str | os.PathLike, **hub_
     return config_dict.get("model_type")
 
 
+def _saved_video_budget(source: str | os.PathLike, processor_dict: dict[str, Any], hub_kwargs: dict[str, Any]
+                        ) -> dict[str, int]:
+    """``video_min_pixels`` / ``video_max_pixels`` from a checkpoint's own video processor config (the nested
+    ``video_processor`` of ``processor_config.json``, else ``video_preprocessor_config.json``), the files transformers'
+    ``AutoVideoProcessor`` reads first; empty when there is none."""
+    import json
+
+    from transformers.utils import cached_file
+
+    config = processor_dict.get("video_processor")
+    if not isinstance(config, dict):
+        try:
+            path = cached_file(source, "video_preprocessor_config.json", **hub_kwargs)
+        except OSError:  # no such file: the image processor's size applies
+            return {}
+        if path is None:
+            return {}
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    size = config.get("size") or {}
+    budget = {"video_min_pixels": size.get("shortest_edge", config.get("min_pixels")),
+              "video_max_pixels": size.get("longest_edge", config.get("max_pixels"))}
+    return {name: int(value) for name, value in budget.items() if value is not None}
+
+
 def plain_checkpoint_image_rule(source: str | os.PathLike) -> str:
     """The image rule the authors ran a checkpoint of their plain layout under: ``authors-reranker-eval`` for their
     reranker, ``authors-eval`` for their embedders. Their folders carry no setting that tells the two apart (both
@@ -496,7 +521,7 @@ class UniMEV2Processor(ProcessorMixin):
     patches as the backbone's video processor does (`modeling_unime.video_unime`, no torchvision), under the saved
     settings ``video_num_frames`` (frames spread evenly; None: a file sampled at ``video_fps``, a folder or list
     taken as given), ``video_fps`` (2), ``video_max_frames`` (64) and ``video_min_pixels`` / ``video_max_pixels``
-    (default: the stock video processor's budget).
+    (default: the checkpoint's video processor config, else the image processor's size; see `video_settings`).
 
     Example:
         >>> from modeling_unime.tiny import build_tiny_processor
@@ -581,15 +606,14 @@ class UniMEV2Processor(ProcessorMixin):
     @property
     def video_settings(self) -> VideoSettings:
         """How videos are cut into patches: the image processor's patching, mean and std, and the video pixel budget
-        (``video_min_pixels`` / ``video_max_pixels``, else the stock video processor's defaults: per frame for
-        Qwen2-VL / Qwen2.5-VL, for the whole clip for Qwen3-VL)."""
+        (per frame for Qwen2-VL / Qwen2.5-VL, for the whole clip for Qwen3-VL): ``video_min_pixels`` /
+        ``video_max_pixels``, which `from_pretrained` reads from a checkpoint's ``video_preprocessor_config.json``;
+        unset, the image processor's ``size``, as transformers' ``AutoVideoProcessor`` falls back to
+        ``preprocessor_config.json`` when a checkpoint has no video processor config."""
         family = self._video_family()
-        stock = STOCK_VIDEO_DEFAULTS[family]
         return VideoSettings.from_image_processor(
-            self.image_processor, family,
-            min_pixels=self.video_min_pixels if self.video_min_pixels is not None else stock["min_pixels"],
-            max_pixels=self.video_max_pixels if self.video_max_pixels is not None else stock["max_pixels"],
-            max_video_tokens=stock["max_video_tokens"],
+            self.image_processor, family, min_pixels=self.video_min_pixels, max_pixels=self.video_max_pixels,
+            max_video_tokens=STOCK_VIDEO_DEFAULTS[family]["max_video_tokens"],
         )
 
     def _video_family(self) -> str:
@@ -673,6 +697,9 @@ class UniMEV2Processor(ProcessorMixin):
                 f"{', '.join(SUPPORTED_BACKBONES)})."
             )
         processor_dict["backbone_type"] = check_backbone_type(backbone_type)
+        for name, value in _saved_video_budget(pretrained_model_name_or_path, processor_dict, hub_kwargs).items():
+            if processor_dict.get(name) is None:
+                processor_dict[name] = value
         # backbone_type and the other UniME-V2 settings (popped above) must not reach the sub-processor loaders: a
         # tokenizer keeps unknown keyword arguments in its saved config.
         loader_kwargs = kwargs

@@ -231,3 +231,33 @@ def test_bad_video_input_names_the_row(tmp_path):
     llava = build_tiny_processor("llava_onevision")
     with pytest.raises(ValueError, match="Videos are supported for qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe"):
         llava(texts=["x"], videos=[clip()])
+
+
+def test_the_video_budget_is_the_checkpoints_as_transformers_resolves_it(tmp_path):
+    """transformers' AutoVideoProcessor reads a checkpoint's video processor config, else its image processor config:
+    unset, the budget is the image processor's size; a folder's video_preprocessor_config.json (or a nested
+    video_processor entry) sets it on load; an explicit setting wins."""
+    import json
+
+    from modeling_unime.tiny import build_tiny_causal_lm, save_in_authors_layout
+
+    processor = build_tiny_processor("qwen2_vl")   # image processor: 3136 to 50176 pixels
+    grid = processor(texts=["x"], videos=[clip(4, 640, 480)])["video_grid_thw"][0]
+    pixels = int(grid[1] * grid[2]) * 14 * 14
+    assert 3136 <= pixels <= 50176 < 128 * 28 * 28   # the stock class default would upscale to >= 100352
+    tokenizer = build_tiny_tokenizer("qwen3_vl")
+    folder = save_in_authors_layout(build_tiny_causal_lm("qwen3_vl", tokenizer=tokenizer),
+                                    build_tiny_processor("qwen3_vl", tokenizer), tmp_path / "plain")
+    assert UniMEV2Processor.from_pretrained(folder).video_max_pixels is None
+    (folder / "video_preprocessor_config.json").write_text(json.dumps({
+        "video_processor_type": "Qwen3VLVideoProcessor", "size": {"longest_edge": 123456, "shortest_edge": 4096},
+        "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "fps": 2}))
+    loaded = UniMEV2Processor.from_pretrained(folder)
+    assert (loaded.video_min_pixels, loaded.video_max_pixels) == (4096, 123456)
+    assert (loaded.video_settings.min_pixels, loaded.video_settings.max_pixels) == (4096, 123456)
+    assert UniMEV2Processor.from_pretrained(folder, video_max_pixels=99999).video_max_pixels == 99999
+    nested = json.loads((folder / "processor_config.json").read_text()) if (folder / "processor_config.json").is_file() \
+        else {}
+    nested["video_processor"] = {"size": {"longest_edge": 777777, "shortest_edge": 8192}}
+    (folder / "processor_config.json").write_text(json.dumps(nested))
+    assert UniMEV2Processor.from_pretrained(folder).video_max_pixels == 777777
