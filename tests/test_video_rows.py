@@ -256,8 +256,8 @@ def test_the_video_budget_is_the_checkpoints_as_transformers_resolves_it(tmp_pat
     assert (loaded.video_min_pixels, loaded.video_max_pixels) == (4096, 123456)
     assert (loaded.video_settings.min_pixels, loaded.video_settings.max_pixels) == (4096, 123456)
     assert UniMEV2Processor.from_pretrained(folder, video_max_pixels=99999).video_max_pixels == 99999
-    nested = json.loads((folder / "processor_config.json").read_text()) if (folder / "processor_config.json").is_file() \
-        else {}
+    saved = folder / "processor_config.json"
+    nested = json.loads(saved.read_text()) if saved.is_file() else {}
     nested["video_processor"] = {"size": {"longest_edge": 777777, "shortest_edge": 8192}}
-    (folder / "processor_config.json").write_text(json.dumps(nested))
+    saved.write_text(json.dumps(nested))
     assert UniMEV2Processor.from_pretrained(folder).video_max_pixels == 777777
