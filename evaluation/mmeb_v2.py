@@ -1102,16 +1102,22 @@ def score_task(dataset: MMEBV2Dataset, embeddings: np.ndarray, position: dict[Me
             ranking = rank_scores(row_scores, tie_rule, relevant)
             predictions.append([names[index] for index in ranking])
             ties += _tied_at_top(row_scores, relevant) if len(names) else 0
-    metrics = ranking_metrics(predictions, dataset.labels, dataset.rel_scores)
+    scored = _scored_rankings(dataset, predictions, keep)
+    return {**scored, "ties": int(ties), "rankings": predictions}
+
+
+def _scored_rankings(dataset: MMEBV2Dataset, rankings: Sequence[Sequence[str]], keep: int = 10) -> dict[str, Any]:
+    """``{"metrics", "score" (main metric, %), "predictions"}`` of each query's ranking (candidate names, best
+    first); a prediction row keeps the first ``keep`` names, its labels, hit@1 and, with grades, NDCG@5."""
+    metrics = ranking_metrics(rankings, dataset.labels, dataset.rel_scores)
     rows = []
-    for row, (prediction, labels) in enumerate(zip(predictions, dataset.labels)):
-        rows.append({"row": row, "prediction": prediction[:keep], "labels": labels,
+    for row, (prediction, labels) in enumerate(zip(rankings, dataset.labels)):
+        rows.append({"row": row, "prediction": list(prediction[:keep]), "labels": labels,
                      "hit@1": hit_at_k(prediction, labels, 1)})
         if dataset.rel_scores is not None:
             rows[-1]["rel_scores"] = dataset.rel_scores[row]
             rows[-1]["ndcg_linear@5"] = ndcg_linear_at_k(prediction, labels, 5, dataset.rel_scores[row])
-    return {"metrics": metrics, "score": 100 * metrics[dataset.task.metric], "ties": int(ties), "predictions": rows,
-            "rankings": predictions}
+    return {"metrics": metrics, "score": 100 * metrics[dataset.task.metric], "predictions": rows}
 
 
 def reranks_task(dataset: MMEBV2Dataset) -> bool:
@@ -1135,14 +1141,7 @@ def rerank_task(dataset: MMEBV2Dataset, rankings: Sequence[Sequence[str]], reran
         order = rerank_head(list(range(len(names))), query[:2], candidates, reranker, top_k, image_root, mode,
                             query_index=row)
         reranked.append([names[index] for index in order])
-    metrics = ranking_metrics(reranked, dataset.labels, dataset.rel_scores)
-    predictions = []
-    for row, (prediction, labels) in enumerate(zip(reranked, dataset.labels)):
-        predictions.append({"row": row, "prediction": prediction[:10], "labels": labels,
-                            "hit@1": hit_at_k(prediction, labels, 1)})
-        if dataset.rel_scores is not None:
-            predictions[-1]["ndcg_linear@5"] = ndcg_linear_at_k(prediction, labels, 5, dataset.rel_scores[row])
-    return {"metrics": metrics, "score": 100 * metrics[dataset.task.metric], "predictions": predictions}
+    return _scored_rankings(dataset, reranked)
 
 
 # ------------------------------------------------------------------------------------------------ averages

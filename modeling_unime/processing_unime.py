@@ -723,42 +723,33 @@ class UniMEV2Processor(ProcessorMixin):
         body = " ".join(part for part in (instruction, text) if part)
         if has_video:
             self._video_family()
-            videos = body.count(VIDEO_TOKEN)
-            if videos > 1:
-                raise ValueError(f"Row {row}: the text has {videos} video placeholders; one video per row is "
-                                 "supported.")
-            if PHI3V_IMAGE_TOKEN in body or self.image_token in body:
-                raise ValueError(f"Row {row}: the text has an image placeholder but the row has a video.")
-            if self.backbone_type in CHAT_PROMPT_BACKBONES:
-                body = body.replace(VIDEO_TOKEN + "\n", "").replace(VIDEO_TOKEN, "").strip()
-                conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": body}]}]
-                return self._backbone_processor.apply_chat_template(
-                    conversation, tokenize=False, add_generation_prompt=True
-                )
-            if not videos:
-                body = f"{VIDEO_TOKEN} {body}" if body else VIDEO_TOKEN
-            return body
-        if VIDEO_TOKEN in body:
-            raise ValueError(f"Row {row}: the text has a video placeholder ({VIDEO_TOKEN}) but no video was given.")
-        body = body.replace(PHI3V_IMAGE_TOKEN, self.image_token)
-        placeholders = body.count(self.image_token)
+            kind, token, present = "video", VIDEO_TOKEN, True
+        else:
+            if VIDEO_TOKEN in body:
+                raise ValueError(f"Row {row}: the text has a video placeholder ({VIDEO_TOKEN}) but no video was "
+                                 "given.")
+            body = body.replace(PHI3V_IMAGE_TOKEN, self.image_token)
+            kind, token, present = "image", self.image_token, has_image
+        placeholders = body.count(token)
         if placeholders > 1:
             raise ValueError(
-                f"Row {row}: the text has {placeholders} image placeholders; one image per row is supported."
+                f"Row {row}: the text has {placeholders} {kind} placeholders; one {kind} per row is supported."
             )
-        if placeholders and not has_image:
+        if has_video and (PHI3V_IMAGE_TOKEN in body or self.image_token in body):
+            raise ValueError(f"Row {row}: the text has an image placeholder but the row has a video.")
+        if placeholders and not present:
             raise ValueError(
-                f"Row {row}: the text has an image placeholder ({self.image_token}) but no image was given for it."
+                f"Row {row}: the text has an image placeholder ({token}) but no image was given for it."
             )
         if self.backbone_type in CHAT_PROMPT_BACKBONES:
-            body = body.replace(self.image_token + "\n", "").replace(self.image_token, "").strip()
-            content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": body}]
+            body = body.replace(token + "\n", "").replace(token, "").strip()
+            content = ([{"type": kind}] if present else []) + [{"type": "text", "text": body}]
             conversation = [{"role": "user", "content": content}]
             return self._backbone_processor.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=True
             )
-        if has_image and not placeholders:
-            body = f"{self.image_token} {body}" if body else self.image_token
+        if present and not placeholders:
+            body = f"{token} {body}" if body else token
         return body
 
     def __call__(

@@ -36,24 +36,15 @@ from modeling_unime.video_unime import (
 )
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "video"
+sys.path.insert(0, str(FIXTURES))  # synthetic_clips: the clip the references were made from
+from synthetic_clips import synthetic_video  # noqa: E402
+
 REFERENCE = json.loads((FIXTURES / "reference.json").read_text())
 with np.load(FIXTURES / "reference.npz", allow_pickle=False) as _saved:
     TENSORS = {key: torch.from_numpy(_saved[key]) for key in _saved.files}
 # Largest |ours - official| of pixel_values_videos: measured 0.0 on every case (same torch uint8 resize kernel,
 # same float32 fused normalisation); the tolerance allows nothing more than float32 rounding.
 PIXEL_ATOL = 1e-6
-
-
-def synthetic_video(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
-    """Copy of make_reference.synthetic_video (checked by the saved checksum)."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.int64)
-    frames = []
-    for t in range(num_frames):
-        red = (x * 7 + y * 3 + t * 40 + seed) % 256
-        green = (y * 11 + t * 13 + (x * x) // 5) % 256
-        blue = (x * y + 97 * t + 31 * seed) % 256
-        frames.append(np.stack([red, green, blue], axis=-1).astype(np.uint8))
-    return np.stack(frames)
 
 
 def case_video(case: dict) -> np.ndarray:
